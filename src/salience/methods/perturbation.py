@@ -1,0 +1,160 @@
+"""Perturbation methods: they only ask the model for outputs on inputs with features removed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from salience.core.registry import register
+from salience.errors import ParameterError
+from salience.methods.base import Attribution, Context
+
+
+def _outputs(ctx: Context, keep: np.ndarray, baseline: str) -> np.ndarray:
+    """Explained output for each row of ``keep`` (B, F) bool (features not kept are removed)."""
+    rows = torch.as_tensor(keep, dtype=torch.bool)
+    values = ctx.model.score_perturbed(ctx.encoded, rows, ctx.features, baseline, ctx.target, ctx.batch_size)
+    return values.double().cpu().numpy()
+
+
+@register("occlusion", aliases=("leave_one_out", "loo", "feature_ablation", "ablation"), kind="perturbation",
+          cost="features + 1 forward", summary="Output drop when one feature is removed (leave-one-out)")
+@dataclass
+class Occlusion:
+    """Feature score = F(x) - F(x without the feature); the feature is replaced by the ``baseline``
+    token ("mask", "pad", "unk") or deleted ("delete"). With "mask" this equals SIG exactly."""
+
+    baseline: str = "mask"
+
+    def attribute(self, ctx: Context) -> Attribution:
+        n = len(ctx.features)
+        keep = np.vstack([np.ones((1, n), bool), ~np.eye(n, dtype=bool)])
+        values = _outputs(ctx, keep, self.baseline)
+        return Attribution(scores=values[0] - values[1:], output_value=float(values[0]))
+
+
+@register("lime", kind="perturbation", cost="n_samples forward",
+          summary="Weighted ridge surrogate fitted on random feature removals")
+@dataclass
+class Lime:
+    """LIME for text (Ribeiro et al., 2016), as the ``lime`` package samples: row 0 is the input,
+    each other row removes k ~ U{1..F} features chosen uniformly. Rows are weighted by
+    sqrt(exp(-d^2 / kernel_width^2)), d = 100 x cosine distance to the input's all-ones vector; the
+    score is the coefficient of a weighted ridge regression (penalty ``alpha``, intercept
+    unpenalised) of the output on the kept-feature indicators, fitted on all features."""
+
+    n_samples: int = 500
+    kernel_width: float = 25.0
+    alpha: float = 1.0
+    baseline: str = "delete"
+
+    def attribute(self, ctx: Context) -> Attribution:
+        if self.n_samples < 2:
+            raise ParameterError("lime needs n_samples >= 2")
+        keep = lime_samples(len(ctx.features), self.n_samples, ctx.rng())
+        values = _outputs(ctx, keep, self.baseline)
+        coef, intercept = fit_lime(keep, values, self.kernel_width, self.alpha)
+        return Attribution(scores=coef, output_value=float(values[0]), details={"intercept": intercept})
+
+
+def lime_samples(n_features: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Kept-feature rows (n_samples, F): row 0 keeps all, each other removes k ~ U{1..F} features."""
+    keep = np.ones((n_samples, n_features), dtype=bool)
+    for row, k in enumerate(rng.integers(1, n_features + 1, size=n_samples - 1), start=1):
+        keep[row, rng.choice(n_features, size=k, replace=False)] = False
+    return keep
+
+
+def fit_lime(keep: np.ndarray, values: np.ndarray, kernel_width: float, alpha: float) -> tuple[np.ndarray, float]:
+    """Coefficients and intercept of the weighted ridge surrogate, weights from the cosine kernel."""
+    kept = keep.sum(1)
+    cosine_distance = 1.0 - kept / np.sqrt(np.maximum(kept, 1) * keep.shape[1])
+    weights = np.sqrt(np.exp(-((100 * cosine_distance) ** 2) / kernel_width**2))
+    return weighted_ridge(keep.astype(np.float64), values, weights, alpha)
+
+
+def weighted_ridge(x: np.ndarray, y: np.ndarray, w: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """argmin_b,c sum_i w_i (y_i - x_i b - c)^2 + alpha |b|^2 (intercept c unpenalised), as
+    scikit-learn's ``Ridge(alpha).fit(x, y, sample_weight=w)``."""
+    share = w / w.sum()
+    x_mean, y_mean = share @ x, float(share @ y)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ (w[:, None] * xc) + alpha * np.eye(x.shape[1])
+    coef = np.linalg.solve(gram, xc.T @ (w * yc))
+    return coef, y_mean - float(x_mean @ coef)
+
+
+@register("kernel_shap", aliases=("shap", "kernelshap", "shapley"), kind="perturbation",
+          cost="2^features forward (exact) or n_samples + 2 forward",
+          summary="Shapley values of features: exact by enumeration for few features, else paired KernelSHAP")
+@dataclass
+class KernelShap:
+    """Shapley values of the game v(S) = F(x with only the features in S kept; the rest replaced by
+    ``baseline`` or deleted). Exact by enumerating all 2^F coalitions when F <= ``max_exact``;
+    otherwise KernelSHAP (Lundberg & Lee, 2017): coalition sizes drawn from the Shapley kernel,
+    each sample paired with its complement, solved as least squares under the efficiency
+    constraint, so scores always sum to F(x) - v(empty set) (``delta`` is ~0 by construction)."""
+
+    n_samples: int = 512
+    max_exact: int = 10
+    baseline: str = "mask"
+
+    def attribute(self, ctx: Context) -> Attribution:
+        n = len(ctx.features)
+        if n <= self.max_exact:
+            keep = ((np.arange(2**n)[:, None] >> np.arange(n)[None]) & 1).astype(bool)
+            values = _outputs(ctx, keep, self.baseline)  # row r keeps the features whose bits are set in r
+            scores = exact_shapley(keep, values)
+            full, empty = float(values[-1]), float(values[0])
+            details: dict[str, object] = {"exact": True, "coalitions": 2**n}
+        else:
+            keep = _paired_kernel_samples(n, self.n_samples, ctx.rng())
+            ends = np.vstack([np.ones((1, n), bool), np.zeros((1, n), bool)])
+            values = _outputs(ctx, np.vstack([ends, keep]), self.baseline)
+            full, empty = float(values[0]), float(values[1])
+            scores = constrained_kernel_regression(keep.astype(np.float64), values[2:] - empty, full - empty)
+            details = {"exact": False, "coalitions": len(keep)}
+        return Attribution(scores=scores, output_value=full, baseline_value=empty,
+                           delta=float(scores.sum()) - (full - empty), details=details)
+
+
+def exact_shapley(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Shapley values from the value of every coalition (rows of ``keep``, all 2^F of them)."""
+    n = keep.shape[1]
+    codes = keep.astype(np.int64) @ (1 << np.arange(n))
+    by_code = np.empty(2**n)
+    by_code[codes] = values
+    sizes = keep.sum(1)
+    weight = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
+    scores = np.zeros(n)
+    for i in range(n):
+        without = codes[~keep[:, i]]
+        gains = by_code[without | (1 << i)] - by_code[without]
+        scores[i] = float(weight[sizes[~keep[:, i]]] @ gains)
+    return scores
+
+
+def _paired_kernel_samples(n: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_samples`` coalitions (half drawn, half their complements) with sizes drawn with
+    probability proportional to the Shapley kernel (n - 1) / (s (n - s)), s = 1..n-1."""
+    sizes = np.arange(1, n)
+    probabilities = (n - 1) / (sizes * (n - sizes))
+    probabilities /= probabilities.sum()
+    half = max(1, n_samples // 2)
+    drawn = np.zeros((half, n), dtype=bool)
+    for row, size in enumerate(rng.choice(sizes, size=half, p=probabilities)):
+        drawn[row, rng.choice(n, size=size, replace=False)] = True
+    return np.vstack([drawn, ~drawn])
+
+
+def constrained_kernel_regression(z: np.ndarray, y: np.ndarray, total: float) -> np.ndarray:
+    """argmin_phi mean (y - z phi)^2 subject to sum(phi) = total (samples already kernel-weighted
+    by how they were drawn), solved in closed form through the KKT system."""
+    a = z.T @ z / len(y)
+    b = z.T @ y / len(y)
+    a_inv_b = np.linalg.solve(a, b)
+    a_inv_1 = np.linalg.solve(a, np.ones(len(b)))
+    return a_inv_b - a_inv_1 * (a_inv_b.sum() - total) / a_inv_1.sum()

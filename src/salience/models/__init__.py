@@ -1,0 +1,6 @@
+"""Model adapters: each knows one model family (tokenising, embeddings, perturbing, scoring)."""
+
+from salience.models.base import Adapter, Encoded
+from salience.models.text import TextClassifier
+
+__all__ = ["Adapter", "Encoded", "TextClassifier"]

@@ -1,0 +1,1 @@
+"""Renderers of Explanations: terminal (rich), HTML (self-contained, escaped)."""
