@@ -15,7 +15,7 @@ from toy import build_toy_classifier  # noqa: E402
 
 import salience  # noqa: E402
 
-TOY_TEXT = "the movie was good but the plot was unbelievable"
+TOY_TEXT = "the film was good , but the plot was dull and unbelievable !"  # one positive, one negative word: not saturated
 TOY_PAIR = ("the film was superb", "the story is dull")
 
 

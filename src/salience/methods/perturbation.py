@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import combinations
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,9 +95,10 @@ def weighted_ridge(x: np.ndarray, y: np.ndarray, w: np.ndarray, alpha: float) ->
 class KernelShap:
     """Shapley values of the game v(S) = F(x with only the features in S kept; the rest replaced by
     ``baseline`` or deleted). Exact by enumerating all 2^F coalitions when F <= ``max_exact``;
-    otherwise KernelSHAP (Lundberg & Lee, 2017): coalition sizes drawn from the Shapley kernel,
-    each sample paired with its complement, solved as least squares under the efficiency
-    constraint, so scores always sum to F(x) - v(empty set) (``delta`` is ~0 by construction)."""
+    otherwise KernelSHAP (Lundberg & Lee, 2017) with ``n_samples`` coalitions: small and large
+    coalition sizes enumerated whole while the budget allows, the rest drawn from the Shapley
+    kernel and paired with their complements (see :func:`kernel_shap_design`), solved as weighted
+    least squares under the efficiency constraint, so scores sum to F(x) - v(empty set)."""
 
     n_samples: int = 512
     max_exact: int = 10
@@ -111,11 +113,11 @@ class KernelShap:
             full, empty = float(values[-1]), float(values[0])
             details: dict[str, object] = {"exact": True, "coalitions": 2**n}
         else:
-            keep = _paired_kernel_samples(n, self.n_samples, ctx.rng())
+            keep, weights = kernel_shap_design(n, self.n_samples, ctx.rng())
             ends = np.vstack([np.ones((1, n), bool), np.zeros((1, n), bool)])
             values = _outputs(ctx, np.vstack([ends, keep]), self.baseline)
             full, empty = float(values[0]), float(values[1])
-            scores = constrained_kernel_regression(keep.astype(np.float64), values[2:] - empty, full - empty)
+            scores = constrained_kernel_regression(keep.astype(np.float64), values[2:] - empty, weights, full - empty)
             details = {"exact": False, "coalitions": len(keep)}
         return Attribution(scores=scores, output_value=full, baseline_value=empty,
                            delta=float(scores.sum()) - (full - empty), details=details)
@@ -137,24 +139,58 @@ def exact_shapley(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _paired_kernel_samples(n: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_samples`` coalitions (half drawn, half their complements) with sizes drawn with
-    probability proportional to the Shapley kernel (n - 1) / (s (n - s)), s = 1..n-1."""
+def kernel_shap_design(n: int, n_samples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Coalitions (rows, n) and their regression weights for KernelSHAP.
+
+    The Shapley kernel gives coalition size s the total mass (n - 1) / (s (n - s)). Size layers are
+    taken from the outside in (s and n - s together): a layer that fits in the remaining budget is
+    enumerated whole, each coalition weighted with its exact kernel weight; the remaining mass is
+    sampled (sizes proportional to their mass, each draw paired with its complement) with equal
+    weights. With n_samples >= 2^n - 2 every coalition is enumerated and the result is exact.
+    """
     sizes = np.arange(1, n)
-    probabilities = (n - 1) / (sizes * (n - sizes))
-    probabilities /= probabilities.sum()
-    half = max(1, n_samples // 2)
-    drawn = np.zeros((half, n), dtype=bool)
-    for row, size in enumerate(rng.choice(sizes, size=half, p=probabilities)):
-        drawn[row, rng.choice(n, size=size, replace=False)] = True
-    return np.vstack([drawn, ~drawn])
+    mass = (n - 1) / (sizes * (n - sizes))
+    rows: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    budget = n_samples
+    remaining = list(range(1, n // 2 + 1)) if n > 1 else []  # s <= n // 2: layer {s, n - s} once
+    while remaining:
+        small = remaining[0]
+        layer = sorted({small, n - small})
+        count = sum(math.comb(n, s) for s in layer)
+        if count > budget:
+            break
+        for s in layer:
+            members = _all_coalitions(n, s)
+            rows.append(members)
+            weights.append(np.full(len(members), mass[s - 1] / len(members)))
+        budget -= count
+        remaining.pop(0)
+    left = [s for small in remaining for s in sorted({small, n - small})]
+    if left and budget >= 2:
+        p = mass[np.array(left) - 1] / mass[np.array(left) - 1].sum()
+        half = budget // 2
+        drawn = np.zeros((half, n), dtype=bool)
+        for row, size in enumerate(rng.choice(left, size=half, p=p)):
+            drawn[row, rng.choice(n, size=size, replace=False)] = True
+        rows.append(np.vstack([drawn, ~drawn]))
+        weights.append(np.full(2 * half, mass[np.array(left) - 1].sum() / (2 * half)))
+    if not rows:
+        return np.zeros((0, n), dtype=bool), np.zeros(0)
+    return np.vstack(rows), np.concatenate(weights)
 
 
-def constrained_kernel_regression(z: np.ndarray, y: np.ndarray, total: float) -> np.ndarray:
-    """argmin_phi mean (y - z phi)^2 subject to sum(phi) = total (samples already kernel-weighted
-    by how they were drawn), solved in closed form through the KKT system."""
-    a = z.T @ z / len(y)
-    b = z.T @ y / len(y)
-    a_inv_b = np.linalg.solve(a, b)
-    a_inv_1 = np.linalg.solve(a, np.ones(len(b)))
+def _all_coalitions(n: int, size: int) -> np.ndarray:
+    members = np.zeros((math.comb(n, size), n), dtype=bool)
+    for row, chosen in enumerate(combinations(range(n), size)):
+        members[row, list(chosen)] = True
+    return members
+
+
+def constrained_kernel_regression(z: np.ndarray, y: np.ndarray, w: np.ndarray, total: float) -> np.ndarray:
+    """argmin_phi sum_i w_i (y_i - z_i phi)^2 subject to sum(phi) = total, in closed form (KKT)."""
+    a = z.T @ (w[:, None] * z)
+    b = z.T @ (w * y)
+    a_inv_b = np.linalg.lstsq(a, b, rcond=None)[0]
+    a_inv_1 = np.linalg.lstsq(a, np.ones(len(b)), rcond=None)[0]
     return a_inv_b - a_inv_1 * (a_inv_b.sum() - total) / a_inv_1.sum()

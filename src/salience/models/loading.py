@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,30 @@ def load_model(name: str, *, max_length: int | None = None, device: str | None =
     return TextClassifier(model, tokenizer, name=name, max_length=max_length)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' loading progress bars and info logs (our CLI prints its own output)."""
+    from transformers.utils import logging
+
+    bars_were_on = logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars_were_on:
+            logging.enable_progress_bar()
+
+
 def _load_zoo(key: str) -> tuple[Any, Any]:
     if key not in ZOO:
         raise ModelLoadError(f"unknown zoo model {key!r}; the zoo has: {', '.join(ZOO_PREFIX + k for k in ZOO)}")
     from salience.zoo.minilm_sentiment import build_minilm_sentiment
 
-    return build_minilm_sentiment()
+    with quiet_transformers():
+        return build_minilm_sentiment()
 
 
 def _looks_local(name: str) -> bool:
@@ -56,8 +76,9 @@ def _load_pretrained(name: str) -> tuple[Any, Any]:
     else:
         source = name  # a hub id
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load {name!r} as a sequence classifier: {first_line}") from error

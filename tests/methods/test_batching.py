@@ -1,0 +1,55 @@
+"""Every method gives the same result batched and unbatched, and the same result for the same seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import salience
+from conftest import TOY_TEXT
+
+FAST_PARAMS = {
+    "smoothgrad": {"n_samples": 6},
+    "gradient_shap": {"n_samples": 6},
+    "integrated_gradients": {"steps": 12},
+    "lime": {"n_samples": 40},
+    "kernel_shap": {"n_samples": 40, "max_exact": 0},
+    "sequential_integrated_gradients": {"form": "path", "steps": 6},
+}
+ALL = [info.name for info in salience.methods()]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_batched_equals_unbatched(toy, method):
+    params = FAST_PARAMS.get(method, {})
+    one = salience.explain(toy, TOY_TEXT, method=method, batch_size=1, **params)
+    many = salience.explain(toy, TOY_TEXT, method=method, batch_size=64, **params)
+    # float64 model; only the summation order inside BLAS differs between batch shapes
+    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)
+    assert one.cost.forward_passes == many.cost.forward_passes
+    assert one.cost.model_calls > many.cost.model_calls or one.cost.forward_passes <= 2
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "gradient_shap", "lime", "kernel_shap"])
+def test_same_seed_same_result(toy, method):
+    params = FAST_PARAMS[method]
+    a = salience.explain(toy, TOY_TEXT, method=method, seed=3, **params)
+    b = salience.explain(toy, TOY_TEXT, method=method, seed=3, **params)
+    c = salience.explain(toy, TOY_TEXT, method=method, seed=4, **params)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert not np.array_equal(a.scores, c.scores)
+
+
+def test_adaptive_ig_batched_equals_unbatched(toy):
+    one = salience.explain(toy, TOY_TEXT, method="ig", batch_size=1)
+    many = salience.explain(toy, TOY_TEXT, method="ig")
+    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)
+    assert one.params["steps_used"] == many.params["steps_used"]
+
+
+def test_memory_budget_limits_chunk_rows():
+    from salience.core.batching import choose_batch_size
+
+    small = choose_batch_size(512, backward=True, max_memory="64MB", bytes_per_token=100_000)
+    large = choose_batch_size(512, backward=True, max_memory="2GB", bytes_per_token=100_000)
+    assert small == 1 and large == 13  # 2e9 // (512 * 100000 * 3)

@@ -1,0 +1,95 @@
+"""Encoding texts into features, the truncation policy, targets and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import salience
+from conftest import TOY_PAIR, TOY_TEXT
+
+
+def test_words_merge_subwords_and_map_to_characters(toy):
+    encoded = toy.encode("The plot was unbelievable!")
+    assert [w.text for w in encoded.words] == ["The", "plot", "was", "unbelievable", "!"]
+    word = encoded.words[3]
+    assert [encoded.tokens[t] for t in word.tokens] == ["un", "##believ", "##able"]
+    assert "The plot was unbelievable!"[word.start:word.end] == "unbelievable"
+    assert all(not encoded.special[t] for w in encoded.words for t in w.tokens)
+
+
+def test_pair_features_carry_their_segment(toy):
+    encoded = toy.encode(TOY_PAIR)
+    segments = {w.segment for w in encoded.words}
+    assert segments == {0, 1}
+    for w in encoded.words:
+        assert TOY_PAIR[w.segment][w.start:w.end] == w.text
+    assert encoded.token_type_ids is not None and set(encoded.token_type_ids.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t", ("premise", " ")])
+def test_empty_text_is_refused(toy, text):
+    with pytest.raises(salience.InputError, match="empty"):
+        salience.explain(toy, text, method="sig")
+
+
+def test_text_over_limit_errors_unless_truncated(toy):
+    long_text = " ".join(["good film"] * 40)  # 80 words, limit 64 positions
+    with pytest.raises(salience.InputError, match="over the model's limit of 64.*truncate"):
+        salience.explain(toy, long_text, method="sig")
+    with pytest.warns(salience.SalienceWarning, match="truncated"):
+        e = salience.explain(toy, long_text, method="sig", truncate=True)
+    assert e.truncated and len(e.tokens) == 64 and len(e.features) == 62
+
+
+def test_targets_by_index_label_and_errors(toy):
+    by_label = salience.explain(toy, TOY_TEXT, method="sig", target="negative")
+    by_index = salience.explain(toy, TOY_TEXT, method="sig", target=0)
+    assert by_label.target == by_index.target and by_label.target.label == "negative"
+    predicted = salience.explain(toy, TOY_TEXT, method="sig")
+    assert predicted.target.index == predicted.prediction.index
+    assert by_label.scores == pytest.approx(-predicted.scores) or predicted.target.index == 0  # p0 = 1 - p1
+    with pytest.raises(salience.TargetError, match="out of range"):
+        salience.explain(toy, TOY_TEXT, method="sig", target=5)
+    with pytest.raises(salience.TargetError, match="unknown target label 'neutral'.*negative, positive"):
+        salience.explain(toy, TOY_TEXT, method="sig", target="neutral")
+
+
+def test_unknown_method_and_parameter(toy):
+    with pytest.raises(salience.UnknownMethodError, match="did you mean 'lime'"):
+        salience.explain(toy, TOY_TEXT, method="limes")
+    with pytest.raises(salience.ParameterError, match="has no parameter 'step'"):
+        salience.explain(toy, TOY_TEXT, method="ig", step=3)
+    with pytest.raises(salience.ParameterError, match="unknown output"):
+        salience.explain(toy, TOY_TEXT, method="ig", output="odds")
+
+
+def test_nan_model_output_is_an_error(toy):
+    with torch.no_grad():
+        toy.model.classifier.bias.fill_(float("nan"))
+    with pytest.raises(salience.ModelOutputError, match="NaN or infinite"):
+        salience.explain(toy, TOY_TEXT, method="sig")
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(salience.ModelLoadError, match="does not exist"):
+        salience.load_model(str(tmp_path / "missing"))
+    with pytest.raises(salience.ModelLoadError, match="no config.json"):
+        salience.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    with pytest.raises(salience.ModelLoadError, match="not a sequence classifier"):
+        salience.load_model(str(tmp_path))
+    with pytest.raises(salience.ModelLoadError, match="unknown zoo model"):
+        salience.load_model("zoo:nothing")
+
+
+def test_wrapping_objects_puts_model_in_eval_mode(toy_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(toy_dir).train()
+    wrapped = salience.TextClassifier(model, AutoTokenizer.from_pretrained(toy_dir))
+    assert not model.training and wrapped.labels == ["negative", "positive"]
+    e = salience.explain(wrapped, "good film", method="ig")
+    assert e.model and e.prediction.label == "positive"

@@ -1,0 +1,50 @@
+"""The command line: explain to terminal/HTML/JSON, list methods, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import salience
+from salience.cli import main
+
+
+def test_explain_writes_html_and_json(toy_dir, tmp_path, capsys):
+    html, out = tmp_path / "e.html", tmp_path / "e.json"
+    status = main(["explain", "--model", str(toy_dir), "--text", "the film was good", "--pair", "good", "dull",
+                   "--method", "sig", "--method", "ig", "--param", "ig.steps=16", "--html", str(html), "--json", str(out),
+                   "--no-color"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "method integrated_gradients" in printed and "good" in printed
+    bundle = json.loads(out.read_text())
+    assert bundle["schema"] == "salience.explanations/1" and len(bundle["explanations"]) == 4
+    restored = salience.Explanation.from_dict(bundle["explanations"][2])
+    assert restored.method == "integrated_gradients" and restored.params["steps"] == 16
+    assert "<!DOCTYPE html>" in html.read_text()
+
+
+def test_methods_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    for info in salience.methods():
+        assert info.name[:10] in printed
+
+
+def test_errors_are_one_line(toy_dir, capsys):
+    cases = [
+        (["explain", "--model", str(toy_dir), "--text", "  "], "empty"),
+        (["explain", "--model", str(toy_dir), "--text", "good", "--method", "nope"], "unknown method"),
+        (["explain", "--model", str(toy_dir), "--text", "good", "--target", "neutral"], "unknown target label"),
+        (["explain", "--model", "/no/such/dir", "--text", "good"], "does not exist"),
+        (["explain", "--model", str(toy_dir), "--text", "good", "--param", "steps=3", "--method", "lime"], "no chosen method"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_target_index_from_cli(toy_dir, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["explain", "--model", str(toy_dir), "--text", "good film", "--target", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["explanations"][0]["target"]["label"] == "negative"

@@ -1,0 +1,18 @@
+"""The public API is explicit and pinned."""
+
+import salience
+
+
+def test_public_names_are_pinned():
+    assert sorted(salience.__all__) == sorted([
+        "AssetMissingError", "Cost", "Explanation", "Feature", "InputError", "ModelLoadError", "ModelOutputError",
+        "ParameterError", "Prediction", "SalienceError", "SalienceWarning", "Target", "TargetError", "TextClassifier",
+        "UnknownMethodError", "__version__", "explain", "load_model", "methods",
+    ])
+    for name in salience.__all__:
+        assert hasattr(salience, name)
+
+
+def test_every_method_documents_itself():
+    for info in salience.methods():
+        assert info.summary and info.cost and info.cls.__doc__ and len(info.cls.__doc__) > 80, info.name
