@@ -48,3 +48,19 @@ def test_target_index_from_cli(toy_dir, tmp_path):
     out = tmp_path / "e.json"
     assert main(["explain", "--model", str(toy_dir), "--text", "good film", "--target", "0", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["explanations"][0]["target"]["label"] == "negative"
+
+
+def test_zero_shot_from_cli(toy_dir, tmp_path):
+    import shutil
+
+    nli = tmp_path / "nli"
+    shutil.copytree(toy_dir, nli)
+    config = json.loads((nli / "config.json").read_text())
+    config["id2label"] = {"0": "contradiction", "1": "entailment"}
+    config["label2id"] = {"contradiction": 0, "entailment": 1}
+    (nli / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "z.json"
+    assert main(["explain", "--model", str(nli), "--text", "the film was good", "--zero-shot", "good,awful",
+                 "--template", "it is {} .", "--json", str(out)]) == 0
+    explanation = json.loads(out.read_text())["explanations"][0]
+    assert explanation["target"]["label"] in ("good", "awful") and len(explanation["prediction"]["probabilities"]) == 2

@@ -7,7 +7,7 @@ def test_public_names_are_pinned():
     assert sorted(salience.__all__) == sorted([
         "AssetMissingError", "Cost", "Explanation", "Feature", "InputError", "ModelLoadError", "ModelOutputError",
         "ParameterError", "Prediction", "SalienceError", "SalienceWarning", "Target", "TargetError", "TextClassifier",
-        "UnknownMethodError", "__version__", "explain", "load_model", "methods",
+        "UnknownMethodError", "ZeroShotClassifier", "__version__", "explain", "load_model", "methods",
     ])
     for name in salience.__all__:
         assert hasattr(salience, name)

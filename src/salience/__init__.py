@@ -15,6 +15,7 @@ from salience.errors import (
 )
 from salience.models.loading import load_model
 from salience.models.text import TextClassifier
+from salience.models.zero_shot import ZeroShotClassifier
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "TargetError",
     "TextClassifier",
     "UnknownMethodError",
+    "ZeroShotClassifier",
     "__version__",
     "explain",
     "load_model",

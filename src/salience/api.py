@@ -13,9 +13,9 @@ from salience.core.registry import MethodInfo, all_methods, get_method
 from salience.core.target import check_output, resolve_target
 from salience.errors import ParameterError
 from salience.methods.base import Context
-from salience.models.base import Adapter
+from salience.models.base import Adapter, Encoded
 
-TextInput = str | tuple[str, str]
+TextInput = str | tuple[str, str] | Encoded
 LEVELS = ("word", "token")
 
 
@@ -43,7 +43,8 @@ def explain(
     params: dict[str, Any] | None = None,
     **method_params: Any,
 ) -> Explanation | list[Explanation]:
-    """Explain ``model``'s output on one input (a text or a (premise, hypothesis) pair) or a list.
+    """Explain ``model``'s output on one input (a text, a (premise, hypothesis) pair, or an already
+    encoded input, e.g. one a metric perturbed) or a list of them.
 
     ``target``: class index or label name (default: the predicted class). ``output``: what is
     explained, "probability" (default), "logit" or "log_probability". ``level``: "word" (subword
@@ -56,7 +57,7 @@ def explain(
     if level not in LEVELS:
         raise ParameterError(f"unknown level {level!r}; choose 'word' or 'token'")
     check_output(output)
-    single = isinstance(inputs, (str, tuple))
+    single = isinstance(inputs, (str, tuple, Encoded))
     items: list[TextInput] = [inputs] if single else list(inputs)  # type: ignore[list-item]
     show = progress if progress is not None else len(items) > 1
     results = [
@@ -71,7 +72,7 @@ def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: A
     counter = model.counter  # type: ignore[attr-defined]
     before = dataclasses.replace(counter)
     started = time.perf_counter()
-    encoded = model.encode(item, truncate=truncate)
+    encoded = item if isinstance(item, Encoded) else model.encode(item, truncate=truncate)
     prediction = model.predict(encoded)
     resolved = resolve_target(target, model.labels, prediction, output)
     ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed)

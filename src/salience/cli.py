@@ -54,7 +54,10 @@ def _explain(args: argparse.Namespace) -> int:
         raise ParameterError("give at least one --text or --pair")
     method_names = args.method or ["sig"]
     params = _parse_params(args.param, method_names)
-    model = salience.load_model(args.model, max_length=args.max_length)
+    model: Any = salience.load_model(args.model, max_length=args.max_length)
+    if args.zero_shot:
+        labels = [label.strip() for label in args.zero_shot.split(",") if label.strip()]
+        model = salience.ZeroShotClassifier(model, labels, template=args.template)
     explanations = []
     for name in method_names:
         info = get_method(name)
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", action="append", help="method name or alias (repeatable; default sig); see `salience methods`")
     explain.add_argument("--param", action="append", default=[], metavar="[METHOD.]KEY=VALUE", help="method parameter (repeatable)")
     explain.add_argument("--target", help="class index or label name (default: the predicted class)")
+    explain.add_argument("--zero-shot", metavar="LABEL,LABEL,...",
+                         help="classify into these labels with the --model NLI model (hypothesis template)")
+    explain.add_argument("--template", default="This example is {}.", help="zero-shot hypothesis template")
     explain.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
     explain.add_argument("--level", default="word", choices=["word", "token"])
     explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
