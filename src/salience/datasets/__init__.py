@@ -1,0 +1,1 @@
+"""Real datasets used by Salience's zoo models, evaluations and benchmarks."""

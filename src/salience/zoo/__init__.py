@@ -1,0 +1,1 @@
+"""Zoo models: small, reproducibly trained models shipped with Salience for examples and evaluations."""
