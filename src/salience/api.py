@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from salience.core.batching import choose_batch_size
 from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
 from salience.core.target import check_output, resolve_target
@@ -37,6 +38,7 @@ def explain(
     output: str = "probability",
     level: str = "word",
     batch_size: int | None = None,
+    max_memory: int | str | None = None,
     truncate: bool = False,
     seed: int = 0,
     progress: bool | None = None,
@@ -49,7 +51,8 @@ def explain(
     ``target``: class index or label name (default: the predicted class). ``output``: what is
     explained, "probability" (default), "logit" or "log_probability". ``level``: "word" (subword
     scores summed per word, special tokens left out) or "token". ``batch_size``: rows per model
-    call (default: chosen from the input length). Method parameters go in ``params`` or as keywords.
+    call (default: chosen from the input length); ``max_memory`` (e.g. "2GB"): instead, size the
+    chunks so that the activations of one chunk stay within this budget. Method parameters go in ``params`` or as keywords.
     Returns one Explanation for one input, a list for a list.
     """
     info = get_method(method)
@@ -61,20 +64,24 @@ def explain(
     items: list[TextInput] = [inputs] if single else list(inputs)  # type: ignore[list-item]
     show = progress if progress is not None else len(items) > 1
     results = [
-        _explain_one(model, item, info, algorithm, target, output, level, batch_size, truncate, seed)
+        _explain_one(model, item, info, algorithm, target, output, level, batch_size, max_memory, truncate, seed)
         for item in _progress(items, show, info.name)
     ]
     return results[0] if single else results
 
 
 def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: Any, target: int | str | None,
-                 output: str, level: str, batch_size: int | None, truncate: bool, seed: int) -> Explanation:
+                 output: str, level: str, batch_size: int | None, max_memory: int | str | None, truncate: bool,
+                 seed: int) -> Explanation:
     counter = model.counter  # type: ignore[attr-defined]
     before = dataclasses.replace(counter)
     started = time.perf_counter()
     encoded = item if isinstance(item, Encoded) else model.encode(item, truncate=truncate)
     prediction = model.predict(encoded)
     resolved = resolve_target(target, model.labels, prediction, output)
+    if batch_size is None and max_memory is not None:
+        batch_size = choose_batch_size(encoded.length, backward=True, max_memory=max_memory,
+                                       bytes_per_token=model.bytes_per_token)  # type: ignore[attr-defined]
     ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed)
     result = algorithm.attribute(ctx)
     cost = Cost(

@@ -64,7 +64,7 @@ def _explain(args: argparse.Namespace) -> int:
         for item in inputs:
             explanations.append(salience.explain(
                 model, item, method=name, target=args.target, output=args.output, level=args.level,
-                batch_size=args.batch_size, truncate=args.truncate, seed=args.seed, params=params[info.name],
+                batch_size=args.batch_size, max_memory=args.max_memory, truncate=args.truncate, seed=args.seed, params=params[info.name],
             ))
     from rich.console import Console
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
     explain.add_argument("--max-length", type=int, help="token limit (default: the model's)")
     explain.add_argument("--batch-size", type=int, help="rows per model call (default: chosen by Salience)")
+    explain.add_argument("--max-memory", help="memory budget for one chunk of model work, e.g. 2GB")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--html", help="write a self-contained HTML file")
     explain.add_argument("--json", help="write the explanations as JSON")
