@@ -80,8 +80,8 @@ def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: A
     prediction = model.predict(encoded)
     resolved = resolve_target(target, model.labels, prediction, output)
     if batch_size is None and max_memory is not None:
-        batch_size = choose_batch_size(encoded.length, backward=True, max_memory=max_memory,
-                                       bytes_per_token=model.bytes_per_token)  # type: ignore[attr-defined]
+        per_row = model.bytes_per_row(encoded.length, backward=True)  # type: ignore[attr-defined]
+        batch_size = choose_batch_size(encoded.length, backward=True, max_memory=max_memory, bytes_per_row=per_row)
     ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed)
     result = algorithm.attribute(ctx)
     cost = Cost(

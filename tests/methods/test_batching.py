@@ -50,6 +50,7 @@ def test_adaptive_ig_batched_equals_unbatched(toy):
 def test_memory_budget_limits_chunk_rows():
     from salience.core.batching import choose_batch_size
 
-    small = choose_batch_size(512, backward=True, max_memory="64MB", bytes_per_token=100_000)
-    large = choose_batch_size(512, backward=True, max_memory="2GB", bytes_per_token=100_000)
-    assert small == 1 and large == 13  # 2e9 // (512 * 100000 * 3)
+    small = choose_batch_size(512, backward=True, max_memory="64MB", bytes_per_row=100_000_000)
+    large = choose_batch_size(512, backward=True, max_memory="2GB", bytes_per_row=100_000_000)
+    assert small == 1 and large == 20  # 2e9 // 1e8
+    assert choose_batch_size(512, backward=True, batch_size=7, max_memory="2GB", bytes_per_row=1) == 7

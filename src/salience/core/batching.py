@@ -43,12 +43,12 @@ def choose_batch_size(
     backward: bool,
     batch_size: int | None = None,
     max_memory: int | str | None = None,
-    bytes_per_token: int | None = None,
+    bytes_per_row: int | None = None,
 ) -> int:
     """Rows per chunk for inputs of ``seq_len`` tokens.
 
     An explicit ``batch_size`` wins. With ``max_memory`` and the model's estimated activation bytes
-    per token (``bytes_per_token``, see the adapter), the chunk fits the budget. Otherwise a fixed
+    per row (``bytes_per_row``, see the adapter), the chunk fits the budget. Otherwise a fixed
     token budget per chunk is used (smaller when gradients are needed).
     """
     if batch_size is not None:
@@ -56,10 +56,8 @@ def choose_batch_size(
             raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
         return batch_size
     seq_len = max(seq_len, 1)
-    if max_memory is not None and bytes_per_token:
-        budget = parse_memory(max_memory)
-        per_row = seq_len * bytes_per_token * (3 if backward else 1)
-        return max(1, min(MAX_ROWS_PER_CHUNK, budget // per_row))
+    if max_memory is not None and bytes_per_row:
+        return max(1, min(MAX_ROWS_PER_CHUNK, parse_memory(max_memory) // bytes_per_row))
     tokens = BACKWARD_TOKENS_PER_CHUNK if backward else FORWARD_TOKENS_PER_CHUNK
     return max(1, min(MAX_ROWS_PER_CHUNK, tokens // seq_len))
 

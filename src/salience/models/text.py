@@ -78,18 +78,21 @@ class TextClassifier:
     def dtype(self) -> torch.dtype:
         return self.embedding_layer.weight.dtype  # type: ignore[union-attr,return-value]
 
-    @property
-    def bytes_per_token(self) -> int:
-        """Rough activation memory per token of one forward pass (for ``max_memory`` chunking)."""
+    def bytes_per_row(self, seq_len: int, *, backward: bool) -> int:
+        """Estimated activation memory of one input row of ``seq_len`` tokens (for ``max_memory``).
+
+        Per layer: about 8 hidden-sized and 2 intermediate-sized tensors per token, plus 3
+        attention maps (scores, probabilities, dropout mask) of heads x T x T; a backward pass
+        keeps all of them alive and adds gradients of similar size (factor 2).
+        """
         config = self.model.config  # type: ignore[union-attr]
         hidden = int(getattr(config, "hidden_size", 768))
         layers = int(getattr(config, "num_hidden_layers", 12))
         heads = int(getattr(config, "num_attention_heads", 12))
         intermediate = int(getattr(config, "intermediate_size", 4 * hidden))
         width = torch.finfo(self.dtype).bits // 8
-        # per layer: ~8 hidden-sized tensors, 2 intermediate-sized, and attention rows (heads x T
-        # with T up to max_length) kept for backward
-        return width * layers * (8 * hidden + 2 * intermediate + 2 * heads * self.max_length)
+        per_layer = seq_len * (8 * hidden + 2 * intermediate) + 3 * heads * seq_len * seq_len
+        return width * layers * per_layer * (2 if backward else 1)
 
     # --------------------------------------------------------------- encoding
     def encode(self, inputs: str | tuple[str, str], *, truncate: bool = False) -> Encoded:

@@ -44,9 +44,8 @@ class ZeroShotClassifier:
         self.counter = nli.counter
         self.max_length = nli.max_length
 
-    @property
-    def bytes_per_token(self) -> int:
-        return self.nli.bytes_per_token
+    def bytes_per_row(self, seq_len: int, *, backward: bool) -> int:
+        return self.nli.bytes_per_row(seq_len, backward=backward)
 
     def encode(self, inputs: str | tuple[str, str], *, truncate: bool = False) -> Encoded:
         """Encode the text alone (its features) and, in ``extras["pairs"]``, the text paired with each

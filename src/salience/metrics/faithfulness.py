@@ -1,0 +1,283 @@
+"""Faithfulness metrics: does removing the features an explanation ranks highest change the model?
+
+Every metric here re-encodes the explanation's input, checks that the features are the ones the
+explanation scored, ranks them by signed score (descending, ties kept in input order) and sends all
+the perturbed rows of one explanation, the unperturbed input first, through ONE
+``model.score_perturbed`` call (which batches). The probability read is always the probability of
+the explanation's target class, whatever output (logit, log-probability) the explanation explained.
+
+Removing a feature means what the ``baseline`` parameter says: ``"delete"`` (the default of the
+ERASER metrics, deletion/insertion and the leave-one-out correlation) drops its tokens from the
+sequence; ``"mask"`` (the default of log-odds), ``"pad"`` or ``"unk"`` replace them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from salience.core.explanation import Explanation
+from salience.core.target import Target
+from salience.errors import ParameterError
+from salience.metrics.base import MetricError, MetricResult, register_metric
+from salience.models.base import Encoded
+
+AOPC_BINS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
+PROBABILITY_FLOOR = 1e-12  # log-odds: probabilities are floored here so that log(0) stays finite
+
+
+# ------------------------------------------------------------------ shared helpers
+def describe(explanation: Explanation) -> str:
+    """A short name of the explained example for one-line error messages."""
+    text = explanation.input if isinstance(explanation.input, str) else " / ".join(explanation.input)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def encode_checked(model: Any, explanation: Explanation) -> Encoded:
+    """Re-encode the explanation's input; raise :class:`MetricError` when its features differ from
+    the ones the explanation scored (another tokenizer, level or truncation)."""
+    encoded: Encoded = model.encode(explanation.input, truncate=explanation.truncated)
+    if encoded.features(explanation.level) != list(explanation.features):
+        raise MetricError(
+            f"the explanation's {explanation.level} features do not match what {getattr(model, 'name', 'the model')} "
+            f"encodes for {describe(explanation)} (another model, tokenizer or truncation?)"
+        )
+    return encoded
+
+
+def probability_target(explanation: Explanation) -> Target:
+    """The probability of the explanation's target class (whatever output was explained)."""
+    return Target(explanation.target.index, explanation.target.label, "probability")
+
+
+def ranking(scores: np.ndarray) -> np.ndarray:
+    """Feature indices by signed score, highest first; ties keep input order (stable sort)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+def top_k(fraction: float, n_features: int) -> int:
+    """Number of features in the top ``fraction``: ``max(1, round(fraction * F))`` (Python's round,
+    half to even), at most F."""
+    if not 0.0 < fraction <= 1.0:
+        raise ParameterError(f"fraction must be in (0, 1], got {fraction}")
+    return min(n_features, max(1, round(fraction * n_features)))
+
+
+def check_baseline(baseline: str) -> str:
+    if baseline == "zero":
+        raise ParameterError("baseline 'zero' exists for gradient methods only; use delete, mask, pad or unk")
+    return baseline
+
+
+def _probabilities(model: Any, explanation: Explanation, keep: torch.Tensor, baseline: str,
+                   batch_size: int | None) -> tuple[Encoded, np.ndarray]:
+    """Re-encode, then the target-class probability for each row of ``keep`` (one batched call)."""
+    encoded = encode_checked(model, explanation)
+    values = model.score_perturbed(encoded, keep, explanation.features, check_baseline(baseline),
+                                   probability_target(explanation), batch_size=batch_size)
+    return encoded, np.asarray(torch.as_tensor(values).detach().double().cpu().numpy(), dtype=np.float64)
+
+
+def _keep_rows(n_features: int, rows: Sequence[Sequence[int]], *, kept: bool) -> torch.Tensor:
+    """Row 0 keeps everything; row r+1 removes (``kept=False``) or keeps only (``kept=True``) the
+    features in ``rows[r]``."""
+    keep = torch.ones(len(rows) + 1, n_features, dtype=torch.bool)
+    for r, indices in enumerate(rows, start=1):
+        if kept:
+            keep[r] = False
+            keep[r, list(indices)] = True
+        else:
+            keep[r, list(indices)] = False
+    return keep
+
+
+def _need_features(explanation: Explanation, metric: str) -> int:
+    n = len(explanation.features)
+    if n == 0:
+        raise MetricError(f"{metric}: the explanation of {describe(explanation)} has no features")
+    return n
+
+
+# ------------------------------------------------------------------ ERASER
+def _removal_at(model: Any, explanation: Explanation, fractions: Sequence[float], baseline: str, batch_size: int | None,
+                *, sufficiency: bool, metric: str) -> tuple[float, dict[float, int], dict[int, float]]:
+    """p(y|x) and, for each distinct k of ``fractions``, p(y|x without the top k) (comprehensiveness)
+    or p(y|only the top k) (sufficiency)."""
+    n = _need_features(explanation, metric)
+    order = ranking(explanation.scores)
+    ks = {f: top_k(f, n) for f in fractions}
+    distinct = sorted(set(ks.values()))
+    keep = _keep_rows(n, [order[:k] for k in distinct], kept=sufficiency)
+    _, probs = _probabilities(model, explanation, keep, baseline, batch_size)
+    return float(probs[0]), ks, {k: float(p) for k, p in zip(distinct, probs[1:])}
+
+
+@register_metric("comprehensiveness", higher_is_better=True, summary="p(y|x) - p(y|x without the top-k features) (ERASER)")
+def comprehensiveness(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: str = "delete",
+                      batch_size: int | None = None) -> MetricResult:
+    """ERASER comprehensiveness (DeYoung et al., 2020): ``p(y|x) - p(y|x without the top-k)``, the top
+    ``k = max(1, round(fraction * F))`` features by signed score. Higher is better: the features
+    ranked first carried the prediction. 2 forward passes."""
+    full, ks, removed = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=False, metric="comprehensiveness")
+    k = ks[fraction]
+    return MetricResult("comprehensiveness", full - removed[k], True,
+                        {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": removed[k], "baseline": baseline})
+
+
+@register_metric("sufficiency", higher_is_better=False, summary="p(y|x) - p(y|only the top-k features) (ERASER)")
+def sufficiency(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: str = "delete",
+                batch_size: int | None = None) -> MetricResult:
+    """ERASER sufficiency (DeYoung et al., 2020): ``p(y|x) - p(y|only the top-k kept)``. Lower is
+    better: the top features alone nearly reproduce the prediction (negative when they are more
+    convincing than the whole input). 2 forward passes."""
+    full, ks, kept = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=True, metric="sufficiency")
+    k = ks[fraction]
+    return MetricResult("sufficiency", full - kept[k], False,
+                        {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": kept[k], "baseline": baseline})
+
+
+def _aopc(model: Any, explanation: Explanation, bins: Sequence[float], baseline: str, batch_size: int | None,
+          *, sufficiency: bool, name: str) -> MetricResult:
+    bins = tuple(float(b) for b in bins)
+    if not bins:
+        raise ParameterError(f"{name}: bins must not be empty")
+    full, ks, perturbed = _removal_at(model, explanation, bins, baseline, batch_size, sufficiency=sufficiency, metric=name)
+    per_bin = {b: full - perturbed[ks[b]] for b in bins}
+    details = {"bins": list(bins), "values": [per_bin[b] for b in bins], "k": [ks[b] for b in bins], "p_full": full,
+               "baseline": baseline}
+    return MetricResult(name, float(np.mean(list(per_bin.values()))), not sufficiency, details)
+
+
+@register_metric("aopc_comprehensiveness", higher_is_better=True,
+                 summary="comprehensiveness averaged over the top 1, 5, 10, 20, 50 % (ERASER AOPC)")
+def aopc_comprehensiveness(model: Any, explanation: Explanation, *, bins: Sequence[float] = AOPC_BINS,
+                           baseline: str = "delete", batch_size: int | None = None) -> MetricResult:
+    """ERASER's AOPC comprehensiveness: the mean over ``bins`` (fractions of the features) of
+    comprehensiveness. Higher is better. 1 + (distinct k over the bins) forward passes."""
+    return _aopc(model, explanation, bins, baseline, batch_size, sufficiency=False, name="aopc_comprehensiveness")
+
+
+@register_metric("aopc_sufficiency", higher_is_better=False,
+                 summary="sufficiency averaged over the top 1, 5, 10, 20, 50 % (ERASER AOPC)")
+def aopc_sufficiency(model: Any, explanation: Explanation, *, bins: Sequence[float] = AOPC_BINS,
+                     baseline: str = "delete", batch_size: int | None = None) -> MetricResult:
+    """ERASER's AOPC sufficiency: the mean over ``bins`` of sufficiency. Lower is better.
+    1 + (distinct k over the bins) forward passes."""
+    return _aopc(model, explanation, bins, baseline, batch_size, sufficiency=True, name="aopc_sufficiency")
+
+
+# ------------------------------------------------------------------ log-odds
+@register_metric("log_odds", higher_is_better=False, summary="log p(y|top 20 % masked) - log p(y|x) (DIG, SIG)")
+def log_odds(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: str = "mask",
+             batch_size: int | None = None) -> MetricResult:
+    """Log-odds (Sanyal & Ren, 2021; used again by Enguehard's SIG, 2023):
+    ``log(p(y|x with the top-k replaced by the baseline) / p(y|x))``. Lower (more negative) is
+    better. Both probabilities are floored at ``1e-12`` before the logarithm, so a probability that
+    underflows to 0 gives a large finite value instead of -inf. 2 forward passes."""
+    n = _need_features(explanation, "log_odds")
+    k = top_k(fraction, n)
+    keep = _keep_rows(n, [ranking(explanation.scores)[:k]], kept=False)
+    _, probs = _probabilities(model, explanation, keep, baseline, batch_size)
+    full, masked = float(probs[0]), float(probs[1])
+    value = float(np.log(max(masked, PROBABILITY_FLOOR)) - np.log(max(full, PROBABILITY_FLOOR)))
+    return MetricResult("log_odds", value, False,
+                        {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": masked, "baseline": baseline,
+                         "floor": PROBABILITY_FLOOR})
+
+
+# ------------------------------------------------------------------ deletion / insertion curves
+def curve_counts(n_features: int, max_steps: int) -> np.ndarray:
+    """Numbers of features removed (or inserted) at each curve point: 0..F one at a time, or
+    ``max_steps + 1`` evenly spaced counts from 0 to F when F > ``max_steps``."""
+    if max_steps < 1:
+        raise ParameterError(f"max_steps must be at least 1, got {max_steps}")
+    if n_features <= max_steps:
+        return np.arange(n_features + 1)
+    return np.unique(np.round(np.linspace(0, n_features, max_steps + 1)).astype(int))
+
+
+def trapezoid(x: np.ndarray, y: np.ndarray) -> float:
+    """Area under the piecewise-linear curve through (x, y)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def _curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: int, baseline: str,
+           batch_size: int | None, name: str) -> MetricResult:
+    n = _need_features(explanation, name)
+    order = ranking(explanation.scores)
+    counts = curve_counts(n, max_steps)
+    keep = torch.ones(len(counts), n, dtype=torch.bool)
+    for row, m in enumerate(counts):
+        if insertion:
+            keep[row] = False
+            keep[row, order[:m]] = True
+        else:
+            keep[row, order[:m]] = False
+    _, probs = _probabilities(model, explanation, keep, baseline, batch_size)
+    x = counts / n
+    return MetricResult(name, trapezoid(x, probs), insertion,
+                        {"x": [float(v) for v in x], "y": [float(v) for v in probs], "counts": [int(c) for c in counts],
+                         "baseline": baseline})
+
+
+@register_metric("deletion_auc", higher_is_better=False,
+                 summary="area under p(y) as top-ranked features are removed one by one")
+def deletion_auc(model: Any, explanation: Explanation, *, max_steps: int = 50, baseline: str = "delete",
+                 batch_size: int | None = None) -> MetricResult:
+    """Deletion curve (Petsiuk et al., 2018, RISE; for text as in Enguehard, 2023): starting from x,
+    remove features in ranked order; the target probability against the fraction removed (0 to 1);
+    value = trapezoid area. Lower is better. ``details["x"]``, ``details["y"]`` hold the curve.
+    min(F, max_steps) + 1 forward passes."""
+    return _curve(model, explanation, insertion=False, max_steps=max_steps, baseline=baseline, batch_size=batch_size,
+                  name="deletion_auc")
+
+
+@register_metric("insertion_auc", higher_is_better=True,
+                 summary="area under p(y) as top-ranked features are added back one by one")
+def insertion_auc(model: Any, explanation: Explanation, *, max_steps: int = 50, baseline: str = "delete",
+                  batch_size: int | None = None) -> MetricResult:
+    """Insertion curve (Petsiuk et al., 2018): starting from the input with every feature removed,
+    add features back in ranked order; value = trapezoid area of the target probability against the
+    fraction inserted. Higher is better. min(F, max_steps) + 1 forward passes."""
+    return _curve(model, explanation, insertion=True, max_steps=max_steps, baseline=baseline, batch_size=batch_size,
+                  name="insertion_auc")
+
+
+# ------------------------------------------------------------------ leave-one-out correlation
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b, ``(n_c - n_d) / sqrt((n_0 - n_x)(n_0 - n_y))`` with ``n_x``, ``n_y`` the
+    pairs tied in x, in y (scipy.stats.kendalltau's default). NaN when x or y is constant.
+    O(F^2) memory and time."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError("kendall_tau_b needs two 1-d arrays of the same length")
+    upper = np.triu_indices(a.shape[0], k=1)
+    sa = np.sign(a[:, None] - a[None, :])[upper]
+    sb = np.sign(b[:, None] - b[None, :])[upper]
+    denominator = np.sqrt(float(np.count_nonzero(sa)) * float(np.count_nonzero(sb)))
+    return float(np.sum(sa * sb) / denominator) if denominator > 0 else float("nan")
+
+
+@register_metric("loo_kendall_tau", higher_is_better=True,
+                 summary="Kendall tau-b between the scores and leave-one-out probability drops")
+def loo_kendall_tau(model: Any, explanation: Explanation, *, baseline: str = "delete",
+                    batch_size: int | None = None) -> MetricResult:
+    """Kendall's tau-b between the explanation's scores and the leave-one-out scores
+    ``p(y|x) - p(y|x without feature i)`` (the same removal as ``baseline``). Higher is better (1:
+    same order as the model's own single-feature drops). F + 1 forward passes."""
+    n = _need_features(explanation, "loo_kendall_tau")
+    if n < 2:
+        raise MetricError(f"loo_kendall_tau needs at least 2 features; {describe(explanation)} has {n}")
+    keep = _keep_rows(n, [[i] for i in range(n)], kept=False)
+    _, probs = _probabilities(model, explanation, keep, baseline, batch_size)
+    loo = probs[0] - probs[1:]
+    tau = kendall_tau_b(explanation.scores, loo)
+    if not np.isfinite(tau):
+        which = "explanation's scores" if np.ptp(explanation.scores) == 0 else "leave-one-out scores"
+        raise MetricError(f"loo_kendall_tau is undefined for {describe(explanation)}: all {which} are equal")
+    return MetricResult("loo_kendall_tau", tau, True, {"loo_scores": [float(v) for v in loo], "p_full": float(probs[0]),
+                                                        "baseline": baseline})
