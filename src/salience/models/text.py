@@ -192,14 +192,19 @@ class TextClassifier:
             ids = torch.where(removed, self.baseline_token_id(baseline), ids)
             mask = torch.ones(n_rows, length, dtype=torch.long)
         size = choose_batch_size(length, backward=False, batch_size=batch_size)
+        # bucket by length: rows sorted by kept length, so each chunk is trimmed to its longest row
+        order = torch.argsort(mask.sum(dim=1), stable=True)
+        ids, mask = ids[order], mask[order]
+        types = None if types is None else types[order]
 
         def run(rows: slice) -> torch.Tensor:
-            width = int(mask[rows].sum(dim=1).max())  # trim padding shared by the whole chunk
+            width = int(mask[rows].sum(dim=1).max())
             chunk_types = None if types is None else types[rows, :width]
             return read_output(self._logits(ids[rows, :width], mask[rows, :width], chunk_types), target).double().cpu()
 
         with torch.no_grad():
-            return map_batches(run, n_rows, size)
+            values = map_batches(run, n_rows, size)
+        return torch.empty_like(values).index_copy_(0, order, values)
 
     # --------------------------------------------------------------- gradients
     def embedding_path_ends(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,6 @@ def describe(explanation: Explanation) -> str:
     ]
     if e.delta is not None:
         relative = e.relative_delta
-        parts.append(f"delta {e.delta:+.2e}" + (f" ({relative:.1%} of the gap)" if relative is not None else ""))
+        parts.append(f"delta {e.delta:+.2e}" + (f" ({100 * relative:.2g}% of the gap)" if relative is not None else ""))
     parts.append(f"{e.cost.forward_passes} fwd / {e.cost.backward_passes} bwd passes, {e.cost.seconds:.2f} s")
     return " | ".join(parts)
