@@ -10,6 +10,7 @@ word-embedding layer (before position embeddings are added).
 from __future__ import annotations
 
 import bisect
+import inspect
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ class TextClassifier:
         self.labels: list[str] = [str(id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)]
         self.max_length = max_length or self._model_limit()
         self.embedding_layer = word_embedding_module(model, self.model_type)
+        self.uses_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.counter = PassCounter()
 
     # ------------------------------------------------------------------ facts
@@ -108,7 +110,7 @@ class TextClassifier:
             )
         enc = self.tokenizer(*texts, return_offsets_mapping=True, truncation=truncated, max_length=self.max_length)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-        types = torch.tensor(enc["token_type_ids"], dtype=torch.long) if "token_type_ids" in enc else None
+        types = torch.tensor(enc["token_type_ids"], dtype=torch.long) if "token_type_ids" in enc and self.uses_token_types else None
         sequence = enc.sequence_ids(0)
         special = torch.tensor([s is None for s in sequence])
         offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]  # type: ignore[misc]
