@@ -81,7 +81,7 @@ def _probabilities(model: Any, explanation: Explanation, keep: torch.Tensor, bas
     return encoded, np.asarray(torch.as_tensor(values).detach().double().cpu().numpy(), dtype=np.float64)
 
 
-def _keep_rows(n_features: int, rows: Sequence[Sequence[int]], *, kept: bool) -> torch.Tensor:
+def _keep_rows(n_features: int, rows: Sequence[Sequence[int] | np.ndarray], *, kept: bool) -> torch.Tensor:
     """Row 0 keeps everything; row r+1 removes (``kept=False``) or keeps only (``kept=True``) the
     features in ``rows[r]``."""
     keep = torch.ones(len(rows) + 1, n_features, dtype=torch.bool)
@@ -112,7 +112,7 @@ def _removal_at(model: Any, explanation: Explanation, fractions: Sequence[float]
     distinct = sorted(set(ks.values()))
     keep = _keep_rows(n, [order[:k] for k in distinct], kept=sufficiency)
     _, probs = _probabilities(model, explanation, keep, baseline, batch_size)
-    return float(probs[0]), ks, {k: float(p) for k, p in zip(distinct, probs[1:])}
+    return float(probs[0]), ks, {k: float(p) for k, p in zip(distinct, probs[1:], strict=True)}
 
 
 @register_metric("comprehensiveness", higher_is_better=True, summary="p(y|x) - p(y|x without the top-k features) (ERASER)")
@@ -121,7 +121,8 @@ def comprehensiveness(model: Any, explanation: Explanation, *, fraction: float =
     """ERASER comprehensiveness (DeYoung et al., 2020): ``p(y|x) - p(y|x without the top-k)``, the top
     ``k = max(1, round(fraction * F))`` features by signed score. Higher is better: the features
     ranked first carried the prediction. 2 forward passes."""
-    full, ks, removed = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=False, metric="comprehensiveness")
+    full, ks, removed = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=False,
+                                    metric="comprehensiveness")
     k = ks[fraction]
     return MetricResult("comprehensiveness", full - removed[k], True,
                         {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": removed[k], "baseline": baseline})

@@ -1,0 +1,214 @@
+"""Sanity checks: does the explanation depend on the model's weights, and is it stable under small
+changes of the input?
+
+Both metrics re-run the explanation's own method (same name, parameters, target class, output,
+level and seed, recovered from the Explanation) and therefore cost what that method costs, times
+the number of re-runs; the passes are added to ``model.counter`` so ``evaluate_metric`` reports them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from salience.api import SalienceWarning, explain
+from salience.core.explanation import Explanation
+from salience.core.registry import get_method
+from salience.errors import ParameterError
+from salience.metrics.base import MetricError, MetricResult, register_metric
+from salience.metrics.faithfulness import describe, encode_checked, top_k
+from salience.models.base import Encoded
+
+FLAG_CORRELATION = 0.5
+
+
+# ------------------------------------------------------------------ re-running the method
+def method_params(explanation: Explanation) -> dict[str, Any]:
+    """The method parameters recorded in the explanation (details such as ``steps_used`` dropped)."""
+    known = get_method(explanation.method).parameters()
+    return {k: v for k, v in explanation.params.items() if k in known}
+
+
+def _reexplain(model: Any, encoded: Encoded, explanation: Explanation, batch_size: int | None) -> np.ndarray:
+    """Scores of the explanation's method, parameters, target, output, level and seed on ``encoded``."""
+    with warnings.catch_warnings():
+        # a randomised model or a masked input can make e.g. IG's completeness delta large; the
+        # metric's value is what matters here, not the re-run's own warnings
+        warnings.simplefilter("ignore", SalienceWarning)
+        result = explain(model, encoded, explanation.method, target=explanation.target.index,
+                         output=explanation.target.output, level=explanation.level, batch_size=batch_size,
+                         seed=int(explanation.params.get("seed", 0)), progress=False, params=method_params(explanation))
+    assert isinstance(result, Explanation)
+    return result.scores
+
+
+def _check_scores(explanation: Explanation, metric: str) -> np.ndarray:
+    scores = np.asarray(explanation.scores, dtype=np.float64)
+    if scores.size == 0 or not np.all(np.isfinite(scores)):
+        raise MetricError(f"{metric}: the explanation of {describe(explanation)} has no (finite) scores")
+    return scores
+
+
+# ------------------------------------------------------------------ rank correlation
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing their average rank (scipy.stats.rankdata's default)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
+    ends = np.r_[starts[1:], values.shape[0]]
+    ranks = np.empty(values.shape[0], dtype=np.float64)
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 .. end
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson correlation of average ranks); NaN when either is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(np.sqrt(np.sum(ra * ra) * np.sum(rb * rb)))
+    return float(np.sum(ra * rb) / denominator) if denominator > 0 else float("nan")
+
+
+# ------------------------------------------------------------------ cascading randomisation
+def cascade_steps(model: nn.Module, *, embeddings: bool = False) -> list[tuple[str, list[nn.Module]]]:
+    """Groups of modules (those holding parameters directly) in the order the cascade re-initialises
+    them: the head (every module registered after the layer list: pooler, classifier), then the
+    layers of the largest ``nn.ModuleList`` (by parameter count) from last to first, then, with
+    ``embeddings``, everything registered before the list."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if not lists:
+        raise MetricError(f"model_randomisation: {type(model).__name__} has no nn.ModuleList of layers to randomise")
+    list_name, layers = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    head: list[nn.Module] = []
+    below: list[nn.Module] = []
+    per_layer: list[list[nn.Module]] = [[] for _ in layers]
+    seen_list = False
+    for name, module in model.named_modules():
+        if name == list_name:
+            seen_list = True
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if name.startswith(list_name + "."):
+            per_layer[int(name[len(list_name) + 1:].split(".")[0])].append(module)
+        elif seen_list or list_name.startswith(name + ".") or name == "":
+            head.append(module)  # after the layers, or an ancestor of the list holding its own parameters
+        else:
+            below.append(module)
+    steps = [("head", head)] if head else []
+    steps += [(f"layer {i}", per_layer[i]) for i in reversed(range(len(layers))) if per_layer[i]]
+    if embeddings and below:
+        steps.append(("embeddings", below))
+    return steps
+
+
+def _reinitialise(root: nn.Module, modules: list[nn.Module], seed: int) -> None:
+    """Re-initialise the direct parameters of ``modules`` with the model's own ``_init_weights``
+    (Hugging Face) or, where there is none or it left a module unchanged, normal(0, 0.02) weights
+    and zero biases. Seeded; the global torch RNG is restored afterwards."""
+    init = getattr(root, "_init_weights", None)
+    devices = sorted({p.device.index or 0 for m in modules for p in m.parameters(recurse=False) if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in modules:
+            parameters = list(module.parameters(recurse=False))
+            before = [p.detach().clone() for p in parameters]
+            for parameter in parameters:  # transformers skips tensors flagged as already initialised
+                if hasattr(parameter, "_is_hf_initialized"):
+                    delattr(parameter, "_is_hf_initialized")
+            if callable(init):
+                init(module)
+            if all(torch.equal(old, new) for old, new in zip(before, parameters, strict=True)):
+                for name, parameter in module.named_parameters(recurse=False):
+                    if "bias" in name:
+                        parameter.zero_()
+                    else:
+                        parameter.normal_(0.0, 0.02)
+
+
+@register_metric("model_randomisation", higher_is_better=False,
+                 summary="rank correlation with the explanation of a cascadingly randomised model (Adebayo et al.)")
+def model_randomisation(model: Any, explanation: Explanation, *, seed: int = 0, embeddings: bool = True,
+                        batch_size: int | None = None) -> MetricResult:
+    """Cascading model-parameter randomisation (Adebayo et al., 2018, "Sanity checks for saliency maps").
+
+    On a deep copy of ``model.model`` (the user's model is never modified), parameters are
+    re-initialised from the top down: the classification head first (everything registered after
+    the encoder's layer list, the largest ``nn.ModuleList``), then the encoder layers from last to
+    first and the embeddings last (Adebayo et al.'s full cascade; ``embeddings=False`` stops before them). After each step the explanation's
+    method is re-run with its parameters, target class, output, level and seed, and the Spearman
+    rank correlation with the original scores is recorded (0 when the re-run's scores are constant).
+
+    value: the correlation after the last step. Lower is better. ``details["flagged"]`` is True when
+    its absolute value is >= 0.5: the explanation barely changes when the model's weights are
+    destroyed, so it does not reflect what the model learnt (e.g. it mostly mirrors the input).
+    Cost: (number of steps) x the method's passes, plus the memory of one copy of the model.
+    """
+    scores = _check_scores(explanation, "model_randomisation")
+    if np.ptp(scores) == 0:
+        raise MetricError(f"model_randomisation: the explanation of {describe(explanation)} has constant scores")
+    encoded = encode_checked(model, explanation)
+    clone = copy.deepcopy(model.model)
+    steps = cascade_steps(clone, embeddings=embeddings)
+    randomised = type(model)(clone, model.tokenizer, name=f"{model.name} (randomised)", max_length=model.max_length)
+    correlations: list[float] = []
+    try:
+        for number, (_, modules) in enumerate(steps):
+            _reinitialise(clone, modules, seed + number)
+            new = _reexplain(randomised, encoded, explanation, batch_size)
+            rho = spearman(scores, new)
+            correlations.append(0.0 if np.isnan(rho) else rho)
+    finally:
+        for name in ("forward_passes", "backward_passes", "model_calls"):
+            setattr(model.counter, name, getattr(model.counter, name) + getattr(randomised.counter, name))
+    final = correlations[-1]
+    return MetricResult("model_randomisation", final, False,
+                        {"steps": [name for name, _ in steps], "correlations": correlations,
+                         "flagged": bool(abs(final) >= FLAG_CORRELATION), "flag_threshold": FLAG_CORRELATION,
+                         "seed": seed})
+
+
+# ------------------------------------------------------------------ max-sensitivity
+@register_metric("max_sensitivity", higher_is_better=False,
+                 summary="largest relative change of the scores when ~10 % of the words are masked (Yeh et al.)")
+def max_sensitivity(model: Any, explanation: Explanation, *, n_perturbations: int = 10, fraction: float = 0.1,
+                    baseline: str = "mask", seed: int = 0, batch_size: int | None = None) -> MetricResult:
+    """Max-sensitivity (Yeh et al., 2019, "On the (in)fidelity and sensitivity of explanations"),
+    with discrete text perturbations: ``n_perturbations`` times, the tokens of a random ``fraction``
+    of the features (``max(1, round(fraction * F))``, chosen without replacement) are replaced by the
+    ``baseline`` token ([MASK]); the method is re-run on that perturbed input with the same
+    parameters, target class, output, level and seed; value = max over perturbations of
+    ``||e' - e||_2 / ||e||_2`` over the features. Lower is better. Seeded by ``seed``.
+    Cost: ``n_perturbations`` x the method's passes.
+    """
+    scores = _check_scores(explanation, "max_sensitivity")
+    norm = float(np.linalg.norm(scores))
+    if norm == 0:
+        raise MetricError(f"max_sensitivity: the explanation of {describe(explanation)} is all zeros")
+    if n_perturbations < 1:
+        raise ParameterError(f"n_perturbations must be at least 1, got {n_perturbations}")
+    encoded = encode_checked(model, explanation)
+    n = len(explanation.features)
+    m = top_k(fraction, n)
+    replacement = model.baseline_token_id(baseline)
+    rng = np.random.default_rng(seed)
+    ratios: list[float] = []
+    chosen_sets: list[list[int]] = []
+    for _ in range(n_perturbations):
+        chosen = sorted(int(i) for i in rng.choice(n, size=m, replace=False))
+        tokens = [t for i in chosen for t in explanation.features[i].tokens]
+        ids = encoded.input_ids.clone()
+        ids[tokens] = replacement
+        perturbed = dataclasses.replace(encoded, input_ids=ids)
+        new = _reexplain(model, perturbed, explanation, batch_size)
+        ratios.append(float(np.linalg.norm(new - scores)) / norm)
+        chosen_sets.append(chosen)
+    return MetricResult("max_sensitivity", max(ratios), False,
+                        {"ratios": ratios, "masked": chosen_sets, "mean": float(np.mean(ratios)), "seed": seed})
