@@ -18,8 +18,8 @@ class IntegratedGradients:
     ``baseline`` input (non-special tokens replaced; special tokens kept). Scores sum to
     F(x) - F(x') up to ``delta``, which is always reported.
 
-    ``steps=None`` (default) integrates adaptively: Gauss-Legendre pieces of ``nodes`` points are
-    bisected where the integrand changes until the summed absolute error of the pieces is within
+    ``steps=None`` (default) integrates adaptively: starting from ``pieces`` equal pieces,
+    Gauss-Legendre pieces of ``nodes`` points are bisected where the integrand changes until the summed absolute error of the pieces is within
     ``tolerance`` x |F(x) - F(x')| + ``atol`` (each piece's error is exact, from two forward passes),
     or ``max_steps`` gradients are spent (then a warning). An integer ``steps`` uses one fixed
     ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
@@ -31,12 +31,14 @@ class IntegratedGradients:
     tolerance: float = 0.01
     atol: float = 1e-4
     nodes: int = 8
+    pieces: int = 2
     max_steps: int = 512
 
     def attribute(self, ctx: Context) -> Attribution:
         x, x0 = ctx.model.embedding_path_ends(ctx.encoded, self.baseline)
         if self.steps is None:
-            result = adaptive_path_integral(ctx, x0, x, rule=self.rule, nodes=self.nodes, tolerance=self.tolerance,
+            result = adaptive_path_integral(ctx, x0, x, rule=self.rule, nodes=self.nodes, pieces=self.pieces,
+                                            tolerance=self.tolerance,
                                             atol=self.atol, max_steps=self.max_steps)
         else:
             result = fixed_path_integral(ctx, x0, x, self.rule, self.steps)
