@@ -93,3 +93,12 @@ def test_wrapping_objects_puts_model_in_eval_mode(toy_dir):
     assert not model.training and wrapped.labels == ["negative", "positive"]
     e = salience.explain(wrapped, "good film", method="ig")
     assert e.model and e.prediction.label == "positive"
+
+
+def test_hub_id_offline_is_a_clean_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    with pytest.raises(salience.ModelLoadError, match="cannot load 'no-such-org/no-such-model'"):
+        salience.load_model("no-such-org/no-such-model")
