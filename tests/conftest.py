@@ -11,9 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy import build_toy_classifier  # noqa: E402
-
 import salience  # noqa: E402
+from toy import build_toy_classifier  # noqa: E402
 
 TOY_TEXT = "the film was good , but the plot was dull and unbelievable !"  # one positive, one negative word: not saturated
 TOY_PAIR = ("the film was superb", "the story is dull")

@@ -61,7 +61,7 @@ def explain(
         raise ParameterError(f"unknown level {level!r}; choose 'word' or 'token'")
     check_output(output)
     single = isinstance(inputs, (str, tuple, Encoded))
-    items: list[TextInput] = [inputs] if single else list(inputs)  # type: ignore[list-item]
+    items: list[TextInput] = [inputs] if single else list(inputs)  # type: ignore[list-item,arg-type]
     show = progress if progress is not None else len(items) > 1
     results = [
         _explain_one(model, item, info, algorithm, target, output, level, batch_size, max_memory, truncate, seed)

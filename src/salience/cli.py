@@ -1,4 +1,5 @@
-"""Command line: ``salience explain`` and ``salience methods``.
+"""Command line: ``salience explain``, ``salience methods``, and the evaluation commands
+``salience evaluate``, ``salience bench`` and ``salience runs`` (see :mod:`salience.evaluate.commands`).
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from salience.errors import ParameterError, SalienceError
+from salience.evaluate.commands import add_commands
 
 BUNDLE_SCHEMA = "salience.explanations/1"
 
@@ -58,14 +60,17 @@ def _explain(args: argparse.Namespace) -> int:
     if args.zero_shot:
         labels = [label.strip() for label in args.zero_shot.split(",") if label.strip()]
         model = salience.ZeroShotClassifier(model, labels, template=args.template)
-    explanations = []
+    explanations: list[salience.Explanation] = []
     for name in method_names:
         info = get_method(name)
         for item in inputs:
-            explanations.append(salience.explain(
+            result = salience.explain(
                 model, item, method=name, target=args.target, output=args.output, level=args.level,
-                batch_size=args.batch_size, max_memory=args.max_memory, truncate=args.truncate, seed=args.seed, params=params[info.name],
-            ))
+                batch_size=args.batch_size, max_memory=args.max_memory, truncate=args.truncate, seed=args.seed,
+                params=params[info.name],
+            )
+            assert isinstance(result, salience.Explanation)  # one input -> one Explanation
+            explanations.append(result)
     from rich.console import Console
 
     print_explanations(explanations, Console(no_color=args.no_color, highlight=False))
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
     listing = commands.add_parser("methods", help="list every attribution method with its cost")
     listing.set_defaults(run=_methods)
+    add_commands(commands)
     return parser
 
 

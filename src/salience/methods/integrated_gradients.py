@@ -18,10 +18,11 @@ class IntegratedGradients:
     ``baseline`` input (non-special tokens replaced; special tokens kept). Scores sum to
     F(x) - F(x') up to ``delta``, which is always reported.
 
-    ``steps=None`` (default) integrates adaptively: starting from ``pieces`` equal pieces,
-    Gauss-Legendre pieces of ``nodes`` points are bisected where the integrand changes until the summed absolute error of the pieces is within
-    ``tolerance`` x |F(x) - F(x')| + ``atol`` (each piece's error is exact, from two forward passes),
-    or ``max_steps`` gradients are spent (then a warning). An integer ``steps`` uses one fixed
+    ``steps=None`` (default) integrates adaptively: starting from ``pieces`` equal pieces, each
+    integrated with ``nodes`` Gauss-Legendre points, the pieces are bisected where the integrand
+    changes until the summed absolute error of the pieces is within ``tolerance`` x
+    |F(x) - F(x')| + ``atol`` (each piece's error is exact, from two forward passes), or
+    ``max_steps`` gradients are spent (then a warning). An integer ``steps`` uses one fixed
     ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
     """
 

@@ -48,7 +48,7 @@ def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor,
     _evaluate_points(ctx, start, end, breaks, values)
     gap = values[1.0] - values[0.0]
     allowed = tolerance * abs(gap) + atol
-    pieces: dict[tuple[float, float], tuple[torch.Tensor, float]] = {}
+    integrated: dict[tuple[float, float], tuple[torch.Tensor, float]] = {}  # piece -> (contribution, error)
     pending = list(zip(breaks[:-1], breaks[1:]))
     steps = 0
     while True:
@@ -57,8 +57,8 @@ def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor,
         contributions = _pieces(ctx, start, end, lows[:, None] + widths[:, None] * base_alphas, widths[:, None] * base_weights)
         steps += len(pending) * nodes
         for (a, b), contribution in zip(pending, contributions):
-            pieces[(a, b)] = (contribution, float(contribution.sum()) - (values[b] - values[a]))
-        errors = {piece: abs(err) for piece, (_, err) in pieces.items()}
+            integrated[(a, b)] = (contribution, float(contribution.sum()) - (values[b] - values[a]))
+        errors = {piece: abs(err) for piece, (_, err) in integrated.items()}
         bound = sum(errors.values())
         worst = max(errors.values())
         to_split = [piece for piece, err in errors.items() if err >= 0.5 * worst]
@@ -67,9 +67,9 @@ def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor,
         _evaluate_points(ctx, start, end, [(a + b) / 2 for a, b in to_split], values)
         pending = []
         for a, b in to_split:
-            del pieces[(a, b)]
+            del integrated[(a, b)]
             pending += [(a, (a + b) / 2), ((a + b) / 2, b)]
-    per_dim = torch.stack([c for c, _ in pieces.values()]).sum(0)
+    per_dim = torch.stack([c for c, _ in integrated.values()]).sum(0)
     return PathResult(per_dim, values[0.0], values[1.0], steps, bound, bound <= allowed)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from itertools import combinations
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 import torch

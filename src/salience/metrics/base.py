@@ -85,7 +85,7 @@ def evaluate_metric(name: str, model: Any, explanation: Explanation, **params: A
     counter = getattr(model, "counter", None)
     before = dataclasses.replace(counter) if counter is not None else None
     result = info.fn(model, explanation, **params)
-    if before is not None:
+    if counter is not None and before is not None:
         result.forward_passes = counter.forward_passes - before.forward_passes
     if not np.isfinite(result.value):
         raise MetricError(f"metric {name} is not finite ({result.value}) for input {str(explanation.input)[:60]!r}")

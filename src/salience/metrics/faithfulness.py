@@ -249,7 +249,7 @@ def insertion_auc(model: Any, explanation: Explanation, *, max_steps: int = 50, 
 
 
 # ------------------------------------------------------------------ leave-one-out correlation
-def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+def kendall_tau_b(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Kendall's tau-b, ``(n_c - n_d) / sqrt((n_0 - n_x)(n_0 - n_y))`` with ``n_x``, ``n_y`` the
     pairs tied in x, in y (scipy.stats.kendalltau's default). NaN when x or y is constant.
     O(F^2) memory and time."""

@@ -142,9 +142,10 @@ def model_randomisation(model: Any, explanation: Explanation, *, seed: int = 0, 
     On a deep copy of ``model.model`` (the user's model is never modified), parameters are
     re-initialised from the top down: the classification head first (everything registered after
     the encoder's layer list, the largest ``nn.ModuleList``), then the encoder layers from last to
-    first and the embeddings last (Adebayo et al.'s full cascade; ``embeddings=False`` stops before them). After each step the explanation's
-    method is re-run with its parameters, target class, output, level and seed, and the Spearman
-    rank correlation with the original scores is recorded (0 when the re-run's scores are constant).
+    first and the embeddings last (Adebayo et al.'s full cascade; ``embeddings=False`` stops
+    before them). After each step the explanation's method is re-run with its parameters, target
+    class, output, level and seed, and the Spearman rank correlation with the original scores is
+    recorded (0 when the re-run's scores are constant).
 
     value: the correlation after the last step. Lower is better. ``details["flagged"]`` is True when
     its absolute value is >= 0.5: the explanation barely changes when the model's weights are

@@ -12,7 +12,10 @@ from salience.errors import ModelLoadError
 from salience.models.text import TextClassifier
 
 ZOO_PREFIX = "zoo:"
-ZOO = {"minilm-sentiment": "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on Rotten Tomatoes sentences; labels negative/positive"}
+ZOO = {
+    "minilm-sentiment": "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on Rotten Tomatoes sentences; labels negative/positive",
+    "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.evaluate.planted); labels A/B",
+}
 
 
 def load_model(name: str, *, max_length: int | None = None, device: str | None = None) -> TextClassifier:
@@ -47,6 +50,10 @@ def quiet_transformers() -> Iterator[None]:
 def _load_zoo(key: str) -> tuple[Any, Any]:
     if key not in ZOO:
         raise ModelLoadError(f"unknown zoo model {key!r}; the zoo has: {', '.join(ZOO_PREFIX + k for k in ZOO)}")
+    if key == "planted":  # trained on first use and cached (seconds)
+        from salience.evaluate.planted import planted_model_dir
+
+        return _load_pretrained(str(planted_model_dir()))
     from salience.zoo.minilm_sentiment import build_minilm_sentiment
 
     with quiet_transformers():

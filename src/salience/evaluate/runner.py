@@ -1,0 +1,209 @@
+"""Run an evaluation: for every example and method, explain, score every metric, store the unit.
+
+Units already in the store are skipped, so running the same configuration again continues an
+interrupted run. Each unit is written in one transaction after it is computed; an interruption
+loses at most the unit in progress, never half of one.
+
+A metric that cannot be computed for one unit (``MetricError``: no rationale, a rationale that
+marks nothing, an undefined correlation; or an input the model rejects) is stored as a row without
+a value and with the error, counted in the summary and reported; it does not stop the run. Errors
+of configuration (unknown parameters, a rationale metric on a dataset without rationales, a
+missing gold label with ``target="label"``) stop the run before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from salience.core.explanation import Explanation
+from salience.core.target import Prediction, resolve_target
+from salience.errors import ParameterError, SalienceError, UnknownMethodError
+from salience.evaluate.config import RunConfig
+from salience.evaluate.datasets import Dataset, Example, load_dataset
+from salience.evaluate.store import MetricRow, Store
+
+RATIONALE_NEEDS = ("rationale", "ground_truth")
+UNIT_DELAY_ENV = "SALIENCE_EVAL_UNIT_DELAY"  # seconds to sleep after each stored unit (tests of resuming)
+
+
+class EvaluationError(SalienceError, ValueError):
+    """The evaluation cannot start: its configuration does not fit the dataset or the model."""
+
+
+@dataclass
+class RunOutcome:
+    """What a call of :func:`run_evaluation` did."""
+
+    run_id: str
+    created: bool
+    dataset: Dataset
+    example_ids: list[str]
+    methods: list[str]
+    metrics: list[str]
+    computed: int = 0  # units computed now
+    reused: int = 0  # units found in the store
+    notes: list[str] = field(default_factory=list)
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions recorded with a run: Salience, Python, torch, transformers, numpy, platform."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("salience", "torch", "transformers", "numpy", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _needs_rationale(metric_name: str) -> bool:
+    from salience.metrics.base import get_metric
+
+    return any(need in RATIONALE_NEEDS for need in get_metric(metric_name).needs)
+
+
+def check_config(config: RunConfig, dataset: Dataset, model: Any) -> None:
+    """Refuse, before any work, what cannot succeed on this dataset and model."""
+    for spec in config.metrics:
+        if _needs_rationale(spec.name) and not any(e.rationale is not None for e in dataset.examples):
+            raise EvaluationError(
+                f"metric {spec.label} needs a rationale (human or ground-truth marked words), and dataset "
+                f"{dataset.name} has none: add a \"rationale\" field to the JSONL lines, or use movie-snippets or planted")
+    if config.target == "label":
+        dummy = Prediction(0, model.labels[0], ())
+        for example in dataset.examples:
+            if example.label is None:
+                raise EvaluationError(f"target 'label' needs a gold label, and example {example.id!r} has none")
+            try:
+                resolve_target(example.label, model.labels, dummy, config.output)
+            except SalienceError as error:
+                raise EvaluationError(f"example {example.id!r}: {error}") from error
+
+
+def run_evaluation(config: RunConfig, store: Store, *, limit: int | None = None, model: Any = None,
+                   batch_size: int | None = None, progress: bool = True, skip_invalid: bool = False,
+                   log: Callable[[str], None] = print) -> RunOutcome:
+    """Evaluate ``config`` on the first ``limit`` examples, storing into ``store``; resumes a run
+    with the same identity. ``model``: an adapter to use instead of loading ``config.model``."""
+    from salience.metrics.base import get_metric
+    from salience.models.loading import load_model
+
+    if model is None:
+        model = load_model(config.model, max_length=config.max_length)
+    options = dict(config.dataset_options)
+    dataset = load_dataset(config.dataset, model, limit=limit, skip_invalid=skip_invalid, truncate=config.truncate, **options)
+    if dataset.skipped:
+        log(f"skipped {len(dataset.skipped)} invalid line{'s' if len(dataset.skipped) > 1 else ''} of {config.dataset} "
+            f"(first: {dataset.skipped[0]})")
+    for spec in config.metrics:
+        get_metric(spec.name)
+    check_config(config, dataset, model)
+
+    run_id = config.run_id(dataset.fingerprint)
+    versions = environment_versions()
+    created, stored_versions = store.ensure_run(run_id, name=config.name, model=config.model, dataset=dataset.description,
+                                                config={**config.to_dict(), "identity": config.identity(dataset.fingerprint)},
+                                                versions=versions)
+    outcome = RunOutcome(run_id, created, dataset, [e.id for e in dataset.examples], [s.label for s in config.methods],
+                         [s.label for s in config.metrics])
+    changed = sorted(k for k in versions if k != "platform" and stored_versions.get(k) != versions[k])
+    if changed:
+        outcome.notes.append("run was started with other versions (" + ", ".join(
+            f"{k} {stored_versions.get(k)} -> {versions[k]}" for k in changed) + "); its rows mix both")
+    takeover = store.acquire(run_id)
+    if takeover:
+        outcome.notes.append(takeover)
+    for note in outcome.notes:
+        log(note)
+    status = "failed"
+    try:
+        store.add_examples(run_id, [(e.id, i, list(e.input) if isinstance(e.input, tuple) else e.input, e.label, e.rationale)
+                                    for i, e in enumerate(dataset.examples)])
+        done = store.done_units(run_id)
+        units = [(e, s) for e in dataset.examples for s in config.methods]
+        pending = [(e, s) for e, s in units if (e.id, s.label) not in done]
+        outcome.reused = len(units) - len(pending)
+        delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
+        bar = _bar(len(units), outcome.reused, progress, config.name or run_id[:12])
+        try:
+            for example, spec in pending:
+                bar.set_postfix_str(f"{spec.label} on {example.id}", refresh=False)
+                _run_unit(config, store, run_id, model, example, spec, batch_size)
+                outcome.computed += 1
+                bar.update(1)
+                if delay:
+                    time.sleep(delay)
+        finally:
+            bar.close()
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        store.release(run_id, status)
+    return outcome
+
+
+def _bar(total: int, initial: int, show: bool, label: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not show, desc=f"evaluating {label}", unit="unit", dynamic_ncols=True)
+
+
+def _run_unit(config: RunConfig, store: Store, run_id: str, model: Any, example: Example, spec: Any,
+              batch_size: int | None) -> None:
+    from salience.api import explain
+    from salience.metrics.base import evaluate_metric, get_metric
+
+    counter = getattr(model, "counter", None)
+    backward_before = counter.backward_passes if counter is not None else 0
+    forward_before = counter.forward_passes if counter is not None else 0
+    started = time.perf_counter()
+    explanation: Explanation | None = None
+    failure = None
+    target = example.label if config.target == "label" else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an explanation keeps its warnings (stored in its JSON)
+            result = explain(model, example.input, method=spec.name, target=target, output=config.output,
+                             batch_size=batch_size, truncate=config.truncate, seed=config.seed, progress=False,
+                             params=dict(spec.params))
+        assert isinstance(result, Explanation)  # one input -> one explanation
+        explanation = result
+    except (ParameterError, UnknownMethodError):
+        raise
+    except SalienceError as error:
+        failure = f"{type(error).__name__}: {error}"
+    seconds = time.perf_counter() - started
+    forward = (counter.forward_passes - forward_before) if counter is not None else 0
+    backward = (counter.backward_passes - backward_before) if counter is not None else 0
+    rows = []
+    for metric in config.metrics:
+        info = get_metric(metric.name)
+        if explanation is None:
+            message = f"example {example.id}: no explanation ({failure})"
+            rows.append(MetricRow(metric.label, None, info.higher_is_better, {}, 0, message))
+            continue
+        params = dict(metric.params)
+        if any(need in RATIONALE_NEEDS for need in info.needs):
+            params["rationale"] = None if example.rationale is None else list(example.rationale)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scored = evaluate_metric(metric.name, model, explanation, **params)
+        except ParameterError:
+            raise
+        except SalienceError as error:
+            rows.append(MetricRow(metric.label, None, info.higher_is_better, {}, 0, f"example {example.id}: {error}"))
+            continue
+        rows.append(MetricRow(metric.label, float(scored.value), bool(scored.higher_is_better), dict(scored.details),
+                              int(scored.forward_passes)))
+    store.save_unit(run_id, example.id, spec.label, explanation=None if explanation is None else explanation.to_dict(),
+                    error=failure, seconds=seconds, forward_passes=forward, backward_passes=backward, metrics=rows)
