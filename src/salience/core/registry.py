@@ -58,14 +58,24 @@ def register(name: str, *, aliases: tuple[str, ...] = (), summary: str, cost: st
     return decorate
 
 
+def normalise_name(name: str) -> str:
+    """Registry key of a user-typed name: case-insensitive, '-' same as '_'."""
+    return name.strip().lower().replace("-", "_")
+
+
+def unknown_name_message(kind: str, name: str, keys: list[str], canonical: list[str]) -> str:
+    """One-line message for an unknown ``kind`` name, with the closest key and the known names."""
+    close = difflib.get_close_matches(normalise_name(name), keys, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {kind} {name!r}{hint}; known {kind}s: {', '.join(sorted(canonical))}"
+
+
 def get_method(name: str) -> MethodInfo:
     """Look a method up by name or alias (case-insensitive, '-' same as '_')."""
     _load_builtin_methods()
-    key = name.strip().lower().replace("-", "_")
+    key = normalise_name(name)
     if key not in _ALIASES:
-        close = difflib.get_close_matches(key, list(_ALIASES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownMethodError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}")
+        raise UnknownMethodError(unknown_name_message("method", name, list(_ALIASES), list(_METHODS)))
     return _METHODS[_ALIASES[key]]
 
 

@@ -9,7 +9,6 @@ batches through the same utility as the methods, and it reports the model passes
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from salience.core.explanation import Explanation
+from salience.core.registry import normalise_name, unknown_name_message
 from salience.errors import ParameterError, SalienceError
 
 
@@ -66,11 +66,9 @@ def register_metric(name: str, *, higher_is_better: bool, summary: str, needs: t
 def get_metric(name: str) -> MetricInfo:
     """Look a metric up by name; unknown names raise a one-line error listing the known ones."""
     _load_builtin_metrics()
-    key = name.strip().lower().replace("-", "_")
+    key = normalise_name(name)
     if key not in _METRICS:
-        close = difflib.get_close_matches(key, list(_METRICS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ParameterError(f"unknown metric {name!r}{hint}; known metrics: {', '.join(sorted(_METRICS))}")
+        raise ParameterError(unknown_name_message("metric", name, list(_METRICS), list(_METRICS)))
     return _METRICS[key]
 
 
