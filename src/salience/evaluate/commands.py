@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = "results/salience.db"
+LOG_WIDTH = 240
 TABLES = ("results", "explanations", "examples", "summary")
 
 
@@ -81,8 +83,10 @@ def _common(parser: argparse.ArgumentParser, db_default: str | None = DEFAULT_DB
 def _consoles(args: argparse.Namespace) -> tuple[Any, Any]:
     from rich.console import Console
 
-    return (Console(no_color=args.no_color, highlight=False, markup=False),
-            Console(stderr=True, no_color=args.no_color, highlight=False, markup=False))
+    width = None if sys.stdout.isatty() else LOG_WIDTH  # tables in logs and pipes: not folded to 80 columns
+    plain = getattr(args, "no_color", False)
+    return (Console(no_color=plain, highlight=False, markup=False, soft_wrap=True, width=width),
+            Console(stderr=True, no_color=plain, highlight=False, markup=False, soft_wrap=True))
 
 
 @contextmanager
@@ -172,7 +176,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _runs_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -189,19 +192,17 @@ def _runs_list(args: argparse.Namespace) -> int:
         cells = (info.run_id, info.name or "", status, info.model, info.dataset, str(info.examples), str(info.units),
                  time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated)))
         table.add_row(*(Text(c) for c in cells))
-    Console(highlight=False).print(table)
+    _consoles(args)[0].print(table)
     return 0
 
 
 def _runs_show(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
-
     from salience.evaluate.store import Store
 
     _require_db(args.db)
-    console = Console(highlight=False, markup=False)
+    console = _consoles(args)[0]
     with Store(args.db) as store:
         info = store.run(store.find_run(args.run_id))
         config = info.config

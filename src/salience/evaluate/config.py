@@ -1,8 +1,8 @@
 """What an evaluation run is: model, dataset, methods, metrics and options, and its identity.
 
 A run's identity (``RunConfig.run_id``) is a hash of everything that decides the stored values:
-model, dataset (with its fingerprint: file content, split, threshold), methods with their
-parameters, metrics with theirs, target, output and seed. Running the same command again gives the
+the model (a fingerprint of its weights), the dataset (a fingerprint: file content, split,
+threshold), methods with their parameters, metrics with theirs, target, output and seed. Running the same command again gives the
 same id and so resumes the same run. ``limit`` (how many examples to take), the batch size and
 where results go are not part of it: a larger ``--limit`` extends a run, it does not start anew.
 
@@ -168,11 +168,12 @@ class RunConfig:
             raise ConfigError(f"unknown dataset option {sorted(unknown)[0]!r}; known: {', '.join(DATASET_OPTIONS)}")
 
     def identity(self, fingerprint: str) -> dict[str, Any]:
-        """The part of the configuration that decides the values, with the dataset's fingerprint."""
+        """The part of the configuration that decides the values: the model's and the dataset's
+        fingerprints (not their spelling: a model folder or data file reached by another path is the
+        same run), the methods and metrics, and the options."""
         return {
-            "model": self.model,
-            "dataset": {"name": self.dataset if not Path(self.dataset).suffix else Path(self.dataset).name,
-                        "fingerprint": fingerprint},
+            "model": model_fingerprint(self.model),
+            "dataset": fingerprint,
             "methods": sorted((s.to_dict() for s in self.methods), key=lambda d: d["label"]),
             "metrics": sorted((s.to_dict() for s in self.metrics), key=lambda d: d["label"]),
             "target": self.target,
@@ -192,6 +193,32 @@ class RunConfig:
         data["methods"] = [s.to_dict() for s in self.methods]
         data["metrics"] = [s.to_dict() for s in self.metrics]
         return data
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies a model's weights: the SHA-256 of a local folder's weight, config and
+    vocabulary files; the shipped weights of ``zoo:minilm-sentiment``; the task version of
+    ``zoo:planted``; else (a hub id) the name."""
+    if name == "zoo:minilm-sentiment":
+        import salience.zoo
+
+        weights = Path(salience.zoo.__file__).with_name("minilm_sentiment.safetensors")  # as minilm_sentiment.WEIGHTS_PATH
+        return "zoo:minilm-sentiment/sha256-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    if name == "zoo:planted":
+        from salience.evaluate.planted import TASK_VERSION
+
+        return f"zoo:planted/v{TASK_VERSION}"
+    folder = Path(name).expanduser()
+    if not name.startswith("zoo:") and folder.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
+                digest.update(file.name.encode())
+                with file.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+        return "folder/sha256-" + digest.hexdigest()[:16]
+    return name
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,15 @@ planted tokens of one class: class ``A`` tokens (azure, amber, anvil, aspen) or 
 tokens are exactly the evidence for the label and everything else is noise: attribution accuracy
 (precision@k, AUPRC) can be measured against them.
 
-A tiny BERT (2 layers, hidden 32, whole-word vocabulary) learns the rule in a few seconds on CPU;
-it is trained once per seed and cached under ``salience.assets.cache_dir()/planted/`` (about
-0.3 MiB), and is also ``salience.load_model("zoo:planted")``. Training and test sentences come from
-different seeded random streams.
+A tiny BERT (2 layers, hidden 32, whole-word vocabulary) learns the rule in a few seconds on CPU.
+Training replaces some distractors by [MASK], [PAD] or [UNK], so that removal-based methods and
+metrics see familiar inputs. The model is trained once per seed and cached under
+``salience.assets.cache_dir()/planted/`` (about 0.1 MiB); ``salience.load_model("zoo:planted")``
+loads it. Training and test sentences come from different seeded random streams.
+
+With two or three planted tokens the class probability saturates: removing one planted token
+leaves the others, so single-removal scores (occlusion, exact SIG) can miss them. That is a
+property of those methods that the task exposes, not noise in the ground truth.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 METADATA = "planted.json"
 TRAIN_STEPS = 200
 BATCH = 32
+AUGMENT = 0.15  # probability that a training distractor is replaced by a removal token
+REPLACEMENTS = ("[MASK]", "[PAD]", "[UNK]")
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ def train_planted_model(folder: Path, *, seed: int = 0, steps: int = TRAIN_STEPS
         model.train()
         for _ in range(steps):
             batch = generate(BATCH, rng)
-            encoded = tokenizer([s.text for s in batch], padding=True, return_tensors="pt")
+            encoded = tokenizer([_augment(s, rng) for s in batch], padding=True, return_tensors="pt")
             loss = model(**encoded, labels=torch.tensor([s.label for s in batch])).loss
             optimiser.zero_grad()
             loss.backward()
@@ -111,12 +118,21 @@ def train_planted_model(folder: Path, *, seed: int = 0, steps: int = TRAIN_STEPS
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     record: dict[str, object] = {
-        "task_version": TASK_VERSION, "seed": seed, "steps": steps, "batch": BATCH, "train_sentences": steps * BATCH,
+        "task_version": TASK_VERSION, "seed": seed, "steps": steps, "batch": BATCH, "train_sentences": steps * BATCH, "augment": AUGMENT,
         "test_accuracy": accuracy, "labels": list(LABELS), "planted": [list(p) for p in PLANTED],
         "seconds": round(time.perf_counter() - started, 2),
     }
     (folder / METADATA).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
+
+
+def _augment(sentence: PlantedSentence, rng: random.Random) -> str:
+    """Training text with some distractors replaced by [MASK], [PAD] or [UNK], so that the model
+    learns these tokens carry no evidence: removing a word by masking it (occlusion, SIG, the
+    faithfulness metrics) then means "no evidence" rather than an input never seen in training."""
+    words = sentence.text.split()
+    planted = set(sentence.planted)
+    return " ".join(rng.choice(REPLACEMENTS) if i not in planted and rng.random() < AUGMENT else w for i, w in enumerate(words))
 
 
 def planted_model_dir(seed: int = 0) -> Path:

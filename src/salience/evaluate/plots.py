@@ -50,12 +50,16 @@ def curve_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
     return found
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], metric: str, path: Path, *, title: str | None = None) -> Path:
-    """Mean curve of ``metric`` per method, with its area in the legend; returns ``path``."""
+def plot_curves(rows: Sequence[dict[str, Any]], metric: str, path: Path, *, title: str | None = None,
+                methods: Sequence[str] = ()) -> Path:
+    """Mean curve of ``metric`` per method (legend in the order of ``methods``, then of appearance),
+    with its area in the legend; returns ``path``."""
     figure = _figure(6.4, 4.4)
     axes = figure.add_subplot()
     curves = mean_curves(rows, metric)
-    for method, (x, y, n) in curves.items():
+    order = [m for m in methods if m in curves] + [m for m in curves if m not in methods]
+    for method in order:
+        x, y, n = curves[method]
         area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
         axes.plot(x, y, label=f"{method} (area {area:.3f}, n={n})", linewidth=1.6)
     removing = "deletion" in metric
@@ -79,7 +83,8 @@ def plot_heat_table(summary: Sequence[SummaryRow], path: Path, *, title: str = "
     cell = {(r.method, r.metric): r for r in summary}
     goodness = np.full((len(methods), len(metrics)), np.nan)
     for j, metric in enumerate(metrics):
-        column = np.array([cell[(m, metric)].mean if (m, metric) in cell else np.nan for m in methods])
+        # coloured by the values as printed (3 decimals): differences too small to show are ties
+        column = np.round([cell[(m, metric)].mean if (m, metric) in cell else np.nan for m in methods], 3)
         finite = np.isfinite(column)
         if not finite.any():
             continue
@@ -87,7 +92,7 @@ def plot_heat_table(summary: Sequence[SummaryRow], path: Path, *, title: str = "
         scaled = np.where(finite, (column - low) / (high - low), np.nan) if high > low else np.where(finite, 0.5, np.nan)
         first = next((cell[(m, metric)] for m in methods if (m, metric) in cell), None)
         goodness[:, j] = 1 - scaled if first is not None and first.higher_is_better is False else scaled
-    figure = _figure(1.6 + 1.45 * len(metrics), 0.9 + 0.42 * len(methods))
+    figure = _figure(2.0 + 1.45 * len(metrics), 1.7 + 0.5 * len(methods))
     axes = figure.add_subplot()
     axes.imshow(np.ma.masked_invalid(goodness), cmap="Greens", vmin=-0.15, vmax=1.15, aspect="auto")
     for i, method in enumerate(methods):

@@ -16,12 +16,12 @@ ARROWS = {True: "↑", False: "↓", None: ""}
 SUMMARY_COLUMNS = ("method", "metric", "higher_is_better", "n", "n_errors", "mean", "ci_low", "ci_high", "first_error")
 
 
-def _cell(row: SummaryRow | None) -> str:
+def _cell(row: SummaryRow | None, separator: str = " ") -> str:
     if row is None:
         return ""
     if row.n == 0:
         return f"n/a ({row.n_errors} errors)"
-    text = f"{row.mean:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+    text = f"{row.mean:.3f}{separator}[{row.ci_low:.3f}, {row.ci_high:.3f}]"
     return text + (f" ({row.n_errors} err)" if row.n_errors else "")
 
 
@@ -43,19 +43,36 @@ def print_summary(summary: Sequence[SummaryRow], console: Any, *, title: str) ->
     from rich.text import Text
 
     methods, metrics, cell = _grid(summary)
+    rows = [[method, *(_cell(cell.get((method, m)), "\n") for m in metrics)] for method in methods]
     table = Table(title=Text(title), title_justify="left")
-    for header in summary_header(summary):
-        table.add_column(Text(header), overflow="fold")
-    for method in methods:
-        table.add_row(Text(method), *(Text(_cell(cell.get((method, m)))) for m in metrics))
+    for index, header in enumerate(summary_header(summary)):
+        widest = max((len(line) for row in rows for line in row[index].splitlines()), default=0)
+        table.add_column(Text(header), overflow="fold", min_width=widest if index else None)
+    for row in rows:
+        table.add_row(*(Text(c) for c in row))
     console.print(table)
     counts = {r.n + r.n_errors for r in summary}
     console.print(f"mean [bootstrap 95 % interval] over {', '.join(map(str, sorted(counts)))} examples; "
                   "↑ higher is better, ↓ lower is better", markup=False)
-    for row in summary:
-        if row.n_errors:
-            console.print(Text(f"{row.method} / {row.metric}: {row.n_errors} example(s) without a value, "
-                               f"e.g. {row.first_error}", style="yellow"))
+    for note in error_notes(summary):
+        console.print(Text(note, style="yellow"))
+
+
+def error_notes(summary: Sequence[SummaryRow]) -> list[str]:
+    """One line per metric with missing values (per method when the methods differ)."""
+    notes = []
+    for metric in dict.fromkeys(r.metric for r in summary):
+        rows = [r for r in summary if r.metric == metric]
+        failing = [r for r in rows if r.n_errors]
+        if not failing:
+            continue
+        if len(failing) == len(rows) and len({r.n_errors for r in rows}) == 1:
+            notes.append(f"{metric}: {failing[0].n_errors} example(s) without a value for every method, "
+                         f"e.g. {failing[0].first_error}")
+        else:
+            notes.extend(f"{metric} / {r.method}: {r.n_errors} example(s) without a value, e.g. {r.first_error}"
+                         for r in failing)
+    return notes
 
 
 def summary_markdown(summary: Sequence[SummaryRow]) -> str:
@@ -69,10 +86,12 @@ def write_outputs(summary: Sequence[SummaryRow], rows: Sequence[dict[str, Any]],
     written = [write_csv([_clean(r.to_dict()) for r in summary], out / "summary.csv", SUMMARY_COLUMNS)]
     markdown = out / "summary.md"
     markdown.write_text(f"# {title}\n\nmean [bootstrap 95 % interval]; ↑ higher is better, ↓ lower is better\n\n"
-                        + summary_markdown(summary), encoding="utf-8")
+                        + summary_markdown(summary)
+                        + "".join(f"\n- {note}" for note in error_notes(summary)) + "\n", encoding="utf-8")
     written.append(markdown)
     for metric in curve_metrics(rows):
-        written.append(plot_curves(rows, metric, out / f"{_file_name(metric)}_curve.png", title=f"{title}: {metric}"))
+        written.append(plot_curves(rows, metric, out / f"{_file_name(metric)}_curve.png", title=f"{title}: {metric}",
+                                   methods=list(dict.fromkeys(r.method for r in summary))))
     if summary:
         written.append(plot_heat_table(summary, out / "heat_table.png", title=title))
     return written

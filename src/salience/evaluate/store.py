@@ -172,7 +172,7 @@ class Store:
             self.conn.execute("PRAGMA foreign_keys=ON")
             with self.transaction():
                 self._create()
-        except sqlite3.DatabaseError as error:
+        except (sqlite3.DatabaseError, OSError) as error:
             raise StoreError(f"cannot use {self.path} as a results database: {error}") from error
 
     def _create(self) -> None:
@@ -196,13 +196,14 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception (Ctrl-C included) rolls back."""
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
+            self.conn.execute("BEGIN IMMEDIATE")
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # not when the interruption came after COMMIT
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     # ------------------------------------------------------------------ runs
     def ensure_run(self, run_id: str, *, name: str | None, model: str, dataset: str, config: dict[str, Any],
