@@ -74,7 +74,7 @@ def test_shipped_study_file_parses():
     minilm, planted = bench.studies
     assert minilm.config.model == "zoo:minilm-sentiment" and minilm.limit == 500
     labels = [s.label for s in minilm.config.methods]
-    assert {"IG", "SIG (mask)", "SIG (pad)", "saliency", "LIME", "KernelSHAP", "occlusion", "GradientSHAP"} <= set(labels)
+    assert {"IG", "SIG (mask)", "SIG (pad)", "saliency", "LIME", "KernelSHAP", "occlusion (delete)", "GradientSHAP"} <= set(labels)
     assert {s.name for s in minilm.config.metrics} >= {"log_odds", "comprehensiveness", "sufficiency", "token_f1", "auprc"}
     assert planted.config.dataset == "planted" and {s.name for s in planted.config.metrics} == {"precision_at_k", "auprc"}
 
