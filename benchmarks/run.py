@@ -60,6 +60,7 @@ class Row:
     length_scale: float = 1.0  # mean padded row length / input length (deletion makes rows shorter)
     backward_scale: float = 1.0
     order: int = 0  # the implementation's place in impls.implementations() (Salience first per method)
+    auto_settings: bool = True  # settings text from the implementation (batch sizes known at run time)
 
     def set_limit(self, limit: cases.Limit) -> None:
         self.limit = limit.seconds(self.forward - self.backward, self.backward,
@@ -181,7 +182,7 @@ class Bench:
     def new_row(self, impl: Impl, case: Case, *, label: str | None = None, settings: str | None = None) -> Row:
         return Row(case.model_name, label or case.length, impl.method, impl,
                    settings if settings is not None else impl.settings(case), order=self.impls.index(impl)
-                   if impl in self.impls else 0)
+                   if impl in self.impls else 0, auto_settings=settings is None)
 
     def measure(self, impl: Impl, case: Case, *, seeds: list[int] | None = None, label: str | None = None,
                 settings: str | None = None) -> Row:
@@ -193,6 +194,8 @@ class Bench:
         """Warm up, then time runs of ``row.impl`` on ``case`` and fill ``row`` (or mark it skipped)."""
         impl = row.impl
         run_fn = impl.run
+        if row.auto_settings:
+            row.settings = impl.settings(case)  # batch sizes from the limit as measured so far
         estimate = self.estimate(impl, case)
         why = self.affordable(estimate)
         if why:
@@ -337,7 +340,7 @@ class Bench:
                         r.ratio = group[0].median / r.median
 
     # ---------------------------------------------------------------- groups
-    def group(self, model_name: str, length: int, deferred: list[tuple[float, Any]]) -> None:
+    def group(self, model_name: str, length: int, deferred: list[tuple[int, float, Any]]) -> None:
         """Build the case, run what is cheap now (estimated <= --core-seconds) and defer the rest."""
         if not self.clock.fits(self.args.group_reserve):
             log(f"== {model_name}, {length} tokens: skipped (time budget spent)")
@@ -356,7 +359,9 @@ class Bench:
             if estimate <= self.args.core_seconds:
                 self.execute(row, case)
             else:
-                deferred.append((estimate, lambda row=row, case=case: self.execute(row, case)))
+                deferred.append((priority(length, row.method), estimate, lambda row=row, case=case: self.execute(row, case)))
+        if any(r.times for r in rows) and self.clock.fits(0.5 * self.limit_seconds.get(id(case.limit), 0.0)):
+            self.remeasure(case, rows)
         for method in self.args.methods:
             estimate = self.reference_estimate(case, method)
             if estimate is None:
@@ -364,7 +369,8 @@ class Bench:
             if estimate <= self.args.core_seconds:
                 self.compute_reference(case, method)
             else:
-                deferred.append((estimate, lambda case=case, method=method: self.compute_reference(case, method)))
+                deferred.append((priority(length, method), estimate,
+                                 lambda case=case, method=method: self.compute_reference(case, method)))
 
     def kernel_shap_exact(self, like: Case) -> None:
         """KernelSHAP against exact Shapley values on a short input: error and passes at several budgets.
@@ -430,14 +436,15 @@ class Bench:
         log(f"   {self.memory}")
 
     def run(self) -> None:
-        """Memory case; then pass 1: every group, cheapest first, with its cheap runs; pass 2: the deferred
-        (expensive) runs, cheapest first, while the budget lasts; then limits re-measured, accuracy, ratios."""
+        """Memory case; then pass 1: every group, cheapest first, with its cheap runs (and its limit measured
+        again); pass 2: the deferred (expensive) runs, target comparisons at 128 tokens first, cheapest first,
+        while the budget lasts; then accuracy and ratios."""
         warnings.simplefilter("ignore")
         if self.args.memory:
             self.run_memory()
         groups = [(m, n) for m in self.args.models for n in self.args.lengths]
         groups.sort(key=lambda g: cost_proxy(*g))
-        deferred: list[tuple[float, Any]] = []
+        deferred: list[tuple[int, float, Any]] = []
         kshap_done: set[str] = set()
         for model_name, length in groups:
             self.group(model_name, length, deferred)
@@ -448,14 +455,24 @@ class Bench:
                 if estimate <= 4 * self.args.core_seconds:
                     self.kernel_shap_exact(like)
                 else:
-                    deferred.append((estimate, lambda like=like: self.kernel_shap_exact(like)))
+                    deferred.append((1, estimate, lambda like=like: self.kernel_shap_exact(like)))
         log(f"== deferred runs: {len(deferred)} (elapsed {self.clock.used / 60:.1f} min)")
-        for _, job in sorted(deferred, key=lambda d: d[0]):
+        for _, _, job in sorted(deferred, key=lambda d: (d[0], d[1])):
             job()
         for case, rows in self.groups:
-            if any(r.times for r in rows) and self.clock.fits(0.5 * self.limit_seconds.get(id(case.limit), 0.0)):
-                self.remeasure(case, rows)
+            for row in rows:
+                if row.times:
+                    row.set_limit(case.limit)
             self.finalize(case, rows)
+
+
+TARGET_METHODS = ("integrated_gradients", "sequential_integrated_gradients", "kernel_shap", "lime")
+
+
+def priority(length: int, method: str) -> int:
+    """Pass-2 order: first the comparisons the issue's targets name (IG, SIG, KernelSHAP, LIME at 128
+    tokens), then the rest; cheapest first within each."""
+    return 0 if length == 128 and method in TARGET_METHODS else 1
 
 
 def cost_proxy(model_name: str, length: int) -> float:
@@ -528,7 +545,7 @@ def memory_lines(memory: dict[str, Any] | None) -> list[str]:
     lines.append(f"Chunks of {memory['rows_per_chunk']} row(s) (estimated {memory['estimated_bytes_per_row'] / 2**20:.0f} "
                  f"MiB per row); {memory['steps']} gradient steps, {memory['forward_passes']} fwd / "
                  f"{memory['backward_passes']} bwd passes in {memory['model_calls']} calls, "
-                 f"{memory['seconds']:.1f} s; completeness error {memory['completeness']:.2%}.")
+                 f"{memory['seconds']:.1f} s; completeness error {memory['completeness']:.1e} of the gap.")
     return lines
 
 
@@ -547,15 +564,15 @@ def summary(rows: list[Row], kshap: list[dict[str, Any]], memory: dict[str, Any]
         return found
 
     for ours, peer in pairs("sequential_integrated_gradients", "tint", 128) or pairs("sequential_integrated_gradients", "tint"):
-        out.append(f"- SIG {ours.model}/{ours.length}: Salience {1 / peer.ratio:.0f}x faster than tint "
+        out.append(f"- SIG {ours.model}/{ours.length}: speed-up {1 / peer.ratio:.0f}x over tint "
                    f"(target >= 50x at 128 tokens); accuracy Salience {ours.accuracy}, tint {peer.accuracy}")
     for ours, peer in pairs("integrated_gradients", "captum"):
-        out.append(f"- IG {ours.model}/{ours.length}: Salience {1 / peer.ratio:.2f}x faster than Captum "
+        out.append(f"- IG {ours.model}/{ours.length}: speed-up {1 / peer.ratio:.2f}x over Captum "
                    f"(target >= 2x); Salience {ours.accuracy}; Captum {peer.accuracy}")
     for method in ("kernel_shap", "lime"):
         for library in ("captum", "lime", "shap"):
             for ours, peer in pairs(method, library):
-                out.append(f"- {SHORT[method]} {ours.model}/{ours.length}: Salience {1 / peer.ratio:.2f}x faster than "
+                out.append(f"- {SHORT[method]} {ours.model}/{ours.length}: speed-up {1 / peer.ratio:.2f}x over "
                            f"{peer.impl.name} at {ours.forward} vs {peer.forward} passes (target >= 1.5x)")
     by_model: dict[str, list[dict[str, Any]]] = {}
     for entry in kshap:
@@ -672,7 +689,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-length", type=int)
     parser.add_argument("--memory-budget")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
-    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--output", type=Path, help="default: benchmarks/RESULTS.md (--quick: benchmarks/RESULTS-quick.md, "
+                        "git-ignored, so a smoke test does not replace the full results)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults: dict[str, Any] = {
@@ -691,6 +709,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "memory_model": "small" if quick else "base",
         "memory_length": 128 if quick else 512,
         "memory_budget": "100MB" if quick else "2GB",
+        "output": HERE / ("RESULTS-quick.md" if quick else "RESULTS.md"),
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
