@@ -77,12 +77,19 @@ def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: A
     before = dataclasses.replace(counter)
     started = time.perf_counter()
     encoded = item if isinstance(item, Encoded) else model.encode(item, truncate=truncate)
-    prediction = model.predict(encoded)
-    resolved = resolve_target(target, model.labels, prediction, output)
+    input_gradient = None
+    if getattr(algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
+        # one forward + backward gives the prediction, the target and the gradient at the input
+        prediction, resolved, value, gradient = model.predict_with_input_gradient(
+            encoded, lambda predicted: resolve_target(target, model.labels, predicted, output))
+        input_gradient = (value, gradient)
+    else:
+        prediction = model.predict(encoded)
+        resolved = resolve_target(target, model.labels, prediction, output)
     if batch_size is None and max_memory is not None:
         per_row = model.bytes_per_row(encoded.length, backward=True)  # type: ignore[attr-defined]
         batch_size = choose_batch_size(encoded.length, backward=True, max_memory=max_memory, bytes_per_row=per_row)
-    ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed)
+    ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed, input_gradient)
     result = algorithm.attribute(ctx)
     cost = Cost(
         forward_passes=counter.forward_passes - before.forward_passes,

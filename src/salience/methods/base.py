@@ -15,7 +15,9 @@ from salience.models.base import Adapter, Encoded
 @dataclass
 class Context:
     """One input to explain: the adapter, the encoded input, the target, the features to score,
-    the chunk size (None: the batching utility decides) and the seed of any randomness."""
+    the chunk size (None: the batching utility decides), the seed of any randomness and, for
+    methods that set ``uses_input_gradient``, the gradient at the input when the prediction pass
+    already computed it."""
 
     model: Adapter
     encoded: Encoded
@@ -23,6 +25,8 @@ class Context:
     features: list[Feature]
     batch_size: int | None = None
     seed: int = 0
+    input_gradient: tuple[float, torch.Tensor] | None = None  # (output, d output / d embeddings (T, D)) at the input
+
 
     def generator(self) -> torch.Generator:
         """A torch generator seeded with ``seed`` (CPU, so results do not depend on the device)."""

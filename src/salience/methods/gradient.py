@@ -4,11 +4,24 @@ GradientSHAP. Token scores sum the per-dimension scores over the embedding dimen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from salience.core.registry import register
 from salience.methods.base import Attribution, Context, token_attribution
+
+
+def gradient_at_input(ctx: Context) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Word embeddings x (T, D), the target's output F(x) and dF/dx (T, D): from the context when the
+    prediction pass computed them, else by one forward + backward pass."""
+    x, _ = ctx.model.embedding_path_ends(ctx.encoded, "zero")
+    if ctx.input_gradient is not None:
+        value, gradient = ctx.input_gradient
+        return x, value, gradient
+    values, grads = ctx.model.score_embeddings(ctx.encoded, x[None], ctx.target, grad=True, batch_size=ctx.batch_size)
+    assert grads is not None
+    return x, float(values[0]), grads[0]
 
 
 @register("saliency", aliases=("gradient", "grad"), kind="gradient", cost="1 forward + 1 backward",
@@ -19,13 +32,12 @@ class Saliency:
     Saliency) or of dF/de (``abs=False``). Units: output per unit of embedding. No baseline."""
 
     abs: bool = True
+    uses_input_gradient: ClassVar[bool] = True
 
     def attribute(self, ctx: Context) -> Attribution:
-        x, _ = ctx.model.embedding_path_ends(ctx.encoded, "zero")
-        values, grads = ctx.model.score_embeddings(ctx.encoded, x[None], ctx.target, grad=True, batch_size=ctx.batch_size)
-        assert grads is not None
-        per_dim = grads[0].abs() if self.abs else grads[0]
-        return token_attribution(per_dim.sum(-1), ctx, output_value=float(values[0]))
+        _, value, gradient = gradient_at_input(ctx)
+        per_dim = gradient.abs() if self.abs else gradient
+        return token_attribution(per_dim.sum(-1), ctx, output_value=value)
 
 
 @register("input_x_gradient", aliases=("ixg", "inputxgradient", "gradient_x_input"), kind="gradient",
@@ -35,11 +47,11 @@ class InputXGradient:
     """Token score = sum_d e_d * dF/de_d (signed; a first-order estimate of the output change when
     the embedding is set to zero)."""
 
+    uses_input_gradient: ClassVar[bool] = True
+
     def attribute(self, ctx: Context) -> Attribution:
-        x, _ = ctx.model.embedding_path_ends(ctx.encoded, "zero")
-        values, grads = ctx.model.score_embeddings(ctx.encoded, x[None], ctx.target, grad=True, batch_size=ctx.batch_size)
-        assert grads is not None
-        return token_attribution((x * grads[0]).sum(-1), ctx, output_value=float(values[0]))
+        x, value, gradient = gradient_at_input(ctx)
+        return token_attribution((x * gradient).sum(-1), ctx, output_value=value)
 
 
 @register("smoothgrad", aliases=("smooth_grad", "sg"), kind="gradient", cost="n_samples forward + backward",

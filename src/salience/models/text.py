@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -168,9 +168,30 @@ class TextClassifier:
         """The model's prediction on the unperturbed input (one forward pass)."""
         with torch.no_grad():
             logits = self._logits(encoded.input_ids[None], torch.ones(1, encoded.length, dtype=torch.long), _row(encoded.token_type_ids))
-        probs = torch.softmax(logits.double(), dim=-1)[0]
+        return self._prediction(logits[0])
+
+    def _prediction(self, logits: torch.Tensor) -> Prediction:
+        probs = torch.softmax(logits.detach().double(), dim=-1)
         index = int(probs.argmax())
         return Prediction(index, self.labels[index], tuple(float(p) for p in probs))
+
+    def predict_with_input_gradient(self, encoded: Encoded, resolve: Callable[[Prediction], Target]
+                                    ) -> tuple[Prediction, Target, float, torch.Tensor]:
+        """Prediction, the target ``resolve`` picks from it, the target's output at the input and its
+        gradient w.r.t. the word embeddings (T, D), all from one forward + backward pass (what
+        ``predict`` and then ``score_embeddings`` at the input would give with two forward passes)."""
+        with torch.no_grad():
+            x = self.embedding_layer(encoded.input_ids[None].to(self.device)).detach()
+        x.requires_grad_(True)
+        with _frozen_parameters(self.model), self._replaced_embeddings(x), torch.enable_grad():
+            logits = self._logits(encoded.input_ids[None], torch.ones(1, encoded.length, dtype=torch.long),
+                                  _row(encoded.token_type_ids))
+            prediction = self._prediction(logits[0])
+            target = resolve(prediction)
+            value = read_output(logits, target)[0]
+            (gradient,) = torch.autograd.grad(value, x)
+            self.counter.backward_passes += 1
+        return prediction, target, float(value.detach()), gradient[0].detach()
 
     def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: list[Feature], baseline: str,
                         target: Target, batch_size: int | None = None) -> torch.Tensor:
