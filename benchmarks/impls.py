@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -150,6 +151,7 @@ class Impl:
     run: Callable[[Case, int], Output]
     stochastic: bool = False
     overhead: float = 1.3  # estimated seconds / limit, for planning only
+    removal: str = ""  # perturbation methods: how a word is removed ("mask" token or "delete"); ratios pair equal removals
 
     @property
     def is_salience(self) -> bool:
@@ -257,13 +259,16 @@ def lime_text(case: Case, seed: int) -> Output:
     return Output(np.array([w for _, w in pairs]), {"top": top})
 
 
-def shap_partition(case: Case, seed: int, max_evals: int | None = None) -> Output:
+def shap_partition(case: Case, seed: int, max_evals: int | None = None, delete: bool = False) -> Output:
+    """shap's Partition explainer; masked tokens become [MASK] (the Text masker's default for this
+    tokenizer) or, with ``delete``, are removed (``mask_token=""``: the masker joins what is left)."""
     import shap
 
     target = case.target
     batch = case.limit.best_batch(False)
     probs = forward_strings(case, batch)
-    explainer = shap.Explainer(lambda texts: probs(list(texts))[:, target], shap.maskers.Text(case.clf.tokenizer))
+    masker = shap.maskers.Text(case.clf.tokenizer, mask_token="" if delete else None)
+    explainer = shap.Explainer(lambda texts: probs(list(texts))[:, target], masker)
     result = explainer([case.text], max_evals=max_evals or case.settings.kernel_shap_samples, batch_size=batch,
                        silent=True)
     return Output(_shap_words(case, list(result.data[0]), np.asarray(result.values[0], dtype=np.float64)),
@@ -290,14 +295,15 @@ def _top_positions(scores: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in np.argsort(-np.abs(scores), kind="stable")[:k]]
 
 
-def salience_lime(case: Case, seed: int) -> Output:
-    out = _salience("lime", "word", lambda c: {"n_samples": c.settings.lime_samples})(case, seed)
+def salience_lime(case: Case, seed: int, baseline: str = "delete") -> Output:
+    out = _salience("lime", "word", lambda c: {"n_samples": c.settings.lime_samples, "baseline": baseline})(case, seed)
     out.info["top"] = _top_positions(out.scores, case.settings.top_k)
     return out
 
 
-def salience_kernel_shap(case: Case, seed: int, n_samples: int | None = None) -> Output:
-    run = _salience("kernel_shap", "word", lambda c: {"n_samples": n_samples or c.settings.kernel_shap_samples})
+def salience_kernel_shap(case: Case, seed: int, n_samples: int | None = None, baseline: str = "mask") -> Output:
+    run = _salience("kernel_shap", "word", lambda c: {"n_samples": n_samples or c.settings.kernel_shap_samples,
+                                                      "baseline": baseline})
     return run(case, seed)
 
 
@@ -339,21 +345,31 @@ def implementations() -> list[Impl]:
              lambda c: (c.n_words + 2, 0), captum_ablation),
         Impl("kernel_shap", "salience", "Salience kernel_shap",
              lambda c: f"n_samples={s(c).kernel_shap_samples}, baseline mask", lambda c: (s(c).kernel_shap_samples + 3, 0),
-             salience_kernel_shap, stochastic=True),
+             salience_kernel_shap, stochastic=True, removal="mask"),
+        Impl("kernel_shap", "salience", "Salience kernel_shap (delete)",
+             lambda c: f"n_samples={s(c).kernel_shap_samples}, baseline delete", lambda c: (s(c).kernel_shap_samples + 3, 0),
+             partial(salience_kernel_shap, baseline="delete"), stochastic=True, removal="delete"),
         Impl("kernel_shap", "captum", "Captum KernelShap",
              lambda c: f"n_samples={s(c).kernel_shap_samples}, feature_mask=words, baseline mask, perturbations_per_eval={ff(c)}",
-             lambda c: (s(c).kernel_shap_samples + 1, 0), captum_kernel_shap, stochastic=True),
+             lambda c: (s(c).kernel_shap_samples + 1, 0), captum_kernel_shap, stochastic=True, removal="mask"),
         Impl("kernel_shap", "shap", "shap Partition (Text masker)",
              lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask [MASK]",
-             lambda c: (s(c).kernel_shap_samples + 2, 0), shap_partition, overhead=1.6),
+             lambda c: (s(c).kernel_shap_samples + 2, 0), shap_partition, overhead=1.6, removal="mask"),
+        Impl("kernel_shap", "shap", "shap Partition (Text masker, deletion)",
+             lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask_token='' (masked words removed)",
+             lambda c: (s(c).kernel_shap_samples + 2, 0), partial(shap_partition, delete=True), overhead=1.6,
+             removal="delete"),
         Impl("lime", "salience", "Salience lime", lambda c: f"n_samples={s(c).lime_samples}, baseline delete",
-             lambda c: (s(c).lime_samples + 1, 0), salience_lime, stochastic=True),
+             lambda c: (s(c).lime_samples + 1, 0), salience_lime, stochastic=True, removal="delete"),
+        Impl("lime", "salience", "Salience lime (mask)", lambda c: f"n_samples={s(c).lime_samples}, baseline mask",
+             lambda c: (s(c).lime_samples + 1, 0), partial(salience_lime, baseline="mask"), stochastic=True,
+             removal="mask"),
         Impl("lime", "captum", "Captum Lime",
              lambda c: f"n_samples={s(c).lime_samples}, feature_mask=words, baseline mask, perturbations_per_eval={ff(c)}",
-             lambda c: (s(c).lime_samples + 1, 0), captum_lime, stochastic=True),
+             lambda c: (s(c).lime_samples + 1, 0), captum_lime, stochastic=True, removal="mask"),
         Impl("lime", "lime", "lime LimeTextExplainer",
              lambda c: f"num_samples={s(c).lime_samples}, classifier_fn batch {ff(c)}, defaults (bow, delete)",
-             lambda c: (s(c).lime_samples, 0), lime_text, stochastic=True, overhead=1.6),
+             lambda c: (s(c).lime_samples, 0), lime_text, stochastic=True, overhead=1.6, removal="delete"),
     ]
 
 

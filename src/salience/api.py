@@ -87,8 +87,9 @@ def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: A
         prediction = model.predict(encoded)
         resolved = resolve_target(target, model.labels, prediction, output)
     if batch_size is None and max_memory is not None:
-        per_row = model.bytes_per_row(encoded.length, backward=True)  # type: ignore[attr-defined]
-        batch_size = choose_batch_size(encoded.length, backward=True, max_memory=max_memory, bytes_per_row=per_row)
+        backward = info.kind in ("gradient", "path")  # perturbation and attention methods run forward only
+        per_row = model.bytes_per_row(encoded.length, backward=backward)  # type: ignore[attr-defined]
+        batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=max_memory, bytes_per_row=per_row)
     ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed, input_gradient)
     result = algorithm.attribute(ctx)
     cost = Cost(

@@ -54,3 +54,19 @@ def test_memory_budget_limits_chunk_rows():
     large = choose_batch_size(512, backward=True, max_memory="2GB", bytes_per_row=100_000_000)
     assert small == 1 and large == 20  # 2e9 // 1e8
     assert choose_batch_size(512, backward=True, batch_size=7, max_memory="2GB", bytes_per_row=1) == 7
+
+
+def test_memory_estimate_follows_the_attention_kernel(toy):
+    """Eager attention keeps heads x T x T maps per layer (quadratic in T); SDPA keeps none (linear)."""
+    config = toy.model.config
+    saved = config._attn_implementation
+    try:
+        config._attn_implementation = "sdpa"
+        assert toy.bytes_per_row(256, backward=True) == 2 * toy.bytes_per_row(128, backward=True)
+        sdpa = toy.bytes_per_row(128, backward=True)
+        config._attn_implementation = "eager"
+        assert toy.bytes_per_row(256, backward=True) > 2 * toy.bytes_per_row(128, backward=True)
+        assert toy.bytes_per_row(128, backward=True) > sdpa
+        assert toy.bytes_per_row(128, backward=False) <= toy.bytes_per_row(128, backward=True)  # equal at 2 layers
+    finally:
+        config._attn_implementation = saved
