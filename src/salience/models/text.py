@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salience.core.batching import choose_batch_size, map_batches
+from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_batches, map_chunks
 from salience.core.explanation import Feature
 from salience.core.target import Prediction, Target, read_output
 from salience.errors import InputError, ModelOutputError, ParameterError
@@ -218,10 +218,13 @@ class TextClassifier:
             ids = torch.where(removed, self.baseline_token_id(baseline), ids)
             mask = torch.ones(n_rows, length, dtype=torch.long)
         size = choose_batch_size(length, backward=False, batch_size=batch_size)
-        # bucket by length: rows sorted by kept length, so each chunk is trimmed to its longest row
-        order = torch.argsort(mask.sum(dim=1), stable=True)
+        # bucket by length: rows sorted by kept length, cut into chunks trimmed to their longest row
+        kept = mask.sum(dim=1)
+        order = torch.argsort(kept, stable=True)
         ids, mask = ids[order], mask[order]
         types = None if types is None else types[order]
+        pieces = length_chunks(kept[order].tolist(), max_tokens=size * length,
+                               max_rows=size if batch_size is not None else MAX_ROWS_PER_CHUNK)
 
         def run(rows: slice) -> torch.Tensor:
             width = int(mask[rows].sum(dim=1).max())
@@ -229,7 +232,7 @@ class TextClassifier:
             return read_output(self._logits(ids[rows, :width], mask[rows, :width], chunk_types), target).double().cpu()
 
         with torch.no_grad():
-            values = map_batches(run, n_rows, size)
+            values = map_chunks(run, pieces)
         return torch.empty_like(values).index_copy_(0, order, values)
 
     # --------------------------------------------------------------- gradients
