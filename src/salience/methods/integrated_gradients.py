@@ -21,7 +21,7 @@ class IntegratedGradients:
     ``steps=None`` (default) integrates adaptively: starting from ``pieces`` equal pieces, each
     integrated with ``nodes`` Gauss-Legendre points, the pieces are bisected where the integrand
     changes until the summed absolute error of the pieces is within ``tolerance`` x
-    |F(x) - F(x')| + ``atol`` (each piece's error is exact, from two forward passes), or
+    |F(x) - F(x')| (or ``atol`` when that is smaller, i.e. when the gap is near 0) (each piece's error is exact, from two forward passes), or
     ``max_steps`` gradients are spent (then a warning). An integer ``steps`` uses one fixed
     ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
     """

@@ -41,13 +41,13 @@ def fixed_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor, ru
 def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor, *, rule: str, nodes: int,
                            pieces: int, tolerance: float, atol: float, max_steps: int) -> PathResult:
     """Start from ``pieces`` equal pieces of ``nodes`` points each; bisect the pieces with the
-    largest error until sum |error| <= tolerance * |F(end) - F(start)| + atol."""
+    largest error until sum |error| <= max(tolerance * |F(end) - F(start)|, atol)."""
     base_alphas, base_weights = quadrature(rule, nodes)
     values: dict[float, float] = {}
     breaks = [i / pieces for i in range(pieces + 1)]
     _evaluate_points(ctx, start, end, breaks, values)
     gap = values[1.0] - values[0.0]
-    allowed = tolerance * abs(gap) + atol
+    allowed = max(tolerance * abs(gap), atol)
     integrated: dict[tuple[float, float], tuple[torch.Tensor, float]] = {}  # piece -> (contribution, error)
     pending = list(zip(breaks[:-1], breaks[1:]))
     steps = 0
