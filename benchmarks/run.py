@@ -712,7 +712,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "repeats": 1 if quick else 5,
         "seeds": 2 if quick else 3,
         "max_run": 60.0 if quick else 240.0,
-        "budget": 4.0 if quick else 24.0,
+        "budget": 4.0 if quick else 40.0,
         "kernel_shap_samples": 64 if quick else 512,
         "lime_samples": 64 if quick else 500,
         "ref_panels": 4 if quick else 16,
