@@ -20,8 +20,8 @@ class IntegratedGradients:
 
     ``steps=None`` (default) integrates adaptively: starting from ``pieces`` equal pieces, each
     integrated with ``nodes`` Gauss-Legendre points, the pieces are bisected where the integrand
-    changes until the summed absolute error of the pieces is within ``tolerance`` x
-    |F(x) - F(x')| (or ``atol`` when that is smaller, i.e. when the gap is near 0) (each piece's error is exact, from two forward passes), or
+    changes until the summed absolute error of the pieces (each exact, from two forward passes) is
+    within ``tolerance`` x |F(x) - F(x')|, or ``atol`` when that is larger (a gap near 0), or
     ``max_steps`` gradients are spent (then a warning). An integer ``steps`` uses one fixed
     ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
     """
