@@ -227,7 +227,7 @@ class TextClassifier:
                                max_rows=size if batch_size is not None else MAX_ROWS_PER_CHUNK)
 
         def run(rows: slice) -> torch.Tensor:
-            width = int(mask[rows].sum(dim=1).max())
+            width = max(1, int(mask[rows].sum(dim=1).max()))  # a chunk of rows with every token deleted keeps one column
             chunk_types = None if types is None else types[rows, :width]
             return read_output(self._logits(ids[rows, :width], mask[rows, :width], chunk_types), target).double().cpu()
 
