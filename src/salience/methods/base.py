@@ -27,7 +27,6 @@ class Context:
     seed: int = 0
     input_gradient: tuple[float, torch.Tensor] | None = None  # (output, d output / d embeddings (T, D)) at the input
 
-
     def generator(self) -> torch.Generator:
         """A torch generator seeded with ``seed`` (CPU, so results do not depend on the device)."""
         return torch.Generator().manual_seed(self.seed)

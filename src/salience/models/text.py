@@ -183,18 +183,18 @@ class TextClassifier:
         """Prediction, the target ``resolve`` picks from it, the target's output at the input and its
         gradient w.r.t. the word embeddings (T, D), all from one forward + backward pass (what
         ``predict`` and then ``score_embeddings`` at the input would give with two forward passes)."""
-        with torch.no_grad():
-            x = self.embedding_layer(encoded.input_ids[None].to(self.device)).detach()
-        x.requires_grad_(True)
-        with _frozen_parameters(self.model), self._replaced_embeddings(x), torch.enable_grad():
-            logits = self._logits(encoded.input_ids[None], torch.ones(1, encoded.length, dtype=torch.long),
-                                  _row(encoded.token_type_ids))
+        picked: list[tuple[Prediction, Target]] = []
+
+        def predicted_target_output(logits: torch.Tensor) -> torch.Tensor:
             prediction = self._prediction(logits[0])
-            target = resolve(prediction)
-            value = read_output(logits, target)[0]
-            (gradient,) = torch.autograd.grad(value, x)
-            self.counter.backward_passes += 1
-        return prediction, target, float(value.detach()), gradient[0].detach()
+            picked.append((prediction, resolve(prediction)))
+            return read_output(logits, picked[0][1])
+
+        x, _ = self.embedding_path_ends(encoded, "zero")
+        with _frozen_parameters(self.model):
+            values, gradient = self._embedding_pass(encoded, x[None], predicted_target_output, grad=True)
+        (prediction, target), = picked
+        return prediction, target, float(values[0]), gradient[0]
 
     def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: list[Feature], baseline: str,
                         target: Target, batch_size: int | None = None) -> torch.Tensor:
@@ -255,26 +255,30 @@ class TextClassifier:
     def score_embeddings(self, encoded: Encoded, embeds: torch.Tensor, target: Target, *, grad: bool,
                          batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs (N,) for word-embedding rows (N, T, D) and, when ``grad``, d output / d embeds."""
-        n_rows, length = embeds.shape[0], encoded.length
-        size = choose_batch_size(length, backward=grad, batch_size=batch_size)
-        types = encoded.token_type_ids
+        size = choose_batch_size(encoded.length, backward=grad, batch_size=batch_size)
 
         def run(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            chunk = embeds[rows].to(self.device, self.dtype).detach().requires_grad_(grad)
-            count = chunk.shape[0]
-            with self._replaced_embeddings(chunk), torch.set_grad_enabled(grad):
-                logits = self._logits(encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long),
-                                      None if types is None else types.expand(count, length))
-                values = read_output(logits, target)
-                if not grad:
-                    return values.detach(), torch.empty(0)
-                (gradient,) = torch.autograd.grad(values.sum(), chunk)
-                self.counter.backward_passes += count
-            return values.detach(), gradient.detach()
+            return self._embedding_pass(encoded, embeds[rows], lambda logits: read_output(logits, target), grad=grad)
 
         with _frozen_parameters(self.model):
-            values, gradients = map_batches(run, n_rows, size)
+            values, gradients = map_batches(run, embeds.shape[0], size)
         return values, (gradients if grad else None)
+
+    def _embedding_pass(self, encoded: Encoded, embeds: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor], *,
+                        grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call on word-embedding rows (B, T, D): ``output(logits)`` (B,) and, when ``grad``,
+        its gradient w.r.t. the rows (else an empty tensor). Parameters must be frozen by the caller."""
+        chunk = embeds.to(self.device, self.dtype).detach().requires_grad_(grad)
+        count, length, types = chunk.shape[0], encoded.length, encoded.token_type_ids
+        with self._replaced_embeddings(chunk), torch.set_grad_enabled(grad):
+            logits = self._logits(encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long),
+                                  None if types is None else types.expand(count, length))
+            values = output(logits)
+            if not grad:
+                return values.detach(), torch.empty(0)
+            (gradient,) = torch.autograd.grad(values.sum(), chunk)
+            self.counter.backward_passes += count
+        return values.detach(), gradient.detach()
 
     @contextmanager
     def _replaced_embeddings(self, embeds: torch.Tensor) -> Iterator[None]:
