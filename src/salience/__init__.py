@@ -1,5 +1,6 @@
 """Salience: feature attribution for neural networks, exact where the maths allows, and its evaluation."""
 
+import salience.render  # noqa: F401  (registers the renderers of Explanation)
 from salience.api import SalienceWarning, explain, methods
 from salience.core.explanation import Cost, Explanation, Feature
 from salience.core.target import Prediction, Target

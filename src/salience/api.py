@@ -1,4 +1,4 @@
-"""The entry point: ``explain(model, inputs, method=...)`` -> Explanation(s)."""
+"""The entry point: ``explain(model, inputs, method=...)`` -> Explanation(s), for every model kind."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from salience.core.batching import choose_batch_size
 from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
-from salience.core.target import check_output, resolve_target
+from salience.core.target import Target, check_output, resolve_target, resolve_targets
 from salience.errors import ParameterError
 from salience.methods.base import Context
 from salience.models.base import Adapter, Encoded
 
-TextInput = str | tuple[str, str] | Encoded
-LEVELS = ("word", "token")
+# what a capability a method needs is called in messages, and which model kinds have it
+CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers")}
+TargetSpec = int | str | Sequence[int | str] | None
 
 
 class SalienceWarning(UserWarning):
@@ -31,66 +34,117 @@ def methods() -> list[MethodInfo]:
 
 def explain(
     model: Adapter,
-    inputs: TextInput | Sequence[TextInput],
+    inputs: Any,
     method: str = "integrated_gradients",
     *,
-    target: int | str | None = None,
+    target: TargetSpec = None,
     output: str = "probability",
-    level: str = "word",
+    level: str | None = None,
     batch_size: int | None = None,
     max_memory: int | str | None = None,
     truncate: bool = False,
     seed: int = 0,
     progress: bool | None = None,
     params: dict[str, Any] | None = None,
-    **method_params: Any,
+    **options: Any,
 ) -> Explanation | list[Explanation]:
-    """Explain ``model``'s output on one input (a text, a (premise, hypothesis) pair, or an already
-    encoded input, e.g. one a metric perturbed) or a list of them.
+    """Explain ``model``'s output on one input or a list of them.
 
-    ``target``: class index or label name (default: the predicted class). ``output``: what is
-    explained, "probability" (default), "logit" or "log_probability". ``level``: "word" (subword
-    scores summed per word, special tokens left out) or "token". ``batch_size``: rows per model
-    call (default: chosen from the input length); ``max_memory`` (e.g. "2GB"): instead, size the
-    chunks so that the activations of one chunk stay within this budget. Method parameters go in ``params`` or as keywords.
+    Inputs by model kind: a text or a (premise, hypothesis) pair (text classifiers); a path, PIL
+    image, HxWxC uint8 array or CxHxW tensor (image classifiers); a prompt (causal LMs). ``target``:
+    class index or label name (default: the predicted class), a list of them, or ``"all"``; for a
+    causal LM every generated token is a target. ``output``: "probability" (default), "logit" or
+    "log_probability". ``level``: the features ("word"/"token" for text, "pixel"/"patch"/"superpixel"
+    for images; default: the adapter's). ``batch_size``: rows per model call (default: chosen by
+    Salience); ``max_memory`` (e.g. "2GB"): size the chunks to fit instead.
+
+    Other keywords go, by name, to the adapter's input options (``model.encode_options``, e.g.
+    ``continuation``, ``max_new_tokens``), its feature options (``model.feature_options``, e.g.
+    ``patch_size``) or the method (e.g. ``steps=64``, ``baseline="pad"``; or all in ``params``).
     Returns one Explanation for one input, a list for a list.
     """
     info = get_method(method)
-    algorithm = info.build({**(params or {}), **method_params})
-    if level not in LEVELS:
-        raise ParameterError(f"unknown level {level!r}; choose 'word' or 'token'")
+    encode_options, feature_options, method_params = _route_options(model, info, {**(params or {}), **options})
+    algorithm = info.build(method_params)
+    _check_capabilities(model, info)
     check_output(output)
-    single = isinstance(inputs, (str, tuple, Encoded))
-    items: list[TextInput] = [inputs] if single else list(inputs)  # type: ignore[list-item,arg-type]
+    single = _is_single_input(model, inputs)
+    items = [inputs] if single else list(inputs)
     show = progress if progress is not None else len(items) > 1
     results = [
-        _explain_one(model, item, info, algorithm, target, output, level, batch_size, max_memory, truncate, seed)
+        _explain_one(model, item, info, algorithm, target, output, level, batch_size, max_memory, truncate, seed,
+                     encode_options, feature_options)
         for item in _progress(items, show, info.name)
     ]
     return results[0] if single else results
 
 
-def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: Any, target: int | str | None,
-                 output: str, level: str, batch_size: int | None, max_memory: int | str | None, truncate: bool,
-                 seed: int) -> Explanation:
-    counter = model.counter  # type: ignore[attr-defined]
+def _is_single_input(model: Adapter, inputs: Any) -> bool:
+    checker = getattr(model, "is_single_input", None)
+    if callable(checker):
+        return bool(checker(inputs))
+    return isinstance(inputs, (str, tuple, Encoded))
+
+
+def _route_options(model: Adapter, info: MethodInfo, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    encode_names = set(getattr(model, "encode_options", ()))
+    feature_names = set(getattr(model, "feature_options", ()))
+    encode = {k: v for k, v in options.items() if k in encode_names}
+    feature = {k: v for k, v in options.items() if k in feature_names}
+    rest = {k: v for k, v in options.items() if k not in encode_names | feature_names}
+    unknown = sorted(set(rest) - set(info.parameters()))
+    if unknown:
+        known = [*info.parameters(), *sorted(encode_names), *sorted(feature_names)]
+        raise ParameterError(f"method {info.name!r} has no parameter {unknown[0]!r}, nor does a {model.kind}; "
+                             f"known: {', '.join(known) or 'none'}")
+    return encode, feature, rest
+
+
+def _check_capabilities(model: Adapter, info: MethodInfo) -> None:
+    for need in getattr(info.cls, "needs", ()):
+        if not hasattr(model, need):
+            what, kinds = CAPABILITIES.get(need, (need, "models that have it"))
+            raise ParameterError(f"method {info.name!r} needs {what}, which a {model.kind} does not provide; it works on {kinds}")
+
+
+def _resolve(model: Adapter, encoded: Any, prediction: Any, target: TargetSpec, output: str) -> list[Target]:
+    resolver = getattr(model, "resolve_targets", None)
+    if callable(resolver):
+        return list(resolver(encoded, prediction, target, output))
+    return resolve_targets(target, model.labels, prediction, output)
+
+
+def _one_class_target(model: Adapter, target: TargetSpec) -> bool:
+    """A classifier asked for one class: its explanation keeps scores of shape (F,)."""
+    return not callable(getattr(model, "resolve_targets", None)) and not isinstance(target, (list, tuple)) and target != "all"
+
+
+def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, target: TargetSpec, output: str,
+                 level: str | None, batch_size: int | None, max_memory: int | str | None, truncate: bool, seed: int,
+                 encode_options: dict[str, Any], feature_options: dict[str, Any]) -> Explanation:
+    counter = model.counter
     before = dataclasses.replace(counter)
     started = time.perf_counter()
-    encoded = item if isinstance(item, Encoded) else model.encode(item, truncate=truncate)
+    encoded = item if not _is_raw(model, item) else model.encode(item, truncate=truncate, **encode_options)
+    squeeze = _one_class_target(model, target)
     input_gradient = None
-    if getattr(algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
+    if squeeze and getattr(algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
         # one forward + backward gives the prediction, the target and the gradient at the input
-        prediction, resolved, value, gradient = model.predict_with_input_gradient(
-            encoded, lambda predicted: resolve_target(target, model.labels, predicted, output))
-        input_gradient = (value, gradient)
+        prediction, resolved, value, gradient = model.predict_with_input_gradient(  # type: ignore[attr-defined]
+            encoded, lambda predicted: resolve_target(target, model.labels, predicted, output))  # type: ignore[arg-type]
+        targets = [resolved]
+        input_gradient = (value.reshape(1), gradient[None])
     else:
         prediction = model.predict(encoded)
-        resolved = resolve_target(target, model.labels, prediction, output)
+        targets = _resolve(model, encoded, prediction, target, output)
+    level = level or getattr(model, "default_level", "word")
+    features = model.features(encoded, level, **feature_options)
+    available = np.asarray(model.available(encoded, targets, features), dtype=bool)
     if batch_size is None and max_memory is not None:
         backward = info.kind in ("gradient", "path")  # perturbation and attention methods run forward only
-        per_row = model.bytes_per_row(encoded.length, backward=backward)  # type: ignore[attr-defined]
+        per_row = model.bytes_per_row(encoded.length, backward=backward)
         batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=max_memory, bytes_per_row=per_row)
-    ctx = Context(model, encoded, resolved, encoded.features(level), batch_size, seed, input_gradient)
+    ctx = Context(model, encoded, targets, features, available, batch_size, seed, input_gradient)
     result = algorithm.attribute(ctx)
     cost = Cost(
         forward_passes=counter.forward_passes - before.forward_passes,
@@ -98,34 +152,53 @@ def _explain_one(model: Adapter, item: TextInput, info: MethodInfo, algorithm: A
         model_calls=counter.model_calls - before.model_calls,
         seconds=time.perf_counter() - started,
     )
+    scores = np.where(available, np.asarray(result.scores, dtype=np.float64), np.nan)
     notes = list(result.warnings)
-    if encoded.truncated:
-        notes.append(f"the input was truncated to the model's limit of {model.max_length} tokens")  # type: ignore[attr-defined]
+    if getattr(encoded, "truncated", False):
+        notes.append(f"the input was truncated to the model's limit of {getattr(model, 'max_length', '?')} tokens")
     for note in notes:
         warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=3)
-    params = {**dataclasses.asdict(algorithm), "level": level, "seed": seed, **result.details}
+    params = {**dataclasses.asdict(algorithm), "level": level, "seed": seed, **feature_options, **encode_options, **result.details}
+    describe = getattr(model, "describe_input", None)
+    extras = dict(describe(encoded)) if callable(describe) else {}
     return Explanation(
-        input=encoded.input,
-        features=ctx.features,
-        scores=result.scores,
+        input=getattr(encoded, "input", item),
+        features=features if getattr(features, "layout", None) is not None else list(features),
+        scores=scores[0] if squeeze else scores,
         method=info.name,
         params=params,
         model=model.name,
-        target=resolved,
+        target=targets[0],
+        targets=targets,
         prediction=prediction,
         level=level,
-        output_value=result.output_value,
-        baseline_value=result.baseline_value,
-        delta=result.delta,
+        output_value=_squeeze(result.output_value, squeeze),
+        baseline_value=_squeeze(result.baseline_value, squeeze),
+        delta=_squeeze(result.delta, squeeze),
         cost=cost,
-        truncated=encoded.truncated,
-        tokens=list(encoded.tokens),
-        token_scores=result.token_scores,
+        truncated=bool(getattr(encoded, "truncated", False)),
+        tokens=list(getattr(encoded, "tokens", [])),
+        token_scores=None if result.position_scores is None else (result.position_scores[0] if squeeze else result.position_scores),
         warnings=notes,
+        kind=getattr(model, "explanation_kind", "text"),
+        extras=extras,
     )
 
 
-def _progress(items: list[TextInput], show: bool, label: str) -> Any:
+def _is_raw(model: Adapter, item: Any) -> bool:
+    """False for an input the adapter already encoded (e.g. one a metric perturbed)."""
+    encoded_type = getattr(model, "encoded_type", Encoded)
+    return not isinstance(item, encoded_type)
+
+
+def _squeeze(values: np.ndarray | None, squeeze: bool) -> float | np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    return float(array[0]) if squeeze else array
+
+
+def _progress(items: list[Any], show: bool, label: str) -> Any:
     if not show:
         return items
     from tqdm.auto import tqdm

@@ -55,7 +55,7 @@ def test_evaluate_runs_show_and_export(toy_dir, toy_data, tmp_path, capsys):
     assert main(["runs", "export", run_id[:5], "--db", db, "--format", "parquet", "--table", "explanations",
                  "--out", str(tmp_path / "x.parquet")]) == 0
     table = pyarrow.read_table(tmp_path / "x.parquet")
-    assert table.num_rows == 8 and '"schema": "salience.explanation/1"' in table.column("explanation")[0].as_py()
+    assert table.num_rows == 8 and '"schema": "salience.explanation/2"' in table.column("explanation")[0].as_py()
     assert main(["runs", "export", run_id, "--db", db, "--table", "summary", "--out", str(tmp_path / "s.csv")]) == 0
 
 

@@ -22,12 +22,14 @@ def test_one_pass_equals_two_passes(toy, method, algorithm, target):
     encoded = toy.encode(TOY_TEXT)
     prediction = toy.predict(encoded)
     resolved = resolve_target(target, toy.labels, prediction, "probability")
-    two_pass = algorithm.attribute(Context(toy, encoded, resolved, encoded.features("word")))  # no input_gradient
+    features = toy.features(encoded, "word")
+    available = toy.available(encoded, [resolved], features)
+    two_pass = algorithm.attribute(Context(toy, encoded, [resolved], features, available))  # no input_gradient
     assert fused.target == resolved
     assert fused.prediction == prediction
     # float64 toy model, same graph evaluated twice: identical up to rounding
-    np.testing.assert_allclose(fused.scores, two_pass.scores, rtol=1e-12, atol=1e-15)
-    assert fused.output_value == pytest.approx(two_pass.output_value, rel=1e-12)
+    np.testing.assert_allclose(fused.scores, two_pass.scores[0], rtol=1e-12, atol=1e-15)
+    assert fused.output_value == pytest.approx(two_pass.output_value[0], rel=1e-12)
 
 
 def test_unknown_target_still_fails_clearly(toy):

@@ -18,7 +18,7 @@ from salience.metrics import evaluate_metric, get_metric
 from salience.metrics.base import MetricError
 from salience.metrics.faithfulness import curve_counts, kendall_tau_b, top_k, trapezoid
 from salience.models.base import Encoded
-from salience.models.text import PassCounter
+from salience.models.base import PassCounter
 
 
 class LinearFake:

@@ -1,7 +1,9 @@
-"""What is explained: a class of a classifier, read as a probability, a logit or a log-probability."""
+"""What is explained: a class of a classifier, or a token a causal LM generated at a position, read
+as a probability, a logit or a log-probability."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -15,11 +17,16 @@ OUTPUTS: tuple[str, ...] = get_args(Output)
 
 @dataclass(frozen=True)
 class Target:
-    """The explained scalar: ``output`` (probability by default) of class ``index`` named ``label``."""
+    """The explained scalar: ``output`` (probability by default) of class ``index`` named ``label``.
+
+    For a causal LM, ``index`` is the token id, ``label`` its text and ``position`` the index of the
+    token in the teacher-forced sequence (its output is read from the logits at ``position - 1``).
+    """
 
     index: int
     label: str
     output: str = "probability"
+    position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,10 +66,28 @@ def resolve_target(target: int | str | None, labels: list[str], prediction: Pred
     raise TargetError(f"unknown target label {target!r}; the model's labels are: {', '.join(labels)}")
 
 
-def read_output(logits: torch.Tensor, target: Target) -> torch.Tensor:
-    """The explained scalar per row of ``logits`` (B, C) -> (B,)."""
-    if target.output == "logit":
-        return logits[:, target.index]
-    if target.output == "log_probability":
-        return torch.log_softmax(logits, dim=-1)[:, target.index]
-    return torch.softmax(logits, dim=-1)[:, target.index]
+def read_outputs(logits: torch.Tensor, targets: list[Target]) -> torch.Tensor:
+    """The explained scalar of every target per row of ``logits`` (B, C) -> (B, T); the targets share
+    one output kind (the API enforces it), so the softmax is computed once."""
+    kinds = {t.output for t in targets}
+    if len(kinds) != 1:
+        raise ParameterError(f"targets of one explanation must share one output kind, got {sorted(kinds)}")
+    index = torch.tensor([t.index for t in targets], device=logits.device)
+    (kind,) = kinds
+    if kind == "logit":
+        return logits[:, index]
+    if kind == "log_probability":
+        return torch.log_softmax(logits, dim=-1)[:, index]
+    return torch.softmax(logits, dim=-1)[:, index]
+
+
+def resolve_targets(target: int | str | Sequence[int | str] | None, labels: list[str], prediction: Prediction,
+                    output: str) -> list[Target]:
+    """A classifier's targets: one (``None``, an index or a label), several (a list) or ``"all"``."""
+    if isinstance(target, str) and target == "all" and "all" not in labels:
+        return [Target(i, label, check_output(output)) for i, label in enumerate(labels)]
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise TargetError("the list of targets is empty")
+        return [resolve_target(t, labels, prediction, output) for t in target]
+    return [resolve_target(target, labels, prediction, output)]  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from salience.errors import SalienceError
-from salience.models.text import WORD_PATTERN
+from salience.models.tokens import WORD_PATTERN
 
 BUILTIN = ("movie-snippets", "planted")
 DEFAULT_LEXICON_THRESHOLD = 1.5

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from salience.core.registry import register
 from salience.errors import ParameterError
-from salience.methods.base import Attribution, Context, token_attribution
+from salience.methods.base import Attribution, Context, position_attribution
 
 
 @register("attention", aliases=("attn",), kind="attention", cost="1 forward",
@@ -20,6 +21,7 @@ class Attention:
     Unsigned, in [0, 1]; not an attribution to the target class (the target is ignored)."""
 
     layer: str | int = "last"
+    needs: ClassVar[tuple[str, ...]] = ("attention_maps",)
 
     def attribute(self, ctx: Context) -> Attribution:
         maps = ctx.model.attention_maps(ctx.encoded).mean(1)  # (layers, T, T)
@@ -32,7 +34,7 @@ class Attention:
                 row = maps[int(self.layer), 0]
             except (IndexError, ValueError):
                 raise ParameterError(f"layer must be 'last', 'mean' or an index below {maps.shape[0]}, got {self.layer!r}") from None
-        return token_attribution(row, ctx)
+        return position_attribution(row.expand(len(ctx.targets), -1), ctx)
 
 
 @register("attention_rollout", aliases=("rollout",), kind="attention", cost="1 forward",
@@ -44,6 +46,7 @@ class AttentionRollout:
     into the first token's final representation. Unsigned; the target is ignored."""
 
     residual: float = 0.5
+    needs: ClassVar[tuple[str, ...]] = ("attention_maps",)
 
     def attribute(self, ctx: Context) -> Attribution:
         maps = ctx.model.attention_maps(ctx.encoded).mean(1)
@@ -52,4 +55,4 @@ class AttentionRollout:
         for layer in maps:
             mixed = (1 - self.residual) * layer + self.residual * eye
             rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
-        return token_attribution(rollout[0], ctx)
+        return position_attribution(rollout[0].expand(len(ctx.targets), -1), ctx)

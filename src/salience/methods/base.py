@@ -1,4 +1,8 @@
-"""What every method receives and returns."""
+"""What every method receives and returns.
+
+A method sees the input as positions x channels (the adapter's attribution space), a
+:class:`FeatureSet` of F features and T targets; it returns one row of F feature scores per target.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from salience.core.explanation import Feature
+from salience.core.features import FeatureSet
 from salience.core.target import Target
-from salience.models.base import Adapter, Encoded
+from salience.models.base import Adapter
 
 
 @dataclass
 class Context:
-    """One input to explain: the adapter, the encoded input, the target, the features to score,
-    the chunk size (None: the batching utility decides), the seed of any randomness and, for
-    methods that set ``uses_input_gradient``, the gradient at the input when the prediction pass
-    already computed it."""
+    """One input to explain: the adapter, the encoded input, the targets, the features to score,
+    which features can influence which target (``available``, (T, F) bool), the chunk size (None:
+    the batching utility decides), the seed of any randomness and, for methods that set
+    ``uses_input_gradient``, the outputs (T,) and gradients (T, P, C) at the input when the
+    prediction pass already computed them."""
 
     model: Adapter
-    encoded: Encoded
-    target: Target
-    features: list[Feature]
+    encoded: object
+    targets: list[Target]
+    features: FeatureSet
+    available: np.ndarray
     batch_size: int | None = None
     seed: int = 0
-    input_gradient: tuple[float, torch.Tensor] | None = None  # (output, d output / d embeddings (T, D)) at the input
+    input_gradient: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def generator(self) -> torch.Generator:
         """A torch generator seeded with ``seed`` (CPU, so results do not depend on the device)."""
@@ -35,32 +41,48 @@ class Context:
         """A numpy generator seeded with ``seed``."""
         return np.random.default_rng(self.seed)
 
+    def baseline(self, requested: str | None, prefer: str) -> str:
+        """The baseline to use: ``requested`` if given, else ``prefer`` when the adapter knows it,
+        else the adapter's default (the first of ``model.baselines``)."""
+        known = tuple(getattr(self.model, "baselines", ()))
+        if requested is not None:
+            return requested
+        if prefer in known or not known:
+            return prefer
+        return known[0]
+
+    def check_baseline(self, baseline: str, *, perturbation: bool) -> str:
+        """Let the adapter refuse a baseline it cannot build (one-line error listing those it can)."""
+        checker = getattr(self.model, "check_baseline", None)
+        return checker(baseline, perturbation=perturbation) if callable(checker) else baseline
+
 
 @dataclass
 class Attribution:
-    """A method's raw result: one score per feature, optional per-token scores, and, where defined,
-    the output at the input and at the baseline and the completeness error ``delta``; ``details``
-    records choices made while running (recorded in the Explanation's params)."""
+    """A method's raw result for T targets: ``scores`` (T, F); optional per-position scores (T, P);
+    where defined, the output at the input and at the baseline and the completeness error
+    ``delta``, each (T,); ``details`` records choices made while running (recorded in params)."""
 
     scores: np.ndarray
-    token_scores: np.ndarray | None = None
-    output_value: float | None = None
-    baseline_value: float | None = None
-    delta: float | None = None
+    position_scores: np.ndarray | None = None
+    output_value: np.ndarray | None = None
+    baseline_value: np.ndarray | None = None
+    delta: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
-    details: dict[str, object] = field(default_factory=dict)  # e.g. steps an adaptive rule used
+    details: dict[str, object] = field(default_factory=dict)
 
 
-def features_from_tokens(token_scores: torch.Tensor, features: list[Feature]) -> np.ndarray:
-    """Feature scores as the sum of their tokens' scores (subwords merge by summing)."""
-    values = token_scores.detach().double().cpu().numpy()
-    return np.array([values[list(f.tokens)].sum() for f in features], dtype=np.float64)
+def as_array(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    """float64 numpy copy (None stays None)."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return values.detach().double().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
 
 
-def token_attribution(token_scores: torch.Tensor, ctx: Context, **extra: object) -> Attribution:
-    """Wrap per-token scores (T,) as an :class:`Attribution` at the context's feature level."""
-    return Attribution(
-        scores=features_from_tokens(token_scores, ctx.features),
-        token_scores=token_scores.detach().double().cpu().numpy(),
-        **extra,  # type: ignore[arg-type]
-    )
+def position_attribution(position_scores: torch.Tensor, ctx: Context, **extra: object) -> Attribution:
+    """Wrap per-position scores (T, P) as an :class:`Attribution`: each feature's score is the sum
+    of its positions' scores (subwords merge by summing, pixels of a patch too)."""
+    scores = ctx.features.aggregate(position_scores.detach().double().cpu())
+    return Attribution(scores=scores.numpy(), position_scores=as_array(position_scores), **extra)  # type: ignore[arg-type]

@@ -1,5 +1,7 @@
-"""Local gradient methods at the word-embedding layer: gradient, input x gradient, SmoothGrad,
-GradientSHAP. Token scores sum the per-dimension scores over the embedding dimension."""
+"""Local gradient methods in the adapter's attribution space (word embeddings for token models,
+normalised pixels for images): gradient, input x gradient, SmoothGrad (and its squared and
+VarGrad variants), GradientSHAP. Position scores sum the per-channel scores over channels
+(embedding dimensions or colour channels); feature scores sum their positions' scores."""
 
 from __future__ import annotations
 
@@ -9,98 +11,116 @@ from typing import ClassVar
 import torch
 
 from salience.core.registry import register
-from salience.methods.base import Attribution, Context, token_attribution
+from salience.errors import ParameterError
+from salience.methods.base import Attribution, Context, as_array, position_attribution
+
+SMOOTHGRAD_VARIANTS = ("smoothgrad", "squared", "vargrad")
 
 
-def gradient_at_input(ctx: Context) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Word embeddings x (T, D), the target's output F(x) and dF/dx (T, D): from the context when the
-    prediction pass computed them, else by one forward + backward pass."""
-    x, _ = ctx.model.embedding_path_ends(ctx.encoded, "zero")
+def gradient_at_input(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input x (P, C), every target's output F_t(x) (T,) and dF_t/dx (T, P, C): from the context
+    when the prediction pass computed them, else by one forward + backward row per target."""
+    x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
     if ctx.input_gradient is not None:
-        value, gradient = ctx.input_gradient
-        return x, value, gradient
-    values, grads = ctx.model.score_embeddings(ctx.encoded, x[None], ctx.target, grad=True, batch_size=ctx.batch_size)
+        values, gradients = ctx.input_gradient
+        return x, values, gradients
+    values, grads = ctx.model.score_inputs(ctx.encoded, x[None], ctx.targets, grad=True, batch_size=ctx.batch_size)
     assert grads is not None
-    return x, float(values[0]), grads[0]
+    return x, values[0], grads[0]
 
 
-@register("saliency", aliases=("gradient", "grad"), kind="gradient", cost="1 forward + 1 backward",
-          summary="Gradient of the output w.r.t. each token's embedding (L1 norm by default)")
+@register("saliency", aliases=("gradient", "grad"), kind="gradient", cost="1 forward + 1 backward per target",
+          summary="Gradient of the output w.r.t. each input position (L1 norm over channels by default)")
 @dataclass
 class Saliency:
-    """Token score = sum over embedding dims of |dF/de| (``abs=True``, unsigned, as Captum's
-    Saliency) or of dF/de (``abs=False``). Units: output per unit of embedding. No baseline."""
+    """Position score = sum over channels of |dF/dx| (``abs=True``, unsigned, as Captum's Saliency)
+    or of dF/dx (``abs=False``). Units: output per unit of input. No baseline."""
 
     abs: bool = True
     uses_input_gradient: ClassVar[bool] = True
 
     def attribute(self, ctx: Context) -> Attribution:
-        _, value, gradient = gradient_at_input(ctx)
-        per_dim = gradient.abs() if self.abs else gradient
-        return token_attribution(per_dim.sum(-1), ctx, output_value=value)
+        _, values, gradients = gradient_at_input(ctx)
+        per_channel = gradients.abs() if self.abs else gradients
+        return position_attribution(per_channel.sum(-1), ctx, output_value=as_array(values))
 
 
 @register("input_x_gradient", aliases=("ixg", "inputxgradient", "gradient_x_input"), kind="gradient",
-          cost="1 forward + 1 backward", summary="Embedding times gradient, summed over dimensions (signed)")
+          cost="1 forward + 1 backward per target", summary="Input times gradient, summed over channels (signed)")
 @dataclass
 class InputXGradient:
-    """Token score = sum_d e_d * dF/de_d (signed; a first-order estimate of the output change when
-    the embedding is set to zero)."""
+    """Position score = sum_c x_c * dF/dx_c (signed; a first-order estimate of the output change when
+    the input is set to zero: a zero embedding, or for images the normalised value 0, the dataset mean)."""
 
     uses_input_gradient: ClassVar[bool] = True
 
     def attribute(self, ctx: Context) -> Attribution:
-        x, value, gradient = gradient_at_input(ctx)
-        return token_attribution((x * gradient).sum(-1), ctx, output_value=value)
+        x, values, gradients = gradient_at_input(ctx)
+        return position_attribution((x[None] * gradients).sum(-1), ctx, output_value=as_array(values))
 
 
-@register("smoothgrad", aliases=("smooth_grad", "sg"), kind="gradient", cost="n_samples forward + backward",
-          summary="Gradient averaged over Gaussian-noised copies of the embeddings")
+@register("smoothgrad", aliases=("smooth_grad", "sg"), kind="gradient", cost="n_samples forward + backward per target",
+          summary="Gradient averaged over Gaussian-noised copies of the input (squared / VarGrad variants)")
 @dataclass
 class SmoothGrad:
-    """Mean over ``n_samples`` noisy embeddings (noise std = ``noise_level`` x (max - min) of the
-    input's embedding values, as in the SmoothGrad paper) of the per-dimension gradient, |.|
-    first when ``abs`` (Captum's NoiseTunnel over Saliency), then summed over dimensions."""
+    """Over ``n_samples`` noisy inputs (noise std = ``noise_level`` x (max - min) of the input's
+    values, as in the SmoothGrad paper) of the per-channel gradient g (|g| when ``abs``, as Captum's
+    NoiseTunnel over Saliency): ``variant="smoothgrad"`` takes the mean of g, ``"squared"`` the mean
+    of g^2 (SmoothGrad-Squared), ``"vargrad"`` the variance of g (mean g^2 - (mean g)^2, VarGrad);
+    then summed over channels. Unsigned unless ``abs=False`` with the plain variant."""
 
     n_samples: int = 20
     noise_level: float = 0.1
     abs: bool = True
+    variant: str = "smoothgrad"
 
     def attribute(self, ctx: Context) -> Attribution:
-        x, _ = ctx.model.embedding_path_ends(ctx.encoded, "zero")
+        if self.variant not in SMOOTHGRAD_VARIANTS:
+            raise ParameterError(f"unknown SmoothGrad variant {self.variant!r}; choose one of {', '.join(SMOOTHGRAD_VARIANTS)}")
+        x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
         std = self.noise_level * float(x.max() - x.min())
         noise = torch.randn((self.n_samples, *x.shape), generator=ctx.generator(), dtype=torch.float64).to(x)
-        _, grads = ctx.model.score_embeddings(ctx.encoded, x[None] + std * noise, ctx.target, grad=True, batch_size=ctx.batch_size)
-        assert grads is not None
-        per_dim = (grads.abs() if self.abs else grads).mean(0)
-        return token_attribution(per_dim.sum(-1), ctx)
+        _, grads = ctx.model.score_inputs(ctx.encoded, x[None] + std * noise, ctx.targets, grad=True, batch_size=ctx.batch_size)
+        assert grads is not None  # (N, T, P, C)
+        g = grads.abs() if self.abs else grads
+        if self.variant == "smoothgrad":
+            per_channel = g.mean(0)
+        elif self.variant == "squared":
+            per_channel = (g * g).mean(0)
+        else:
+            per_channel = (g * g).mean(0) - g.mean(0) ** 2
+        return position_attribution(per_channel.sum(-1), ctx)
 
 
 @register("gradient_shap", aliases=("gradshap", "gshap", "expected_gradients"), kind="gradient",
-          cost="n_samples forward + backward", summary="Expected gradients: IG points at random alphas and noisy baselines")
+          cost="n_samples forward + backward per target", summary="Expected gradients: IG points at random alphas and noisy baselines")
 @dataclass
 class GradientShap:
     """Monte-Carlo estimate of expected gradients: mean over samples of
-    dF/de(b + a (x - b)) * (x - b), a ~ U(0, 1), b = the named ``baseline`` embedding plus Gaussian
-    noise of std ``stdev``; summed over dimensions. ``delta`` = sum of scores - (F(x) - mean F(b))."""
+    dF/dx(b + a (x - b)) * (x - b), a ~ U(0, 1), b = the named ``baseline`` plus Gaussian noise of
+    std ``stdev`` (positions marked special keep their value); summed over channels.
+    ``delta`` = sum of scores - (F(x) - mean F(b)). ``baseline=None``: [MASK] for text, the
+    adapter's default otherwise."""
 
     n_samples: int = 20
-    baseline: str = "mask"
+    baseline: str | None = None
     stdev: float = 0.0
 
     def attribute(self, ctx: Context) -> Attribution:
-        x, x0 = ctx.model.embedding_path_ends(ctx.encoded, self.baseline)
+        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=False)
+        x, x0 = ctx.model.input_and_baseline(ctx.encoded, baseline)
         generator = ctx.generator()
         alphas = torch.rand(self.n_samples, generator=generator, dtype=torch.float64).to(x)[:, None, None]
-        movable = (~ctx.encoded.special).to(x.device)[None, :, None]
+        movable = (~ctx.encoded.special).to(x.device)[None, :, None]  # type: ignore[attr-defined]
         noise = torch.randn((self.n_samples, *x.shape), generator=generator, dtype=torch.float64).to(x)
         baselines = x0[None] + self.stdev * noise * movable
         points = baselines + alphas * (x[None] - baselines)
-        _, grads = ctx.model.score_embeddings(ctx.encoded, points, ctx.target, grad=True, batch_size=ctx.batch_size)
-        ends, _ = ctx.model.score_embeddings(ctx.encoded, torch.cat([x[None], baselines]), ctx.target, grad=False,
-                                             batch_size=ctx.batch_size)
-        assert grads is not None
-        token_scores = (grads * (x[None] - baselines)).mean(0).sum(-1)
-        output, reference = float(ends[0]), float(ends[1:].mean())
-        return token_attribution(token_scores, ctx, output_value=output, baseline_value=reference,
-                                 delta=float(token_scores.sum()) - (output - reference))
+        _, grads = ctx.model.score_inputs(ctx.encoded, points, ctx.targets, grad=True, batch_size=ctx.batch_size)
+        ends, _ = ctx.model.score_inputs(ctx.encoded, torch.cat([x[None], baselines]), ctx.targets, grad=False,
+                                         batch_size=ctx.batch_size)
+        assert grads is not None  # (N, T, P, C)
+        position_scores = (grads * (x[None] - baselines)[:, None].to(grads)).mean(0).sum(-1)  # (T, P)
+        output, reference = ends[0].double(), ends[1:].double().mean(0)
+        delta = position_scores.double().sum(-1).cpu() - (output - reference).cpu()
+        return position_attribution(position_scores, ctx, output_value=as_array(output), baseline_value=as_array(reference),
+                                    delta=as_array(delta), details={"baseline": baseline})

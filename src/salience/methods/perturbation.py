@@ -15,10 +15,11 @@ from salience.methods.base import Attribution, Context
 
 
 def _outputs(ctx: Context, keep: np.ndarray, baseline: str) -> np.ndarray:
-    """Explained output for each row of ``keep`` (B, F) bool (features not kept are removed)."""
+    """Explained output of every target for each row of ``keep`` (B, F) bool (features not kept are
+    removed): (B, T). One set of rows serves every target."""
     rows = torch.as_tensor(keep, dtype=torch.bool)
-    values = ctx.model.score_perturbed(ctx.encoded, rows, ctx.features, baseline, ctx.target, ctx.batch_size)
-    return values.double().cpu().numpy()
+    values = ctx.model.score_perturbed(ctx.encoded, rows, ctx.features, baseline, ctx.targets, ctx.batch_size)
+    return values.double().cpu().numpy().reshape(len(keep), len(ctx.targets))
 
 
 @register("occlusion", aliases=("leave_one_out", "loo", "feature_ablation", "ablation"), kind="perturbation",
@@ -26,15 +27,18 @@ def _outputs(ctx: Context, keep: np.ndarray, baseline: str) -> np.ndarray:
 @dataclass
 class Occlusion:
     """Feature score = F(x) - F(x without the feature); the feature is replaced by the ``baseline``
-    token ("mask", "pad", "unk") or deleted ("delete"). With "mask" this equals SIG exactly."""
+    (text: the [MASK] token by default, "pad", "unk", or "delete"; images: the adapter's baselines,
+    e.g. a black or blurred patch). With the same baseline this equals exact SIG. All targets share
+    the F + 1 rows."""
 
-    baseline: str = "mask"
+    baseline: str | None = None
 
     def attribute(self, ctx: Context) -> Attribution:
+        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=True)
         n = len(ctx.features)
         keep = np.vstack([np.ones((1, n), bool), ~np.eye(n, dtype=bool)])
-        values = _outputs(ctx, keep, self.baseline)
-        return Attribution(scores=values[0] - values[1:], output_value=float(values[0]))
+        values = _outputs(ctx, keep, baseline)  # (F + 1, T)
+        return Attribution(scores=(values[0][None] - values[1:]).T, output_value=values[0], details={"baseline": baseline})
 
 
 @register("lime", kind="perturbation", cost="n_samples forward",
@@ -45,20 +49,30 @@ class Lime:
     each other row removes k ~ U{1..F} features chosen uniformly. Rows are weighted by
     sqrt(exp(-d^2 / kernel_width^2)), d = 100 x cosine distance to the input's all-ones vector; the
     score is the coefficient of a weighted ridge regression (penalty ``alpha``, intercept
-    unpenalised) of the output on the kept-feature indicators, fitted on all features."""
+    unpenalised) of the output on the kept-feature indicators. All targets share the rows; each
+    target's surrogate is fitted on the features that can influence it (all, for a classifier).
+    ``baseline=None``: words deleted for text (as the lime package does), the adapter's default
+    otherwise."""
 
     n_samples: int = 500
     kernel_width: float = 25.0
     alpha: float = 1.0
-    baseline: str = "delete"
+    baseline: str | None = None
 
     def attribute(self, ctx: Context) -> Attribution:
         if self.n_samples < 2:
             raise ParameterError("lime needs n_samples >= 2")
+        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "delete"), perturbation=True)
         keep = lime_samples(len(ctx.features), self.n_samples, ctx.rng())
-        values = _outputs(ctx, keep, self.baseline)
-        coef, intercept = fit_lime(keep, values, self.kernel_width, self.alpha)
-        return Attribution(scores=coef, output_value=float(values[0]), details={"intercept": intercept})
+        values = _outputs(ctx, keep, baseline)
+        scores = np.full((len(ctx.targets), len(ctx.features)), np.nan)
+        intercepts = []
+        for t, columns in enumerate(ctx.available):
+            coef, intercept = fit_lime(keep[:, columns], values[:, t], self.kernel_width, self.alpha)
+            scores[t, columns] = coef
+            intercepts.append(intercept)
+        return Attribution(scores=scores, output_value=values[0],
+                           details={"baseline": baseline, "intercept": intercepts[0] if len(intercepts) == 1 else intercepts})
 
 
 def lime_samples(n_features: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,6 +85,8 @@ def lime_samples(n_features: int, n_samples: int, rng: np.random.Generator) -> n
 
 def fit_lime(keep: np.ndarray, values: np.ndarray, kernel_width: float, alpha: float) -> tuple[np.ndarray, float]:
     """Coefficients and intercept of the weighted ridge surrogate, weights from the cosine kernel."""
+    if keep.shape[1] == 0:
+        return np.zeros(0), float(values[0])
     kept = keep.sum(1)
     cosine_distance = 1.0 - kept / np.sqrt(np.maximum(kept, 1) * keep.shape[1])
     weights = np.sqrt(np.exp(-((100 * cosine_distance) ** 2) / kernel_width**2))
@@ -98,29 +114,39 @@ class KernelShap:
     otherwise KernelSHAP (Lundberg & Lee, 2017) with ``n_samples`` coalitions: small and large
     coalition sizes enumerated whole while the budget allows, the rest drawn from the Shapley
     kernel and paired with their complements (see :func:`kernel_shap_design`), solved as weighted
-    least squares under the efficiency constraint, so scores sum to F(x) - v(empty set)."""
+    least squares under the efficiency constraint, so scores sum to F(x) - v(empty set).
+
+    All targets share the coalitions. A feature that cannot influence a target (a causal LM's later
+    token) is a null player: exactly 0 in the enumeration; the sampled regression of that target
+    is solved over the features that can influence it. ``baseline=None``: [MASK] for text, the
+    adapter's default otherwise."""
 
     n_samples: int = 512
     max_exact: int = 10
-    baseline: str = "mask"
+    baseline: str | None = None
 
     def attribute(self, ctx: Context) -> Attribution:
+        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=True)
         n = len(ctx.features)
         if n <= self.max_exact:
             keep = ((np.arange(2**n)[:, None] >> np.arange(n)[None]) & 1).astype(bool)
-            values = _outputs(ctx, keep, self.baseline)  # row r keeps the features whose bits are set in r
-            scores = exact_shapley(keep, values)
-            full, empty = float(values[-1]), float(values[0])
+            values = _outputs(ctx, keep, baseline)  # row r keeps the features whose bits are set in r
+            scores = np.stack([exact_shapley(keep, values[:, t]) for t in range(values.shape[1])])
+            full, empty = values[-1], values[0]
             details: dict[str, object] = {"exact": True, "coalitions": 2**n}
         else:
             keep, weights = kernel_shap_design(n, self.n_samples, ctx.rng())
             ends = np.vstack([np.ones((1, n), bool), np.zeros((1, n), bool)])
-            values = _outputs(ctx, np.vstack([ends, keep]), self.baseline)
-            full, empty = float(values[0]), float(values[1])
-            scores = constrained_kernel_regression(keep.astype(np.float64), values[2:] - empty, weights, full - empty)
+            values = _outputs(ctx, np.vstack([ends, keep]), baseline)
+            full, empty = values[0], values[1]
+            scores = np.full((values.shape[1], n), np.nan)
+            for t, columns in enumerate(ctx.available):
+                scores[t, columns] = constrained_kernel_regression(keep[:, columns].astype(np.float64), values[2:, t] - empty[t],
+                                                                   weights, full[t] - empty[t])
             details = {"exact": False, "coalitions": len(keep)}
-        return Attribution(scores=scores, output_value=full, baseline_value=empty,
-                           delta=float(scores.sum()) - (full - empty), details=details)
+        delta = np.nansum(scores, axis=1) - (full - empty)
+        return Attribution(scores=scores, output_value=full, baseline_value=empty, delta=delta,
+                           details={**details, "baseline": baseline})
 
 
 def exact_shapley(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -189,6 +215,8 @@ def _all_coalitions(n: int, size: int) -> np.ndarray:
 
 def constrained_kernel_regression(z: np.ndarray, y: np.ndarray, w: np.ndarray, total: float) -> np.ndarray:
     """argmin_phi sum_i w_i (y_i - z_i phi)^2 subject to sum(phi) = total, in closed form (KKT)."""
+    if z.shape[1] == 0:
+        return np.zeros(0)
     a = z.T @ (w[:, None] * z)
     b = z.T @ (w * y)
     a_inv_b = np.linalg.lstsq(a, b, rcond=None)[0]

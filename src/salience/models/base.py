@@ -1,25 +1,44 @@
-"""The adapter contract every model family implements, and the encoded input it works on."""
+"""The adapter contract every model kind implements, and the encoded input of the token models.
+
+Methods see an input as a tensor of positions x channels (tokens x embedding dims for text and
+causal LMs, pixels x colour channels for images), a :class:`~salience.core.features.FeatureSet`
+and a list of targets; they ask the adapter for outputs of perturbed rows or of points in the
+input space (with gradients). Everything that depends on the kind of model lives behind this
+contract: how a feature is removed (a [MASK] token, deletion, a black or blurred patch), where
+gradients are taken, which positions can influence which target.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from salience.core.explanation import Feature
+from salience.core.features import Feature, FeatureSet
 from salience.core.target import Prediction, Target
 
 
 @dataclass
-class Encoded:
-    """One input, tokenised: what methods perturb.
+class PassCounter:
+    """Rows sent through the model since creation (one batch of 16 rows = 16 passes)."""
 
-    ``special[t]`` marks tokens that baselines keep ([CLS], [SEP], ...). ``words`` and
+    forward_passes: int = 0
+    backward_passes: int = 0
+    model_calls: int = 0
+
+
+@dataclass
+class Encoded:
+    """One token input (text, text pair, prompt + continuation), tokenised: what methods perturb.
+
+    ``special[t]`` marks positions that baselines keep ([CLS], [SEP], BOS, ...). ``words`` and
     ``token_features`` are the two feature levels; each feature lists its token indices.
     """
 
-    input: str | tuple[str, str]
+    input: Any
     input_ids: torch.Tensor  # (T,)
     token_type_ids: torch.Tensor | None  # (T,) or None
     tokens: list[str]
@@ -31,6 +50,7 @@ class Encoded:
 
     @property
     def length(self) -> int:
+        """Number of positions (tokens, special ones included)."""
         return int(self.input_ids.shape[0])
 
     def features(self, level: str) -> list[Feature]:
@@ -38,34 +58,58 @@ class Encoded:
         return self.words if level == "word" else self.token_features
 
 
+class EncodedInput(Protocol):
+    """What methods may read of any encoded input: its positions and which of them baselines keep."""
+
+    @property
+    def length(self) -> int: ...
+
+    special: torch.Tensor  # (P,) bool
+    truncated: bool
+
+
 @runtime_checkable
 class Adapter(Protocol):
-    """What methods and metrics may ask of a model. Scores are the explained output of ``target``."""
+    """What methods and metrics may ask of a model.
+
+    ``kind`` names the model kind ("text classifier", "image classifier", "causal LM"); a method
+    that needs a capability the adapter lacks (e.g. attention maps) is refused with a message
+    naming the kinds that have it. Outputs of several targets come back as columns (B, T).
+    """
 
     name: str
+    kind: str
     labels: list[str]
+    counter: PassCounter
+    baselines: tuple[str, ...]  # named baselines this adapter understands; the first is its default
 
-    def encode(self, inputs: str | tuple[str, str], *, truncate: bool = False) -> Encoded: ...
+    def encode(self, inputs: Any, *, truncate: bool = False) -> Any: ...
 
-    def predict(self, encoded: Encoded) -> Prediction: ...
+    def predict(self, encoded: Any) -> Prediction: ...
 
-    def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: list[Feature], baseline: str,
-                        target: Target, batch_size: int | None = None) -> torch.Tensor:
+    def features(self, encoded: Any, level: str, **options: Any) -> FeatureSet:
+        """The features of ``level`` (text: word/token; image: pixel/patch/superpixel)."""
+        ...
+
+    def available(self, encoded: Any, targets: Sequence[Target], features: FeatureSet) -> np.ndarray:
+        """(T, F) bool: which features can influence which target (a causal LM's later tokens cannot)."""
+        ...
+
+    def score_perturbed(self, encoded: Any, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
+                        target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
         """Output for each row of ``keep`` (B, F) bool: features not kept are replaced by
-        ``baseline`` ("mask", "pad", "unk") or deleted ("delete"). Returns (B,)."""
+        ``baseline`` or deleted ("delete"). Returns (B,) for one target, (B, T) for a list."""
         ...
 
-    def embedding_path_ends(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word embeddings of the input and of the baseline input, both (T, D); the baseline
-        replaces non-special tokens only."""
+    def input_and_baseline(self, encoded: Any, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input in attribution space and its baseline, both (P, C); positions marked special
+        keep their input value in the baseline."""
         ...
 
-    def score_embeddings(self, encoded: Encoded, embeds: torch.Tensor, target: Target, *,
-                         grad: bool, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Outputs (N,) for word-embedding rows ``embeds`` (N, T, D), and their gradients (N, T, D)
-        when ``grad``."""
+    def score_inputs(self, encoded: Any, rows: torch.Tensor, target: Target | Sequence[Target], *, grad: bool,
+                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs for rows (N, P, C) of the attribution space: (N,) for one target, (N, T) for a list;
+        with ``grad`` also d output / d rows: (N, P, C), or (N, T, P, C) for a list."""
         ...
 
-    def attention_maps(self, encoded: Encoded) -> torch.Tensor:
-        """Attention probabilities (layers, heads, T, T)."""
-        ...
+    def bytes_per_row(self, length: int, *, backward: bool) -> int: ...

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-from salience.core.explanation import Feature
-from salience.core.target import Prediction, Target, read_output
+from salience.core.features import Feature, FeatureSet
+from salience.core.target import Prediction, Target, read_outputs
 from salience.errors import ParameterError
 from salience.models.base import Encoded
 from salience.models.text import TextClassifier
@@ -25,6 +27,8 @@ DEFAULT_TEMPLATE = "This example is {}."
 
 class ZeroShotClassifier:
     """Classify a text into user-chosen ``labels`` with an NLI :class:`TextClassifier`."""
+
+    kind = "text classifier"
 
     def __init__(self, nli: TextClassifier, labels: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
                  entailment_label: str | None = None) -> None:
@@ -43,6 +47,7 @@ class ZeroShotClassifier:
         self.name = f"{nli.name} (zero-shot: {', '.join(self.labels)})"
         self.counter = nli.counter
         self.max_length = nli.max_length
+        self.baselines = nli.baselines
 
     def bytes_per_row(self, seq_len: int, *, backward: bool) -> int:
         return self.nli.bytes_per_row(seq_len, backward=backward)
@@ -78,40 +83,55 @@ class ZeroShotClassifier:
         index = int(probs.argmax())
         return Prediction(index, self.labels[index], tuple(float(p) for p in probs))
 
-    def _label_logits(self, encoded: Encoded, keep: torch.Tensor, features: list[Feature], baseline: str,
+    def _label_logits(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                       batch_size: int | None) -> torch.Tensor:
         columns = [self.nli.score_perturbed(pair, keep, features, baseline, self.entailment, batch_size) for pair in self._pairs(encoded)]
         return torch.stack(columns, dim=1)  # (B, C) entailment logits
 
-    def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: list[Feature], baseline: str,
-                        target: Target, batch_size: int | None = None) -> torch.Tensor:
-        return read_output(self._label_logits(encoded, keep, features, baseline, batch_size), target)
+    def features(self, encoded: Encoded, level: str, **options: Any) -> FeatureSet:
+        return self.nli.features(encoded, level, **options)
 
-    def embedding_path_ends(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.nli.embedding_path_ends(encoded, baseline)
+    def available(self, encoded: Encoded, targets: Sequence[Target], features: FeatureSet) -> np.ndarray:
+        return np.ones((len(targets), len(features)), dtype=bool)
 
-    def score_embeddings(self, encoded: Encoded, embeds: torch.Tensor, target: Target, *, grad: bool,
-                         batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings (N, T, D) are completed with each hypothesis' embeddings; the gradient of
-        the target's output combines the per-label gradients by the chain rule through the softmax."""
+    def check_baseline(self, baseline: str, *, perturbation: bool) -> str:
+        return self.nli.check_baseline(baseline, perturbation=perturbation)
+
+    def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
+                        target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
+        logits = self._label_logits(encoded, keep, features, baseline, batch_size)
+        if isinstance(target, Target):
+            return read_outputs(logits, [target])[:, 0]
+        return read_outputs(logits, list(target))
+
+    def input_and_baseline(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nli.input_and_baseline(encoded, baseline)
+
+    def score_inputs(self, encoded: Encoded, rows: torch.Tensor, target: Target | Sequence[Target], *, grad: bool,
+                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings (N, L, D) are completed with each hypothesis' embeddings; the gradient of
+        each target's output combines the per-label gradients by the chain rule through the softmax."""
+        targets = [target] if isinstance(target, Target) else list(target)
         length = encoded.length - 1  # the text's tokens, without its final separator
         logits, grads = [], []
         for pair in self._pairs(encoded):
             with torch.no_grad():
-                tail = self.nli.embedding_layer(pair.input_ids[length:][None].to(embeds.device))[0]
-            full = torch.cat([embeds[:, :length], tail.expand(embeds.shape[0], -1, -1).to(embeds)], dim=1)
-            values, gradient = self.nli.score_embeddings(pair, full, self.entailment, grad=grad, batch_size=batch_size)
+                tail = self.nli.embedding_layer(pair.input_ids[length:][None].to(rows.device))[0]
+            full = torch.cat([rows[:, :length], tail.expand(rows.shape[0], -1, -1).to(rows)], dim=1)
+            values, gradient = self.nli.score_inputs(pair, full, self.entailment, grad=grad, batch_size=batch_size)
             logits.append(values)
             if gradient is not None:
                 grads.append(gradient[:, :length])
         z = torch.stack(logits, dim=1).double()  # (N, C)
-        out = read_output(z, target)
-        if not grad:
-            return out, None
-        coefficients = _output_jacobian(z, target)  # (N, C): d out / d z_l
-        combined = sum(coefficients[:, i, None, None].to(g) * g for i, g in enumerate(grads))
-        gradient = torch.zeros_like(embeds)
-        gradient[:, :length] = combined  # the final separator is special: never moved
+        out = read_outputs(z, targets)  # (N, T)
+        gradient = None
+        if grad:
+            coefficients = torch.stack([_output_jacobian(z, t) for t in targets], dim=1)  # (N, T, C): d out_t / d z_c
+            combined = sum(coefficients[:, :, i, None, None].to(g) * g[:, None] for i, g in enumerate(grads))
+            gradient = torch.zeros(rows.shape[0], len(targets), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+            gradient[:, :, :length] = combined  # the final separator is special: never moved
+        if isinstance(target, Target):
+            return out[:, 0], None if gradient is None else gradient[:, 0]
         return out, gradient
 
     def attention_maps(self, encoded: Encoded) -> torch.Tensor:

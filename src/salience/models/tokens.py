@@ -1,0 +1,280 @@
+"""What the token models (text classifiers, causal LMs) share: words from character offsets, named
+baseline tokens, perturbed rows (tokens replaced or deleted, bucketed by length), and passes in
+word-embedding space with the gradients of several targets batched as rows.
+
+The attribution space is the output of the word-embedding layer (before position embeddings are
+added): positions are tokens, channels embedding dimensions. A subclass says how one model call
+reads the explained outputs (:meth:`TokenAdapter._outputs`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_batches, map_chunks
+from salience.core.features import Feature, FeatureSet, as_feature_set
+from salience.core.target import Target
+from salience.errors import ModelOutputError, ParameterError
+from salience.models.arch import word_embedding_module
+from salience.models.base import Encoded, PassCounter
+
+WORD_PATTERN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+BASELINE_TOKENS = {"mask": "mask_token_id", "pad": "pad_token_id", "unk": "unk_token_id"}
+
+# (rows, targets) -> outputs (rows, targets); ``kept`` (rows, L) marks which original positions each
+# row still holds (None: every position, in place)
+OutputReader = Callable[[torch.Tensor, torch.Tensor | None, Sequence[Target]], torch.Tensor]
+
+
+class TokenAdapter:
+    """Shared machinery of adapters over a Hugging Face model and its fast tokenizer.
+
+    The model is put in eval mode. Parameters' ``requires_grad`` flags are switched off only while
+    a gradient is taken and restored afterwards; hooks exist only inside the call that needs them.
+    """
+
+    kind = "token model"
+    baselines: tuple[str, ...] = ("mask", "pad", "unk", "zero", "delete")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, name: str | None = None) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ParameterError("Salience needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = getattr(model, "config", None)
+        self.model_type: str | None = getattr(config, "model_type", None)
+        self.name = name or str(getattr(config, "_name_or_path", "") or type(model).__name__)
+        self.embedding_layer = word_embedding_module(model, self.model_type)
+        self.counter = PassCounter()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding_layer.weight.dtype  # type: ignore[union-attr,return-value]
+
+    # --------------------------------------------------------------- features
+    def features(self, encoded: Encoded, level: str, **options: Any) -> FeatureSet:
+        """Words (default) or tokens of the input, as a :class:`FeatureSet` over its tokens."""
+        if options:
+            raise ParameterError(f"text features take no options, got {', '.join(options)}")
+        if level not in ("word", "token"):
+            raise ParameterError(f"unknown level {level!r} for a {self.kind}; choose 'word' or 'token'")
+        return as_feature_set(encoded.features(level), encoded.length, level)
+
+    def available(self, encoded: Encoded, targets: Sequence[Target], features: FeatureSet) -> np.ndarray:
+        """(T, F): every feature can influence every target (a causal LM overrides this)."""
+        return np.ones((len(targets), len(features)), dtype=bool)
+
+    def check_baseline(self, baseline: str, *, perturbation: bool) -> str:
+        """Refuse a baseline this adapter cannot build, with the list of those it can."""
+        if baseline == "delete" and not perturbation:
+            raise ParameterError("baseline 'delete' exists for perturbation methods only; use mask, pad, unk or zero")
+        if baseline in ("zero", "delete"):
+            return baseline
+        self.baseline_token_id(baseline)
+        return baseline
+
+    def baseline_token_id(self, baseline: str) -> int:
+        """Token id replacing features for a named baseline ("mask", "pad", "unk") or a text that is
+        exactly one token."""
+        attribute = BASELINE_TOKENS.get(baseline)
+        token_id = getattr(self.tokenizer, attribute, None) if attribute else None
+        if token_id is not None:
+            return int(token_id)
+        if attribute:
+            raise ParameterError(f"the tokenizer of {self.name} has no {baseline} token; choose another baseline "
+                                 f"({', '.join(b for b in self.baselines if b != baseline)})")
+        ids = self.tokenizer(baseline, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ParameterError(
+                f"unknown baseline {baseline!r}: use {', '.join(self.baselines)} (delete: perturbation only) "
+                "or a text that is one token"
+            )
+        return int(ids[0])
+
+    # ---------------------------------------------------------------- running
+    def _outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                 kept: torch.Tensor | None, targets: Sequence[Target]) -> torch.Tensor:
+        """One model call on (B, L) rows; the explained output of every target (B, T)."""
+        raise NotImplementedError
+
+    def _call_model(self, **kwargs: torch.Tensor | int) -> Any:
+        """Run the model on one chunk, counting rows and calls."""
+        rows = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0]
+        output = self.model(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        self.counter.forward_passes += int(rows)
+        self.counter.model_calls += 1
+        return output
+
+    @staticmethod
+    def _check_finite(values: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=-1).sum())
+            raise ModelOutputError(f"the model returned NaN or infinite scores for {bad} of {values.shape[0]} inputs")
+        return values
+
+    def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
+                        target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
+        """Explained output for each row of ``keep`` (B, F): features not kept are replaced by the
+        ``baseline`` token, set to the zero embedding (``"zero"``) or, with ``"delete"``, removed from
+        the sequence. Returns (B,) for one target, (B, T) for a list."""
+        targets, single = _as_targets(target)
+        removed = as_feature_set(features, encoded.length).removed(keep)  # (B, L)
+        if baseline == "zero":
+            x, x0 = self.input_and_baseline(encoded, "zero")
+            rows = torch.where(removed[:, :, None].to(x.device), x0[None], x[None])
+            values, _ = self.score_inputs(encoded, rows, targets, grad=False, batch_size=batch_size)
+            return values[:, 0] if single else values
+        n_rows, length = keep.shape[0], encoded.length
+        ids = encoded.input_ids.expand(n_rows, length)
+        types = None if encoded.token_type_ids is None else encoded.token_type_ids.expand(n_rows, length)
+        kept: torch.Tensor | None = None
+        if baseline == "delete":
+            order = torch.argsort(removed.int(), dim=1, stable=True)  # kept tokens first, in order
+            lengths = (~removed).sum(dim=1)
+            ids = ids.gather(1, order)
+            types = None if types is None else types.gather(1, order)
+            mask = (torch.arange(length)[None] < lengths[:, None]).long()
+            ids = torch.where(mask.bool(), ids, self.baseline_token_id("pad") if self.tokenizer.pad_token_id is not None else 0)
+            kept = ~removed
+        else:
+            ids = torch.where(removed, self.baseline_token_id(baseline), ids)
+            mask = torch.ones(n_rows, length, dtype=torch.long)
+        size = choose_batch_size(length, backward=False, batch_size=batch_size)
+        # bucket by length: rows sorted by kept length, cut into chunks trimmed to their longest row
+        row_lengths = mask.sum(dim=1)
+        order = torch.argsort(row_lengths, stable=True)
+        ids, mask = ids[order], mask[order]
+        types = None if types is None else types[order]
+        kept = None if kept is None else kept[order]
+        pieces = length_chunks(row_lengths[order].tolist(), max_tokens=size * length,
+                               max_rows=size if batch_size is not None else MAX_ROWS_PER_CHUNK)
+
+        def run(rows: slice) -> torch.Tensor:
+            width = max(1, int(mask[rows].sum(dim=1).max()))  # a chunk of rows with every token deleted keeps one column
+            chunk_types = None if types is None else types[rows, :width]
+            chunk_kept = None if kept is None else kept[rows]
+            return self._outputs(ids[rows, :width], mask[rows, :width], chunk_types, chunk_kept, targets).double().cpu()
+
+        with torch.no_grad():
+            values = map_chunks(run, pieces)
+        values = torch.empty_like(values).index_copy_(0, order, values)
+        return values[:, 0] if single else values
+
+    # --------------------------------------------------------------- gradients
+    def input_and_baseline(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word embeddings (L, D) of the input and of its baseline: non-special tokens replaced by the
+        baseline token's embedding, or by zeros for ``baseline="zero"``."""
+        with torch.no_grad():
+            x = self.embedding_layer(encoded.input_ids[None].to(self.device))[0].detach()
+            if baseline == "zero":
+                reference = torch.zeros_like(x)
+            else:
+                if baseline == "delete":
+                    raise ParameterError("baseline 'delete' exists for perturbation methods only; use mask, pad, unk or zero")
+                token = torch.tensor([[self.baseline_token_id(baseline)]], device=self.device)
+                reference = self.embedding_layer(token)[0, 0].expand_as(x)
+            movable = (~encoded.special).to(self.device)[:, None]
+            x0 = torch.where(movable, reference, x)
+        return x, x0
+
+    def score_inputs(self, encoded: Encoded, rows: torch.Tensor, target: Target | Sequence[Target], *, grad: bool,
+                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs for word-embedding rows (N, L, D): (N,) for one target, (N, T) for a list; with
+        ``grad`` also d output / d rows, (N, L, D) or (N, T, L, D). Without gradients one pass serves
+        every target; with them, each (row, target) pair is one backward row."""
+        targets, single = _as_targets(target)
+        size = choose_batch_size(encoded.length, backward=grad, batch_size=batch_size)
+        if not grad:
+            def forward(chunk: slice) -> torch.Tensor:
+                return self._embedding_pass(encoded, rows[chunk], targets, None, grad=False)[0]
+
+            values = map_batches(forward, rows.shape[0], size)
+            return (values[:, 0] if single else values), None
+        n, k = rows.shape[0], len(targets)
+        which = torch.arange(n * k) % k  # row i of the expanded batch explains target i % k
+
+        def backward(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            source = rows[chunk] if k == 1 else rows[torch.arange(chunk.start, chunk.stop) // k]
+            return self._embedding_pass(encoded, source, targets, which[chunk], grad=True)
+
+        with frozen_parameters(self.model):
+            values, gradients = map_batches(backward, n * k, max(1, size))
+        values, gradients = values.reshape(n, k), gradients.reshape(n, k, *rows.shape[1:])
+        if single:
+            return values[:, 0], gradients[:, 0]
+        return values, gradients
+
+    def _embedding_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target], which: torch.Tensor | None, *,
+                        grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call on word-embedding rows (B, L, D). Without ``grad``: every target's output
+        (B, T). With it: row b's output for target ``which[b]`` (B,) and its gradient w.r.t. the row."""
+        chunk = embeds.to(self.device, self.dtype).detach().requires_grad_(grad)
+        count, length, types = chunk.shape[0], encoded.length, encoded.token_type_ids
+        with self._replaced_embeddings(chunk), torch.set_grad_enabled(grad):
+            outputs = self._outputs(encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long),
+                                    None if types is None else types.expand(count, length), None, targets)
+            if not grad:
+                return outputs.detach(), torch.empty(0)
+            assert which is not None
+            values = outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
+            (gradient,) = torch.autograd.grad(values.sum(), chunk)
+            self.counter.backward_passes += count
+        return values.detach(), gradient.detach()
+
+    @contextmanager
+    def _replaced_embeddings(self, embeds: torch.Tensor) -> Iterator[None]:
+        """Inside: the word-embedding layer outputs ``embeds`` instead of looking ids up."""
+        handle = self.embedding_layer.register_forward_hook(lambda _module, _inputs, _output: embeds)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _as_targets(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
+    if isinstance(target, Target):
+        return [target], True
+    return list(target), False
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Switch off ``requires_grad`` on every parameter, restoring each flag on exit (errors too)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in saved:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in saved:
+            parameter.requires_grad_(flag)
+
+
+def words_of(text: str, segment: int, offsets: list[tuple[int, int]], sequence: list[int | None]) -> list[Feature]:
+    """Words of ``text`` with the indices of the tokens (of this segment) that start inside them. A
+    word is a run of letters and digits (inner apostrophes allowed) or one punctuation mark."""
+    spans = [(m.start(), m.end()) for m in WORD_PATTERN.finditer(text)]
+    members: list[list[int]] = [[] for _ in spans]
+    starts = [s for s, _ in spans]
+    for token, ((begin, end), seq) in enumerate(zip(offsets, sequence)):
+        if seq != segment or end <= begin:
+            continue
+        # the word containing the token's first character, else the next word (a "▁"-style prefix)
+        index = bisect.bisect_right(starts, begin) - 1
+        if index < 0 or begin >= spans[index][1]:
+            index += 1
+        if index < len(spans):
+            members[index].append(token)
+    return [Feature(text[s:e], s, e, segment, tuple(m)) for (s, e), m in zip(spans, members) if m]
