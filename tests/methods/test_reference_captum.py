@@ -28,8 +28,9 @@ import torch
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 
-captum_attr = pytest.importorskip("captum.attr")
+captum_attr = require("captum.attr")
 
 INPUTS = pytest.mark.parametrize("inputs", [TOY_TEXT, TOY_PAIR], ids=["text", "pair"])
 STEPS = 50
