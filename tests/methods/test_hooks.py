@@ -34,19 +34,37 @@ def test_no_state_left_behind(toy, method):
     assert all(p.grad is None for p in toy.model.parameters())
 
 
-def test_state_restored_after_exception_inside_method(toy, monkeypatch):
-    calls = {"n": 0}
-    original = toy.model.classifier.forward
+# small settings so that every method makes several model calls with batch_size=4
+CHEAP = {"integrated_gradients": {"steps": 20}, "lime": {"n_samples": 16}, "smoothgrad": {"n_samples": 8},
+         "gradient_shap": {"n_samples": 8}, "kernel_shap": {"max_exact": 0, "n_samples": 16}}
 
-    def failing(*args, **kwargs):
+
+def _state(model: torch.nn.Module) -> tuple:
+    return (_hook_count(model), [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()],
+            model.config._attn_implementation, [p.grad is None for p in model.parameters()])
+
+
+@pytest.mark.parametrize("method", [info.name for info in salience.methods()])
+def test_state_restored_after_exception_inside_method(toy, method):
+    """The model raises in the middle of the method's model calls (a forward hook on the last
+    encoder layer): no hook, requires_grad change, training flag, attention implementation or
+    gradient may survive."""
+    toy.model(input_ids=torch.tensor([[2, 3]]), output_attentions=True)  # transformers' own hooks, once
+    toy.model.bert.encoder.layer[0].attention.self.query.weight.requires_grad_(False)  # a user's own choice
+    calls = {"n": 0, "fail_at": None}
+
+    def count_or_fail(_module, _inputs, _output):
         calls["n"] += 1
-        if calls["n"] > 2:  # fail in the middle of the integration, while the hook is attached
+        if calls["n"] == calls["fail_at"]:
             raise RuntimeError("boom")
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(toy.model.classifier, "forward", failing)
-    flags = [p.requires_grad for p in toy.model.parameters()]
+    toy.model.bert.encoder.layer[-1].register_forward_hook(count_or_fail)
+    params = CHEAP.get(method, {})
+    salience.explain(toy, TOY_TEXT, method=method, batch_size=4, **params)  # a clean run counts the calls
+    n_calls, calls["n"] = calls["n"], 0
+    calls["fail_at"] = n_calls // 2 + 1  # the middle call; the method's only one for the 1-pass methods
+    before = _state(toy.model)
     with pytest.raises(RuntimeError, match="boom"):
-        salience.explain(toy, TOY_TEXT, method="ig", steps=20, batch_size=4)
-    assert _hook_count(toy.model) == 0
-    assert [p.requires_grad for p in toy.model.parameters()] == flags
+        salience.explain(toy, TOY_TEXT, method=method, batch_size=4, **params)
+    assert calls["n"] == calls["fail_at"]  # it did fail where intended
+    assert _state(toy.model) == before

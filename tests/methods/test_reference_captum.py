@@ -28,8 +28,9 @@ import torch
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 
-captum_attr = pytest.importorskip("captum.attr")
+captum_attr = require("captum.attr")
 
 INPUTS = pytest.mark.parametrize("inputs", [TOY_TEXT, TOY_PAIR], ids=["text", "pair"])
 STEPS = 50
@@ -80,6 +81,51 @@ def test_saliency_matches_captum_saliency(toy, inputs, target):
     np.testing.assert_allclose(e.token_scores, expected, rtol=1e-12, atol=1e-14)
     # word level: subword scores summed per word
     np.testing.assert_allclose(e.scores, [expected[list(f.tokens)].sum() for f in e.features], rtol=1e-12, atol=1e-14)
+
+
+def salience_noise(seed: int, n_samples: int, shape: torch.Size) -> torch.Tensor:
+    """Standard normal draws (n_samples, *shape) as Salience documents them: ``torch.randn`` in
+    float64 from a CPU generator seeded with the explanation's seed."""
+    return torch.randn((n_samples, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@INPUTS
+@pytest.mark.parametrize("target", [0, 1])
+def test_smoothgrad_matches_captum_noise_tunnel(toy, inputs, target, monkeypatch):
+    """Captum's NoiseTunnel(Saliency), nt_type="smoothgrad", fed Salience's noise draws: Captum draws
+    its noise with one ``torch.normal(0, stdev expanded to (n, T, D))`` call, which the test answers
+    with the same standard normal draws times the same stdev.
+
+    Only ``abs=True``: BERT's embedding LayerNorm makes every token's gradient orthogonal to the
+    all-ones vector (adding a constant to all dimensions changes nothing), so signed gradients
+    summed over the embedding dimension are 0 up to round-off and would compare zeros."""
+    n, level, seed = 6, 0.15, 3
+    e = salience.explain(toy, inputs, "smoothgrad", target=target, level="token", n_samples=n, noise_level=level,
+                         seed=seed)
+    encoded, ids, types = _encoded(toy, inputs)
+    model = toy.model
+    embeds = model.bert.embeddings.word_embeddings(ids).detach()
+    stdev = level * float(embeds.max() - embeds.min())  # the SmoothGrad paper: noise level x (max - min) of the input
+    noise = salience_noise(seed, n, embeds.shape[1:])
+    calls = []
+
+    def same_noise(mean, std):
+        calls.append(std.shape)
+        # Captum passes stdev as a float32 tensor; the float64 value is used so that both sides
+        # add exactly the same noise
+        assert mean == 0 and torch.allclose(std.double(), torch.full_like(noise, stdev))
+        return stdev * noise
+
+    monkeypatch.setattr(torch, "normal", same_noise)
+    tunnel = captum_attr.NoiseTunnel(captum_attr.Saliency(_forward_embeds(model)))
+    reference = tunnel.attribute(embeds.requires_grad_(True), nt_type="smoothgrad", nt_samples=n, stdevs=stdev,
+                                 target=target, abs=True, additional_forward_args=(types,))
+    monkeypatch.undo()
+    assert calls == [noise.shape]  # one draw of all samples: the noise was Salience's
+    expected = reference[0].sum(-1).detach().numpy()
+    # same float64 inputs and gradients; only the order of the mean over samples differs (round-off)
+    np.testing.assert_allclose(e.token_scores, expected, rtol=1e-10, atol=1e-14)
+    assert np.abs(expected).max() > 1e-3  # not a comparison of zeros
 
 
 @INPUTS

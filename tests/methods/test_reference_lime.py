@@ -24,10 +24,11 @@ from sklearn.linear_model import Ridge
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 from salience.methods.perturbation import fit_lime, lime_samples, weighted_ridge
 
-lime_base = pytest.importorskip("lime.lime_base")
-lime_text = pytest.importorskip("lime.lime_text")
+lime_base = require("lime.lime_base")
+lime_text = require("lime.lime_text")
 
 
 def _lime_distances(data: np.ndarray) -> np.ndarray:

@@ -18,9 +18,10 @@ import torch
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 from salience.methods.perturbation import constrained_kernel_regression, exact_shapley, kernel_shap_design
 
-shap = pytest.importorskip("shap")
+shap = require("shap")
 
 
 def _all_coalitions(n: int) -> np.ndarray:

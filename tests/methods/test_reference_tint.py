@@ -37,8 +37,9 @@ import torch
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 
-tint_attr = pytest.importorskip("tint.attr")
+tint_attr = require("tint.attr")
 
 INPUTS = pytest.mark.parametrize("inputs", [TOY_TEXT, TOY_PAIR], ids=["text", "pair"])
 STEPS = 50

@@ -11,6 +11,7 @@ import torch
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 from salience.core.explanation import Explanation, Feature
 from salience.core.target import Prediction, Target
 from salience.errors import ParameterError
@@ -179,7 +180,7 @@ def test_loo_kendall_tau_closed_form(fake, perfect):
 
 
 def test_kendall_tau_b_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     rng = np.random.default_rng(0)
     for _ in range(20):
         x, y = rng.integers(0, 4, size=12).astype(float), rng.normal(size=12)

@@ -9,6 +9,7 @@ import pytest
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 from salience.core.explanation import Explanation, Feature
 from salience.core.target import Prediction, Target
 from salience.errors import ParameterError
@@ -76,7 +77,7 @@ def test_auprc_hand_computed_and_matches_sklearn():
     e = made_up(SCORES)
     r = evaluate_metric("auprc", None, e, rationale=HUMAN)
     assert r.value == 1.0 and r.details["chance"] == pytest.approx(0.4)
-    metrics = pytest.importorskip("sklearn.metrics")
+    metrics = require("sklearn.metrics")
     rng = np.random.default_rng(0)
     for _ in range(30):
         labels = rng.integers(0, 2, size=15)

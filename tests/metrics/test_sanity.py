@@ -11,6 +11,7 @@ from torch import nn
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from oracles import require
 from salience.metrics import evaluate_metric
 from salience.metrics.base import MetricError
 from salience.metrics.sanity import _reinitialise, cascade_steps, method_params, rankdata, spearman
@@ -22,7 +23,7 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------ rank correlation
 def test_spearman_and_ranks_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     rng = np.random.default_rng(0)
     for _ in range(20):
         a, b = np.round(rng.normal(size=11), 1), rng.normal(size=11)

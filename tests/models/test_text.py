@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,13 +45,24 @@ def test_text_over_limit_errors_unless_truncated(toy):
     assert e.truncated and len(e.tokens) == 64 and len(e.features) == 62
 
 
-def test_targets_by_index_label_and_errors(toy):
-    by_label = salience.explain(toy, TOY_TEXT, method="sig", target="negative")
-    by_index = salience.explain(toy, TOY_TEXT, method="sig", target=0)
-    assert by_label.target == by_index.target and by_label.target.label == "negative"
-    predicted = salience.explain(toy, TOY_TEXT, method="sig")
-    assert predicted.target.index == predicted.prediction.index
-    assert by_label.scores == pytest.approx(-predicted.scores) or predicted.target.index == 0  # p0 = 1 - p1
+# the toy predicts each class on one of these (p = 0.998 for "positive" and for "negative")
+@pytest.mark.parametrize("text, predicted", [("the film was superb", "positive"), ("the story is dull", "negative")])
+def test_targets_by_index_and_label(toy, text, predicted):
+    default = salience.explain(toy, text, method="sig")
+    assert default.prediction.label == predicted
+    assert default.target.index == default.prediction.index and default.target.label == predicted
+    other = 1 - default.target.index
+    by_label = salience.explain(toy, text, method="sig", target=toy.labels[other])
+    by_index = salience.explain(toy, text, method="sig", target=other)
+    assert by_label.target == by_index.target and by_label.target.index == other
+    np.testing.assert_array_equal(by_label.scores, by_index.scores)
+    # two classes: p_other = 1 - p_predicted, so each score (a probability difference) flips sign;
+    # both are differences of float64 probabilities near 0 or 1, so they agree to ~1e-16 absolute
+    assert np.abs(default.scores).max() > 1e-4  # scores large enough for the sign check to mean something
+    np.testing.assert_allclose(by_label.scores, -default.scores, rtol=0, atol=1e-14)
+
+
+def test_target_errors(toy):
     with pytest.raises(salience.TargetError, match="out of range"):
         salience.explain(toy, TOY_TEXT, method="sig", target=5)
     with pytest.raises(salience.TargetError, match="unknown target label 'neutral'.*negative, positive"):
