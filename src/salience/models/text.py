@@ -39,33 +39,6 @@ class TextClassifier(TokenAdapter):
         self.max_length = max_length or self._model_limit()
         self.uses_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
-    # ------------------------------------------------------------------ facts
-    def _model_limit(self) -> int:
-        limits = [int(self.tokenizer.model_max_length)] if self.tokenizer.model_max_length < 10**6 else []
-        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if positions:
-            limits.append(int(positions))
-        return min(limits) if limits else 512
-
-    def bytes_per_row(self, seq_len: int, *, backward: bool) -> int:
-        """Estimated activation memory (bytes) of one input row of ``seq_len`` tokens, for ``max_memory``.
-
-        A gradient pass keeps, per layer and token, about 8 hidden-sized and 2 intermediate-sized
-        values for the backward pass (gradients are freed layer by layer); eager attention also
-        keeps 2 maps of heads x T x T per layer (SDPA kernels do not). A forward pass without
-        gradients holds about two layers' worth at a time. A 25 % margin is added. Measured on
-        BERT-base (SDPA, float32, CPU): 270 MiB per 512-token row with backward, estimate 360 MiB.
-        """
-        config = self.model.config  # type: ignore[union-attr]
-        hidden = int(getattr(config, "hidden_size", 768))
-        layers = int(getattr(config, "num_hidden_layers", 12))
-        heads = int(getattr(config, "num_attention_heads", 12))
-        intermediate = int(getattr(config, "intermediate_size", 4 * hidden))
-        eager = getattr(config, "_attn_implementation", "eager") not in ("sdpa", "flash_attention_2", "flex_attention")
-        width = torch.finfo(self.dtype).bits // 8
-        per_layer = seq_len * (8 * hidden + 2 * intermediate) + (2 * heads * seq_len * seq_len if eager else 0)
-        return int(1.25 * width * per_layer * (layers if backward else 2))
-
     # --------------------------------------------------------------- encoding
     def encode(self, inputs: str | tuple[str, str], *, truncate: bool = False) -> Encoded:
         """Tokenise one text or text pair; raises :class:`InputError` for empty or over-long input
