@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+import salience.methods  # noqa: F401  (registers the built-in methods)
 from salience.core.batching import choose_batch_size
 from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
@@ -125,6 +126,8 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
     counter = model.counter
     before = dataclasses.replace(counter)
     started = time.perf_counter()
+    if "seed" in getattr(model, "encode_options", ()):  # e.g. a causal LM's sampling: the one seed of explain()
+        encode_options = {**encode_options, "seed": seed}
     encoded = item if not _is_raw(model, item) else model.encode(item, truncate=truncate, **encode_options)
     squeeze = _one_class_target(model, target)
     input_gradient = None
@@ -137,7 +140,7 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
     else:
         prediction = model.predict(encoded)
         targets = _resolve(model, encoded, prediction, target, output)
-    level = level or getattr(model, "default_level", "word")
+    level = level or getattr(model, "default_levels", {}).get(info.kind) or getattr(model, "default_level", "word")
     features = model.features(encoded, level, **feature_options)
     available = np.asarray(model.available(encoded, targets, features), dtype=bool)
     if batch_size is None and max_memory is not None:
@@ -153,7 +156,7 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
         seconds=time.perf_counter() - started,
     )
     scores = np.where(available, np.asarray(result.scores, dtype=np.float64), np.nan)
-    notes = list(result.warnings)
+    notes = list(getattr(encoded, "notes", ())) + list(result.warnings)  # conversions of the input, then the method's
     if getattr(encoded, "truncated", False):
         notes.append(f"the input was truncated to the model's limit of {getattr(model, 'max_length', '?')} tokens")
     for note in notes:

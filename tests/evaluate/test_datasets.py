@@ -114,7 +114,7 @@ def test_movie_snippets_marks_lexicon_words(toy):
 
 
 def test_planted_rationale_marks_the_planted_tokens(toy):
-    from salience.evaluate.planted import PLANTED
+    from salience.zoo.planted import PLANTED
 
     data = load_dataset("planted", toy, limit=50)
     planted_words = set(PLANTED[0] + PLANTED[1])

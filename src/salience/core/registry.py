@@ -72,7 +72,6 @@ def unknown_name_message(kind: str, name: str, keys: list[str], canonical: list[
 
 def get_method(name: str) -> MethodInfo:
     """Look a method up by name or alias (case-insensitive, '-' same as '_')."""
-    _load_builtin_methods()
     key = normalise_name(name)
     if key not in _ALIASES:
         raise UnknownMethodError(unknown_name_message("method", name, list(_ALIASES), list(_METHODS)))
@@ -81,10 +80,5 @@ def get_method(name: str) -> MethodInfo:
 
 def all_methods() -> list[MethodInfo]:
     """Every registered method, sorted by kind then name."""
-    _load_builtin_methods()
     order = {"gradient": 0, "path": 1, "perturbation": 2, "attention": 3}
     return sorted(_METHODS.values(), key=lambda m: (order.get(m.kind, 9), m.name))
-
-
-def _load_builtin_methods() -> None:
-    import salience.methods  # noqa: F401  (registers the built-in methods on import)

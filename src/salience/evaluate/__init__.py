@@ -3,8 +3,8 @@
 ``salience evaluate`` / ``salience bench`` / ``salience runs`` drive it from the command line; see
 docs/evaluation.md. The pieces, one job each:
 
-* :mod:`~salience.evaluate.datasets`: built-in and JSONL datasets as :class:`Example` lists
-* :mod:`~salience.evaluate.planted`: the synthetic planted-token task and its small model
+* :mod:`~salience.evaluate.datasets`: built-in and JSONL datasets as :class:`Example` lists (the planted task
+  and its small model live in :mod:`salience.zoo.planted`)
 * :mod:`~salience.evaluate.config`: run configuration, method/metric specs, run identity, study files
 * :mod:`~salience.evaluate.store`: the SQLite results database (WAL, transactions, writer lock)
 * :mod:`~salience.evaluate.runner`: the resumable loop over examples x methods

@@ -205,7 +205,7 @@ def model_fingerprint(name: str) -> str:
         weights = Path(salience.zoo.__file__).with_name("minilm_sentiment.safetensors")  # as minilm_sentiment.WEIGHTS_PATH
         return "zoo:minilm-sentiment/sha256-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     if name == "zoo:planted":
-        from salience.evaluate.planted import TASK_VERSION
+        from salience.zoo.planted import TASK_VERSION
 
         return f"zoo:planted/v{TASK_VERSION}"
     folder = Path(name).expanduser()

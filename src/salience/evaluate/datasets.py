@@ -11,7 +11,7 @@ single punctuation marks), so it lines up with the features of a word-level expl
   magnitude >= ``lexicon_threshold`` (default 1.5), matched in lower case. This is a judgement of
   which words carry sentiment *out of context*, not an annotation of each sentence; see
   docs/evaluation.md.
-* ``planted``: the synthetic planted-token task of :mod:`salience.evaluate.planted`; the rationale
+* ``planted``: the synthetic planted-token task of :mod:`salience.zoo.planted`; the rationale
   marks the planted tokens, which decide the label (ground truth).
 * a path to a ``.jsonl`` file: one JSON object a line with ``text`` (or ``premise`` and
   ``hypothesis``), optional ``id``, optional ``label`` (class index or name) and optional
@@ -217,7 +217,7 @@ def _movie_snippets(model: Any, split: str, limit: int | None, threshold: float,
 
 # ---------------------------------------------------------------- planted
 def _planted(model: Any, limit: int | None, n: int, seed: int, truncate: bool) -> Dataset:
-    from salience.evaluate.planted import LABELS, TASK_VERSION, planted_examples
+    from salience.zoo.planted import LABELS, TASK_VERSION, planted_examples
 
     sentences = planted_examples(n, seed)
     examples = []

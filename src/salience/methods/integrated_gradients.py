@@ -21,9 +21,12 @@ class IntegratedGradients:
 
     ``steps=None`` (default) integrates adaptively: ``pieces`` equal pieces, each with a
     Gauss-Kronrod 7/15 pair (15 gradients), bisected where the per-feature error bound
-    |K15 - G7| is largest, until every feature's bound is within ``tolerance`` x the largest
-    |feature score| of its target (or ``atol`` when that is larger), or ``max_steps`` gradients
-    are spent (then a warning). The bound is reported per target as ``error_bound`` in params.
+    |K15 - G7| (see ``salience.methods.path.kronrod_estimate``) is largest, until every feature's
+    bound is within ``tolerance`` x the largest |feature score| of its target (or ``atol`` when
+    that is larger), or ``max_steps`` gradients are spent (then a warning). The largest
+    per-feature bound is reported per target as ``error_bound`` in params (output units). It
+    bounds the quadrature error of any integrand that the 15 nodes resolve; a jump narrower than
+    the nodes' spacing can escape every quadrature, so the completeness ``delta`` is reported too.
     An integer ``steps`` uses one fixed ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
     """
 

@@ -83,7 +83,7 @@ def train_planted_model(folder: Path, *, seed: int = 0, steps: int = TRAIN_STEPS
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # type: ignore[attr-defined]
 
-    from salience.models.loading import quiet_transformers
+    from salience.zoo.quiet import quiet_transformers
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)

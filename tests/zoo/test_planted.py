@@ -10,7 +10,7 @@ import pytest
 
 import salience
 from salience.evaluate.datasets import load_dataset
-from salience.evaluate.planted import LABELS, METADATA, PLANTED, planted_examples, planted_model_dir
+from salience.zoo.planted import LABELS, METADATA, PLANTED, planted_examples, planted_model_dir
 from salience.metrics.base import evaluate_metric
 
 
