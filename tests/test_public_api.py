@@ -5,7 +5,7 @@ import salience
 
 def test_public_names_are_pinned():
     assert sorted(salience.__all__) == sorted([
-        "AssetMissingError", "Cost", "Explanation", "Feature", "InputError", "ModelLoadError", "ModelOutputError",
+        "AssetMissingError", "CausalLM", "Cost", "Explanation", "Feature", "InputError", "ModelLoadError", "ModelOutputError",
         "ParameterError", "Prediction", "SalienceError", "SalienceWarning", "Target", "TargetError", "TextClassifier",
         "UnknownMethodError", "ZeroShotClassifier", "__version__", "explain", "load_model", "methods",
     ])

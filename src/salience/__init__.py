@@ -14,6 +14,7 @@ from salience.errors import (
     TargetError,
     UnknownMethodError,
 )
+from salience.models.causal_lm import CausalLM
 from salience.models.loading import load_model
 from salience.models.text import TextClassifier
 from salience.models.zero_shot import ZeroShotClassifier
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssetMissingError",
+    "CausalLM",
     "Cost",
     "Explanation",
     "Feature",

@@ -85,7 +85,9 @@ class Adapter(Protocol):
 
     def encode(self, inputs: Any, *, truncate: bool = False) -> Any: ...
 
-    def predict(self, encoded: Any) -> Prediction: ...
+    def predict(self, encoded: Any) -> Prediction | None:
+        """The class prediction on the unperturbed input (None for a causal LM: it has no classes)."""
+        ...
 
     def features(self, encoded: Any, level: str, **options: Any) -> FeatureSet:
         """The features of ``level`` (text: word/token; image: pixel/patch/superpixel)."""

@@ -22,6 +22,7 @@ from salience.errors import InputError, ParameterError
 from salience.models.base import Encoded
 from salience.models.tokens import TokenAdapter, frozen_parameters, words_of
 
+
 class TextClassifier(TokenAdapter):
     """Wraps a Hugging Face ``*ForSequenceClassification`` model and its (fast) tokenizer.
 

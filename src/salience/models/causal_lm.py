@@ -1,0 +1,259 @@
+"""Adapter for Hugging Face causal language models (``*ForCausalLM``): explain every token of a
+continuation, generated greedily (or sampled, seeded) or given by the user (teacher forcing).
+
+Conventions:
+
+- The sequence is prompt + continuation token ids; the continuation is tokenised on its own
+  (without special tokens), so it is the sequence the model is teacher-forced on.
+- Targets: one per continuation token (``Target.index`` its id, ``label`` its text, ``position``
+  its index in the sequence); its output is read from the logits at ``position - 1``.
+- Features: tokens (the default level) or words of the prompt and of the continuation. A
+  feature's ``segment`` is 0 for the prompt and 1 for the continuation; ``start``/``end`` are
+  character offsets into that text (``Explanation.input`` / ``extras["prompt"]``, and
+  ``extras["continuation"]``). Special tokens (BOS, ``<|im_end|>``, ...) are in no feature and keep
+  their value in every baseline.
+- Feature f can influence the target at position p iff all of f's positions are < p; the API
+  writes NaN for the others.
+- Baselines: ``"zero"`` (the zero embedding; the default for every method that prefers [MASK] or
+  [PAD], which LM tokenizers rarely have), ``"delete"`` (tokens removed from the sequence; LIME's
+  default), and ``"eos"`` / ``"unk"`` where the tokenizer has those tokens. ``"pad"`` and any text
+  that is one token are accepted too; ``"pad"`` is not listed, so that IG's preference for it does
+  not make its default depend on whether a tokenizer defines a pad token.
+- With ``"delete"``, the output of a target whose whole prefix is deleted (a prompt without BOS)
+  is read after a lone start token (the tokenizer's BOS, else its EOS), computed in the same model
+  call as one extra row.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from salience.core.features import Feature, FeatureSet
+from salience.core.target import Target, check_output, read_outputs
+from salience.errors import InputError, ParameterError, TargetError
+from salience.models.base import Encoded
+from salience.models.generation import decode_tokens, decoded_offsets, end_token_ids
+from salience.models.tokens import TokenAdapter, words_of
+
+DEFAULT_MAX_NEW_TOKENS = 16
+PROMPT, CONTINUATION = 0, 1  # Feature.segment of each text
+
+
+class CausalLM(TokenAdapter):
+    """Wraps a Hugging Face ``*ForCausalLM`` model and its fast tokenizer; the model is neither moved
+    nor cast (rows follow its embedding layer's device and dtype). ``max_length`` (the context
+    length) defaults to the tokenizer's limit capped by the model's position embeddings."""
+
+    kind = "causal LM"
+    explanation_kind = "generation"
+    default_level = "token"
+    encode_options = ("continuation", "max_new_tokens", "sample", "seed")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, name: str | None = None, max_length: int | None = None) -> None:
+        super().__init__(model, tokenizer, name=name)
+        self.labels: list[str] = []  # no classes: the targets are the continuation's tokens
+        self.max_length = max_length or self._model_limit()
+        self.baselines = ("zero", "delete", *(b for b in ("eos", "unk") if getattr(tokenizer, f"{b}_token_id", None) is not None))
+        self.keeps_logits = _keeps_logits_per_row(model)
+        self.end_ids = end_token_ids(model, tokenizer)
+
+    def bytes_per_row(self, seq_len: int, *, backward: bool) -> int:
+        """Activation estimate of :class:`TokenAdapter` plus the logits read (at most one vocabulary
+        row per position, with its softmax and, backward, its gradient)."""
+        vocab = int(getattr(self.model.config, "vocab_size", 32000))  # type: ignore[union-attr]
+        head = seq_len * vocab * (3 if backward else 2) * (torch.finfo(self.dtype).bits // 8)
+        return super().bytes_per_row(seq_len, backward=backward) + head
+
+    # --------------------------------------------------------------- encoding
+    def is_single_input(self, inputs: Any) -> bool:
+        """One prompt (a string or an :class:`Encoded`); a list is several prompts."""
+        return isinstance(inputs, (str, Encoded))
+
+    def encode(self, prompt: str, *, continuation: str | None = None, max_new_tokens: int | None = None,
+               sample: bool = False, seed: int = 0, truncate: bool = False) -> Encoded:
+        """Tokenise ``prompt`` and either teacher-force ``continuation`` or generate ``max_new_tokens``
+        tokens (default 16; greedy, or sampled with ``seed`` when ``sample``). Prompt plus new tokens
+        over the context length raise :class:`InputError` unless ``truncate`` (the prompt is then cut
+        from the left, keeping a leading BOS). Generation spends one counted forward pass per token."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty" if isinstance(prompt, str) else "a prompt must be a text")
+        if continuation is not None and max_new_tokens is not None:
+            raise ParameterError("give either a continuation (teacher forcing) or max_new_tokens (generation), not both")
+        prompt_part = self._tokenise(prompt, add_special_tokens=True)
+        if not prompt_part[0]:
+            raise InputError("the prompt tokenises to no token")
+        if continuation is not None:
+            given = self._tokenise(continuation, add_special_tokens=False)
+            if not given[0]:
+                raise InputError(f"the continuation {continuation!r} tokenises to no token")
+            new = len(given[0])
+        else:
+            new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens)
+            if new < 1:
+                raise ParameterError(f"max_new_tokens must be at least 1, got {new}")
+        keep = self._fit(prompt_part[2], new, truncate)
+        ids, offsets, special = ([part[i] for i in keep] for part in prompt_part)
+        if continuation is None:
+            generated = decode_tokens(self._call_model, self.model, torch.tensor(ids, dtype=torch.long), new,
+                                      end_ids=self.end_ids, sample=sample, seed=seed)
+            text, cont_offsets = decoded_offsets(self.tokenizer, generated)
+            cont = (generated, cont_offsets, [i in self._special_ids() for i in generated])
+        else:
+            text, cont = continuation, given
+        extras: dict[str, object] = {"prompt": prompt, "continuation": text, "generated": continuation is None,
+                                     "prompt_length": len(ids)}
+        if continuation is None and sample:
+            extras.update(sample=True, seed=seed)
+        return self._encoded(prompt, text, (ids + cont[0], offsets + cont[1], special + cont[2]),
+                             truncated=len(keep) < len(prompt_part[0]), extras=extras)
+
+    def _tokenise(self, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+        """Ids, character offsets and special flags of ``text``: tokens the tokenizer added (BOS) and
+        special tokens written in the text (``<|im_start|>``) are special; the unknown token is not
+        (it stands for characters of the text)."""
+        enc = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids = [int(i) for i in enc["input_ids"]]
+        specials = self._special_ids()
+        sequence = enc.sequence_ids(0)
+        special = [s is None or i in specials for i, s in zip(ids, sequence)]
+        return ids, [(int(a), int(b)) for a, b in enc["offset_mapping"]], special
+
+    def _special_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
+
+    def _fit(self, special: list[bool], new: int, truncate: bool) -> list[int]:
+        """Indices of the prompt tokens kept so that prompt + ``new`` tokens fit the context."""
+        length, room = len(special), self.max_length - new
+        if length <= room:
+            return list(range(length))
+        if not truncate:
+            raise InputError(f"the prompt ({length} tokens) plus {new} new tokens is over the model's context length "
+                             f"of {self.max_length}; shorten it, ask for fewer tokens or pass truncate=True to cut the prompt")
+        head = 1 if special[0] else 0  # a leading BOS stays
+        if room - head < 1:
+            raise InputError(f"{new} new tokens leave no room for the prompt in the context length of {self.max_length}")
+        return list(range(head)) + list(range(length - (room - head), length))
+
+    def _encoded(self, prompt: str, continuation: str, sequence: tuple[list[int], list[tuple[int, int]], list[bool]], *,
+                 truncated: bool, extras: dict[str, object]) -> Encoded:
+        ids, offsets, special = sequence
+        start = int(extras["prompt_length"])  # type: ignore[call-overload]
+        segment: list[int | None] = [None if s else (PROMPT if t < start else CONTINUATION) for t, s in enumerate(special)]
+        tokens = [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+        token_features = [Feature(tokens[t], offsets[t][0], offsets[t][1], s, (t,)) for t, s in enumerate(segment) if s is not None]
+        words = words_of(prompt, PROMPT, offsets, segment) + words_of(continuation, CONTINUATION, offsets, segment)
+        return Encoded(input=prompt, input_ids=torch.tensor(ids, dtype=torch.long), token_type_ids=None, tokens=tokens,
+                       special=torch.tensor(special, dtype=torch.bool), words=words, token_features=token_features,
+                       truncated=truncated, extras=extras)
+
+    def describe_input(self, encoded: Encoded) -> dict[str, object]:
+        """What an Explanation keeps of the input: the prompt, the continuation text, whether it was
+        generated (and the seed when sampled), and the number of prompt tokens (special ones included)."""
+        return dict(encoded.extras)
+
+    # ---------------------------------------------------------------- targets
+    def predict(self, encoded: Encoded) -> None:
+        """A causal LM has no class prediction; the targets are the continuation's tokens."""
+        return None
+
+    def resolve_targets(self, encoded: Encoded, prediction: object, target: int | str | Sequence[int | str] | None,
+                        output: str) -> list[Target]:
+        """One target per continuation token (``None`` or ``"all"``), or those chosen by index into the
+        continuation (0 = its first token; negative indices count from the end): one or a list."""
+        check_output(output)
+        start = int(encoded.extras["prompt_length"])  # type: ignore[call-overload]
+        every = [Target(int(encoded.input_ids[p]), encoded.tokens[p], output, p) for p in range(start, encoded.length)]
+        if target is None or (isinstance(target, str) and target == "all"):
+            return every
+        picks = list(target) if isinstance(target, (list, tuple)) else [target]
+        if not picks:
+            raise TargetError("the list of targets is empty")
+        chosen = []
+        for pick in picks:
+            if isinstance(pick, bool) or not (isinstance(pick, int) or (isinstance(pick, str) and pick.lstrip("-").isdigit())):
+                raise TargetError(f"a causal LM's target is the index of a continuation token (or 'all'), not {pick!r}")
+            index = int(pick)
+            if not -len(every) <= index < len(every):
+                raise TargetError(f"target {index} is out of range: the continuation has {len(every)} tokens")
+            chosen.append(every[index])
+        return chosen
+
+    def available(self, encoded: Encoded, targets: Sequence[Target], features: FeatureSet) -> np.ndarray:
+        """(T, F): feature f can influence the target at position p iff all its positions are < p."""
+        last = torch.full((len(features),), -1, dtype=torch.long)
+        last.scatter_reduce_(0, features.pairs[0], features.pairs[1], reduce="amax")
+        positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
+        return (last[None, :] < positions[:, None]).numpy()
+
+    # ---------------------------------------------------------------- running
+    def _outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                 kept: torch.Tensor | None, targets: Sequence[Target]) -> torch.Tensor:
+        """Every target's output from one model call on (B, W) rows: target t reads the logits at
+        ``position - 1`` or, in a deletion row, at the last kept position before its position; a
+        target with no kept position before it reads an extra row holding only the start token.
+        Only the (B, T) logit rows read are computed (``logits_to_keep``) where the model allows it."""
+        positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
+        rows = input_ids.shape[0]
+        if kept is None:
+            read = (positions - 1).expand(rows, -1)
+        else:
+            read = kept.long().cumsum(dim=1)[:, positions - 1] - 1  # (B, T): kept positions before p, minus one
+        source = torch.arange(rows)[:, None].expand_as(read)
+        if bool((read < 0).any()):  # a whole prefix deleted: read the start row instead
+            start_row = torch.full((1, input_ids.shape[1]), self._pad_id(), dtype=input_ids.dtype)
+            start_row[0, 0] = self._start_token_id()
+            start_mask = torch.zeros(1, input_ids.shape[1], dtype=attention_mask.dtype)
+            start_mask[0, 0] = 1
+            input_ids, attention_mask = torch.cat([input_ids, start_row]), torch.cat([attention_mask, start_mask])
+            source = torch.where(read < 0, rows, source)
+            read = torch.cat([read.clamp(min=0), torch.zeros(1, read.shape[1], dtype=read.dtype)])
+        logits = self._read_logits(input_ids, attention_mask, read)  # (B', T, V)
+        logits = logits[source.to(logits.device), torch.arange(len(targets), device=logits.device)[None]]  # (B, T, V)
+        logits = self._check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        return torch.stack([read_outputs(logits[:, t], [target])[:, 0] for t, target in enumerate(targets)], dim=1)
+
+    def _read_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, V) at positions ``read`` (B, K) of each row, from one model call."""
+        if self.keeps_logits:
+            logits = self._call_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                      logits_to_keep=read).logits
+            if logits.shape[:2] == read.shape:
+                return logits
+            self.keeps_logits = False  # a model with its own slicing: read the full logits from now on
+        full = self._call_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return torch.take_along_dim(full, read.to(full.device)[..., None], dim=1)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self._start_token_id()
+
+    def _start_token_id(self) -> int:
+        for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if token is not None:
+                return int(token)
+        raise ParameterError(f"the tokenizer of {self.name} has neither BOS nor EOS to stand for an empty context; "
+                             "use a replacement baseline instead of 'delete'")
+
+
+def _keeps_logits_per_row(model: nn.Module) -> bool:
+    """Whether ``model`` takes per-row positions in ``logits_to_keep`` (a (B, K) tensor): its forward
+    has the argument and transformers has the shared slicing helper that reads such a tensor."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return False
+    try:
+        from transformers import modeling_utils
+    except ImportError:
+        return False
+    return hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def _position(target: Target) -> int:
+    if target.position is None or target.position < 1:
+        raise TargetError(f"target {target.label!r} has no position after the first token of the sequence")
+    return int(target.position)
