@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
+import numpy as np
+
 from salience.core.explanation import Explanation
 from salience.render.layout import describe, scale, segments
+from salience.render.matrix import OUTPUT_HEADERS, cell, output_values, unit, unit_note, visible
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -18,6 +21,10 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 .sep { color: #999; margin: 0 0.6em; }
 .legend { font-size: 0.8em; color: #666; }
 .warning { color: #a60; font-size: 0.85em; }
+.matrix { border-collapse: collapse; font-size: 0.85em; margin-top: 0.5em; }
+.matrix th, .matrix td { padding: 0.2em 0.45em; text-align: right; font-family: ui-monospace, monospace; white-space: pre; }
+.matrix tbody th { text-align: left; }
+.prompt { font-family: ui-monospace, monospace; white-space: pre-wrap; }
 """
 
 
@@ -28,6 +35,8 @@ def _colour(score: float, largest: float) -> str:
 
 
 def _one(explanation: Explanation) -> str:
+    if explanation.kind == "generation":
+        return _generation(explanation)
     largest = scale(explanation)
     parts: list[str] = []
     for segment, pieces in segments(explanation):
@@ -42,6 +51,39 @@ def _one(explanation: Explanation) -> str:
     return (
         f'<div class="explanation"><div class="meta">{escape(describe(explanation))}</div>'
         f'<div class="text">{"".join(parts)}</div>{warnings}</div>'
+    )
+
+
+def _generation(explanation: Explanation) -> str:
+    """A generation as a heat table: one row per explained token (and its output at the input where
+    the method reports it), one column per feature; blank cells: the feature cannot influence the token."""
+    e = explanation
+    scores = np.atleast_2d(np.asarray(e.scores, dtype=float))
+    largest, factor = scale(e), unit(e)
+    values = output_values(e)
+    output_header = f"<th>{escape(OUTPUT_HEADERS.get(e.target.output, 'output'))}</th>" if values is not None else ""
+    header = "".join(f"<th>{escape(visible(f.text))}</th>" for f in e.features)
+    rows = []
+    for t, target in enumerate(e.targets):
+        cells = []
+        for score in scores[t]:
+            if np.isnan(score):
+                cells.append("<td></td>")
+            else:
+                cells.append(f'<td style="{_colour(float(score), largest)}" title="{score:+.4g}">{escape(cell(float(score), factor))}</td>')
+        output = f"<td>{float(values[t]):.3g}</td>" if values is not None else ""
+        rows.append(f"<tr><th>{escape(visible(target.label))}</th>{output}{''.join(cells)}</tr>")
+    texts = ""
+    if "prompt" in e.extras:
+        how = "generated" if e.extras.get("generated") else "given"
+        texts = (f'<div class="prompt"><b>prompt:</b> {escape(str(e.extras["prompt"]))}</div>'
+                 f'<div class="prompt"><b>continuation ({how}):</b> {escape(str(e.extras.get("continuation", "")))}</div>')
+    note = f'<div class="meta">{escape(unit_note(factor))}</div>' if unit_note(factor) else ""
+    warnings = "".join(f'<div class="warning">warning: {escape(w)}</div>' for w in e.warnings)
+    return (
+        f'<div class="explanation"><div class="meta">{escape(describe(e))}</div>{texts}'
+        f'<table class="matrix"><thead><tr><th>target</th>{output_header}{header}</tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table>{note}{warnings}</div>'
     )
 
 

@@ -32,21 +32,25 @@ def segments(explanation: Explanation) -> Iterator[tuple[int, list[tuple[str, fl
 
 def scale(explanation: Explanation) -> float:
     """The largest |score| (1.0 when all are zero), used to normalise colour intensity."""
-    largest = float(np.max(np.abs(explanation.scores))) if len(explanation.scores) else 0.0
+    scores = np.abs(np.asarray(explanation.scores, dtype=float))
+    largest = float(np.nanmax(scores)) if scores.size and not np.all(np.isnan(scores)) else 0.0  # NaN: unavailable
     return largest if largest > 0 else 1.0
 
 
 def describe(explanation: Explanation) -> str:
     """One line of provenance: model, method, target and output, prediction, delta, cost."""
     e = explanation
-    parts = [
-        f"model {e.model}",
-        f"method {e.method}",
-        f"target {e.target.label} ({e.target.output})",
-        f"prediction {e.prediction.label} p={e.prediction.probabilities[e.prediction.index]:.3f}",
-    ]
+    parts = [f"model {e.model}", f"method {e.method}"]
+    if len(e.targets) == 1:
+        parts.append(f"target {e.target.label} ({e.target.output})")
+    else:
+        parts.append(f"{len(e.targets)} targets ({e.target.output})")
+    if e.prediction is not None:  # a generation has no class prediction
+        parts.append(f"prediction {e.prediction.label} p={e.prediction.probabilities[e.prediction.index]:.3f}")
     if e.delta is not None:
         relative = e.relative_delta
-        parts.append(f"delta {e.delta:+.2e}" + (f" ({100 * relative:.2g}% of the gap)" if relative is not None else ""))
+        deltas = np.abs(np.asarray(e.delta, dtype=float))
+        shown = f"delta {e.delta:+.2e}" if deltas.ndim == 0 else f"max |delta| {np.nanmax(deltas):.2e}"
+        parts.append(shown + (f" ({100 * relative:.2g}% of the gap)" if relative is not None else ""))
     parts.append(f"{e.cost.forward_passes} fwd / {e.cost.backward_passes} bwd passes, {e.cost.seconds:.2f} s")
     return " | ".join(parts)
