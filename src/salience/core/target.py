@@ -11,7 +11,7 @@ import torch
 
 from salience.errors import ParameterError, TargetError
 
-Output = Literal["probability", "logit", "log_probability"]
+Output = Literal["probability", "logit", "log_probability", "log_odds"]
 OUTPUTS: tuple[str, ...] = get_args(Output)
 
 
@@ -36,6 +36,13 @@ class Prediction:
     index: int
     label: str
     probabilities: tuple[float, ...]
+
+
+def prediction_from_logits(logits: torch.Tensor, labels: Sequence[str]) -> Prediction:
+    """The prediction of one row of logits (C,): the argmax class, its label, the softmax (float64)."""
+    probabilities = torch.softmax(logits.detach().double().cpu(), dim=-1)
+    index = int(probabilities.argmax())
+    return Prediction(index, labels[index], tuple(float(p) for p in probabilities))
 
 
 def check_output(output: str) -> str:
@@ -68,7 +75,11 @@ def resolve_target(target: int | str | None, labels: list[str], prediction: Pred
 
 def read_outputs(logits: torch.Tensor, targets: list[Target]) -> torch.Tensor:
     """The explained scalar of every target per row of ``logits`` (B, C) -> (B, T); the targets share
-    one output kind (the API enforces it), so the softmax is computed once."""
+    one output kind (the API enforces it), so the softmax is computed once.
+
+    Kinds: ``probability`` p_t (softmax), ``logit`` z_t, ``log_probability`` log p_t, and
+    ``log_odds`` log(p_t / (1 - p_t)) = z_t - logsumexp(z_c, c != t): it does not saturate as a
+    probability does near 0 and 1, and for two classes it is the logit difference z_t - z_other."""
     kinds = {t.output for t in targets}
     if len(kinds) != 1:
         raise ParameterError(f"targets of one explanation must share one output kind, got {sorted(kinds)}")
@@ -78,6 +89,10 @@ def read_outputs(logits: torch.Tensor, targets: list[Target]) -> torch.Tensor:
         return logits[:, index]
     if kind == "log_probability":
         return torch.log_softmax(logits, dim=-1)[:, index]
+    if kind == "log_odds":
+        others = logits[:, None, :].expand(-1, len(targets), -1).clone()  # (B, T, C)
+        others[:, torch.arange(len(targets)), index] = -torch.inf
+        return logits[:, index] - torch.logsumexp(others, dim=-1)
     return torch.softmax(logits, dim=-1)[:, index]
 
 

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from salience.core.features import Feature
-from salience.core.target import Prediction, Target, read_outputs
+from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
 from salience.errors import InputError, ParameterError
 from salience.models.base import Encoded
-from salience.models.tokens import TokenAdapter, frozen_parameters, words_of
+from salience.models.passes import frozen_parameters
+from salience.models.tokens import TokenAdapter, words_of
 
 
 class TextClassifier(TokenAdapter):
@@ -96,9 +97,7 @@ class TextClassifier(TokenAdapter):
         return self._prediction(logits[0])
 
     def _prediction(self, logits: torch.Tensor) -> Prediction:
-        probs = torch.softmax(logits.detach().double(), dim=-1)
-        index = int(probs.argmax())
-        return Prediction(index, self.labels[index], tuple(float(p) for p in probs))
+        return prediction_from_logits(logits, self.labels)
 
     def predict_with_input_gradient(self, encoded: Encoded, resolve: Callable[[Prediction], Target]
                                     ) -> tuple[Prediction, Target, torch.Tensor, torch.Tensor]:

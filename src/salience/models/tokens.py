@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_batches, map_chunks
+from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_chunks
 from salience.core.features import Feature, FeatureSet, as_feature_set
 from salience.core.target import Target
-from salience.errors import ModelOutputError, ParameterError
+from salience.errors import ParameterError
 from salience.models.arch import word_embedding_module
 from salience.models.base import Encoded, PassCounter
+from salience.models.passes import as_targets, check_finite, score_rows
 
 WORD_PATTERN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 BASELINE_TOKENS = {"mask": "mask_token_id", "pad": "pad_token_id", "unk": "unk_token_id", "eos": "eos_token_id"}
@@ -149,19 +150,14 @@ class TokenAdapter:
         self.counter.model_calls += 1
         return output
 
-    @staticmethod
-    def _check_finite(values: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=-1).sum())
-            raise ModelOutputError(f"the model returned NaN or infinite scores for {bad} of {values.shape[0]} inputs")
-        return values
+    _check_finite = staticmethod(check_finite)
 
     def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                         target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
         """Explained output for each row of ``keep`` (B, F): features not kept are replaced by the
         ``baseline`` token, set to the zero embedding (``"zero"``) or, with ``"delete"``, removed from
         the sequence. Returns (B,) for one target, (B, T) for a list."""
-        targets, single = _as_targets(target)
+        targets, single = as_targets(target)
         removed = as_feature_set(features, encoded.length).removed(keep)  # (B, L)
         if baseline == "zero":
             x, x0 = self.input_and_baseline(encoded, "zero")
@@ -226,26 +222,15 @@ class TokenAdapter:
         """Outputs for word-embedding rows (N, L, D): (N,) for one target, (N, T) for a list; with
         ``grad`` also d output / d rows, (N, L, D) or (N, T, L, D). Without gradients one pass serves
         every target; with them, each (row, target) pair is one backward row."""
-        targets, single = _as_targets(target)
+        targets, single = as_targets(target)
         size = choose_batch_size(encoded.length, backward=grad, batch_size=batch_size)
-        if not grad:
-            def forward(chunk: slice) -> torch.Tensor:
-                return self._embedding_pass(encoded, rows[chunk], targets, None, grad=False)[0]
 
-            values = map_batches(forward, rows.shape[0], size)
-            return (values[:, 0] if single else values), None
-        n, k = rows.shape[0], len(targets)
-        which = torch.arange(n * k) % k  # row i of the expanded batch explains target i % k
+        def run(source: torch.Tensor, which: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._embedding_pass(encoded, source, targets, which, grad=which is not None)
 
-        def backward(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            source = rows[chunk] if k == 1 else rows[torch.arange(chunk.start, chunk.stop) // k]
-            return self._embedding_pass(encoded, source, targets, which[chunk], grad=True)
-
-        with frozen_parameters(self.model):
-            values, gradients = map_batches(backward, n * k, max(1, size))
-        values, gradients = values.reshape(n, k), gradients.reshape(n, k, *rows.shape[1:])
+        values, gradients = score_rows(self.model, run, rows, len(targets), size, grad=grad)
         if single:
-            return values[:, 0], gradients[:, 0]
+            return values[:, 0], None if gradients is None else gradients[:, 0]
         return values, gradients
 
     def _embedding_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target], which: torch.Tensor | None, *,
@@ -273,25 +258,6 @@ class TokenAdapter:
             yield
         finally:
             handle.remove()
-
-
-def _as_targets(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
-    if isinstance(target, Target):
-        return [target], True
-    return list(target), False
-
-
-@contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Switch off ``requires_grad`` on every parameter, restoring each flag on exit (errors too)."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for parameter, _ in saved:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, flag in saved:
-            parameter.requires_grad_(flag)
 
 
 def words_of(text: str, segment: int, offsets: list[tuple[int, int]], sequence: list[int | None]) -> list[Feature]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from salience.core.features import Feature, FeatureSet
-from salience.core.target import Prediction, Target, read_outputs
+from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
 from salience.errors import ParameterError
 from salience.models.base import Encoded
 from salience.models.text import TextClassifier
@@ -79,9 +79,7 @@ class ZeroShotClassifier:
     def predict(self, encoded: Encoded) -> Prediction:
         keep = torch.ones(1, len(encoded.words), dtype=torch.bool)
         logits = self._label_logits(encoded, keep, encoded.words, "mask", None)
-        probs = torch.softmax(logits.double(), dim=-1)[0]
-        index = int(probs.argmax())
-        return Prediction(index, self.labels[index], tuple(float(p) for p in probs))
+        return prediction_from_logits(logits[0], self.labels)
 
     def _label_logits(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                       batch_size: int | None) -> torch.Tensor:
@@ -148,4 +146,7 @@ def _output_jacobian(z: torch.Tensor, target: Target) -> torch.Tensor:
     probs = torch.softmax(z, dim=-1)
     if target.output == "log_probability":
         return one_hot - probs
+    if target.output == "log_odds":  # z_t - logsumexp over the other labels
+        others = torch.softmax(z.masked_fill(one_hot.bool(), -torch.inf), dim=-1)
+        return one_hot - others
     return probs[:, target.index, None] * (one_hot - probs)

@@ -1,0 +1,65 @@
+"""How every adapter runs rows through its model: targets as output columns, one backward row per
+(row, target) pair, parameters frozen while input gradients are taken, outputs checked finite."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from salience.core.batching import map_batches
+from salience.core.target import Target
+from salience.errors import ModelOutputError
+
+# (rows (B, ...), which (B,) or None) -> without ``which``: every target's output (B, T) and an empty
+# tensor; with it: row b's output for target ``which[b]`` (B,) and its gradient w.r.t. the row (B, ...)
+RowPass = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def as_targets(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
+    """The targets as a list, and whether a single :class:`Target` was given (results squeezed)."""
+    if isinstance(target, Target):
+        return [target], True
+    return list(target), False
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Switch off ``requires_grad`` on every parameter, restoring each flag on exit (errors too)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in saved:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in saved:
+            parameter.requires_grad_(flag)
+
+
+def check_finite(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (B, ...) unchanged, or :class:`ModelOutputError` naming how many rows hold NaN/inf."""
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=-1).sum())
+        raise ModelOutputError(f"the model returned NaN or infinite scores for {bad} of {values.shape[0]} inputs")
+    return values
+
+
+def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: int, size: int, *,
+               grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Outputs (N, T) of ``rows`` (N, ...) in chunks of ``size`` rows; with ``grad`` also the
+    gradients (N, T, ...). Without gradients one pass serves every target; with them each
+    (row, target) pair is one backward row, so a chunk holds ``size`` such pairs."""
+    n, k = rows.shape[0], n_targets
+    if not grad:
+        return map_batches(lambda chunk: run(rows[chunk], None)[0], n, size), None
+    which = torch.arange(n * k) % k  # row i of the expanded batch explains target i % k
+
+    def backward(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        source = rows[chunk] if k == 1 else rows[torch.arange(chunk.start, chunk.stop) // k]
+        return run(source, which[chunk])
+
+    with frozen_parameters(model):
+        values, gradients = map_batches(backward, n * k, max(1, size))
+    return values.reshape(n, k), gradients.reshape(n, k, *rows.shape[1:])
