@@ -68,7 +68,8 @@ class Explanation:
     ``output_value``, ``baseline_value`` and ``delta`` are arrays (T,). ``token_scores`` holds
     per-position scores where the method has them (tokens for text, pixels of the model's grid for
     images), shape (P,) or (T, P). ``kind`` is "text", "image" or "generation"; ``extras`` keeps what
-    a kind needs to map scores back to the input (an image's geometry, the generated text).
+    a kind needs to map scores back to the input (an image's geometry, the generated text); keys
+    starting with "_" stay in memory and are never serialised (``_image``: the picture explained).
     """
 
     input: Any
@@ -167,7 +168,7 @@ class Explanation:
             "tokens": list(self.tokens),
             "token_scores": None if self.token_scores is None else encode_array(self.token_scores),
             "warnings": list(self.warnings),
-            "extras": _jsonable(self.extras),
+            "extras": _jsonable({k: v for k, v in self.extras.items() if not str(k).startswith("_")}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from salience.assets import efficientnet_lite0_weights_path, efficientnet_lite_module
+from salience.core.grid import grid_to_original
 from salience.errors import ModelLoadError
 
 CLASSES_PATH = Path(__file__).with_name("imagenet_classes.txt")
@@ -123,20 +123,8 @@ class ImagePreprocess:
         Returns:
             ``(height, width)`` float tensor: each original pixel centre sampled bilinearly from the heatmap.
         """
-        if heatmap.dim() != 2:
-            raise ValueError(f"heatmap must be 2-D (h, w), got shape {tuple(heatmap.shape)}")
-        width, height = original_size
-        (sx, sy), (left, top, _, _) = self.geometry(original_size)
-        device, dtype = heatmap.device, heatmap.dtype if heatmap.is_floating_point() else torch.float32
-        # Original pixel centres -> input-grid coordinates -> grid_sample's [-1, 1] (align_corners=False).
-        u = (torch.arange(width, device=device, dtype=torch.float64) + 0.5) * sx - left
-        v = (torch.arange(height, device=device, dtype=torch.float64) + 0.5) * sy - top
-        gx = (2 * u / self.crop - 1).to(dtype)
-        gy = (2 * v / self.crop - 1).to(dtype)
-        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
-        sampled = F.grid_sample(heatmap.to(dtype)[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
-        inside = ((u >= 0) & (u < self.crop))[None, :] & ((v >= 0) & (v < self.crop))[:, None]
-        return torch.where(inside, sampled, torch.full_like(sampled, fill))
+        scale, crop_box = self.geometry(original_size)
+        return grid_to_original(heatmap, original_size, scale, crop_box, fill)
 
 
 PREPROCESS = ImagePreprocess()
