@@ -3,6 +3,7 @@ model name and label is escaped with ``html.escape`` before it is written."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from html import escape
 
@@ -21,6 +22,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 .sep { color: #999; margin: 0 0.6em; }
 .legend { font-size: 0.8em; color: #666; }
 .warning { color: #a60; font-size: 0.85em; }
+.overlay { max-width: 100%; }
 .matrix { border-collapse: collapse; font-size: 0.85em; margin-top: 0.5em; }
 .matrix th, .matrix td { padding: 0.2em 0.45em; text-align: right; font-family: ui-monospace, monospace; white-space: pre; }
 .matrix tbody th { text-align: left; }
@@ -37,6 +39,8 @@ def _colour(score: float, largest: float) -> str:
 def _one(explanation: Explanation) -> str:
     if explanation.kind == "generation":
         return _generation(explanation)
+    if explanation.kind == "image":
+        return _image(explanation)
     largest = scale(explanation)
     parts: list[str] = []
     for segment, pieces in segments(explanation):
@@ -87,11 +91,25 @@ def _generation(explanation: Explanation) -> str:
     )
 
 
+def _image(explanation: Explanation) -> str:
+    """An image explanation: the PNG overlay (heatmap over the picture, colour bar with its sign
+    convention) embedded as a data: URI, under the escaped provenance line."""
+    from salience.render.png import overlay_png_bytes
+
+    data = base64.b64encode(overlay_png_bytes([explanation])).decode("ascii")
+    alt = f"{explanation.method} heatmap for {explanation.target.label}"
+    warnings = "".join(f'<div class="warning">warning: {escape(w)}</div>' for w in explanation.warnings)
+    return (f'<div class="explanation"><div class="meta">{escape(describe(explanation))}</div>'
+            f'<img class="overlay" alt="{escape(alt)}" src="data:image/png;base64,{data}">{warnings}</div>')
+
+
 def explanation_html(explanations: Sequence[Explanation], *, standalone: bool = True) -> str:
     """HTML for one or more explanations; ``standalone`` wraps it in a full page."""
     body = "\n".join(_one(e) for e in explanations)
     legend = ('<p class="legend">Green: the word pushes the explained output up; red: down. '
               "Hover a word for its score.</p>")
+    if explanations and all(e.kind == "image" for e in explanations):
+        legend = '<p class="legend">Each heatmap is drawn over the image; its colour bar states the sign convention.</p>'
     if not standalone:
         return f"<div><style>{STYLE}</style>{legend}{body}</div>"
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Salience explanation</title>'

@@ -38,6 +38,8 @@ def explanation_renderable(explanation: Explanation) -> RenderableType:
     generation as a :class:`GenerationMatrix`."""
     if explanation.kind == "generation":
         return GenerationMatrix(explanation)
+    if explanation.kind == "image":
+        return _image_summary(explanation)
     largest = scale(explanation)
     body = Text()
     for segment, pieces in segments(explanation):
@@ -106,6 +108,23 @@ class GenerationMatrix:
                          "those with the largest |score| are kept); the HTML output shows all")
         yield from (Text(note, style="dim") for note in notes)
         yield from (Text(f"warning: {w}", style="yellow") for w in e.warnings)
+
+
+def _image_summary(explanation: Explanation) -> Group:
+    """An image explanation in a few lines: provenance, the heatmap's size and range, the top
+    feature, and the PNG's path once one was written (``to_png``)."""
+    e = explanation
+    heat = e.heatmap()
+    finite = heat[np.isfinite(heat)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (float("nan"), float("nan"))
+    feature, score = e.top(1)[0]
+    summary = (f"image {e.input}: heatmap {heat.shape[1]}x{heat.shape[0]} (W x H), range [{low:+.3g}, {high:+.3g}]; "
+               f"{len(e.features)} {e.level} features, top: {feature.text} ({score:+.3g})")
+    png = e.extras.get("_png")
+    parts = [Text(describe(e), style="dim"), Text(summary),
+             Text(f"PNG: {png}" if png else "PNG: not written (Explanation.to_png(path), CLI --png)", style="dim")]
+    parts += [Text(f"warning: {w}", style="yellow") for w in e.warnings]
+    return Group(*parts)
 
 
 def print_explanations(explanations: Sequence[Explanation], console: Console | None = None) -> None:
