@@ -293,6 +293,15 @@ def test_other_outputs(lm, output):
     np.testing.assert_allclose(e.output_value, expected, rtol=RTOL)
 
 
+@pytest.mark.parametrize("method, params", [("occlusion", {"baseline": "delete"}), ("lime", {"n_samples": 30}), ("saliency", {})])
+def test_batched_equals_unbatched_without_bos(hf, method, params):
+    lm = salience.CausalLM(hf, build_tokenizer(bos=False))  # deletion chunks may each need a start row
+    default = salience.explain(lm, PROMPT, method=method, continuation=CONTINUATION, **params)
+    for chunking in ({"batch_size": 1}, {"batch_size": 3}, {"max_memory": "1MB"}):
+        chunked = salience.explain(lm, PROMPT, method=method, continuation=CONTINUATION, **chunking, **params)
+        np.testing.assert_allclose(chunked.scores, default.scores, rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
 # ------------------------------------------------------------------ passes
 def test_occlusion_matrix_costs_features_plus_one_rows(lm):
     e = salience.explain(lm, PROMPT, method="occlusion", continuation=CONTINUATION)
