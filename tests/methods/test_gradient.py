@@ -68,6 +68,7 @@ def test_gradient_shap_with_noise_matches_its_definition(toy, inputs, target):
     # same draws, same float64 graph: only the order of summation differs (round-off, ~1e-15 of the
     # scale). A wrong estimator (noise on the input, multiplier x - mask, no noise) is off by > 1 %.
     np.testing.assert_allclose(e.token_scores, expected, rtol=0, atol=1e-10 * scale)
+    # F(x) and mean F(b): probabilities from the same float64 forward passes, round-off only
     assert e.output_value == pytest.approx(output, abs=1e-12)
     assert e.baseline_value == pytest.approx(baseline_value, abs=1e-12)
     assert e.delta == pytest.approx(expected.sum() - (output - baseline_value), abs=1e-10 * scale)

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import BertForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import salience
 from conftest import TOY_PAIR, TOY_TEXT
 from oracles import require
-from salience.metrics import evaluate_metric
+from salience.metrics import evaluate_metric, sanity
 from salience.metrics.base import MetricError
 from salience.metrics.sanity import _reinitialise, cascade_steps, method_params, rankdata, spearman
 
@@ -117,6 +119,98 @@ def test_model_randomisation_refuses_constant_scores(toy):
         evaluate_metric("model_randomisation", toy, dataclasses.replace(e, input="the film was superb"))
 
 
+# ------------------------------------------------------------------ the randomisation is real
+def _record_reruns(monkeypatch) -> list[tuple[object, dict[str, torch.Tensor], np.ndarray]]:
+    """For each re-run of the method inside model_randomisation: the adapter it ran on, a copy of
+    that adapter's parameters at that moment, and the scores it returned."""
+    runs = []
+    rerun = sanity._reexplain
+
+    def recording(model, encoded, explanation, batch_size):
+        scores = rerun(model, encoded, explanation, batch_size)
+        runs.append((model, {k: v.detach().clone() for k, v in model.model.named_parameters()}, scores))
+        return scores
+
+    monkeypatch.setattr(sanity, "_reexplain", recording)
+    return runs
+
+
+def test_model_randomisation_reinitialises_a_copy_step_by_step(toy, monkeypatch):
+    runs = _record_reruns(monkeypatch)
+    e = salience.explain(toy, TOY_PAIR, method="occlusion")
+    original = {k: v.detach().clone() for k, v in toy.model.named_parameters()}
+    r = evaluate_metric("model_randomisation", toy, e)
+    names = {id(module): name for name, module in toy.model.named_modules()}
+    groups = [[names[id(m)] for m in modules] for _, modules in cascade_steps(toy.model, embeddings=True)]
+    assert len(runs) == len(groups) == 4
+    for step, (adapter, parameters, scores) in enumerate(runs):
+        assert adapter is not toy and adapter.model is not toy.model
+        for group_index, group in enumerate(groups):
+            for module in group:
+                keys = [k for k in parameters if k.rsplit(".", 1)[0] == module]  # the module's own tensors
+                changed = [not torch.equal(parameters[k], original[k]) for k in keys]
+                assert keys and (all(changed) if group_index <= step else not any(changed)), (step, module)
+        # the explanation of the randomised copy is not the original one (scores here are probability
+        # differences up to 0.997; a randomised head alone already moves them by far more than 10 %)
+        assert np.abs(scores - e.scores).max() > 0.1 * np.abs(e.scores).max()
+    assert all(torch.equal(v, original[k]) for k, v in toy.model.named_parameters())  # the user's model
+    # the reported correlations are Spearman's rho of exactly these re-runs, and the flag follows
+    stats = require("scipy.stats")
+    expected = [stats.spearmanr(e.scores, scores).statistic for _, _, scores in runs]
+    np.testing.assert_allclose(r.details["correlations"], expected, rtol=0, atol=1e-12)  # round-off of ranks
+    assert r.value == expected[-1] and r.details["flagged"] == (abs(expected[-1]) >= 0.5)
+
+
+class TableClassifier(BertForSequenceClassification):
+    """A BERT whose body runs but whose logits ignore it: positive logit = g x the sum over tokens of
+    a fixed per-token value (a buffer: randomisation leaves it alone), negative logit = minus that.
+    ``gated=False``: g = 1, the output does not depend on any parameter. ``gated=True``: g = the bias
+    of a Linear(1, 1) head layer, 1 here; re-initialisation sets biases to 0, so the randomised
+    model's output is 0 for every input."""
+
+    def __init__(self, config, *, gated: bool) -> None:
+        super().__init__(config)
+        self.register_buffer("token_values", torch.linspace(-2.0, 3.0, config.vocab_size), persistent=False)
+        self.gate = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.gate.weight.fill_(0.5)
+            self.gate.bias.fill_(1.0)
+        self.gated = gated
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        total = (self.token_values[input_ids] * attention_mask).sum(-1, keepdim=True)
+        g = self.gate(torch.zeros_like(total)) if self.gated else 1.0  # = the bias
+        return SequenceClassifierOutput(logits=torch.cat([-g * total, g * total], dim=-1))
+
+
+@pytest.mark.parametrize("gated, expected, flagged", [(False, 1.0, True), (True, 0.0, False)])
+def test_model_randomisation_flag_on_models_with_known_answers(toy, gated, expected, flagged):
+    """Known answers: an output that no parameter affects gives the same explanation after every
+    step (rho = 1, flagged); an output that re-initialisation makes constant gives constant scores
+    (rho undefined, reported as 0; not flagged)."""
+    adapter = salience.TextClassifier(TableClassifier(toy.model.config, gated=gated), toy.tokenizer)
+    e = salience.explain(adapter, TOY_TEXT, method="occlusion", output="logit")
+    assert np.ptp(e.scores) > 0.1  # distinct token values: a ranking to compare
+    r = evaluate_metric("model_randomisation", adapter, e)
+    # rho of identical rankings is 1 up to round-off; the constant case is exactly the 0 convention
+    np.testing.assert_allclose(r.details["correlations"], [expected] * 4, rtol=0, atol=1e-12)
+    assert r.details["flagged"] is flagged
+
+
+def test_model_randomisation_of_a_zero_shot_classifier(toy):
+    """A zero-shot adapter wraps an NLI classifier: its model is copied and randomised too."""
+    toy.labels = ["contradiction", "entailment"]  # the toy stands in for an NLI model
+    zero_shot = salience.ZeroShotClassifier(toy, ["good", "awful", "story"], template="it is about {} .")
+    e = salience.explain(zero_shot, "the film was good but the plot was dull", method="occlusion")
+    before = snapshot(toy.model)
+    r = evaluate_metric("model_randomisation", zero_shot, e, embeddings=False)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(toy.model).items())
+    assert r.details["steps"] == ["head", "layer 1", "layer 0"]
+    assert r.details["correlations"][0] != pytest.approx(1.0)  # the head really changed
+    assert r.forward_passes == 3 * e.cost.forward_passes  # the copy's passes count on the user's adapter
+
+
 # ------------------------------------------------------------------ max-sensitivity
 def test_max_sensitivity_by_hand(toy):
     e = salience.explain(toy, TOY_TEXT, method="occlusion")
@@ -153,3 +247,8 @@ def test_max_sensitivity_errors(toy):
         evaluate_metric("max_sensitivity", toy, dataclasses.replace(e, scores=np.zeros(len(e.features))))
     with pytest.raises(MetricError, match="features do not match"):
         evaluate_metric("max_sensitivity", toy, dataclasses.replace(e, level="token"))
+    toy.labels = ["contradiction", "entailment"]
+    zero_shot = salience.ZeroShotClassifier(toy, ["good", "awful"], template="it is about {} .")
+    e = salience.explain(zero_shot, "the film was good", method="occlusion")
+    with pytest.raises(MetricError, match="cannot replace tokens"):
+        evaluate_metric("max_sensitivity", zero_shot, e)

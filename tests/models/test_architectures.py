@@ -1,10 +1,19 @@
-"""Every architecture in the facts table loads through load_model and satisfies the identities.
+"""Every architecture in the facts table loads through load_model, attributes at the right layer
+and satisfies the identities.
 
 Random tiny configs with the toy WordPiece tokenizer: the architecture facts under test concern
 the model (embedding layer, token types, position ids), not the tokenizer.
+
+The layer is checked without Salience's facts table: the word-embedding module is found through
+Hugging Face's own attribute names (``model.base_model.embeddings.word_embeddings``); changing its
+output must change the logits (it is on the path), and input x gradient and integrated gradients
+must equal Captum's layer methods on that module, which attribute to its output before position
+(and token-type) embeddings are added. Hooking the whole embedding block instead would differ.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
@@ -12,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
 
 import salience
+from oracles import require
 from salience.models.arch import ARCHITECTURES
 from toy import write_vocab
 
@@ -41,8 +51,8 @@ def test_architecture_round_trip(model_type, tmp_path):
 
     adapter = salience.load_model(str(tmp_path))
     adapter.model.double()
-    assert adapter.embedding_layer is adapter.model.get_submodule(ARCHITECTURES[model_type].word_embeddings)
     text = "the film was good and the plot was dull"  # no [UNK]: id 1 is padding to MPNet's position ids
+    _check_attributed_layer(adapter, text)
     ig = salience.explain(adapter, text, method="ig", output="logit", steps=64)
     assert abs(ig.delta) < 1e-3 * max(1.0, abs(ig.output_value - ig.baseline_value))
     sig = salience.explain(adapter, text, method="sig", output="logit")
@@ -50,3 +60,41 @@ def test_architecture_round_trip(model_type, tmp_path):
     np.testing.assert_allclose(sig.scores, loo.scores, atol=1e-10)
     pair = salience.explain(adapter, ("the film was good", "it is dull"), method="kernel_shap", output="logit")
     assert pair.scores.sum() == pytest.approx(pair.output_value - pair.baseline_value, abs=1e-9)
+
+
+def _check_attributed_layer(adapter, text: str) -> None:
+    captum_attr = require("captum.attr")
+    model = adapter.model
+    words = model.base_model.embeddings.word_embeddings  # by Hugging Face's names, not Salience's table
+    enc = adapter.tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"].bool()
+    types = enc["token_type_ids"] if "token_type_ids" in inspect.signature(model.forward).parameters else None
+
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        extra = {} if types is None else {"token_type_ids": types.expand(input_ids.shape[0], -1)}
+        return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **extra).logits
+
+    # the module's output is on the path to the logits: adding 1 to one dimension of it changes them
+    with torch.no_grad():
+        clean = logits(ids)
+        handle = words.register_forward_hook(lambda _m, _i, out: out + torch.eye(out.shape[1], out.shape[2])[2])
+        try:
+            shifted = logits(ids)
+        finally:
+            handle.remove()
+    assert (shifted - clean).abs().max() > 1e-6  # random tiny models: logit changes are ~1e-3 or more
+
+    target = int(clean[0].argmax())
+    ixg = salience.explain(adapter, text, method="input_x_gradient", output="logit", target=target, level="token")
+    reference = captum_attr.LayerGradientXActivation(logits, words).attribute(ids, target=target)[0].sum(-1)
+    # float64 on both sides, the same gradient: round-off only
+    np.testing.assert_allclose(ixg.token_scores, reference.detach().numpy(), rtol=1e-9, atol=1e-12)
+
+    steps = 32
+    ig = salience.explain(adapter, text, method="ig", output="logit", target=target, level="token", steps=steps,
+                          rule="gausslegendre", baseline="pad")
+    baseline = torch.where(special, ids, adapter.tokenizer.pad_token_id)
+    reference = captum_attr.LayerIntegratedGradients(logits, words).attribute(
+        ids, baselines=baseline, target=target, n_steps=steps, method="gausslegendre")[0].sum(-1).detach().numpy()
+    # Captum keeps its Gauss-Legendre weights in float32 (~6e-8 relative each): 1e-6 of the top score
+    np.testing.assert_allclose(ig.token_scores, reference, rtol=0, atol=1e-6 * np.abs(reference).max())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from salience.datasets.movie_snippets import split_movie_snippets
-from salience.zoo.minilm_sentiment import WEIGHTS_PATH, build_minilm_sentiment, load_metadata
+from salience.zoo.minilm_sentiment import MAX_LENGTH, WEIGHTS_PATH, build_minilm_sentiment, load_metadata
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +68,26 @@ def test_hand_written_sentences(zoo_model) -> None:
     p = _positive_probability(zoo_model, ["A gripping, beautifully acted film.", "A dull, lifeless mess."])
     assert model.config.id2label[int(p[0] > 0.5)] == "positive"
     assert model.config.id2label[int(p[1] > 0.5)] == "negative"
+
+
+@pytest.mark.slow
+def test_held_out_accuracy_is_what_the_readme_states(zoo_model) -> None:
+    """Recompute the README's held-out accuracy from the shipped weights (not from the JSON the
+    training wrote): the seed-0 "test" split, label = sign of the mean human valence, batches of 64
+    in split order truncated to the training length, as scripts/train_zoo_minilm.py measured it."""
+    model, tokenizer = zoo_model
+    test = split_movie_snippets(seed=0)["test"]
+    assert len(test) == 2000 and all(s.valence != 0 for s in test)  # zero-valence sentences were dropped
+    labels = torch.tensor([int(s.valence > 0) for s in test])
+    predicted = []
+    with torch.no_grad():
+        for start in range(0, len(test), 64):
+            enc = tokenizer([s.text for s in test[start:start + 64]], truncation=True, max_length=MAX_LENGTH,
+                            padding=True, return_tensors="pt")
+            predicted.append(model(**enc).logits.argmax(-1))
+    correct = int((torch.cat(predicted) == labels).sum())
+    stated = re.search(r"Held-out test accuracy \*\*([0-9.]+)\*\* on ([0-9,]+) sentences", README.read_text())
+    assert stated is not None, "the README no longer states the held-out accuracy in the expected words"
+    assert int(stated.group(2).replace(",", "")) == len(test)
+    # a count out of 2,000: the accuracy is a multiple of 0.0005, so 4 decimals are exact
+    assert round(correct / len(test), 4) == float(stated.group(1)) == load_metadata()["accuracy"]["test"]

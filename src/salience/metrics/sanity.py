@@ -133,13 +133,33 @@ def _reinitialise(root: nn.Module, modules: list[nn.Module], seed: int) -> None:
                         parameter.normal_(0.0, 0.02)
 
 
+def _network(adapter: Any) -> nn.Module:
+    """The torch model an adapter runs: its ``model``, or that of an adapter it wraps (a zero-shot
+    classifier's NLI model)."""
+    for holder in (adapter, *vars(adapter).values()):
+        network = getattr(holder, "model", None)
+        if isinstance(network, nn.Module):
+            return network
+    raise MetricError(f"model_randomisation: cannot find the torch model inside {type(adapter).__name__}")
+
+
+def _copy_with_own_network(adapter: Any) -> tuple[Any, nn.Module]:
+    """A deep copy of ``adapter`` (and of any adapter it wraps) with its own copy of the torch model;
+    tokenizers and pass counters stay shared, so the copy's passes count on the user's adapter."""
+    shared = {id(value): value for holder in (adapter, *vars(adapter).values())
+              for name, value in getattr(holder, "__dict__", {}).items() if name in ("tokenizer", "counter")}
+    copied = copy.deepcopy(adapter, shared)
+    return copied, _network(copied)
+
+
 @register_metric("model_randomisation", higher_is_better=False,
                  summary="rank correlation with the explanation of a cascadingly randomised model (Adebayo et al.)")
 def model_randomisation(model: Any, explanation: Explanation, *, seed: int = 0, embeddings: bool = True,
                         batch_size: int | None = None) -> MetricResult:
     """Cascading model-parameter randomisation (Adebayo et al., 2018, "Sanity checks for saliency maps").
 
-    On a deep copy of ``model.model`` (the user's model is never modified), parameters are
+    On a deep copy of the adapter's torch model (the user's model is never modified; a zero-shot
+    classifier's NLI model is copied with it), parameters are
     re-initialised from the top down: the classification head first (everything registered after
     the encoder's layer list, the largest ``nn.ModuleList``), then the encoder layers from last to
     first and the embeddings last (Adebayo et al.'s full cascade; ``embeddings=False`` stops
@@ -156,19 +176,14 @@ def model_randomisation(model: Any, explanation: Explanation, *, seed: int = 0, 
     if np.ptp(scores) == 0:
         raise MetricError(f"model_randomisation: the explanation of {describe(explanation)} has constant scores")
     encoded = encode_checked(model, explanation)
-    clone = copy.deepcopy(model.model)
+    randomised, clone = _copy_with_own_network(model)
     steps = cascade_steps(clone, embeddings=embeddings)
-    randomised = type(model)(clone, model.tokenizer, name=f"{model.name} (randomised)", max_length=model.max_length)
     correlations: list[float] = []
-    try:
-        for number, (_, modules) in enumerate(steps):
-            _reinitialise(clone, modules, seed + number)
-            new = _reexplain(randomised, encoded, explanation, batch_size)
-            rho = spearman(scores, new)
-            correlations.append(0.0 if np.isnan(rho) else rho)
-    finally:
-        for name in ("forward_passes", "backward_passes", "model_calls"):
-            setattr(model.counter, name, getattr(model.counter, name) + getattr(randomised.counter, name))
+    for number, (_, modules) in enumerate(steps):
+        _reinitialise(clone, modules, seed + number)
+        new = _reexplain(randomised, encoded, explanation, batch_size)
+        rho = spearman(scores, new)
+        correlations.append(0.0 if np.isnan(rho) else rho)
     final = correlations[-1]
     return MetricResult("model_randomisation", final, False,
                         {"steps": [name for name, _ in steps], "correlations": correlations,
@@ -198,6 +213,9 @@ def max_sensitivity(model: Any, explanation: Explanation, *, n_perturbations: in
     encoded = encode_checked(model, explanation)
     n = len(explanation.features)
     m = top_k(fraction, n)
+    if not callable(getattr(model, "baseline_token_id", None)):  # e.g. a zero-shot classifier's text + hypotheses
+        raise MetricError(f"max_sensitivity: {type(model).__name__} cannot replace tokens of an encoded input "
+                          "(it has no baseline_token_id)")
     replacement = model.baseline_token_id(baseline)
     rng = np.random.default_rng(seed)
     ratios: list[float] = []
