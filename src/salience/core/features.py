@@ -53,7 +53,11 @@ class FeatureSet(Sequence[Feature]):
     def from_features(cls, features: Sequence[Feature], positions: int, level: str) -> FeatureSet:
         """Text-style features that list their positions in ``Feature.tokens``."""
         if isinstance(features, FeatureSet):
-            return features
+            if features.positions == positions:
+                return features
+            if features._items is None:
+                raise ValueError(f"these {features.level} features cover {features.positions} positions, not {positions}")
+            # the same token features over a longer sequence (e.g. a text inside its NLI pair)
         items = list(features)
         rows = [(i, t) for i, f in enumerate(items) for t in f.tokens]
         pairs = torch.tensor(rows, dtype=torch.long).T if rows else torch.zeros(2, 0, dtype=torch.long)
