@@ -64,3 +64,45 @@ def test_zero_shot_from_cli(toy_dir, tmp_path):
                  "--template", "it is {} .", "--json", str(out)]) == 0
     explanation = json.loads(out.read_text())["explanations"][0]
     assert explanation["target"]["label"] in ("good", "awful") and len(explanation["prediction"]["probabilities"]) == 2
+
+
+def test_explain_an_image_writes_png_and_html(tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    photo, png, html = tmp_path / "cat.png", tmp_path / "o.png", tmp_path / "o.html"
+    Image.fromarray(data.chelsea()).save(photo)
+    status = main(["explain", "--model", "zoo:efficientnet-lite0", "--image", str(photo), "--method", "occlusion",
+                   "--level", "patch", "--patch-size", "56", "--png", str(png), "--html", str(html), "--no-color"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Egyptian cat" in printed and str(png) in printed
+    assert png.read_bytes().startswith(b"\x89PNG") and "data:image/png;base64," in html.read_text()
+
+
+def test_explain_a_generation(tmp_path, capsys):
+    from tiny_lm import build_model, build_tokenizer
+
+    folder = tmp_path / "lm"
+    build_model().save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    out = tmp_path / "g.json"
+    status = main(["explain", "--model", str(folder), "--prompt", "the capital of france is", "--max-new-tokens", "3",
+                   "--method", "occlusion", "--json", str(out), "--no-color"])
+    assert status == 0
+    e = salience.Explanation.from_dict(json.loads(out.read_text())["explanations"][0])
+    assert e.kind == "generation" and e.scores.shape == (3, len(e.features)) and e.target.output == "probability"
+
+
+def test_an_input_for_another_kind_of_model_is_one_line(toy_dir, capsys):
+    assert main(["explain", "--model", str(toy_dir), "--image", "cat.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--image was given" in err and "text classifier" in err
+
+
+def test_classifiers_explain_the_log_odds_by_default(toy_dir, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["explain", "--model", str(toy_dir), "--text", "the film was good", "--method", "occlusion",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["explanations"][0]
+    assert data["target"]["output"] == "log_odds"

@@ -59,3 +59,11 @@ def build_toy_classifier(folder: Path, *, steps: int = 300, seed: int = 0) -> Pa
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def explain_probability(*args: object, **kwargs: object) -> object:
+    """``salience.explain`` explaining the class probability (the references the tests compare with
+    read the softmax; the library's default for classifiers is the log-odds)."""
+    import salience
+
+    return salience.explain(*args, **{"output": "probability", **kwargs})  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ def explain(
     method: str = "integrated_gradients",
     *,
     target: TargetSpec = None,
-    output: str = "probability",
+    output: str | None = None,
     level: str | None = None,
     batch_size: int | None = None,
     max_memory: int | str | None = None,
@@ -54,8 +54,10 @@ def explain(
     Inputs by model kind: a text or a (premise, hypothesis) pair (text classifiers); a path, PIL
     image, HxWxC uint8 array or CxHxW tensor (image classifiers); a prompt (causal LMs). ``target``:
     class index or label name (default: the predicted class), a list of them, or ``"all"``; for a
-    causal LM every generated token is a target. ``output``: "probability" (default), "logit" or
-    "log_probability". ``level``: the features ("word"/"token" for text, "pixel"/"patch"/"superpixel"
+    causal LM every generated token is a target. ``output``: what is explained: "log_odds"
+    log(p / (1 - p)) (the default for classifiers: it does not saturate, so a confident
+    prediction still shows which words matter), "probability" (the default for causal LMs),
+    "logit" or "log_probability". ``level``: the features ("word"/"token" for text, "pixel"/"patch"/"superpixel"
     for images; default: the adapter's). ``batch_size``: rows per model call (default: chosen by
     Salience); ``max_memory`` (e.g. "2GB"): size the chunks to fit instead.
 
@@ -68,7 +70,7 @@ def explain(
     encode_options, feature_options, method_params = _route_options(model, info, {**(params or {}), **options})
     algorithm = info.build(method_params)
     _check_capabilities(model, info)
-    check_output(output)
+    output = check_output(output or getattr(model, "default_output", "probability"))
     single = _is_single_input(model, inputs)
     items = [inputs] if single else list(inputs)
     show = progress if progress is not None else len(items) > 1

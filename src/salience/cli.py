@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--zero-shot", metavar="LABEL,LABEL,...",
                          help="classify into these labels with the --model NLI model (hypothesis template)")
     explain.add_argument("--template", default="This example is {}.", help="zero-shot hypothesis template")
-    explain.add_argument("--output", default="probability", choices=list(OUTPUTS))
+    explain.add_argument("--output", choices=list(OUTPUTS),
+                         help="what is explained (default: log_odds for classifiers, probability for causal LMs)")
     explain.add_argument("--level", choices=["word", "token", "pixel", "patch", "superpixel"],
                          help="features: word/token (text, prompts), pixel/patch/superpixel (images); default: the model's")
     explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")

@@ -13,6 +13,7 @@ import salience
 from conftest import TOY_PAIR, TOY_TEXT
 from oracles import require
 from salience.methods.quadrature import gauss_kronrod_15
+from toy import explain_probability
 
 captum_attr = require("captum.attr")
 
@@ -37,7 +38,7 @@ def _captum_reference(toy, inputs, target, steps=512):
 
 @pytest.mark.parametrize("inputs", TEXTS, ids=["toy", "pair", "mixed", "short"])
 def test_every_feature_within_its_reported_bound(toy, inputs):
-    e = salience.explain(toy, inputs, method="ig", level="token", tolerance=0.01)
+    e = explain_probability(toy, inputs, method="ig", level="token", tolerance=0.01)
     reference = _captum_reference(toy, inputs, e.target.index)
     expected = reference[[f.tokens[0] for f in e.features]]
     error = np.abs(e.scores - expected)
@@ -50,9 +51,9 @@ def test_every_feature_within_its_reported_bound(toy, inputs):
 
 
 def test_bound_tightens_with_the_tolerance(toy):
-    loose = salience.explain(toy, TOY_TEXT, method="ig", level="token", tolerance=0.05)
+    loose = explain_probability(toy, TOY_TEXT, method="ig", level="token", tolerance=0.05)
     # the toy's path is smooth: 2 pieces already bound every token by 6e-5 of the top score; 1e-6 needs more
-    tight = salience.explain(toy, TOY_TEXT, method="ig", level="token", tolerance=1e-6, atol=1e-14)
+    tight = explain_probability(toy, TOY_TEXT, method="ig", level="token", tolerance=1e-6, atol=1e-14)
     reference = _captum_reference(toy, TOY_TEXT, tight.target.index)[[f.tokens[0] for f in tight.features]]
     assert tight.params["steps_used"] > loose.params["steps_used"]
     assert tight.params["error_bound"] <= 1e-6 * np.abs(tight.scores).max() < loose.params["error_bound"]
@@ -62,7 +63,7 @@ def test_bound_tightens_with_the_tolerance(toy):
 
 def test_max_steps_stops_with_a_warning(toy):
     with pytest.warns(salience.SalienceWarning, match="max_steps"):
-        e = salience.explain(toy, TOY_TEXT, method="ig", tolerance=1e-12, atol=0.0, max_steps=60)
+        e = explain_probability(toy, TOY_TEXT, method="ig", tolerance=1e-12, atol=0.0, max_steps=60)
     assert e.params["steps_used"] <= 60
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-import salience
 from conftest import TOY_PAIR, TOY_TEXT
+from toy import explain_probability
 
 
 def _probability(model, target: int, types: torch.Tensor | None):
@@ -61,7 +61,7 @@ def _expected_gradients(toy, inputs, target: int, *, n: int, stdev: float, seed:
 @pytest.mark.parametrize("target", [0, 1])
 def test_gradient_shap_with_noise_matches_its_definition(toy, inputs, target):
     n, stdev, seed = 12, 0.1, 5  # stdev 0.1: the toy's embedding values have std 0.07 (range -0.2..0.22)
-    e = salience.explain(toy, inputs, "gradient_shap", target=target, level="token", n_samples=n, stdev=stdev,
+    e = explain_probability(toy, inputs, "gradient_shap", target=target, level="token", n_samples=n, stdev=stdev,
                          baseline="mask", seed=seed)
     expected, output, baseline_value = _expected_gradients(toy, inputs, target, n=n, stdev=stdev, seed=seed)
     scale = np.abs(expected).max()

@@ -11,12 +11,13 @@ from conftest import TOY_TEXT
 from salience.core.target import resolve_target
 from salience.methods.base import Context
 from salience.methods.gradient import InputXGradient, Saliency
+from toy import explain_probability
 
 
 @pytest.mark.parametrize("method, algorithm", [("saliency", Saliency()), ("input_x_gradient", InputXGradient())])
 @pytest.mark.parametrize("target", [None, 0, 1])
 def test_one_pass_equals_two_passes(toy, method, algorithm, target):
-    fused = salience.explain(toy, TOY_TEXT, method=method, target=target)
+    fused = explain_probability(toy, TOY_TEXT, method=method, target=target)
     assert (fused.cost.forward_passes, fused.cost.backward_passes) == (1, 1)
 
     encoded = toy.encode(TOY_TEXT)
@@ -34,4 +35,4 @@ def test_one_pass_equals_two_passes(toy, method, algorithm, target):
 
 def test_unknown_target_still_fails_clearly(toy):
     with pytest.raises(salience.errors.TargetError, match="unknown target label"):
-        salience.explain(toy, TOY_TEXT, method="saliency", target="no-such-label")
+        explain_probability(toy, TOY_TEXT, method="saliency", target="no-such-label")

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import torch
 
-import salience
 from conftest import TOY_PAIR, TOY_TEXT
 from oracles import require
+from toy import explain_probability
 
 captum_attr = require("captum.attr")
 
@@ -69,7 +69,7 @@ def _pad_baseline(toy, encoded, ids):
 @INPUTS
 @pytest.mark.parametrize("target", [0, 1])
 def test_saliency_matches_captum_saliency(toy, inputs, target):
-    e = salience.explain(toy, inputs, "saliency", target=target, level="token")
+    e = explain_probability(toy, inputs, "saliency", target=target, level="token")
     encoded, ids, types = _encoded(toy, inputs)
     model = toy.model
     embeds = model.bert.embeddings.word_embeddings(ids).detach().requires_grad_(True)
@@ -100,7 +100,7 @@ def test_smoothgrad_matches_captum_noise_tunnel(toy, inputs, target, monkeypatch
     all-ones vector (adding a constant to all dimensions changes nothing), so signed gradients
     summed over the embedding dimension are 0 up to round-off and would compare zeros."""
     n, level, seed = 6, 0.15, 3
-    e = salience.explain(toy, inputs, "smoothgrad", target=target, level="token", n_samples=n, noise_level=level,
+    e = explain_probability(toy, inputs, "smoothgrad", target=target, level="token", n_samples=n, noise_level=level,
                          seed=seed)
     encoded, ids, types = _encoded(toy, inputs)
     model = toy.model
@@ -131,7 +131,7 @@ def test_smoothgrad_matches_captum_noise_tunnel(toy, inputs, target, monkeypatch
 @INPUTS
 @pytest.mark.parametrize("target", [0, 1])
 def test_input_x_gradient_matches_captum_layer_gradient_x_activation(toy, inputs, target):
-    e = salience.explain(toy, inputs, "input_x_gradient", target=target, level="token")
+    e = explain_probability(toy, inputs, "input_x_gradient", target=target, level="token")
     encoded, ids, types = _encoded(toy, inputs)
     model = toy.model
     layer = captum_attr.LayerGradientXActivation(_forward_ids(model), model.bert.embeddings.word_embeddings)
@@ -158,7 +158,7 @@ def _captum_ig(toy, inputs, target, rule):
 @pytest.mark.parametrize("target", [0, 1])
 @pytest.mark.parametrize("rule", ["gausslegendre", "riemann_left", "riemann_right", "riemann_middle"])
 def test_integrated_gradients_matches_captum_layer_ig(toy, inputs, target, rule):
-    e = salience.explain(toy, inputs, "integrated_gradients", target=target, level="token", steps=STEPS, rule=rule,
+    e = explain_probability(toy, inputs, "integrated_gradients", target=target, level="token", steps=STEPS, rule=rule,
                          baseline="pad")
     expected, captum_delta, (f_x, f_baseline) = _captum_ig(toy, inputs, target, rule)
     scale = np.abs(expected).max()
@@ -181,7 +181,7 @@ def test_integrated_gradients_matches_captum_layer_ig(toy, inputs, target, rule)
 def test_integrated_gradients_trapezoid_is_captum_rescaled(toy, inputs, target):
     """Captum's trapezoid = true trapezoid x (n - 1)/n (its weights sum to (n - 1)/n), so
     Salience == Captum x n/(n - 1) and Salience's delta is computed from the rescaled sum."""
-    e = salience.explain(toy, inputs, "integrated_gradients", target=target, level="token", steps=STEPS,
+    e = explain_probability(toy, inputs, "integrated_gradients", target=target, level="token", steps=STEPS,
                          rule="riemann_trapezoid", baseline="pad")
     expected, captum_delta, (f_x, f_baseline) = _captum_ig(toy, inputs, target, "riemann_trapezoid")
     factor = STEPS / (STEPS - 1)

@@ -26,6 +26,7 @@ import salience
 from conftest import TOY_PAIR, TOY_TEXT
 from oracles import require
 from salience.methods.perturbation import fit_lime, lime_samples, weighted_ridge
+from toy import explain_probability
 
 lime_base = require("lime.lime_base")
 lime_text = require("lime.lime_text")
@@ -97,7 +98,7 @@ def test_lime_explanation_equals_lime_base_on_toy(toy, inputs):
     """End to end: Salience's neighbourhood (rebuilt from the same seed), the toy model's
     probabilities with removed words deleted, fitted by lime."""
     n_samples, seed = 200, 3
-    e = salience.explain(toy, inputs, "lime", n_samples=n_samples, seed=seed)
+    e = explain_probability(toy, inputs, "lime", n_samples=n_samples, seed=seed)
     encoded = toy.encode(inputs)
     keep = lime_samples(len(e.features), n_samples, np.random.default_rng(seed))
     rows = torch.as_tensor(keep)

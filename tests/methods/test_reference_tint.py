@@ -35,9 +35,9 @@ import numpy as np
 import pytest
 import torch
 
-import salience
 from conftest import TOY_PAIR, TOY_TEXT
 from oracles import require
+from toy import explain_probability
 
 tint_attr = require("tint.attr")
 
@@ -71,7 +71,7 @@ def _tint_sig(toy, inputs, target, *, steps, rule="gausslegendre"):
 @INPUTS
 @pytest.mark.parametrize("rule", ["gausslegendre", "riemann_middle", "riemann_trapezoid"])
 def test_sig_path_form_matches_tint(toy, inputs, rule):
-    e = salience.explain(toy, inputs, "sig", level="token", form="path", steps=STEPS, rule=rule, baseline="mask")
+    e = explain_probability(toy, inputs, "sig", level="token", form="path", steps=STEPS, rule=rule, baseline="mask")
     expected, _, encoded = _tint_sig(toy, inputs, e.target.index, steps=STEPS, rule=rule)
     if rule == "riemann_trapezoid":
         expected = expected * STEPS / (STEPS - 1)  # Captum's trapezoid weights sum to (n - 1)/n
@@ -86,7 +86,7 @@ def test_sig_path_form_matches_tint(toy, inputs, rule):
 def test_sig_exact_form_is_tints_limit(toy, inputs):
     """Salience's exact form (features + 1 forward passes) equals tint's path integral once the
     quadrature has converged; on these inputs 200 Gauss-Legendre nodes suffice."""
-    e = salience.explain(toy, inputs, "sig", level="token", form="exact", baseline="mask")
+    e = explain_probability(toy, inputs, "sig", level="token", form="exact", baseline="mask")
     expected, _, encoded = _tint_sig(toy, inputs, e.target.index, steps=200)
     non_special = ~encoded.special.numpy()
     # quadrature error at 200 nodes + float32 weights: 1e-6 of the largest score (observed <= 6e-9)
@@ -97,7 +97,7 @@ def test_sig_exact_form_is_tints_limit(toy, inputs):
 def test_sig_word_level_single_token_words_match_tint(toy, inputs):
     """At level="word" a one-token word's path is tint's path for that token; multi-token words
     move together in Salience and are left out (see the module docstring)."""
-    e = salience.explain(toy, inputs, "sig", level="word", form="path", steps=STEPS, baseline="mask")
+    e = explain_probability(toy, inputs, "sig", level="word", form="path", steps=STEPS, baseline="mask")
     expected, _, _ = _tint_sig(toy, inputs, e.target.index, steps=STEPS)
     single = [i for i, f in enumerate(e.features) if len(f.tokens) == 1]
     assert len(single) >= len(e.features) - 1
@@ -109,8 +109,8 @@ def test_sig_word_level_single_token_words_match_tint(toy, inputs):
 def test_sig_deltas_relate_as_documented(toy, inputs):
     """tint's delta: sum(path scores) - (F(x) - F(all masked)); Salience's: sum(path scores) -
     sum(exact scores). Same path scores, so the two differ by sum(exact) - (F(x) - F(all masked))."""
-    path = salience.explain(toy, inputs, "sig", level="token", form="path", steps=STEPS, baseline="mask")
-    exact = salience.explain(toy, inputs, "sig", level="token", form="exact", baseline="mask")
+    path = explain_probability(toy, inputs, "sig", level="token", form="path", steps=STEPS, baseline="mask")
+    exact = explain_probability(toy, inputs, "sig", level="token", form="exact", baseline="mask")
     expected, tint_delta, encoded = _tint_sig(toy, inputs, path.target.index, steps=STEPS)
     keep_none = torch.zeros(1, len(exact.features), dtype=torch.bool)
     all_masked = float(toy.score_perturbed(encoded, keep_none, exact.features, "mask", exact.target)[0])

@@ -29,6 +29,7 @@ from salience.core.grid import model_grid_scores
 from salience.errors import InputError, ModelOutputError, ParameterError
 from salience.models.image import EncodedImage, ImageClassifier
 from tiny_cnn import GRID, LABELS, build_tiny_cnn, photo, tiny_classifier
+from toy import explain_probability
 
 ALL = [info.name for info in salience.methods() if info.kind != "attention"]
 # small settings; perturbation and per-feature methods on 4 x 4 patches (16 features)
@@ -64,7 +65,7 @@ def _input(model: ImageClassifier, image: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------ every method
 @pytest.mark.parametrize("method", ALL)
 def test_every_method_runs_and_maps_back_to_the_image(model, image, method):
-    e = salience.explain(model, image, method=method, **PARAMS.get(method, {}))
+    e = explain_probability(model, image, method=method, **PARAMS.get(method, {}))
     assert e.kind == "image" and e.extras["geometry"]["grid"] == [GRID, GRID]
     assert e.level == ("pixel" if method in ("saliency", "input_x_gradient", "smoothgrad", "gradient_shap",
                                               "integrated_gradients") else "patch")
@@ -75,8 +76,8 @@ def test_every_method_runs_and_maps_back_to_the_image(model, image, method):
 @pytest.mark.parametrize("method", ALL)
 def test_batched_equals_unbatched(model, image, method):
     params = PARAMS.get(method, {})
-    one = salience.explain(model, image, method=method, batch_size=1, **params)
-    many = salience.explain(model, image, method=method, batch_size=64, **params)
+    one = explain_probability(model, image, method=method, batch_size=1, **params)
+    many = explain_probability(model, image, method=method, batch_size=64, **params)
     # float64 model; only the summation order inside the convolutions differs between batch shapes
     np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)
     if one.token_scores is not None:
@@ -87,7 +88,7 @@ def test_batched_equals_unbatched(model, image, method):
 
 def test_attention_methods_name_the_models_that_have_attention(model, image):
     with pytest.raises(ParameterError, match="text classifiers"):
-        salience.explain(model, image, method="attention")
+        explain_probability(model, image, method="attention")
 
 
 # ------------------------------------------------------------------ against Captum
@@ -98,7 +99,7 @@ def test_saliency_and_input_x_gradient_match_captum(model, image, target):
     forward = _probabilities(model.model)
     for method, reference in (("saliency", captum_attr.Saliency(forward).attribute(x, target=target, abs=True)),
                               ("input_x_gradient", captum_attr.InputXGradient(forward).attribute(x, target=target))):
-        e = salience.explain(model, image, method=method, target=target)
+        e = explain_probability(model, image, method=method, target=target)
         expected = reference[0].sum(0).detach().numpy().reshape(-1)  # summed over channels, row-major pixels
         np.testing.assert_allclose(e.token_scores, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
         np.testing.assert_allclose(e.scores, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
@@ -110,7 +111,7 @@ def test_integrated_gradients_matches_captum_with_the_same_rule_and_baseline(mod
     black = torch.full_like(x, -1.0)  # pixel value 0 scaled to [-1, 1]
     reference = captum_attr.IntegratedGradients(_probabilities(model.model)).attribute(
         x, baselines=black, target=1, n_steps=32, method="gausslegendre")
-    e = salience.explain(model, image, method="ig", target=1, steps=32, rule="gausslegendre", baseline="black")
+    e = explain_probability(model, image, method="ig", target=1, steps=32, rule="gausslegendre", baseline="black")
     expected = reference[0].sum(0).detach().numpy().reshape(-1)
     np.testing.assert_allclose(e.token_scores, expected, rtol=0, atol=1e-7 * np.abs(expected).max())
 
@@ -123,7 +124,7 @@ def test_occlusion_matches_captum_per_pixel(model, image, size, stride, baseline
     value = -1.0 if baseline == "black" else 0.0
     reference = captum_attr.Occlusion(_probabilities(model.model)).attribute(
         x, sliding_window_shapes=(3, size, size), strides=(3, stride, stride), baselines=value, target=0)
-    e = salience.explain(model, image, method="occlusion", target=0, level="patch", patch_size=size, stride=stride,
+    e = explain_probability(model, image, method="occlusion", target=0, level="patch", patch_size=size, stride=stride,
                          baseline=baseline)
     expected = reference[0, 0].detach().numpy()  # every channel of a pixel gets the same value
     np.testing.assert_allclose(model_grid_scores(e), expected, rtol=0, atol=2e-7 * np.abs(expected).max())
@@ -131,7 +132,7 @@ def test_occlusion_matches_captum_per_pixel(model, image, size, stride, baseline
 
 # ------------------------------------------------------------------ identities
 def test_integrated_gradients_completeness_within_the_reported_delta(model, image):
-    e = salience.explain(model, image, method="ig", target="dog")  # adaptive
+    e = explain_probability(model, image, method="ig", target="dog")  # adaptive
     x = _input(model, image)
     with torch.no_grad():
         probabilities = _probabilities(model.model)(torch.cat([x, torch.full_like(x, -1.0)]))[:, 1]
@@ -143,7 +144,7 @@ def test_integrated_gradients_completeness_within_the_reported_delta(model, imag
 
 
 def test_exact_kernel_shap_on_patches_is_efficient(model, image):
-    e = salience.explain(model, image, method="kernel_shap", level="patch", patch_size=8)  # 4 patches: exact
+    e = explain_probability(model, image, method="kernel_shap", level="patch", patch_size=8)  # 4 patches: exact
     assert e.params["exact"] and len(e.features) == 4
     assert e.scores.sum() == pytest.approx(e.output_value - e.baseline_value, abs=1e-12)
 
@@ -152,7 +153,7 @@ def test_exact_kernel_shap_on_patches_is_efficient(model, image):
 def test_lime_and_kernel_shap_run_on_superpixels(method):
     model = tiny_classifier(grid=32)
     params = {"n_samples": 60} if method == "lime" else {"n_samples": 60, "max_exact": 0}
-    e = salience.explain(model, photo(48, 64), method=method, level="superpixel", n_segments=12, compactness=5.0, **params)
+    e = explain_probability(model, photo(48, 64), method=method, level="superpixel", n_segments=12, compactness=5.0, **params)
     layout = e.features.layout
     assert layout["kind"] == "superpixel" and layout["method"] == "slic" and layout["n_segments"] == 12
     assert 4 <= len(e.features) <= 20 and np.isfinite(e.scores).all()
@@ -160,13 +161,13 @@ def test_lime_and_kernel_shap_run_on_superpixels(method):
 
 
 def test_several_targets_share_passes_and_equal_separate_runs(model, image):
-    both = salience.explain(model, image, method="ig", target=[0, 2], steps=8)
+    both = explain_probability(model, image, method="ig", target=[0, 2], steps=8)
     assert both.scores.shape == (2, GRID * GRID)
     for row, target in enumerate((0, 2)):
-        alone = salience.explain(model, image, method="ig", target=target, steps=8)
+        alone = explain_probability(model, image, method="ig", target=target, steps=8)
         np.testing.assert_allclose(both.scores[row], alone.scores, rtol=1e-9, atol=1e-14)
         np.testing.assert_allclose(both.heatmap(row), alone.heatmap(), rtol=1e-9, atol=1e-14, equal_nan=True)
-    occluded = salience.explain(model, image, method="occlusion", target="all", patch_size=4)
+    occluded = explain_probability(model, image, method="occlusion", target="all", patch_size=4)
     assert occluded.scores.shape == (3, 16) and occluded.cost.forward_passes == 1 + 17  # predict + shared rows
 
 
@@ -194,11 +195,11 @@ def test_no_state_left_behind_also_after_an_exception_inside_the_model(model, im
     before = _state(net)
     handle = net[3].register_forward_hook(count_or_fail)
     params = PARAMS.get(method, {})
-    salience.explain(model, image, method=method, batch_size=4, **params)  # a clean run counts the calls
+    explain_probability(model, image, method=method, batch_size=4, **params)  # a clean run counts the calls
     n_calls, calls["n"] = calls["n"], 0
     calls["fail_at"] = n_calls // 2 + 1  # the middle call
     with pytest.raises(RuntimeError, match="boom"):
-        salience.explain(model, image, method=method, batch_size=4, **params)
+        explain_probability(model, image, method=method, batch_size=4, **params)
     assert calls["n"] == calls["fail_at"]
     handle.remove()
     assert _state(net) == before
@@ -206,7 +207,7 @@ def test_no_state_left_behind_also_after_an_exception_inside_the_model(model, im
 
 def test_memory_budget_probe_leaves_no_hooks(model, image):
     before = _state(model.model)
-    e = salience.explain(model, image, method="ig", steps=8, max_memory="4MB")
+    e = explain_probability(model, image, method="ig", steps=8, max_memory="4MB")
     assert _state(model.model) == before
     assert model.bytes_per_row(GRID * GRID, backward=True) > model.bytes_per_row(GRID * GRID, backward=False) > 0
     assert e.cost.model_calls > 3  # a 4 MB budget splits the 16 + 2 rows
@@ -228,14 +229,14 @@ def test_every_input_kind_gives_the_same_model_input(model, image, tmp_path):
     assert encoded[2].input == str(path) and encoded[0].input == "array 20x30x3 uint8"
     as_tensor = model.encode(encoded[0].pixels.clone())  # a tensor is the model input itself
     assert as_tensor.geometry["original_size"] == [GRID, GRID] and torch.equal(as_tensor.pixels, encoded[0].pixels)
-    assert salience.explain(model, encoded[0].pixels, method="saliency").heatmap().shape == (GRID, GRID)
+    assert explain_probability(model, encoded[0].pixels, method="saliency").heatmap().shape == (GRID, GRID)
 
 
 def test_heatmap_of_a_cropping_preprocess_is_nan_where_the_model_saw_nothing(image):
     from salience.zoo.efficientnet_lite0 import ImagePreprocess
 
     model = ImageClassifier(build_tiny_cnn(), ImagePreprocess(crop=GRID, resize_short_side=GRID), LABELS)
-    heat = salience.explain(model, image, method="saliency").heatmap()
+    heat = explain_probability(model, image, method="saliency").heatmap()
     assert heat.shape == (20, 30)
     assert np.isnan(heat[:, :5]).all() and np.isnan(heat[:, -5:]).all() and np.isfinite(heat[:, 5:25]).all()
 
@@ -246,7 +247,7 @@ def test_a_plain_preprocessing_function_gets_an_assumed_stretch_geometry(image):
         return torch.from_numpy(resized).permute(2, 0, 1) * 2 - 1
 
     model = ImageClassifier(build_tiny_cnn(), to_tensor, LABELS)
-    e = salience.explain(model, image, method="ig", steps=4)
+    e = explain_probability(model, image, method="ig", steps=4)
     assert e.extras["geometry"]["exact"] is False and e.heatmap().shape == (20, 30)
     assert e.params["baseline"] == "black"  # black level found by preprocessing a black image
 
@@ -255,7 +256,7 @@ def test_greyscale_and_rgba_images_are_converted_with_a_note(model, image):
     for mode in ("L", "RGBA"):
         picture = Image.fromarray(image).convert(mode)
         with pytest.warns(SalienceWarning, match=f"the {mode} image was converted to RGB"):
-            e = salience.explain(model, picture, method="saliency")
+            e = explain_probability(model, picture, method="saliency")
         assert any("converted to RGB" in w for w in e.warnings)
 
 
@@ -271,17 +272,17 @@ def test_baselines_are_named_recorded_and_seeded(model, image):
     assert not torch.equal(noise, model.input_and_baseline(encoded, "noise:1")[1])
     assert noise.min() >= -1 and noise.max() <= 1 and noise.std() > 0.4
     custom = torch.full((3, GRID, GRID), 0.123456789)
-    e = salience.explain(model, image, method="ig", steps=4, baseline=custom)
+    e = explain_probability(model, image, method="ig", steps=4, baseline=custom)
     assert e.params["baseline"].startswith("tensor 3x16x16 sha1:")
     assert "0.123456" not in e.to_json() and "_image" not in json.loads(e.to_json())["extras"]
     with pytest.raises(InputError, match=r"baseline tensor has shape \(3, 4, 4\)"):
-        salience.explain(model, image, method="occlusion", baseline=torch.zeros(3, 4, 4), patch_size=8)
+        explain_probability(model, image, method="occlusion", baseline=torch.zeros(3, 4, 4), patch_size=8)
 
 
 def test_json_round_trip_is_compact_and_heatmap_works_after_loading(image):
     model = tiny_classifier(grid=64)  # 4,096 pixels
     for method, params in (("ig", {"steps": 4}), ("occlusion", {"level": "superpixel", "n_segments": 10})):
-        e = salience.explain(model, photo(40, 90), method=method, **params)
+        e = explain_probability(model, photo(40, 90), method=method, **params)
         text = e.to_json()
 
         def longest_list(value) -> int:
@@ -316,39 +317,39 @@ def test_bad_inputs_raise_one_clear_line(model, image, tmp_path):
     ]
     for adapter, inputs, error, message in cases:
         with pytest.raises(error, match=message) as caught:
-            salience.explain(adapter, inputs, method="saliency")
+            explain_probability(adapter, inputs, method="saliency")
         assert "\n" not in str(caught.value)
     # channels come from the first convolution when no input_shape is given
     with pytest.raises(InputError, match="expects 3 channels, got 4"):
-        salience.explain(ImageClassifier(build_tiny_cnn()), torch.zeros(4, 8, 8), method="saliency")
+        explain_probability(ImageClassifier(build_tiny_cnn()), torch.zeros(4, 8, 8), method="saliency")
 
 
 def test_model_and_option_errors(model, image):
     with pytest.raises(ParameterError, match="unknown image baseline 'gray'"):
-        salience.explain(model, image, method="occlusion", baseline="gray")
+        explain_probability(model, image, method="occlusion", baseline="gray")
     with pytest.raises(ParameterError, match="black level is unknown"):
-        salience.explain(ImageClassifier(build_tiny_cnn()), torch.zeros(3, 8, 8), method="ig", baseline="black")
+        explain_probability(ImageClassifier(build_tiny_cnn()), torch.zeros(3, 8, 8), method="ig", baseline="black")
     with pytest.raises(ParameterError, match="unknown level 'word'"):
-        salience.explain(model, image, method="saliency", level="word")
+        explain_probability(model, image, method="saliency", level="word")
     with pytest.raises(ParameterError, match="patch_size is an option of level 'patch'"):
-        salience.explain(model, image, method="saliency", patch_size=4)
+        explain_probability(model, image, method="saliency", patch_size=4)
     with pytest.raises(ParameterError, match="patch_size must be a positive integer"):
-        salience.explain(model, image, method="occlusion", patch_size=0)
+        explain_probability(model, image, method="occlusion", patch_size=0)
 
     class NotANumber(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.mean((2, 3)) * float("nan")
 
     with pytest.raises(ModelOutputError, match="NaN or infinite"):
-        salience.explain(ImageClassifier(NotANumber(), input_shape=(3, 4, 4)), torch.zeros(3, 4, 4), method="saliency")
+        explain_probability(ImageClassifier(NotANumber(), input_shape=(3, 4, 4)), torch.zeros(3, 4, 4), method="saliency")
     with pytest.raises(ModelOutputError, match="returned 3 classes but 2 labels"):
-        salience.explain(ImageClassifier(build_tiny_cnn(), labels=["a", "b"]), torch.zeros(3, 8, 8), method="saliency")
+        explain_probability(ImageClassifier(build_tiny_cnn(), labels=["a", "b"]), torch.zeros(3, 8, 8), method="saliency")
 
 
 def test_labels_default_to_class_indices(image):
     model = ImageClassifier(build_tiny_cnn())
     assert model.labels == ["0", "1", "2"]
-    e = salience.explain(model, model.encode(torch.zeros(3, 8, 8)), method="saliency", target="2")
+    e = explain_probability(model, model.encode(torch.zeros(3, 8, 8)), method="saliency", target="2")
     assert e.target.index == 2 and isinstance(model.encode(torch.zeros(3, 8, 8)), EncodedImage)
 
 
@@ -361,7 +362,7 @@ def test_efficientnet_lite0_explains_chelsea_with_patch_occlusion():
     chelsea = data.chelsea()
     with warnings.catch_warnings():
         warnings.simplefilter("error", SalienceWarning)
-        e = salience.explain(model, chelsea, method="occlusion", level="patch", patch_size=32)
+        e = explain_probability(model, chelsea, method="occlusion", level="patch", patch_size=32)
     assert e.prediction.index == 285 and e.prediction.label == "Egyptian cat"
     assert len(e.features) == 49 and e.cost.forward_passes == 1 + 50
     heat = e.heatmap()

@@ -114,3 +114,17 @@ def test_hub_id_offline_is_a_clean_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(salience.ModelLoadError, match="cannot load 'no-such-org/no-such-model'"):
         salience.load_model("no-such-org/no-such-model")
+
+
+def test_log_odds_is_the_default_and_does_not_saturate(toy):
+    text = "the film was superb"  # p(positive) = 0.998 on the toy: saturated in probability
+    odds = salience.explain(toy, text, method="occlusion")
+    probability = salience.explain(toy, text, method="occlusion", output="probability")
+    assert odds.target.output == "log_odds" and probability.target.output == "probability"
+    p_full = odds.prediction.probabilities[odds.target.index]
+    assert odds.output_value == pytest.approx(np.log(p_full / (1 - p_full)), rel=1e-9)
+    # occlusion in log-odds: log-odds(x) - log-odds(x without the word), from the probabilities
+    p_without = probability.output_value - probability.scores
+    expected = np.log(p_full / (1 - p_full)) - np.log(p_without / (1 - p_without))
+    np.testing.assert_allclose(odds.scores, expected, rtol=1e-7)  # float64 toy; log of 1 - 0.998 costs digits
+    assert np.abs(odds.scores).max() > 10 * np.abs(probability.scores).max()

@@ -92,6 +92,7 @@ class ImageClassifier:
     """
 
     kind = "image classifier"
+    default_output = "log_odds"  # log(p / (1 - p)): unlike p, it does not saturate near 0 and 1
     explanation_kind = "image"
     default_level = "pixel"
     # perturbation and per-feature path methods cost one row per feature: patches unless asked

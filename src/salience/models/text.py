@@ -31,6 +31,7 @@ class TextClassifier(TokenAdapter):
     """
 
     kind = "text classifier"
+    default_output = "log_odds"  # log(p / (1 - p)): unlike p, it does not saturate near 0 and 1
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, name: str | None = None, max_length: int | None = None) -> None:
         super().__init__(model, tokenizer, name=name)

@@ -29,6 +29,7 @@ class ZeroShotClassifier:
     """Classify a text into user-chosen ``labels`` with an NLI :class:`TextClassifier`."""
 
     kind = "text classifier"
+    default_output = "log_odds"  # log(p / (1 - p)): unlike p, it does not saturate near 0 and 1
 
     def __init__(self, nli: TextClassifier, labels: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
                  entailment_label: str | None = None) -> None:
