@@ -10,8 +10,8 @@ import pytest
 
 import salience
 from salience.evaluate.datasets import load_dataset
-from salience.zoo.planted import LABELS, METADATA, PLANTED, planted_examples, planted_model_dir
 from salience.metrics.base import evaluate_metric
+from salience.zoo.planted import LABELS, METADATA, PLANTED, planted_examples, planted_model_dir
 
 
 @pytest.fixture(scope="session")
