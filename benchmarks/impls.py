@@ -35,6 +35,7 @@ class Settings:
     ig_steps: int = 50  # Captum's default n_steps (Captum IG, tint SIG)
     ref_panels: int = 16  # IG reference: composite Gauss-Legendre, panels x nodes gradients
     ref_nodes: int = 8
+    sig_ref_panels: int = 16  # SIG reference: per token, composite Gauss-Legendre, panels x nodes gradients
     top_k: int = 5  # LIME: agreement of the top-k words across seeds
 
 
@@ -86,6 +87,20 @@ class Case:
             mask[list(word.tokens)] = index
         return mask[None].to(self.dev)
 
+    def joined_mask(self, per_token: bool = False) -> torch.Tensor:
+        """Captum feature_mask (1, T) with one feature per word (``per_token``: per non-special token)
+        and no extra feature: each special token joins its nearest word's group. Its baseline is
+        itself, so removing the group changes exactly that word, and the players are the words."""
+        groups = ([[t] for t in range(self.length) if not self.encoded.special[t]] if per_token
+                  else [list(word.tokens) for word in self.encoded.words])
+        mask = torch.empty(self.length, dtype=torch.long)
+        firsts = torch.tensor([g[0] for g in groups])
+        for t in range(self.length):
+            mask[t] = int(torch.argmin((firsts - t).abs()))  # specials: the nearest group
+        for index, tokens in enumerate(groups):
+            mask[tokens] = index
+        return mask[None].to(self.dev)
+
     def word_firsts(self) -> list[int]:
         return [word.tokens[0] for word in self.encoded.words]
 
@@ -112,12 +127,16 @@ def forward_embeds(case: Case) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def forward_strings(case: Case, batch: int) -> Callable[[list[str]], np.ndarray]:
-    """For lime and shap: texts -> probabilities (N, C), tokenised and run ``batch`` texts per call."""
+def forward_strings(case: Case, batch: int, *, sort: bool = True) -> Callable[[list[str]], np.ndarray]:
+    """For lime and shap: texts -> probabilities (N, C), run ``batch`` texts per call.
+
+    ``sort`` (the wrapper a careful user writes): tokenise all texts once, order them by token
+    length, pad each batch to its own longest row, and return the rows in the caller's order.
+    ``sort=False`` (the naive wrapper): batches in the caller's order, each padded to its longest
+    row; with words deleted at random, nearly every batch holds one almost full-length row."""
     model, tok, dev = case.clf.model, case.clf.tokenizer, case.dev
 
-    def forward(texts: list[str]) -> np.ndarray:
-        texts = [str(t) for t in texts]
+    def naive(texts: list[str]) -> np.ndarray:
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), batch):
@@ -125,6 +144,22 @@ def forward_strings(case: Case, batch: int) -> Callable[[list[str]], np.ndarray]
                 enc = {k: v.to(dev) for k, v in enc.items()}
                 out.append(model(**enc).logits.softmax(-1).double().cpu().numpy())
         return np.concatenate(out)
+
+    def by_length(texts: list[str]) -> np.ndarray:
+        encoded = tok(texts, truncation=True, max_length=512)["input_ids"]
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        out = np.empty((len(texts), model.config.num_labels))
+        with torch.no_grad():
+            for start in range(0, len(order), batch):
+                rows = order[start:start + batch]
+                enc = tok.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+                enc = {k: v.to(dev) for k, v in enc.items()}
+                out[rows] = model(**enc).logits.softmax(-1).double().cpu().numpy()
+        return out
+
+    def forward(texts: list[str]) -> np.ndarray:
+        texts = [str(t) for t in texts]
+        return by_length(texts) if sort else naive(texts)
 
     return forward
 
@@ -197,6 +232,19 @@ def tint_sig(case: Case, seed: int) -> Output:
     return Output(_np(attr[0].sum(-1))[~case.encoded.special.numpy()])
 
 
+def captum_sig_ablation(case: Case, seed: int) -> Output:
+    """Exact SIG computed as a user would without Salience: Captum ``FeatureAblation`` with one
+    feature per SIG feature (here the compared level, tokens; per word at the word level; special
+    tokens joined to a neighbour's group) and the [MASK] baseline, i.e. occlusion with [MASK]:
+    F(x) - F(x with the feature at [MASK])."""
+    from captum.attr import FeatureAblation
+
+    attr = FeatureAblation(forward_ids(case)).attribute(
+        case.ids, baselines=case.baseline_ids(case.mask_id), target=case.target, feature_mask=case.joined_mask(True),
+        perturbations_per_eval=case.limit.best_batch(False))
+    return Output(_np(attr[0])[~case.encoded.special.numpy()])
+
+
 # --- local gradients
 def captum_saliency(case: Case, seed: int) -> Output:
     from captum.attr import Saliency
@@ -226,14 +274,47 @@ def captum_ablation(case: Case, seed: int) -> Output:
     return Output(_per_word(case, attr))
 
 
-def captum_kernel_shap(case: Case, seed: int, n_samples: int | None = None) -> Output:
+def captum_kernel_shap(case: Case, seed: int, n_samples: int | None = None, special_feature: bool = False) -> Output:
+    """Captum KernelShap with one feature per word and the special tokens joined to their nearest
+    word's group (their baseline is themselves), so the words are the only players. With
+    ``special_feature`` the special tokens form one extra player instead (a dummy: it changes the
+    sampling and the regression, not the Shapley values)."""
     from captum.attr import KernelShap
 
     torch.manual_seed(seed)
     attr = KernelShap(forward_ids(case)).attribute(
-        case.ids, baselines=case.baseline_ids(case.mask_id), target=case.target, feature_mask=case.feature_mask(),
+        case.ids, baselines=case.baseline_ids(case.mask_id), target=case.target,
+        feature_mask=case.feature_mask() if special_feature else case.joined_mask(),
         n_samples=n_samples or case.settings.kernel_shap_samples, perturbations_per_eval=case.limit.best_batch(False))
     return Output(_per_word(case, attr))
+
+
+def shap_kernel(case: Case, seed: int, n_samples: int | None = None, l1_reg: Any = False) -> Output:
+    """shap's model-agnostic ``KernelExplainer`` (Kernel SHAP, the estimator family of Salience's
+    and Captum's) on the words: a coalition z in {0, 1}^words is the input with the words outside it
+    set to [MASK]; background all-masked, explained point all-present. ``l1_reg=False`` keeps every
+    word (the default ``"num_features(10)"`` would keep 10 non-zero); ``nsamples`` model
+    evaluations (plus 2: the background and the input)."""
+    import shap
+
+    np.random.seed(seed)
+    n_words, batch = case.n_words, case.limit.best_batch(False)
+    membership = torch.zeros(n_words, case.length, dtype=torch.float32, device=case.dev)
+    for index, word in enumerate(case.encoded.words):
+        membership[index, list(word.tokens)] = 1.0
+    forward = forward_ids(case)
+
+    def f(z: np.ndarray) -> np.ndarray:
+        present = torch.as_tensor(np.asarray(z, dtype=np.float32), device=case.dev)
+        removed = ((1.0 - present) @ membership) > 0
+        ids = torch.where(removed, case.mask_id, case.ids.expand(len(present), -1))
+        with torch.no_grad():
+            return np.concatenate([_np(forward(ids[i:i + batch])[:, case.target]) for i in range(0, len(ids), batch)])
+
+    explainer = shap.KernelExplainer(f, np.zeros((1, n_words)))
+    values = explainer.shap_values(np.ones((1, n_words)), nsamples=n_samples or case.settings.kernel_shap_samples,
+                                   l1_reg=l1_reg, silent=True)
+    return Output(np.asarray(values, dtype=np.float64).reshape(-1))
 
 
 def captum_lime(case: Case, seed: int) -> Output:
@@ -247,11 +328,11 @@ def captum_lime(case: Case, seed: int) -> Output:
     return Output(scores, {"top": _top_positions(scores, case.settings.top_k)})
 
 
-def lime_text(case: Case, seed: int) -> Output:
+def lime_text(case: Case, seed: int, sort: bool = True) -> Output:
     from lime.lime_text import LimeTextExplainer
 
     explainer = LimeTextExplainer(class_names=case.clf.labels, random_state=seed)
-    exp = explainer.explain_instance(case.text, forward_strings(case, case.limit.best_batch(False)),
+    exp = explainer.explain_instance(case.text, forward_strings(case, case.limit.best_batch(False), sort=sort),
                                      labels=(case.target,), num_samples=case.settings.lime_samples)
     pairs = exp.as_map()[case.target]  # (feature id, weight), largest |weight| first
     words = exp.domain_mapper.indexed_string
@@ -259,14 +340,16 @@ def lime_text(case: Case, seed: int) -> Output:
     return Output(np.array([w for _, w in pairs]), {"top": top})
 
 
-def shap_partition(case: Case, seed: int, max_evals: int | None = None, delete: bool = False) -> Output:
-    """shap's Partition explainer; masked tokens become [MASK] (the Text masker's default for this
-    tokenizer) or, with ``delete``, are removed (``mask_token=""``: the masker joins what is left)."""
+def shap_partition(case: Case, seed: int, max_evals: int | None = None, delete: bool = False,
+                   sort: bool = True) -> Output:
+    """shap's Partition explainer (Owen values over the masker's token hierarchy, not Shapley
+    values); masked tokens become [MASK] (the Text masker's default for this tokenizer) or, with
+    ``delete``, are removed (``mask_token=""``: the masker joins what is left)."""
     import shap
 
     target = case.target
     batch = case.limit.best_batch(False)
-    probs = forward_strings(case, batch)
+    probs = forward_strings(case, batch, sort=sort)
     masker = shap.maskers.Text(case.clf.tokenizer, mask_token="" if delete else None)
     explainer = shap.Explainer(lambda texts: probs(list(texts))[:, target], masker)
     result = explainer([case.text], max_evals=max_evals or case.settings.kernel_shap_samples, batch_size=batch,
@@ -330,6 +413,9 @@ def implementations() -> list[Impl]:
         Impl("sequential_integrated_gradients", "tint", "tint SequentialIntegratedGradients",
              lambda c: f"n_steps={s(c).ig_steps} (default), baseline mask, internal_batch_size={fb(c)}",
              lambda c: (0, _t(c) * s(c).ig_steps), tint_sig),
+        Impl("sequential_integrated_gradients", "captum", "Captum FeatureAblation (exact SIG = occlusion with [MASK])",
+             lambda c: f"feature_mask=one feature per non-special token, baseline mask, perturbations_per_eval={ff(c)}",
+             lambda c: (c.length - 1, 0), captum_sig_ablation),
         Impl("saliency", "salience", "Salience saliency", lambda c: "abs, token level", lambda c: (1, 1),
              _salience("saliency", "token", scores="token_scores")),
         Impl("saliency", "captum", "Captum Saliency", lambda c: "abs=True, on inputs_embeds", lambda c: (0, 1),
@@ -350,14 +436,25 @@ def implementations() -> list[Impl]:
              lambda c: f"n_samples={s(c).kernel_shap_samples}, baseline delete", lambda c: (s(c).kernel_shap_samples + 3, 0),
              partial(salience_kernel_shap, baseline="delete"), stochastic=True, removal="delete"),
         Impl("kernel_shap", "captum", "Captum KernelShap",
-             lambda c: f"n_samples={s(c).kernel_shap_samples}, feature_mask=words, baseline mask, perturbations_per_eval={ff(c)}",
+             lambda c: f"n_samples={s(c).kernel_shap_samples}, feature_mask=words (specials in a word's group: no "
+                       f"extra player), baseline mask, perturbations_per_eval={ff(c)}",
              lambda c: (s(c).kernel_shap_samples + 1, 0), captum_kernel_shap, stochastic=True, removal="mask"),
-        Impl("kernel_shap", "shap", "shap Partition (Text masker)",
-             lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask [MASK]",
+        Impl("kernel_shap", "shap", "shap KernelExplainer",
+             lambda c: f"nsamples={s(c).kernel_shap_samples}, l1_reg=False, players=words, baseline mask, "
+                       f"batch {ff(c)} in f",
+             lambda c: (s(c).kernel_shap_samples + 2, 0), shap_kernel, stochastic=True, removal="mask"),
+        Impl("kernel_shap", "shap", "shap Partition (Text masker; Owen values)",
+             lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask [MASK], length-sorted batches",
              lambda c: (s(c).kernel_shap_samples + 2, 0), shap_partition, overhead=1.6, removal="mask"),
-        Impl("kernel_shap", "shap", "shap Partition (Text masker, deletion)",
-             lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask_token='' (masked words removed)",
+        Impl("kernel_shap", "shap", "shap Partition (Text masker, deletion; Owen values)",
+             lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask_token='' (masked words removed), "
+                       "length-sorted batches",
              lambda c: (s(c).kernel_shap_samples + 2, 0), partial(shap_partition, delete=True), overhead=1.6,
+             removal="delete"),
+        Impl("kernel_shap", "shap", "shap Partition (Text masker, deletion; Owen values) (naive batching)",
+             lambda c: f"max_evals={s(c).kernel_shap_samples}, batch_size={ff(c)}, mask_token='' (masked words removed), "
+                       "batches in shap's order, each padded to its longest row",
+             lambda c: (s(c).kernel_shap_samples + 2, 0), partial(shap_partition, delete=True, sort=False), overhead=1.6,
              removal="delete"),
         Impl("lime", "salience", "Salience lime", lambda c: f"n_samples={s(c).lime_samples}, baseline delete",
              lambda c: (s(c).lime_samples + 1, 0), salience_lime, stochastic=True, removal="delete"),
@@ -368,8 +465,14 @@ def implementations() -> list[Impl]:
              lambda c: f"n_samples={s(c).lime_samples}, feature_mask=words, baseline mask, perturbations_per_eval={ff(c)}",
              lambda c: (s(c).lime_samples + 1, 0), captum_lime, stochastic=True, removal="mask"),
         Impl("lime", "lime", "lime LimeTextExplainer",
-             lambda c: f"num_samples={s(c).lime_samples}, classifier_fn batch {ff(c)}, defaults (bow, delete)",
+             lambda c: f"num_samples={s(c).lime_samples}, classifier_fn: length-sorted batches of {ff(c)}, "
+                       "defaults (bow, delete)",
              lambda c: (s(c).lime_samples, 0), lime_text, stochastic=True, overhead=1.6, removal="delete"),
+        Impl("lime", "lime", "lime LimeTextExplainer (naive batching)",
+             lambda c: f"num_samples={s(c).lime_samples}, classifier_fn: batches of {ff(c)} in lime's order, each "
+                       "padded to its longest row, defaults (bow, delete)",
+             lambda c: (s(c).lime_samples, 0), partial(lime_text, sort=False), stochastic=True, overhead=1.6,
+             removal="delete"),
     ]
 
 
@@ -411,6 +514,33 @@ def ig_reference(case: Case) -> np.ndarray:
     return _np((total * (x - x0).double()).sum(-1))
 
 
+def sig_path_reference(case: Case) -> np.ndarray:
+    """SIG per non-special token as a path integral computed here, independently of Salience: for
+    each token, only its embedding moves from [MASK]'s to the input's (the rest stays at the input),
+    and dF/dx . (x - x') is integrated by composite Gauss-Legendre (``sig_ref_panels`` x
+    ``ref_nodes`` gradients per token), accumulated in float64."""
+    panels, nodes = case.settings.sig_ref_panels, case.settings.ref_nodes
+    x, x0 = embeddings(case, case.ids)[0], embeddings(case, case.baseline_ids(case.mask_id))[0]
+    g_nodes, g_weights = np.polynomial.legendre.leggauss(nodes)
+    alphas = np.concatenate([(p + (g_nodes + 1) / 2) / panels for p in range(panels)])
+    weights = np.tile(g_weights / 2 / panels, panels)
+    positions = torch.nonzero(~case.special).flatten().tolist()
+    jobs = [(t, a) for t in positions for a in range(len(alphas))]
+    forward, batch = forward_embeds(case), case.limit.best_batch(True)
+    scores = np.zeros(len(positions))
+    where = {t: i for i, t in enumerate(positions)}
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        points = x[None].repeat(len(chunk), 1, 1)
+        for row, (t, a) in enumerate(chunk):
+            points[row, t] = x0[t] + float(alphas[a]) * (x[t] - x0[t])
+        points.requires_grad_(True)
+        (grads,) = torch.autograd.grad(forward(points)[:, case.target].sum(), points)
+        for row, (t, a) in enumerate(chunk):
+            scores[where[t]] += float(weights[a]) * float((grads[row, t].double() * (x[t] - x0[t]).double()).sum())
+    return scores
+
+
 def sig_reference(case: Case) -> np.ndarray:
     """Exact SIG per non-special token: F(x) - F(x with that token set to [MASK]) (the path integral's
     value by the fundamental theorem of calculus), by plain forward passes."""
@@ -445,6 +575,11 @@ def exact_shapley(case: Case) -> np.ndarray:
 # ------------------------------------------------------------------------------------- accuracy
 def rel_l1(scores: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(scores - reference).sum() / max(np.abs(reference).sum(), 1e-300))
+
+
+def max_rel(scores: np.ndarray, reference: np.ndarray) -> float:
+    """Per-feature error: max abs difference / max abs reference score."""
+    return float(np.abs(scores - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 def rel_l2(scores: np.ndarray, reference: np.ndarray) -> float:

@@ -121,7 +121,7 @@ class Bench:
         self.groups: list[tuple[Case, list[Row]]] = []
         self.limit_seconds: dict[int, float] = {}  # id(limit) -> seconds its first measurement took
         self.settings = Settings(kernel_shap_samples=args.kernel_shap_samples, lime_samples=args.lime_samples,
-                                 ref_panels=args.ref_panels)
+                                 ref_panels=args.ref_panels, sig_ref_panels=args.sig_ref_panels)
         self.impls = [i for i in impls.implementations() if i.method in args.methods and i.library in args.libraries]
 
     # ---------------------------------------------------------------- setup
@@ -264,7 +264,8 @@ class Bench:
         if method == "integrated_gradients":
             return 1.3 * case.limit.seconds(2, self.settings.ref_panels * self.settings.ref_nodes)
         if method == "sequential_integrated_gradients":
-            return 1.3 * case.limit.seconds(case.length, 0)
+            per_token = self.settings.sig_ref_panels * self.settings.ref_nodes
+            return 1.3 * case.limit.seconds(case.length, (case.length - 2) * per_token)
         return None
 
     def compute_reference(self, case: Case, method: str) -> None:
@@ -277,8 +278,11 @@ class Bench:
             case.references[method + ":why"] = why
             return
         started = time.perf_counter()
-        case.references[method] = (impls.ig_reference(case) if method == "integrated_gradients"
-                                   else impls.sig_reference(case))
+        if method == "integrated_gradients":
+            case.references[method] = impls.ig_reference(case)
+        else:  # a path integral computed here; F(x) - F(x masked) by forward passes only as a check of it
+            case.references[method] = impls.sig_path_reference(case)
+            case.references[method + ":ftc"] = impls.sig_reference(case)
         log(f"    {case.model_name}/{case.length} reference for {SHORT[method]}: {time.perf_counter() - started:.1f} s")
 
     def accuracy(self, case: Case, rows: list[Row]) -> None:
@@ -296,16 +300,27 @@ class Bench:
             for r in ran:
                 scores = r.outputs[0].scores
                 parts = [f"completeness error {abs(scores.sum() - gap) / max(abs(gap), 1e-300):.1e} of gap {abs(gap):.3g}"]
-                parts.append(f"vs {self.settings.ref_panels * self.settings.ref_nodes}-step ref "
-                             f"{impls.rel_l1(scores, reference):.1e}" if reference is not None else missing)
+                parts.append(f"vs {self.settings.ref_panels * self.settings.ref_nodes}-step ref: rel. L1 "
+                             f"{impls.rel_l1(scores, reference):.1e}, per-token max abs diff "
+                             f"{impls.max_rel(scores, reference):.1e} of max abs ref" if reference is not None else missing)
                 steps = r.outputs[0].info.get("steps")
                 if steps:
                     parts.append(f"{steps} steps")
                 r.accuracy = "; ".join(parts)
         elif method == "sequential_integrated_gradients":
+            nodes = self.settings.sig_ref_panels * self.settings.ref_nodes
             for r in ran:
-                r.accuracy = (f"vs exact {impls.rel_l1(r.outputs[0].scores, reference):.1e} (rel. L1; mean "
-                              f"abs exact value {np.abs(reference).mean():.1e})" if reference is not None else missing)
+                if reference is None:
+                    r.accuracy = missing
+                    continue
+                scores = r.outputs[0].scores
+                r.accuracy = (f"vs {nodes}-gradient/token path ref: rel. L1 {impls.rel_l1(scores, reference):.1e}, "
+                              f"max abs diff {impls.max_rel(scores, reference):.1e} of max abs ref")
+            if reference is not None:
+                ftc = case.references[method + ":ftc"]
+                ran[0].notes.append(f"path ref vs F(x) - F(x with the token at [MASK]): max abs diff "
+                                    f"{impls.max_rel(reference, ftc):.1e} of max abs ref (mean abs ref "
+                                    f"{np.abs(reference).mean():.1e})")
         elif method in ("saliency", "input_x_gradient", "occlusion"):
             for r in ran:
                 if r is salience_row:
@@ -390,24 +405,36 @@ class Bench:
             return
         exact = impls.exact_shapley(case)
         seeds = list(range(max(self.args.seeds, 1)))
-        by_lib = {i.library: i for i in self.impls if i.method == "kernel_shap"}
-        jobs: list[tuple[str, int, Any]] = []
-        if "salience" in by_lib:
-            jobs += [("salience", n, lambda c, s, n=n: impls.salience_kernel_shap(c, s, n)) for n in self.args.kshap_sweep]
-        if "captum" in by_lib:
-            n = self.settings.kernel_shap_samples
-            jobs.append(("captum", n, lambda c, s, n=n: impls.captum_kernel_shap(c, s, n)))
-        if "shap" in by_lib:
-            n = self.settings.kernel_shap_samples
-            jobs.append(("shap", n, lambda c, s, n=n: impls.shap_partition(c, s, n)))
+        by_name = {i.name: i for i in self.impls if i.method == "kernel_shap"}
+        full = self.settings.kernel_shap_samples
+        # (implementation, name in the table, n, function, seeds); the estimators of one family get the
+        # same budgets (Salience's sweep), the variants and shap's Partition explainer the full budget
+        jobs: list[tuple[Impl, str, int, Any, list[int]]] = []
+        for n in self.args.kshap_sweep:
+            if "Salience kernel_shap" in by_name:
+                jobs.append((by_name["Salience kernel_shap"], "Salience kernel_shap", n,
+                             lambda c, s, n=n: impls.salience_kernel_shap(c, s, n), seeds))
+            if "Captum KernelShap" in by_name:
+                jobs.append((by_name["Captum KernelShap"], "Captum KernelShap (players: words)", n,
+                             lambda c, s, n=n: impls.captum_kernel_shap(c, s, n), seeds))
+            if "shap KernelExplainer" in by_name:
+                jobs.append((by_name["shap KernelExplainer"], "shap KernelExplainer (l1_reg=False)", n,
+                             lambda c, s, n=n: impls.shap_kernel(c, s, n), seeds))
+        if "Captum KernelShap" in by_name:
+            jobs.append((by_name["Captum KernelShap"], "Captum KernelShap (special tokens as an extra player)", full,
+                         lambda c, s: impls.captum_kernel_shap(c, s, full, special_feature=True), seeds))
+        if "shap KernelExplainer" in by_name:
+            jobs.append((by_name["shap KernelExplainer"], "shap KernelExplainer (default l1_reg='num_features(10)')",
+                         full, lambda c, s: impls.shap_kernel(c, s, full, l1_reg="num_features(10)"), seeds))
+        partition = "shap Partition (Text masker; Owen values)"
+        if partition in by_name:  # deterministic: one run
+            jobs.append((by_name[partition], partition, full, lambda c, s: impls.shap_partition(c, s, full), [0]))
         scale = case.length / like.length  # estimates from the longer input's limit
-        for library, n, fn in jobs:
-            impl = by_lib[library]
-            budgeted = Impl(impl.method, impl.library, impl.name, impl.settings,
+        for impl, name, n, fn, runs in jobs:
+            budgeted = Impl(impl.method, impl.library, name, impl.settings,
                             lambda c, n=n: (max(1, int((n + 3) * scale)), 0), fn, impl.stochastic, impl.overhead)
-            runs = [0] if library == "shap" else seeds  # shap's Partition explainer is deterministic
             row = self.measure(budgeted, case, seeds=runs, label=label, settings=f"n = {n}")
-            entry: dict[str, Any] = {"model": model_name, "label": label, "impl": impl.name, "n": n,
+            entry: dict[str, Any] = {"model": model_name, "label": label, "impl": name, "n": n,
                                      "skipped": row.skipped}
             if row.outputs:
                 errors = [impls.rel_l2(o.scores, exact) for o in row.outputs]
@@ -418,7 +445,8 @@ class Bench:
     def kshap_estimate(self, like: Case) -> float:
         """Seconds for the exact reference and the runs, from the (longer) ``like`` input's limit."""
         short = len(like.clf.tokenizer(cases.text_of_words(self.args.kshap_words))["input_ids"])
-        rows = 2**self.args.kshap_words + self.args.seeds * (sum(self.args.kshap_sweep) + self.settings.kernel_shap_samples)
+        rows = 2**self.args.kshap_words + self.args.seeds * (3 * sum(self.args.kshap_sweep)
+                                                             + 3 * self.settings.kernel_shap_samples)
         return 1.3 * like.limit.seconds(rows, 0) * short / like.length
 
     def run_memory(self) -> None:
@@ -575,29 +603,52 @@ def summary(rows: list[Row], kshap: list[dict[str, Any]], memory: dict[str, Any]
                     found.append((ours, peer))
         return found
 
-    for ours, peer in pairs("sequential_integrated_gradients", "tint", 128) or pairs("sequential_integrated_gradients", "tint"):
-        out.append(f"- SIG {ours.model}/{ours.length}: speed-up {1 / peer.ratio:.0f}x over tint "
-                   f"(target >= 50x at 128 tokens); accuracy Salience {ours.accuracy}, tint {peer.accuracy}")
+    def work(r: Row) -> str:
+        passes = f"{r.forward} fwd" + (f" / {r.backward} fwd+bwd" if r.backward else "")
+        if r.length_scale < 0.99:
+            passes += f", rows {r.length_scale:.0%} of the input length"
+        return f"{r.impl.name}: {fmt_s(r.median)} s, {passes}"
+
+    def speed(ratio: float) -> str:
+        return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
+
+    for peer_library in ("tint", "captum"):
+        for ours, peer in pairs("sequential_integrated_gradients", peer_library):
+            out.append(f"- SIG {ours.model}/{ours.length}: Salience {speed(peer.ratio)} than {peer.impl.name}. "
+                       f"Work and accuracy: {work(ours)}, {ours.accuracy}; {work(peer)}, {peer.accuracy}. "
+                       "Exact SIG is occlusion with the [MASK] baseline (the FeatureAblation row computes the same numbers)")
     for ours, peer in pairs("integrated_gradients", "captum"):
-        out.append(f"- IG {ours.model}/{ours.length}: speed-up {1 / peer.ratio:.2f}x over Captum "
-                   f"(target >= 2x); Salience {ours.accuracy}; Captum {peer.accuracy}")
+        out.append(f"- IG {ours.model}/{ours.length}: Salience {speed(peer.ratio)} than Captum at UNEQUAL work and "
+                   f"accuracy: {work(ours)}, {ours.accuracy}; {work(peer)}, "
+                   f"{peer.accuracy}. Speed at equal per-token error: benchmarks/ig_accuracy.py")
     for method in ("kernel_shap", "lime"):
         for library in ("captum", "lime", "shap"):
             for ours, peer in pairs(method, library):
-                out.append(f"- {SHORT[method]} {ours.model}/{ours.length}: speed-up {1 / peer.ratio:.2f}x over "
-                           f"{peer.impl.name} at {ours.forward} vs {peer.forward} passes (target >= 1.5x)")
+                agreement = "" if method == "kernel_shap" else f"; {ours.accuracy} vs {peer.accuracy}"
+                limits = "" if not (ours.limit and peer.limit) else \
+                    (f"; pass limits (row lengths included, load-independent) {fmt_s(ours.limit)} vs "
+                     f"{fmt_s(peer.limit)} s: {speed(ours.limit / peer.limit)}")
+                out.append(f"- {SHORT[method]} ({ours.impl.removal}) {ours.model}/{ours.length}: Salience "
+                           f"{speed(peer.ratio)} than {peer.impl.name} at the same model-evaluation budget: "
+                           f"{work(ours)}; {work(peer)}{limits}"
+                           + (" (accuracy: the exact-Shapley table)" if method == "kernel_shap" else agreement))
     by_model: dict[str, list[dict[str, Any]]] = {}
     for entry in kshap:
         if "error" in entry:
             by_model.setdefault(entry["model"], []).append(entry)
     for model, entries in by_model.items():
-        captum = next((e for e in entries if e["impl"].startswith("Captum")), None)
+        full = max(e["n"] for e in entries)
+        at_full = [e for e in entries if e["n"] == full]
+        out.append(f"- KernelSHAP {model} vs exact Shapley values at n = {full}: "
+                   + "; ".join(f"{e['impl']} error {e['error']:.3f} ({e['passes']} passes)" for e in at_full))
         ours = sorted((e for e in entries if e["impl"].startswith("Salience")), key=lambda e: e["n"])
-        if captum and ours:
-            enough = next((e for e in ours if e["error"] <= captum["error"]), None)
-            out.append(f"- KernelSHAP {model} vs exact: Captum error {captum['error']:.3f} at {captum['passes']} passes; "
-                       + (f"Salience reaches {enough['error']:.3f} with {enough['passes']} passes" if enough else
-                          f"Salience does not reach it within n = {ours[-1]['n']} (error {ours[-1]['error']:.3f})"))
+        for peer_name in ("Captum KernelShap (players: words)", "shap KernelExplainer (l1_reg=False)"):
+            peer = next((e for e in at_full if e["impl"] == peer_name), None)
+            if peer and ours:
+                enough = next((e for e in ours if e["error"] <= peer["error"]), None)
+                out.append(f"  - {peer_name} error {peer['error']:.3f} at {peer['passes']} passes: "
+                           + (f"Salience reaches {enough['error']:.3f} with {enough['passes']} passes" if enough else
+                              f"Salience does not reach it within n = {ours[-1]['n']} (error {ours[-1]['error']:.3f})"))
     for r in rows:
         if r.impl.is_salience and r.length == 128 and r.limit and r.median:
             if r.median / r.limit > 1.2:
@@ -648,11 +699,14 @@ def machine() -> list[str]:
 def report(bench: Bench, command: str) -> str:
     rows = sorted(bench.rows, key=lambda r: (bench.args.models.index(r.model), r.length if isinstance(r.length, int) else 0,
                                              METHODS.index(r.method), r.order))
+    note = [f"- note: {bench.args.note}"] if bench.args.note else []
     out = ["# Benchmark results", "",
            f"Latest run: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}, "
-           f"{bench.clock.used / 60:.1f} min. Command:", "", f"    {command}", "", "## Machine", *machine(), "",
+           f"{bench.clock.used / 60:.1f} min. Command:", "", f"    {command}", "", "## Machine", *machine(), *note, "",
            "## Models", *[f"- {m}: {cases.DESCRIPTIONS[m]}" for m in bench.args.models], "",
-           "## Targets, read off this run", *summary(rows, bench.kshap_rows, bench.memory), "",
+           "## Ratios read off this run, with each side's work and accuracy", "",
+           "Salience's time over the peer's, measured in this process; passes are rows through the model "
+           "(fwd+bwd: with a backward pass).", "", *summary(rows, bench.kshap_rows, bench.memory), "",
            "## Methods", "", "Ratios compare runs made in this process only. `runs*`: warmed up on an 8-token input "
            "(else on the same input). Passes are rows through the model per run (forward includes the forward half of "
            "forward+backward passes). `peak MB`: peak RSS growth during the run (CUDA: allocator peak growth).", "",
@@ -695,6 +749,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernel-shap-samples", type=int, help="model-pass budget of every KernelSHAP (default 512)")
     parser.add_argument("--lime-samples", type=int, help="model-pass budget of every LIME (default 500)")
     parser.add_argument("--ref-panels", type=int, help="IG reference: Gauss-Legendre panels of 8 nodes (default 16)")
+    parser.add_argument("--sig-ref-panels", type=int, help="SIG reference: Gauss-Legendre panels of 8 nodes per "
+                        "token (default 16)")
+    parser.add_argument("--note", default="", help="a line for the Machine section (e.g. that the machine was shared)")
     parser.add_argument("--kshap-words", type=int, help="words of the exact-Shapley input (default 12)")
     parser.add_argument("--kshap-sweep", nargs="+", type=int, help="Salience n_samples tried against exact values")
     parser.add_argument("--memory-model", choices=cases.MODEL_NAMES)
@@ -716,6 +773,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "kernel_shap_samples": 64 if quick else 512,
         "lime_samples": 64 if quick else 500,
         "ref_panels": 4 if quick else 16,
+        "sig_ref_panels": 2 if quick else 16,
         "kshap_words": 11 if quick else 12,
         "kshap_sweep": [32, 64] if quick else [64, 128, 256, 512],
         "memory_model": "small" if quick else "base",
