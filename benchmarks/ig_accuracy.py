@@ -77,7 +77,7 @@ def salience_run(case: Case, steps: int | None) -> Callable[[], np.ndarray]:
     used: dict[str, int] = {}
 
     def run() -> np.ndarray:
-        e = salience.explain(case.clf, case.text, method="ig", level="token", **params)
+        e = salience.explain(case.clf, case.text, method="ig", level="token", output="probability", **params)
         assert e.target.index == case.target
         used["steps"] = e.params.get("steps_used") or steps or 0
         return np.asarray(e.token_scores, dtype=np.float64)

@@ -197,7 +197,7 @@ def _salience(method: str, level: str, params: Callable[[Case], dict[str, Any]] 
               scores: str = "scores") -> Callable[[Case, int], Output]:
     def run(case: Case, seed: int) -> Output:
         extra = params(case) if params else {}
-        e = salience.explain(case.clf, case.text, method, level=level, seed=seed, **extra)
+        e = salience.explain(case.clf, case.text, method, level=level, seed=seed, output="probability", **extra)
         assert e.target.index == case.target
         values = e.token_scores if scores == "token_scores" else e.scores
         info = {"steps": e.params.get("steps_used"), "cost": e.cost, "warnings": e.warnings}
