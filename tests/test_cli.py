@@ -106,3 +106,11 @@ def test_classifiers_explain_the_log_odds_by_default(toy_dir, tmp_path):
                  "--json", str(out)]) == 0
     data = json.loads(out.read_text())["explanations"][0]
     assert data["target"]["output"] == "log_odds"
+
+
+def test_spans_from_the_cli(toy_dir, tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["explain", "--model", str(toy_dir), "--text", "the film was good", "--method", "occlusion",
+                 "--level", "span", "--span", "0:8", "--span", "9:17", "--json", str(out)]) == 0
+    features = json.loads(out.read_text())["explanations"][0]["features"]
+    assert [f["text"] for f in features] == ["the film", "was good"]

@@ -63,8 +63,16 @@ def _inputs(args: argparse.Namespace, model: Any) -> list[Any]:
 def _input_options(args: argparse.Namespace) -> dict[str, Any]:
     """Options for the adapter (generation, image features), only those the user set."""
     options = {"max_new_tokens": args.max_new_tokens, "continuation": args.continuation,
-               "patch_size": args.patch_size, "stride": args.stride, "n_segments": args.n_segments}
+               "patch_size": args.patch_size, "stride": args.stride, "n_segments": args.n_segments,
+               "spans": [_span(text) for text in args.span] or None}
     return {key: value for key, value in options.items() if value is not None}
+
+
+def _span(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+        raise ParameterError(f"--span {text!r} is not START:END (character offsets)")
+    return int(start), int(end)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -156,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--template", default="This example is {}.", help="zero-shot hypothesis template")
     explain.add_argument("--output", choices=list(OUTPUTS),
                          help="what is explained (default: log_odds for classifiers, probability for causal LMs)")
-    explain.add_argument("--level", choices=["word", "token", "pixel", "patch", "superpixel"],
+    explain.add_argument("--span", action="append", default=[], metavar="START:END",
+                         help="with --level span: a character span of the text or prompt as one feature (repeatable)")
+    explain.add_argument("--level", choices=["word", "token", "span", "pixel", "patch", "superpixel"],
                          help="features: word/token (text, prompts), pixel/patch/superpixel (images); default: the model's")
     explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
     explain.add_argument("--max-length", type=int, help="token limit (default: the model's)")

@@ -43,6 +43,7 @@ class TokenAdapter:
     """
 
     kind = "token model"
+    feature_options: tuple[str, ...] = ("spans",)
     baselines: tuple[str, ...] = ("mask", "pad", "unk", "zero", "delete")
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, name: str | None = None) -> None:
@@ -94,11 +95,21 @@ class TokenAdapter:
 
     # --------------------------------------------------------------- features
     def features(self, encoded: Encoded, level: str, **options: Any) -> FeatureSet:
-        """Words (default) or tokens of the input, as a :class:`FeatureSet` over its tokens."""
+        """Words (default) or tokens of the input, or ``level="span"`` with ``spans=[(start, end),
+        ...]``: character spans [start, end) of the first text (a classifier's text or premise, a
+        causal LM's prompt), each the tokens whose first character lies inside it (spans may
+        overlap; one that holds no token is an error)."""
+        spans = options.pop("spans", None)
         if options:
-            raise ParameterError(f"text features take no options, got {', '.join(options)}")
+            raise ParameterError(f"text features take only the option 'spans', got {', '.join(options)}")
+        if level == "span":
+            if not spans:
+                raise ParameterError("level 'span' needs spans=[(start, end), ...] (character offsets into the first text)")
+            return as_feature_set(span_features(encoded, spans), encoded.length, level)
+        if spans is not None:
+            raise ParameterError("spans are features of level 'span'; pass level='span' with them")
         if level not in ("word", "token"):
-            raise ParameterError(f"unknown level {level!r} for a {self.kind}; choose 'word' or 'token'")
+            raise ParameterError(f"unknown level {level!r} for a {self.kind}; choose 'word', 'token' or 'span'")
         return as_feature_set(encoded.features(level), encoded.length, level)
 
     def available(self, encoded: Encoded, targets: Sequence[Target], features: FeatureSet) -> np.ndarray:
@@ -276,3 +287,21 @@ def words_of(text: str, segment: int, offsets: list[tuple[int, int]], sequence: 
         if index < len(spans):
             members[index].append(token)
     return [Feature(text[s:e], s, e, segment, tuple(m)) for (s, e), m in zip(spans, members) if m]
+
+
+def span_features(encoded: Encoded, spans: Sequence[Sequence[int]]) -> list[Feature]:
+    """One feature per character span [start, end) of the first text: the non-special tokens of
+    segment 0 whose first character lies inside it."""
+    text = encoded.input if isinstance(encoded.input, str) else encoded.input[0]
+    features = []
+    for span in spans:
+        if len(span) != 2 or not all(isinstance(v, int) for v in span):
+            raise ParameterError(f"a span is (start, end) in characters, got {span!r}")
+        start, end = span
+        if not 0 <= start < end <= len(text):
+            raise ParameterError(f"span ({start}, {end}) is outside the first text (0-{len(text)} characters)")
+        tokens = tuple(t for f in encoded.token_features if f.segment == 0 and start <= f.start < end for t in f.tokens)
+        if not tokens:
+            raise ParameterError(f"span ({start}, {end}) {text[start:end]!r} holds no token")
+        features.append(Feature(text[start:end], start, end, 0, tokens))
+    return features
