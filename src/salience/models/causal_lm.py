@@ -218,6 +218,17 @@ class CausalLM(TokenAdapter):
         logits = self._check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         return torch.stack([read_outputs(logits[:, t], [target])[:, 0] for t, target in enumerate(targets)], dim=1)
 
+    def _row_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                     targets: Sequence[Target], which: torch.Tensor) -> torch.Tensor:
+        """A backward row explains one target: only the logits at that target's ``position - 1`` are
+        computed (not all T positions, whose softmaxes a single gradient does not need)."""
+        positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
+        read = (positions[which.cpu()] - 1)[:, None]  # (B, 1)
+        logits = self._read_logits(input_ids, attention_mask, read)[:, 0]  # (B, V)
+        logits = self._check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        outputs = read_outputs(logits, list(targets))  # (B, T): every target's token read from the row's logits
+        return outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
+
     def _read_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, V) at positions ``read`` (B, K) of each row, from one model call."""
         if self.keeps_logits:

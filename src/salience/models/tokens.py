@@ -153,6 +153,13 @@ class TokenAdapter:
         """One model call on (B, L) rows; the explained output of every target (B, T)."""
         raise NotImplementedError
 
+    def _row_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                     targets: Sequence[Target], which: torch.Tensor) -> torch.Tensor:
+        """Row b's output for target ``which[b]`` only (B,), for backward rows. By default every target
+        is read and one kept; a causal LM reads only each row's own position."""
+        outputs = self._outputs(input_ids, attention_mask, token_type_ids, None, targets)
+        return outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
+
     def _call_model(self, **kwargs: torch.Tensor | int) -> Any:
         """Run the model on one chunk, counting rows and calls."""
         rows = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0]
@@ -251,12 +258,12 @@ class TokenAdapter:
         chunk = embeds.to(self.device, self.dtype).detach().requires_grad_(grad)
         count, length, types = chunk.shape[0], encoded.length, encoded.token_type_ids
         with self._replaced_embeddings(chunk), torch.set_grad_enabled(grad):
-            outputs = self._outputs(encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long),
-                                    None if types is None else types.expand(count, length), None, targets)
+            ids, ones = encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long)
+            row_types = None if types is None else types.expand(count, length)
             if not grad:
-                return outputs.detach(), torch.empty(0)
+                return self._outputs(ids, ones, row_types, None, targets).detach(), torch.empty(0)
             assert which is not None
-            values = outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
+            values = self._row_outputs(ids, ones, row_types, targets, which)
             (gradient,) = torch.autograd.grad(values.sum(), chunk)
             self.counter.backward_passes += count
         return values.detach(), gradient.detach()
