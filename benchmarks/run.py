@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -28,9 +27,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cases  # noqa: E402
+import common  # noqa: E402
 import impls  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import fmt_s, log  # noqa: E402
 from impls import METHODS, SHORT, Case, Impl, Settings  # noqa: E402
 
 LENGTHS = (32, 128, 512)
@@ -84,20 +85,6 @@ class Clock:
 
     def fits(self, seconds: float) -> bool:
         return self.used + seconds <= self.budget
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds >= 100:
-        return f"{seconds:.0f}"
-    if seconds >= 1:
-        return f"{seconds:.2f}"
-    return f"{seconds:.3g}"
 
 
 def fmt_est(seconds: float) -> str:
@@ -664,35 +651,14 @@ def summary(rows: list[Row], kshap: list[dict[str, Any]], memory: dict[str, Any]
 
 
 def machine() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores{memory}; torch threads {torch.get_num_threads()}"
-             f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
+    lines = [common.cpu_line(),
              f"- device: {cases.device()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
              f"- OS: {platform.platform()}; Python {platform.python_version()}",
              "- load average at the end of the run (1/5/15 min): "
              + (" / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a")
              + " (other processes' load makes absolute times noisy)"]
     packages = ["salience", "torch", "transformers", "captum", "time-interpret", "lime", "shap", "numpy", "scikit-learn"]
-    versions = []
-    for name in packages:
-        try:
-            versions.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{name} (not installed)")
-    lines.append("- versions: " + ", ".join(versions))
+    lines.append("- versions: " + common.versions(packages))
     return lines
 
 
