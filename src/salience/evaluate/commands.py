@@ -38,7 +38,9 @@ def add_commands(commands: Any) -> None:
     evaluate.add_argument("--skip-invalid", action="store_true", help="skip malformed JSONL lines (counted) instead of failing")
     evaluate.add_argument("--target", default="predicted", choices=["predicted", "label"],
                           help="explain the predicted class (default) or the gold label")
-    evaluate.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
+    evaluate.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability", "log_odds"],
+                          help="what the explanations explain (default probability, the quantity the ERASER metrics read; "
+                               "salience explain defaults to log_odds for classifiers)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
     evaluate.add_argument("--max-length", type=int, help="token limit (default: the model's)")
