@@ -92,11 +92,6 @@ class FeatureSet(Sequence[Feature]):
         return (self[i] for i in range(self.count))
 
     # ------------------------------------------------------------------ maths
-    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Sparse (F, P) membership matrix (1 where the position belongs to the feature)."""
-        values = torch.ones(self.pairs.shape[1], dtype=dtype)
-        return torch.sparse_coo_tensor(self.pairs, values, (self.count, self.positions)).coalesce()
-
     def position_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """Dense (F, P) membership (small feature sets: text, patches)."""
         dense = torch.zeros(self.count, self.positions, dtype=dtype)

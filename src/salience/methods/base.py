@@ -41,20 +41,17 @@ class Context:
         """A numpy generator seeded with ``seed``."""
         return np.random.default_rng(self.seed)
 
-    def baseline(self, requested: str | None, prefer: str) -> str:
+    def baseline(self, requested: str | None, prefer: str, *, perturbation: bool) -> str:
         """The baseline to use: ``requested`` if given, else ``prefer`` when the adapter knows it,
-        else the adapter's default (the first of ``model.baselines``)."""
+        else the adapter's default (the first of ``model.baselines``); the adapter refuses one it
+        cannot build (one-line error listing those it can) and returns the name it records."""
         known = tuple(getattr(self.model, "baselines", ()))
         if requested is not None:
-            return requested
-        if prefer in known or not known:
-            return prefer
-        return known[0]
-
-    def check_baseline(self, baseline: str, *, perturbation: bool) -> str:
-        """Let the adapter refuse a baseline it cannot build (one-line error listing those it can)."""
+            chosen = requested
+        else:
+            chosen = prefer if prefer in known or not known else known[0]
         checker = getattr(self.model, "check_baseline", None)
-        return checker(baseline, perturbation=perturbation) if callable(checker) else baseline
+        return checker(chosen, perturbation=perturbation) if callable(checker) else chosen
 
 
 @dataclass

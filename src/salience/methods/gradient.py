@@ -107,7 +107,7 @@ class GradientShap:
     stdev: float = 0.0
 
     def attribute(self, ctx: Context) -> Attribution:
-        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=False)
+        baseline = ctx.baseline(self.baseline, "mask", perturbation=False)
         x, x0 = ctx.model.input_and_baseline(ctx.encoded, baseline)
         generator = ctx.generator()
         alphas = torch.rand(self.n_samples, generator=generator, dtype=torch.float64).to(x)[:, None, None]

@@ -39,7 +39,7 @@ class IntegratedGradients:
     max_steps: int = 600
 
     def attribute(self, ctx: Context) -> Attribution:
-        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "pad"), perturbation=False)
+        baseline = ctx.baseline(self.baseline, "pad", perturbation=False)
         x, x0 = ctx.model.input_and_baseline(ctx.encoded, baseline)
         if self.steps is None:
             result = adaptive_path_integral(ctx, x0, x, pieces=self.pieces, tolerance=self.tolerance, atol=self.atol,

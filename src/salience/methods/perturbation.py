@@ -34,7 +34,7 @@ class Occlusion:
     baseline: str | None = None
 
     def attribute(self, ctx: Context) -> Attribution:
-        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=True)
+        baseline = ctx.baseline(self.baseline, "mask", perturbation=True)
         n = len(ctx.features)
         keep = np.vstack([np.ones((1, n), bool), ~np.eye(n, dtype=bool)])
         values = _outputs(ctx, keep, baseline)  # (F + 1, T)
@@ -62,7 +62,7 @@ class Lime:
     def attribute(self, ctx: Context) -> Attribution:
         if self.n_samples < 2:
             raise ParameterError("lime needs n_samples >= 2")
-        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "delete"), perturbation=True)
+        baseline = ctx.baseline(self.baseline, "delete", perturbation=True)
         keep = lime_samples(len(ctx.features), self.n_samples, ctx.rng())
         values = _outputs(ctx, keep, baseline)
         scores = np.full((len(ctx.targets), len(ctx.features)), np.nan)
@@ -126,7 +126,7 @@ class KernelShap:
     baseline: str | None = None
 
     def attribute(self, ctx: Context) -> Attribution:
-        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=True)
+        baseline = ctx.baseline(self.baseline, "mask", perturbation=True)
         n = len(ctx.features)
         if n <= self.max_exact:
             keep = ((np.arange(2**n)[:, None] >> np.arange(n)[None]) & 1).astype(bool)

@@ -35,7 +35,7 @@ class SequentialIntegratedGradients:
     def attribute(self, ctx: Context) -> Attribution:
         if self.form not in ("exact", "path"):
             raise ParameterError(f"unknown SIG form {self.form!r}; choose 'exact' or 'path'")
-        baseline = ctx.check_baseline(ctx.baseline(self.baseline, "mask"), perturbation=False)
+        baseline = ctx.baseline(self.baseline, "mask", perturbation=False)
         x, x0 = ctx.model.input_and_baseline(ctx.encoded, baseline)
         masks = ctx.features.position_mask().to(x.device)  # (F, P)
         rows = torch.where(masks[:, :, None], x0[None], x[None])

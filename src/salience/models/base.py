@@ -58,16 +58,6 @@ class Encoded:
         return self.words if level == "word" else self.token_features
 
 
-class EncodedInput(Protocol):
-    """What methods may read of any encoded input: its positions and which of them baselines keep."""
-
-    @property
-    def length(self) -> int: ...
-
-    special: torch.Tensor  # (P,) bool
-    truncated: bool
-
-
 @runtime_checkable
 class Adapter(Protocol):
     """What methods and metrics may ask of a model.

@@ -39,6 +39,7 @@ from salience.core.target import Target, check_output, read_outputs
 from salience.errors import InputError, ParameterError, TargetError
 from salience.models.base import Encoded
 from salience.models.generation import decode_tokens, decoded_offsets, end_token_ids
+from salience.models.passes import check_finite
 from salience.models.tokens import TokenAdapter, words_of
 
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -215,7 +216,7 @@ class CausalLM(TokenAdapter):
             read = torch.cat([read.clamp(min=0), torch.zeros(1, read.shape[1], dtype=read.dtype)])
         logits = self._read_logits(input_ids, attention_mask, read)  # (B', T, V)
         logits = logits[source.to(logits.device), torch.arange(len(targets), device=logits.device)[None]]  # (B, T, V)
-        logits = self._check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         return torch.stack([read_outputs(logits[:, t], [target])[:, 0] for t, target in enumerate(targets)], dim=1)
 
     def _row_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
@@ -225,7 +226,7 @@ class CausalLM(TokenAdapter):
         positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
         read = (positions[which.cpu()] - 1)[:, None]  # (B, 1)
         logits = self._read_logits(input_ids, attention_mask, read)[:, 0]  # (B, V)
-        logits = self._check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         outputs = read_outputs(logits, list(targets))  # (B, T): every target's token read from the row's logits
         return outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
 

@@ -307,10 +307,7 @@ class ImageClassifier:
             self.counter.backward_passes += int(images.shape[0])
             return values.detach(), _rows(gradient)
 
-        values, gradients = score_rows(self.model, run, rows, len(targets), size, grad=grad)
-        if single:
-            return values[:, 0], None if gradients is None else gradients[:, 0]
-        return values, gradients
+        return score_rows(self.model, run, rows, len(targets), size, grad=grad, single=single)
 
     def score_perturbed(self, encoded: EncodedImage, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                         target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:

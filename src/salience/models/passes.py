@@ -47,13 +47,15 @@ def check_finite(values: torch.Tensor) -> torch.Tensor:
 
 
 def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: int, size: int, *,
-               grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               grad: bool, single: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Outputs (N, T) of ``rows`` (N, ...) in chunks of ``size`` rows; with ``grad`` also the
     gradients (N, T, ...). Without gradients one pass serves every target; with them each
-    (row, target) pair is one backward row, so a chunk holds ``size`` such pairs."""
+    (row, target) pair is one backward row, so a chunk holds ``size`` such pairs. ``single`` (one
+    :class:`Target` was given, see :func:`as_targets`): (N,) and (N, ...) instead."""
     n, k = rows.shape[0], n_targets
     if not grad:
-        return map_batches(lambda chunk: run(rows[chunk], None)[0], n, size), None
+        values = map_batches(lambda chunk: run(rows[chunk], None)[0], n, size)
+        return (values[:, 0] if single else values), None
     which = torch.arange(n * k) % k  # row i of the expanded batch explains target i % k
 
     def backward(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,4 +64,5 @@ def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: in
 
     with frozen_parameters(model):
         values, gradients = map_batches(backward, n * k, max(1, size))
-    return values.reshape(n, k), gradients.reshape(n, k, *rows.shape[1:])
+    values, gradients = values.reshape(n, k), gradients.reshape(n, k, *rows.shape[1:])
+    return (values[:, 0], gradients[:, 0]) if single else (values, gradients)

@@ -20,7 +20,7 @@ from salience.core.features import Feature
 from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
 from salience.errors import InputError, ParameterError
 from salience.models.base import Encoded
-from salience.models.passes import frozen_parameters
+from salience.models.passes import check_finite, frozen_parameters
 from salience.models.tokens import TokenAdapter, words_of
 
 
@@ -85,7 +85,7 @@ class TextClassifier(TokenAdapter):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        return self._check_finite(self._call_model(**kwargs).logits)
+        return check_finite(self._call_model(**kwargs).logits)
 
     def _outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                  kept: torch.Tensor | None, targets: Sequence[Target]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,15 +25,10 @@ from salience.core.target import Target
 from salience.errors import ParameterError
 from salience.models.arch import word_embedding_module
 from salience.models.base import Encoded, PassCounter
-from salience.models.passes import as_targets, check_finite, score_rows
+from salience.models.passes import as_targets, score_rows
 
 WORD_PATTERN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 BASELINE_TOKENS = {"mask": "mask_token_id", "pad": "pad_token_id", "unk": "unk_token_id", "eos": "eos_token_id"}
-
-# (rows, targets) -> outputs (rows, targets); ``kept`` (rows, L) marks which original positions each
-# row still holds (None: every position, in place)
-OutputReader = Callable[[torch.Tensor, torch.Tensor | None, Sequence[Target]], torch.Tensor]
-
 
 class TokenAdapter:
     """Shared machinery of adapters over a Hugging Face model and its fast tokenizer.
@@ -168,8 +163,6 @@ class TokenAdapter:
         self.counter.model_calls += 1
         return output
 
-    _check_finite = staticmethod(check_finite)
-
     def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                         target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
         """Explained output for each row of ``keep`` (B, F): features not kept are replaced by the
@@ -246,10 +239,7 @@ class TokenAdapter:
         def run(source: torch.Tensor, which: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             return self._embedding_pass(encoded, source, targets, which, grad=which is not None)
 
-        values, gradients = score_rows(self.model, run, rows, len(targets), size, grad=grad)
-        if single:
-            return values[:, 0], None if gradients is None else gradients[:, 0]
-        return values, gradients
+        return score_rows(self.model, run, rows, len(targets), size, grad=grad, single=single)
 
     def _embedding_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target], which: torch.Tensor | None, *,
                         grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from salience.core.features import Feature, FeatureSet
 from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
 from salience.errors import ParameterError
 from salience.models.base import Encoded
+from salience.models.passes import as_targets
 from salience.models.text import TextClassifier
 
 DEFAULT_TEMPLATE = "This example is {}."
@@ -98,10 +99,9 @@ class ZeroShotClassifier:
 
     def score_perturbed(self, encoded: Encoded, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                         target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
-        logits = self._label_logits(encoded, keep, features, baseline, batch_size)
-        if isinstance(target, Target):
-            return read_outputs(logits, [target])[:, 0]
-        return read_outputs(logits, list(target))
+        targets, single = as_targets(target)
+        values = read_outputs(self._label_logits(encoded, keep, features, baseline, batch_size), targets)
+        return values[:, 0] if single else values
 
     def input_and_baseline(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.nli.input_and_baseline(encoded, baseline)
@@ -110,7 +110,7 @@ class ZeroShotClassifier:
                      batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text embeddings (N, L, D) are completed with each hypothesis' embeddings; the gradient of
         each target's output combines the per-label gradients by the chain rule through the softmax."""
-        targets = [target] if isinstance(target, Target) else list(target)
+        targets, single = as_targets(target)
         length = encoded.length - 1  # the text's tokens, without its final separator
         logits, grads = [], []
         for pair in self._pairs(encoded):
@@ -129,7 +129,7 @@ class ZeroShotClassifier:
             combined = sum(coefficients[:, :, i, None, None].to(g) * g[:, None] for i, g in enumerate(grads))
             gradient = torch.zeros(rows.shape[0], len(targets), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
             gradient[:, :, :length] = combined  # the final separator is special: never moved
-        if isinstance(target, Target):
+        if single:
             return out[:, 0], None if gradient is None else gradient[:, 0]
         return out, gradient
 
