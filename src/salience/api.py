@@ -165,7 +165,7 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
         warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=3)
     params = {**dataclasses.asdict(algorithm), "level": level, "seed": seed, **feature_options, **encode_options, **result.details}
     describe = getattr(model, "describe_input", None)
-    extras = dict(describe(encoded)) if callable(describe) else {}
+    extras = {**(dict(describe(encoded)) if callable(describe) else {}), **result.extras}
     return Explanation(
         input=getattr(encoded, "input", item),
         features=features if getattr(features, "layout", None) is not None else list(features),

@@ -1,3 +1,8 @@
-"""Attribution methods. Importing this package registers the built-in ones (see core.registry)."""
+"""Attribution methods. Importing this package registers the built-in ones (see core.registry):
+every module of the package is imported, so a new method file registers itself."""
 
-from salience.methods import attention, gradient, integrated_gradients, perturbation, sig  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

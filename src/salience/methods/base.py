@@ -58,7 +58,9 @@ class Context:
 class Attribution:
     """A method's raw result for T targets: ``scores`` (T, F); optional per-position scores (T, P);
     where defined, the output at the input and at the baseline and the completeness error
-    ``delta``, each (T,); ``details`` records choices made while running (recorded in params)."""
+    ``delta``, each (T,); ``details`` records choices made while running (recorded in params);
+    ``extras`` are method outputs kept beside the scores (``Explanation.extras``: e.g. a raw CAM
+    map or a loss curve; JSON-ready values, or keys starting with ``_`` for in-memory objects)."""
 
     scores: np.ndarray
     position_scores: np.ndarray | None = None
@@ -67,6 +69,7 @@ class Attribution:
     delta: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     details: dict[str, object] = field(default_factory=dict)
+    extras: dict[str, object] = field(default_factory=dict)
 
 
 def as_array(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
