@@ -16,7 +16,8 @@ FAST_PARAMS = {
     "kernel_shap": {"n_samples": 40, "max_exact": 0},
     "sequential_integrated_gradients": {"form": "path", "steps": 6},
 }
-ALL = [info.name for info in salience.methods()]
+# guided_backprop and the like refuse this GELU BERT (no ReLU-family unit); tests/methods/test_guided.py batches them
+ALL = [info.name for info in salience.methods() if info.name not in {"guided_backprop", "deconvnet", "guided_gradcam"}]
 
 
 @pytest.mark.parametrize("method", ALL)

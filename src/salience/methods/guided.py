@@ -1,0 +1,83 @@
+"""Gradients with modified ReLU backward rules: guided backpropagation, deconvnet and Guided
+Grad-CAM. The rules live in :mod:`salience.methods.rules`; they apply to every ReLU-family unit
+(ReLU, ReLU6, Hardtanh(0, m); modules, functional and in-place forms) of the forward pass, nothing
+else, and are removed when the pass ends (also on an error).
+
+Unlike Captum's GuidedBackprop and Deconvolution, which hook ``nn.ReLU`` modules only, ReLU6
+(MobileNet, EfficientNet-Lite) and functional ReLUs are guided too; on a model made of
+``nn.ReLU`` modules the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from salience.core.registry import register
+from salience.errors import ParameterError
+from salience.methods.base import Attribution, Context, as_array, position_attribution
+from salience.methods.rules import ClampRule, deconvnet_rule, guided_rule, relu_rules
+
+
+def rule_gradient(ctx: Context, rule: ClampRule, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every target's output at the input (T,) and its gradient w.r.t. the input (T, P, C), with
+    every ReLU-family unit back-propagating by ``rule``: one forward + backward row per target.
+    A model with no such unit on the gradient path is refused (the rule would change nothing, and
+    the result would be the plain gradient under another method's name)."""
+    x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
+    with relu_rules(rule) as mode:
+        values, gradients = ctx.model.score_inputs(ctx.encoded, x[None], ctx.targets, grad=True, batch_size=ctx.batch_size)
+    if mode.applied == 0:
+        raise ParameterError(f"{method} needs ReLU-family units (ReLU, ReLU6, F.relu, ...) between the input and the output, "
+                             f"and {ctx.model.name} has none on its gradient path; for its plain gradient use method='saliency', abs=False")
+    assert gradients is not None
+    return values[0], gradients[0]
+
+
+@dataclass
+class _RuleGradient:
+    """Shared body of guided backpropagation and deconvnet: the rule's gradient per channel, summed
+    over channels (of |.| with ``abs``)."""
+
+    abs: bool = False
+    rule: ClassVar[ClampRule]
+    method: ClassVar[str]
+
+    def attribute(self, ctx: Context) -> Attribution:
+        values, per_channel = rule_gradient(ctx, type(self).rule, self.method)
+        summed = (per_channel.abs() if self.abs else per_channel).sum(-1)
+        return position_attribution(summed, ctx, output_value=as_array(values), extras={"_per_channel": as_array(per_channel)})
+
+
+@register("guided_backprop", aliases=("guided_backpropagation", "gbp", "guided_bp"), kind="gradient",
+          cost="1 forward + 1 backward per target",
+          summary="Gradient where ReLU-family units pass only positive gradient, only where active (Springenberg et al. 2015)")
+@dataclass
+class GuidedBackprop(_RuleGradient):
+    """Guided backpropagation: the gradient of the output w.r.t. the input (normalised pixels,
+    word embeddings), except that every ReLU-family unit passes back only the positive part of its
+    incoming gradient, and only where it was active in the forward pass (ReLU: x > 0; ReLU6:
+    0 < x < 6). Per channel it equals Captum's GuidedBackprop on a model whose ReLUs are
+    ``nn.ReLU`` modules; Captum leaves ReLU6 and functional ReLUs unguided, Salience guides them.
+    Position score = sum over channels (signed; of |.| with ``abs=True``); the per-channel map
+    (T, P, C) is in ``extras["_per_channel"]`` (in memory). Units: output per unit of input. No
+    baseline. Models without a ReLU-family unit are refused."""
+
+    rule: ClassVar[ClampRule] = guided_rule
+    method: ClassVar[str] = "guided_backprop"
+
+
+@register("deconvnet", aliases=("deconvolution", "deconv"), kind="gradient", cost="1 forward + 1 backward per target",
+          summary="Gradient where ReLU-family units pass only positive gradient, whatever their input (Zeiler & Fergus 2014)")
+@dataclass
+class Deconvnet(_RuleGradient):
+    """Deconvnet: the gradient of the output w.r.t. the input, except that every ReLU-family unit
+    passes back the positive part of its incoming gradient whatever its forward input was (Captum's
+    Deconvolution on ``nn.ReLU`` modules; here also ReLU6 and functional ReLUs). Position score =
+    sum over channels (signed; of |.| with ``abs=True``); per-channel map in
+    ``extras["_per_channel"]``. No baseline. Models without a ReLU-family unit are refused."""
+
+    rule: ClassVar[ClampRule] = deconvnet_rule
+    method: ClassVar[str] = "deconvnet"
