@@ -25,17 +25,23 @@ def add_commands(commands: Any) -> None:
                                    description="Explain every example with every method, score every metric, store "
                                                "the results in a database and print a summary. Running the same command "
                                                "again resumes an interrupted run.")
-    evaluate.add_argument("--model", required=True, help="zoo:minilm-sentiment, zoo:planted, or a local model directory")
-    evaluate.add_argument("--dataset", required=True, help="movie-snippets, planted, or a .jsonl file")
+    evaluate.add_argument("--model", required=True,
+                          help="zoo:minilm-sentiment, zoo:planted, zoo:efficientnet-lite0, another zoo model, or a local "
+                               "model directory")
+    evaluate.add_argument("--dataset", required=True,
+                          help="texts: movie-snippets, planted, or a .jsonl file; images: imagenet-photos (8 photos with "
+                               "ImageNet labels and hand-made boxes), fashion-mnist, an image folder (ROOT/<class "
+                               "name>/*.png|jpg) or a .csv file (path,label[,box]; see docs/evaluation.md)")
     evaluate.add_argument("--method", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
                           help="method and parameters, e.g. sig:baseline=pad (repeatable)")
     evaluate.add_argument("--metric", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
                           help="metric and parameters, e.g. sufficiency:fraction=0.2 (repeatable)")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples (a larger N later extends the run)")
-    evaluate.add_argument("--split", help="movie-snippets split (default test, the held-out one)")
+    evaluate.add_argument("--split", help="movie-snippets or fashion-mnist split (default test, the held-out one)")
     evaluate.add_argument("--lexicon-threshold", type=float,
                           help="movie-snippets: |VADER valence| marking a sentiment word (default 1.5)")
-    evaluate.add_argument("--skip-invalid", action="store_true", help="skip malformed JSONL lines (counted) instead of failing")
+    evaluate.add_argument("--skip-invalid", action="store_true",
+                          help="skip malformed JSONL or CSV lines and unreadable images (counted) instead of failing")
     evaluate.add_argument("--target", default="predicted", choices=["predicted", "label"],
                           help="explain the predicted class (default) or the gold label")
     evaluate.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability", "log_odds"],

@@ -108,8 +108,9 @@ def parse_metric_spec(item: str | dict[str, Any]) -> Spec:
 
     name, params, label = _raw_spec(item, "metric")
     info = get_metric(name)
-    if "rationale" in params:
-        raise ParameterError(f"metric {info.name}: the rationale comes from the dataset, not from parameters")
+    for given in ("rationale", "box"):
+        if given in params:
+            raise ParameterError(f"metric {info.name}: the {given} comes from the dataset, not from parameters")
     return Spec(label or _label(info.name, params), info.name, params)
 
 
@@ -197,13 +198,12 @@ class RunConfig:
 
 def model_fingerprint(name: str) -> str:
     """What identifies a model's weights: the SHA-256 of a local folder's weight, config and
-    vocabulary files; the shipped weights of ``zoo:minilm-sentiment``; the task version of
-    ``zoo:planted``; else (a hub id) the name."""
-    if name == "zoo:minilm-sentiment":
-        import salience.zoo
-
-        weights = Path(salience.zoo.__file__).with_name("minilm_sentiment.safetensors")  # as minilm_sentiment.WEIGHTS_PATH
-        return "zoo:minilm-sentiment/sha256-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    vocabulary files; of a zoo model's weights (the ``.safetensors`` shipped in ``salience/zoo``
+    under the model's name, e.g. ``minilm_sentiment.safetensors``, or EfficientNet-Lite0's asset);
+    the task version of ``zoo:planted``; else (a hub id, a zoo model not installed) the name."""
+    weights = _zoo_weights(name)
+    if weights is not None:
+        return f"{name}/sha256-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     if name == "zoo:planted":
         from salience.zoo.planted import TASK_VERSION
 
@@ -219,6 +219,22 @@ def model_fingerprint(name: str) -> str:
                         digest.update(block)
         return "folder/sha256-" + digest.hexdigest()[:16]
     return name
+
+
+def _zoo_weights(name: str) -> Path | None:
+    if not name.startswith("zoo:"):
+        return None
+    if name == "zoo:efficientnet-lite0":
+        from salience.assets import efficientnet_lite0_weights_path
+
+        try:
+            return efficientnet_lite0_weights_path()
+        except SalienceError:
+            return None  # loading the model will say what is missing
+    import salience.zoo
+
+    shipped = Path(salience.zoo.__file__).with_name(name.removeprefix("zoo:").replace("-", "_") + ".safetensors")
+    return shipped if shipped.is_file() else None
 
 
 @dataclass(frozen=True)

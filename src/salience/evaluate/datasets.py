@@ -1,4 +1,6 @@
-"""Evaluation datasets: built-in (``movie-snippets``, ``planted``) and users' JSONL files.
+"""Evaluation datasets: built-in (``movie-snippets``, ``planted``, and the image sets
+``imagenet-photos``, ``fashion-mnist``), users' JSONL files, image folders and CSV files of images
+(the image ones: :mod:`salience.evaluate.image_datasets`).
 
 Every dataset becomes a list of :class:`Example`. An example's ``rationale`` is one value per WORD
 of its input as Salience splits it (``model.encode(input).words``: runs of letters and digits, or
@@ -18,6 +20,9 @@ single punctuation marks), so it lines up with the features of a word-level expl
   ``rationale``: word indices (``[0, 3]``) or character spans (``[[4, 8]]``, for a pair
   ``[[segment, start, end]]``). Malformed lines are reported with their line numbers; nothing is
   skipped unless ``skip_invalid``, and then the skipped lines are counted and listed.
+
+An image example has no rationale; it may have a ``box`` around the object instead, and its
+``reference`` (a path or ``builtin-name:index``) is what the results database stores.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Any
 from salience.errors import SalienceError
 from salience.models.tokens import WORD_PATTERN
 
-BUILTIN = ("movie-snippets", "planted")
+TEXT_BUILTIN = ("movie-snippets", "planted")
+BUILTIN = (*TEXT_BUILTIN, "imagenet-photos", "fashion-mnist")
 DEFAULT_LEXICON_THRESHOLD = 1.5
 JSONL_FIELDS = ("id", "text", "premise", "hypothesis", "label", "rationale")
 MAX_LISTED = 5  # invalid lines quoted in one error message
@@ -43,22 +49,36 @@ class DatasetError(SalienceError, ValueError):
 
 
 Input = str | tuple[str, str]
+Box = tuple[float, float, float, float]  # (left, top, right, bottom), original pixels, right/bottom exclusive
 
 
 @dataclass(frozen=True)
 class Example:
     """One input to explain.
 
-    ``id``: unique within its dataset. ``label``: the gold class (index or name) when known.
-    ``rationale``: one value per word of ``model.encode(input).words`` (1 = marked, 0 = not; graded
-    values >= 0 allowed), or ``None`` when the example has no reference. ``line``: the JSONL line.
+    ``id``: unique within its dataset. ``input``: what is explained (a text or pair; an image path
+    or uint8 array). ``label``: the gold class (index or name) when known. ``rationale``: one value
+    per word of ``model.encode(input).words`` (1 = marked, 0 = not; graded values >= 0 allowed), or
+    ``None`` when the example has no reference. ``line``: the JSONL or CSV line. ``box``: (left,
+    top, right, bottom) of the object in the original image's pixels, right and bottom exclusive.
+    ``reference``: what the results database records instead of ``input`` (an image's path or
+    ``"fashion-mnist:test:17"``; None: the input itself).
     """
 
     id: str
-    input: Input
+    input: Input | Any
     label: int | str | None = None
     rationale: tuple[float, ...] | None = None
     line: int | None = None
+    box: Box | None = None
+    reference: str | None = None
+
+    @property
+    def stored_input(self) -> Any:
+        """The input as the results database keeps it (JSON-ready): the reference, a text, a pair as a list."""
+        if self.reference is not None:
+            return self.reference
+        return list(self.input) if isinstance(self.input, tuple) else self.input
 
 
 @dataclass
@@ -73,32 +93,70 @@ class Dataset:
     examples: list[Example]
     fingerprint: str
     description: str
-    reference: str | None = None  # what the rationale is: "lexicon", "planted", "annotated" or None
+    reference: str | None = None  # what the rationale is: "lexicon", "planted", "annotated"; "boxes"; or None
     total: int = 0  # examples available before ``limit``
     skipped: list[str] = field(default_factory=list)
+    kind: str = "text"  # "text" or "image"
 
 
-def load_dataset(source: str, model: Any, *, split: str = "test", limit: int | None = None,
+def load_dataset(source: str, model: Any, *, split: str | None = None, limit: int | None = None,
                  lexicon_threshold: float = DEFAULT_LEXICON_THRESHOLD, skip_invalid: bool = False,
                  truncate: bool = False, n: int = 500, seed: int = 0) -> Dataset:
-    """Load ``source`` (``"movie-snippets"``, ``"planted"`` or a ``.jsonl`` path) for ``model``.
+    """Load ``source`` for ``model``: a built-in name (:data:`BUILTIN`), a ``.jsonl`` file of texts,
+    a ``.csv`` file of images or an image folder (one sub-folder per class).
 
     ``model`` is the adapter the examples will be explained with: rationales are aligned with its
-    words and inputs it cannot encode (empty, too long without ``truncate``) are invalid examples.
-    ``limit`` keeps the first N examples (the built-in orders are fixed and seeded). ``split`` and
-    ``lexicon_threshold`` apply to movie-snippets, ``n`` and ``seed`` to planted.
+    words, inputs it cannot encode (empty, too long without ``truncate``) are invalid examples, and
+    image labels are matched to its labels. ``limit`` keeps the first N examples (the built-in orders
+    are fixed and seeded). ``split`` applies to movie-snippets and fashion-mnist (default "test",
+    the held-out one), ``lexicon_threshold`` to movie-snippets, ``n`` and ``seed`` to planted.
     """
+    from salience.evaluate import image_datasets as images
+
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be at least 1, got {limit}")
     key = source.strip().lower().replace("_", "-")
-    if key == "movie-snippets":
-        return _movie_snippets(model, split, limit, lexicon_threshold, truncate)
-    if key == "planted":
+    if key in TEXT_BUILTIN:
+        _require_text_model(key, model)
+        if key == "planted" and split is not None:
+            raise DatasetError("dataset planted has no splits (split is for movie-snippets and fashion-mnist)")
+        if key == "movie-snippets":
+            return _movie_snippets(model, split or "test", limit, lexicon_threshold, truncate)
         return _planted(model, limit, n, seed, truncate)
+    if key == "imagenet-photos":
+        return images.imagenet_photos(model, split, limit)
+    if key == "fashion-mnist":
+        return images.fashion_mnist(model, split, limit)
     path = Path(source).expanduser()
+    if path.is_dir():
+        return images.image_folder(path, model, split, limit, skip_invalid)
+    if path.suffix.lower() == ".csv":
+        return images.image_csv(path, model, split, limit, skip_invalid)
     if path.suffix.lower() in (".jsonl", ".json") or path.exists():
+        _require_text_model(path.name, model)
+        if split is not None:
+            raise DatasetError(f"dataset {path.name} has no splits (split is for movie-snippets and fashion-mnist)")
         return _jsonl(path, model, limit, skip_invalid, truncate)
-    raise DatasetError(f"unknown dataset {source!r}: use {', '.join(BUILTIN)} or the path of a .jsonl file")
+    close = difflib.get_close_matches(key, BUILTIN, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DatasetError(f"unknown dataset {source!r}{hint}: use {', '.join(BUILTIN)}, the path of a .jsonl file (texts), "
+                       "of a .csv file (images) or of an image folder")
+
+
+def _require_text_model(dataset: str, model: Any) -> None:
+    if getattr(model, "explanation_kind", "text") == "image":
+        raise DatasetError(f"dataset {dataset} holds texts, and {getattr(model, 'name', 'the model')} is an image classifier: "
+                           "use imagenet-photos, fashion-mnist, an image folder or a CSV of images")
+
+
+def check_problems(problems: list[str], where: str, skip_invalid: bool, what: str = "line") -> None:
+    """Raise one DatasetError listing the first :data:`MAX_LISTED` problems (``"line 3: ..."``),
+    unless there are none or ``skip_invalid``."""
+    if problems and not skip_invalid:
+        more = len(problems) - MAX_LISTED
+        listed = "; ".join(problems[:MAX_LISTED]) + (f"; ... ({more} more)" if more > 0 else "")
+        raise DatasetError(f"{where}: {len(problems)} invalid {what}{'s' if len(problems) > 1 else ''} "
+                           f"(fix them or pass --skip-invalid): {listed}")
 
 
 # ---------------------------------------------------------------- words and rationales
@@ -259,11 +317,7 @@ def _jsonl(path: Path, model: Any, limit: int | None, skip_invalid: bool, trunca
             continue
         seen[example.id] = number
         examples.append(example)
-    if problems and not skip_invalid:
-        more = len(problems) - MAX_LISTED
-        listed = "; ".join(problems[:MAX_LISTED]) + (f"; ... ({more} more)" if more > 0 else "")
-        raise DatasetError(f"{path}: {len(problems)} invalid line{'s' if len(problems) > 1 else ''} "
-                           f"(fix them or pass --skip-invalid): {listed}")
+    check_problems(problems, str(path), skip_invalid)
     if not examples:
         raise DatasetError(f"{path} holds no valid example")
     annotated = any(e.rationale is not None for e in examples)

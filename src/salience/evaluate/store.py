@@ -4,7 +4,9 @@ Tables (schema version ``SCHEMA_VERSION``, kept in ``meta``):
 
 * ``runs``: one row per run: id (hash of its configuration), name, status, model, dataset, the
   full configuration and the versions (JSON), created/updated times.
-* ``examples``: the run's examples: input, gold label, rationale (JSON), position in the dataset.
+* ``examples``: the run's examples: input (a text, a pair, or an image's reference: its path or
+  ``builtin-name:index``, never its pixels), gold label, rationale and box (JSON), position in the
+  dataset.
 * ``explanations``: one row per (run, example, method): the Explanation's versioned JSON, or the
   error that prevented it, with its cost.
 * ``results``: one row per (run, example, method, metric): the value (NULL when the metric could not
@@ -15,6 +17,9 @@ A unit's explanation and all its metric rows are written in one transaction, so 
 run leaves whole units only; primary keys make a duplicate row impossible. Only one process may
 write a run: a second one is refused while the first is alive; a lock left by a killed process is
 taken over.
+
+Version 2 added ``examples.box``; a version 1 database is migrated when opened (the column is
+added, NULL for its examples).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 from salience.errors import SalienceError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STALE_AFTER = 3600.0  # seconds without a heartbeat after which another host's lock counts as stale
 BUSY_TIMEOUT = 60.0
 
@@ -56,6 +61,7 @@ CREATE TABLE IF NOT EXISTS examples (
     input TEXT NOT NULL,
     label TEXT,
     rationale TEXT,
+    box TEXT,
     PRIMARY KEY (run_id, example_id)
 );
 CREATE TABLE IF NOT EXISTS explanations (
@@ -181,6 +187,10 @@ class Store:
                 self.conn.execute(statement)
         self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         found = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if found == "1":  # version 1: no examples.box
+            self.conn.execute("ALTER TABLE examples ADD COLUMN box TEXT")
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            found = str(SCHEMA_VERSION)
         if found != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has results schema version {found}; this Salience reads version {SCHEMA_VERSION}")
 
@@ -297,14 +307,18 @@ class Store:
             raise RunLockedError(f"this process no longer holds the write lock of run {run_id}; stopped without writing")
 
     # ------------------------------------------------------------------ writing
-    def add_examples(self, run_id: str, examples: Iterable[tuple[str, int, Any, Any, Any]]) -> None:
-        """(example_id, position, input, label, rationale) rows; already stored ones are left alone."""
+    def add_examples(self, run_id: str, examples: Iterable[tuple[Any, ...]]) -> None:
+        """(example_id, position, input, label, rationale[, box]) rows (``input`` JSON-ready: an
+        image's reference, not its pixels); already stored ones are left alone."""
+        rows = []
+        for eid, pos, inp, label, rat, *rest in examples:
+            box = rest[0] if rest else None
+            rows.append((run_id, eid, pos, json.dumps(inp), json.dumps(label), None if rat is None else json.dumps(list(rat)),
+                         None if box is None else json.dumps(list(box))))
         with self.transaction() as conn:
             self._check_writer(conn, run_id)
-            conn.executemany(
-                "INSERT OR IGNORE INTO examples VALUES (?, ?, ?, ?, ?, ?)",
-                [(run_id, eid, pos, json.dumps(inp), json.dumps(label), None if rat is None else json.dumps(list(rat)))
-                 for eid, pos, inp, label, rat in examples])
+            conn.executemany("INSERT OR IGNORE INTO examples (run_id, example_id, position, input, label, rationale, box) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def save_unit(self, run_id: str, example_id: str, method: str, *, explanation: dict[str, Any] | None,
                   error: str | None, seconds: float, forward_passes: int, backward_passes: int,
@@ -356,4 +370,5 @@ class Store:
     def examples(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM examples WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
         return [{**dict(r), "input": json.loads(r["input"]), "label": json.loads(r["label"]) if r["label"] else None,
-                 "rationale": json.loads(r["rationale"]) if r["rationale"] else None} for r in rows]
+                 "rationale": json.loads(r["rationale"]) if r["rationale"] else None,
+                 "box": json.loads(r["box"]) if r["box"] else None} for r in rows]
