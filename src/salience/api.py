@@ -20,7 +20,8 @@ from salience.methods.base import Context
 from salience.models.base import Adapter, Encoded
 
 # what a capability a method needs is called in messages, and which model kinds have it
-CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers")}
+CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers"),
+                "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)")}
 TargetSpec = int | str | Sequence[int | str] | None
 
 

@@ -80,5 +80,5 @@ def get_method(name: str) -> MethodInfo:
 
 def all_methods() -> list[MethodInfo]:
     """Every registered method, sorted by kind then name."""
-    order = {"gradient": 0, "path": 1, "perturbation": 2, "attention": 3}
+    order = {"gradient": 0, "path": 1, "perturbation": 2, "attention": 3, "cam": 4}
     return sorted(_METHODS.values(), key=lambda m: (order.get(m.kind, 9), m.name))

@@ -42,6 +42,18 @@ from salience.errors import InputError, ModelOutputError, ParameterError
 from salience.models.base import PassCounter
 from salience.models.image_input import read_image
 from salience.models.image_values import NAMED, Levels, build, check_name, tensor_name
+from salience.models.layers import (
+    LayerMaps,
+    as_spatial,
+    capture,
+    captured_value,
+    choose_layer,
+    describe,
+    get_layer,
+    needs_gradients,
+    recording,
+    zero_channels,
+)
 from salience.models.passes import as_targets, check_finite, frozen_parameters, score_rows
 
 PATCHES_PER_SIDE = 14  # default patch size: the grid's short side / 14 (16 px at 224 x 224, as ViT-B/16)
@@ -326,6 +338,91 @@ class ImageClassifier:
         with torch.no_grad():
             values = map_batches(run, keep.shape[0], size)
         return values[:, 0] if single else values
+
+    # ------------------------------------------------------------------ layers
+    def layer_maps(self, encoded: EncodedImage, rows: torch.Tensor, targets: Sequence[Target], layer: str | nn.Module | None,
+                   *, grad: bool, batch_size: int | None = None) -> LayerMaps:
+        """A layer read on rows (N, P, C) of normalised pixels: its output as a map (N, K, h, w) (see
+        :mod:`salience.models.layers`), every target's output (N, T) and, with ``grad``, d output_t /
+        d map (N, T, K, h, w): one forward pass per row serves every target, then one backward row
+        per (row, target) pair, each stopping at the layer. ``layer``: a dotted module name or the
+        module; None chooses it (:func:`choose_layer`) from one extra forward pass on the first row
+        (for a vision transformer a second one, with a backward pass)."""
+        targets = list(targets)
+        name, module = self._layer(encoded, rows[0], targets, layer)
+        grid = encoded.grid
+        size = choose_batch_size(encoded.length, backward=grad, batch_size=batch_size, budget=PIXELS)
+
+        def run(chunk: slice) -> tuple[torch.Tensor, ...]:
+            with capture(module, name, grad=grad) as seen, torch.set_grad_enabled(grad):
+                outputs = read_outputs(self._logits(_images(rows[chunk], grid)), targets)
+                leaf = captured_value(seen)
+                if not grad:
+                    return outputs, as_spatial(leaf, grid, name)
+                if not outputs.requires_grad:
+                    raise ParameterError(f"the output of {self.name} does not depend on layer {name!r}")
+                gradients = []
+                for t in range(len(targets)):  # rows are independent: the gradient of their sum is each row's
+                    (gradient,) = torch.autograd.grad(outputs[:, t].sum(), leaf, retain_graph=t < len(targets) - 1,
+                                                      allow_unused=True)
+                    gradients.append(as_spatial(torch.zeros_like(leaf) if gradient is None else gradient, grid, name))
+            self.counter.backward_passes += int(outputs.shape[0]) * len(targets)
+            return outputs.detach(), as_spatial(leaf.detach(), grid, name), torch.stack(gradients, 1)
+
+        if not grad:
+            outputs, activations = map_batches(run, rows.shape[0], size)
+            return LayerMaps(activations, None, outputs, name, grid)
+        with frozen_parameters(self.model):
+            outputs, activations, gradients = map_batches(run, rows.shape[0], size)
+        return LayerMaps(activations, gradients, outputs, name, grid)
+
+    def score_layer_ablation(self, encoded: EncodedImage, layer: str | nn.Module, channels: torch.Tensor,
+                             targets: Sequence[Target], batch_size: int | None = None) -> torch.Tensor:
+        """Outputs (B, T) of the input with channel ``channels[b]`` of ``layer``'s output set to zero
+        at every spatial position in row b (B = len(channels)); chunked like any forward pass."""
+        targets = list(targets)
+        name, module = self._layer(encoded, None, targets, layer)
+        grid = encoded.grid
+        image = encoded.pixels[None].to(self.device, self.dtype)
+        size = choose_batch_size(encoded.length, backward=False, batch_size=batch_size, budget=PIXELS)
+
+        def run(chunk: slice) -> torch.Tensor:
+            picked = channels[chunk]
+
+            def ablate(output: torch.Tensor) -> torch.Tensor:
+                width = as_spatial(output, grid, name).shape[1]
+                if int(picked.min()) < 0 or int(picked.max()) >= width:
+                    raise ParameterError(f"layer {name!r} has {width} channels; cannot ablate channel {int(picked.max())}")
+                return zero_channels(output, picked, grid)
+
+            with capture(module, name, grad=False, edit=ablate), torch.no_grad():
+                return read_outputs(self._logits(image.expand(len(picked), -1, -1, -1)), targets)
+
+        return map_batches(run, len(channels), size)
+
+    def _layer(self, encoded: EncodedImage, row: torch.Tensor | None, targets: list[Target],
+               layer: str | nn.Module | None) -> tuple[str, nn.Module]:
+        """(name, module) of ``layer``; None: the automatic choice from a probe pass on ``row``."""
+        grid = encoded.grid
+        if row is None:
+            row = _rows(encoded.pixels[None])[0]
+        if layer is not None:
+            return get_layer(self.model, layer, lambda: describe(self._probe(row, targets, grid, grad=False)[0], grid))
+        records, value = self._probe(row, targets, grid, grad=False)
+        if needs_gradients(records, grid):
+            records, value = self._probe(row, targets, grid, grad=True)
+        choice = choose_layer(records, value, grid, self.name)
+        self.counter.backward_passes += int(choice.backward)
+        return choice.name, self.model.get_submodule(choice.name)
+
+    def _probe(self, row: torch.Tensor, targets: list[Target], grid: tuple[int, int], *,
+               grad: bool) -> tuple[list[Any], torch.Tensor]:
+        """Every module's output in one forward pass on ``row`` and the targets' summed output (with
+        ``grad``: with their graph)."""
+        image = _images(row[None], grid).to(self.device, self.dtype).detach().requires_grad_(grad)
+        with frozen_parameters(self.model), torch.set_grad_enabled(grad), recording(self.model) as records:
+            value = read_outputs(self._logits(image), targets).sum()
+        return records, value
 
     # ------------------------------------------------------------------ memory
     def bytes_per_row(self, length: int, *, backward: bool) -> int:
