@@ -1,12 +1,14 @@
-"""Guided backpropagation and deconvnet (salience.methods.guided, rules in salience.methods.rules).
+"""Guided backpropagation, deconvnet and Guided Grad-CAM (salience.methods.guided, rules in
+salience.methods.rules).
 
 Checked: the rules by hand on a 2-layer ReLU net; per channel against Captum's GuidedBackprop and
 Deconvolution on a tiny float64 ReLU CNN and on the text toy with ReLU activations; ReLU6 against
 Captum once Captum can see it (a ``nn.ReLU`` subclass computing ReLU6; Captum hooks ``nn.ReLU``
 modules only, so on a ReLU6 model its GuidedBackprop is the plain gradient), also on
-EfficientNet-Lite0; in-place, shared-module, functional and tensor-method ReLUs equal separate
-``nn.ReLU`` modules; models without a ReLU-family unit are refused; nothing survives a run or an
-exception raised inside the model.
+EfficientNet-Lite0; Guided Grad-CAM against Captum's GuidedGradCam (both interpolations);
+in-place, shared-module, functional and tensor-method ReLUs equal separate ``nn.ReLU`` modules;
+models without a ReLU-family unit are refused; nothing survives a run or an exception raised
+inside the model.
 
 Tolerances: Salience and Captum run the same float64 graph and differ only in where the rule is
 applied (a custom autograd Function around the ReLU vs a full backward hook on the module), i.e.
@@ -296,40 +298,74 @@ def _state(net: nn.Module) -> tuple:
             torch._C._len_torch_function_stack())
 
 
+@pytest.mark.parametrize("method", ["guided_backprop", "guided_gradcam"])
 @pytest.mark.parametrize("form", ["inplace", "shared", "relu6_inplace"])
-def test_nothing_survives_an_exception_inside_the_model(image, form):
+def test_nothing_survives_an_exception_inside_the_model(image, method, form):
     net = ReluCNN(form)
     model = _classifier(net)
     x = _input(model, image)
     net.conv2.weight.requires_grad_(False)  # a user's own choice
     plain, before = _plain_gradient(net, x, 0), _state(net)
-    guided = salience.explain(model, image, method="guided_backprop", target=0)
+    params = {"layer": "conv2"} if method == "guided_gradcam" else {}
+    guided = salience.explain(model, image, method=method, target=0, **params)
     net.fail = True
     with pytest.raises(RuntimeError, match="boom"):
-        salience.explain(model, image, method="guided_backprop", target=0)
+        salience.explain(model, image, method=method, target=0, **params)
     net.fail = False
     assert _state(net) == before
     np.testing.assert_array_equal(_plain_gradient(net, x, 0), plain)  # no rule left active
-    np.testing.assert_array_equal(salience.explain(model, image, method="guided_backprop", target=0).scores, guided.scores)
+    np.testing.assert_array_equal(salience.explain(model, image, method=method, target=0, **params).scores, guided.scores)
     with pytest.raises(ParameterError):
-        salience.explain(tiny_classifier(), image, method="guided_backprop")  # the refusal path
-    assert torch._C._len_torch_function_stack() == 0
+        salience.explain(tiny_classifier(), image, method=method)  # the refusal path (after Grad-CAM's pass, for guided_gradcam)
+    assert _state(net) == before and torch._C._len_torch_function_stack() == 0
 
 
-@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "guided_gradcam"])
 def test_batched_equals_unbatched_and_targets_share_a_call(image, method):
     model = _classifier(ReluCNN("shared"))
     one = salience.explain(model, image, method=method, target="all", batch_size=1)
     many = salience.explain(model, image, method=method, target="all", batch_size=64)
     np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-14)  # float64; BLAS order only
-    assert one.cost.model_calls > many.cost.model_calls and one.cost.backward_passes == many.cost.backward_passes == 3
+    backward_rows = 6 if method == "guided_gradcam" else 3  # one per target (Grad-CAM's and the guided pass)
+    assert one.cost.model_calls > many.cost.model_calls and one.cost.backward_passes == many.cost.backward_passes == backward_rows
     for row in range(3):
         alone = salience.explain(model, image, method=method, target=row)
         np.testing.assert_allclose(many.scores[row], alone.scores, rtol=1e-9, atol=1e-14)
     assert many.heatmap(0).shape == image.shape[:2]
 
 
+# ------------------------------------------------------------------ Guided Grad-CAM
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+@pytest.mark.parametrize("form", ["modules", "inplace", "relu6"])
+def test_guided_gradcam_equals_captum(image, form, upsample):
+    """Captum's GuidedGradCam: its GuidedBackprop times LayerGradCam(relu_attributions=True)
+    interpolated to the input (``interpolate_mode``). The layer's output is modified in place by
+    the next unit in the "inplace" form. For ReLU6, Captum sees the units once they are nn.ReLU."""
+    net = ReluCNN(form)
+    model = _classifier(net)
+    x = _input(model, image)
+    e = salience.explain(model, image, method="guided_gradcam", target=2, output="logit", layer="conv2", upsample=upsample)
+    if form == "relu6":
+        net.unit1, net.unit2 = CaptumVisibleReLU6(), CaptumVisibleReLU6()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = captum_attr.GuidedGradCam(net, net.conv2).attribute(x.clone(), target=2, interpolate_mode=upsample)[0]
+    expected = expected.detach().numpy()
+    _close(_per_channel(e), expected)
+    _close(e.token_scores, expected.sum(0).reshape(-1))
+    assert e.params["layer"] == "conv2" and np.asarray(e.extras["cam"]).shape == (1, GRID // 2, GRID // 2)
+    assert e.cost.backward_passes == 2 and e.cost.forward_passes == 3  # Grad-CAM's, guided backprop's, the prediction
+
+
+def test_guided_gradcam_refuses_models_without_relu_units_or_layers(image, toy):
+    with pytest.raises(ParameterError, match="guided_gradcam needs ReLU-family units"):
+        salience.explain(tiny_classifier(), image, method="guided_gradcam")
+    with pytest.raises(ParameterError, match="needs layer activations"):
+        salience.explain(toy, "the film was good", method="guided_gradcam")
+
+
 def test_registered_names_and_parameters():
     assert get_method("gbp").name == get_method("guided-backpropagation").name == "guided_backprop"
     assert get_method("deconvolution").name == "deconvnet"
     assert get_method("guided_backprop").parameters() == {"abs": (False, "bool")}
+    assert get_method("guided-grad-cam").name == "guided_gradcam" and get_method("guided_gradcam").kind == "cam"

@@ -1,7 +1,8 @@
 """Gradients with modified ReLU backward rules: guided backpropagation, deconvnet and Guided
-Grad-CAM. The rules live in :mod:`salience.methods.rules`; they apply to every ReLU-family unit
-(ReLU, ReLU6, Hardtanh(0, m); modules, functional and in-place forms) of the forward pass, nothing
-else, and are removed when the pass ends (also on an error).
+Grad-CAM (guided backpropagation times the Grad-CAM map). The rules live in
+:mod:`salience.methods.rules`; they apply to every ReLU-family unit (ReLU, ReLU6, Hardtanh(0, m);
+modules, functional and in-place forms) of the forward pass, nothing else, and are removed when
+the pass ends (also on an error).
 
 Unlike Captum's GuidedBackprop and Deconvolution, which hook ``nn.ReLU`` modules only, ReLU6
 (MobileNet, EfficientNet-Lite) and functional ReLUs are guided too; on a model made of
@@ -15,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from salience.core.registry import register
+from salience.core.registry import get_method, register
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.rules import ClampRule, deconvnet_rule, guided_rule, relu_rules
@@ -81,3 +82,34 @@ class Deconvnet(_RuleGradient):
 
     rule: ClassVar[ClampRule] = deconvnet_rule
     method: ClassVar[str] = "deconvnet"
+
+
+@register("guided_gradcam", aliases=("guided_grad_cam", "ggcam"), kind="cam",
+          cost="2 forward + 2 backward per target (Grad-CAM's pass and guided backprop's)",
+          summary="Guided backpropagation per channel times the upsampled Grad-CAM map (Selvaraju et al. 2017)")
+@dataclass
+class GuidedGradCAM:
+    """Guided Grad-CAM: per channel, the guided-backpropagation gradient times the Grad-CAM map of
+    ``layer`` (ReLU applied, not normalised) upsampled to the input grid (``upsample``: "bilinear",
+    Salience's Grad-CAM default, or "nearest", Captum's GuidedGradCam default); summed over
+    channels for the position score (signed; of |.| with ``abs=True``). The Grad-CAM part is the
+    registered ``grad_cam`` method (ordinary gradients); the guided part applies the guided rule to
+    every ReLU-family unit. Equals Captum's GuidedGradCam with the same layer and interpolation.
+    Per-channel map in ``extras["_per_channel"]``, the raw Grad-CAM map in ``extras["cam"]``.
+    Units: output per unit of input times Grad-CAM's (output per unit of activation times
+    activation). Models without a ReLU-family unit are refused."""
+
+    layer: str | None = None
+    upsample: str = "bilinear"
+    abs: bool = False
+    needs: ClassVar[tuple[str, ...]] = ("layer_maps",)
+
+    def attribute(self, ctx: Context) -> Attribution:
+        cam = get_method("grad_cam").build({"layer": self.layer, "relu": True, "upsample": self.upsample, "normalise": "none"})
+        maps = cam.attribute(ctx)
+        assert maps.position_scores is not None  # (T, P)
+        values, guided = rule_gradient(ctx, guided_rule, "guided_gradcam")
+        per_channel = guided * torch.as_tensor(maps.position_scores).to(guided)[..., None]
+        summed = (per_channel.abs() if self.abs else per_channel).sum(-1)
+        return position_attribution(summed, ctx, output_value=as_array(values), details=maps.details,
+                                    extras={**maps.extras, "_per_channel": as_array(per_channel)})
