@@ -480,7 +480,8 @@ def test_layers_without_a_spatial_output_are_refused(x):
          "no layer of Sequential gives a spatial output"),
         (classifier(vit()), {"layer": "blocks.1.attn"}, "layer 'blocks.1.attn' returns a tuple, not a tensor"),
         (classifier(split_cnn()), {"layer": nn.Linear(2, 2)}, r"the given layer \(Linear\) is not a submodule"),
-        (classifier(split_cnn()), {"layer": 3}, "layer must be a dotted module name"),
+        (classifier(split_cnn()), {"layer": 2.5}, "layer must be a dotted module name"),
+        (classifier(split_cnn()), {"layer": 3}, "no layer '3' in Sequential"),
     ]
     for model, params, message in cases:
         with pytest.raises(ParameterError, match=message) as caught:
@@ -503,6 +504,7 @@ def test_a_module_given_as_an_object_is_named(x):
     net = split_cnn()
     e = salience.explain(classifier(net), x, method="grad_cam", layer=net[0][2])
     assert e.params["layer"] == "0.2"
+    assert salience.explain(classifier(net), x, method="grad_cam", layer=0).params["layer"] == "0"  # as the CLI reads "0"
 
 
 def test_a_text_classifier_has_no_layer_maps(toy):

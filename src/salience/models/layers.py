@@ -108,10 +108,13 @@ def module_name(net: nn.Module, module: nn.Module) -> str:
 
 
 def get_layer(net: nn.Module, layer: str | nn.Module, listing: Callable[[], str]) -> tuple[str, nn.Module]:
-    """(dotted name, module) of ``layer`` (a name such as ``"features.28"``, or the module itself);
+    """(dotted name, module) of ``layer`` (a name such as ``"features.28"``, an int for a child of a
+    Sequential, or the module itself);
     an unknown name raises ParameterError naming the spatial layers ``listing()`` describes."""
     if isinstance(layer, nn.Module):
         return module_name(net, layer), layer
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        layer = str(layer)  # a child of an nn.Sequential (the CLI reads --param layer=4 as a number)
     if not isinstance(layer, str) or not layer:
         raise ParameterError(f"layer must be a dotted module name or a torch module, got {layer!r}")
     modules = dict(net.named_modules())
