@@ -198,3 +198,28 @@ def model_grid_scores(explanation: Explanation, target: int = 0) -> np.ndarray:
         features = FeatureSet.from_features(features, height * width, explanation.level)
     spread = features.spread(torch.as_tensor(explanation.row(target)))
     return spread.numpy().reshape(height, width)
+
+
+def grid_to_original_points(rows: np.ndarray, cols: np.ndarray, geometry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Original-image coordinates ``(x, y)`` of the centres of model-grid pixels ``(rows, cols)``:
+    grid point (u, v) is original point ((u + left) / sx, (v + top) / sy)."""
+    (sx, sy), (left, top) = geometry["scale"], geometry["crop_box"][:2]
+    x = (np.asarray(cols, dtype=np.float64) + 0.5 + left) / sx
+    y = (np.asarray(rows, dtype=np.float64) + 0.5 + top) / sy
+    return x, y
+
+
+def original_mask_to_grid(mask: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
+    """A boolean mask (H0, W0) over the user's image as a boolean mask (H, W) over the model grid,
+    the inverse direction of :func:`to_original_grid`: a grid pixel is in the mask when its centre
+    falls in a masked original pixel (nearest sampling; a centre on an edge belongs to the pixel on
+    its right/below, as with Pillow's pixel squares ``[j, j + 1)``)."""
+    mask = np.asarray(mask, dtype=bool)
+    width, height = geometry["original_size"]
+    if mask.shape != (height, width):
+        raise ValueError(f"the mask has shape {mask.shape}; the image is {height} x {width} (H x W)")
+    grid_h, grid_w = geometry["grid"]
+    x, y = grid_to_original_points(np.arange(grid_h), np.arange(grid_w), geometry)
+    cols = np.clip(np.floor(x).astype(np.int64), 0, width - 1)
+    rows = np.clip(np.floor(y).astype(np.int64), 0, height - 1)
+    return mask[rows[:, None], cols[None, :]]

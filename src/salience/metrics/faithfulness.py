@@ -6,9 +6,12 @@ the perturbed rows of one explanation, the unperturbed input first, through ONE
 ``model.score_perturbed`` call (which batches). The probability read is always the probability of
 the explanation's target class, whatever output (logit, log-probability) the explanation explained.
 
-Removing a feature means what the ``baseline`` parameter says: ``"delete"`` (the default of the
-ERASER metrics, deletion/insertion and the leave-one-out correlation) drops its tokens from the
-sequence; ``"mask"`` (the default of log-odds), ``"pad"`` or ``"unk"`` replace them.
+Removing a feature means what the ``baseline`` parameter says. Text: ``"delete"`` (the default of
+the ERASER metrics, deletion/insertion and the leave-one-out correlation) drops its tokens from the
+sequence; ``"mask"`` (the default of log-odds), ``"pad"`` or ``"unk"`` replace them. Images: its
+pixels take the values of an image baseline (``"mean"``, 0 in the normalised space, by default;
+``"black"``, ``"blur[:SIGMA]"``, ``"noise[:SEED]"`` or a (C, H, W) tensor); insertion starts from
+``"blur:5"`` (RISE). Image explanations are scored on the encoded input they explained.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from salience.core.explanation import Explanation
 from salience.core.target import Target
 from salience.errors import ParameterError
 from salience.metrics.base import MetricError, MetricResult, register_metric
+from salience.metrics.image_input import image_encoded
 from salience.models.base import Encoded
 
 AOPC_BINS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
 PROBABILITY_FLOOR = 1e-12  # log-odds: probabilities are floored here so that log(0) stays finite
+IMAGE_REMOVAL = "mean"  # images: a removed pixel takes 0 in the normalised space (the mean colour), as RISE
+IMAGE_INSERTION = "blur:5"  # RISE's insertion substrate: a Gaussian blur of sigma 5 model pixels
+CURVE_STEPS = 50  # deletion / insertion: points on the curve when neither max_steps nor step is given
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -38,7 +45,10 @@ def describe(explanation: Explanation) -> str:
 
 def encode_checked(model: Any, explanation: Explanation) -> Encoded:
     """Re-encode the explanation's input; raise :class:`MetricError` when its features differ from
-    the ones the explanation scored (another tokenizer, level or truncation)."""
+    the ones the explanation scored (another tokenizer, level or truncation). Image explanations
+    give the encoded image they explained (:func:`salience.metrics.image_input.image_encoded`)."""
+    if explanation.kind == "image":
+        return image_encoded(model, explanation, "this metric")  # type: ignore[no-any-return]
     encoded: Encoded = model.encode(explanation.input, truncate=explanation.truncated)
     if encoded.features(explanation.level) != list(explanation.features):
         raise MetricError(
@@ -66,18 +76,27 @@ def top_k(fraction: float, n_features: int) -> int:
     return min(n_features, max(1, round(fraction * n_features)))
 
 
-def check_baseline(baseline: str) -> str:
+def check_baseline(model: Any, explanation: Explanation, baseline: Any, text_default: str,
+                   image_default: str = IMAGE_REMOVAL) -> str:
+    """The removal baseline's recorded name: ``baseline``, or when None the default of the
+    explanation's kind. Images ask the adapter (a one-line error lists the image baselines; a tensor
+    is kept by the adapter under its name); text refuses ``zero`` (a gradient baseline)."""
+    if baseline is None:
+        baseline = image_default if explanation.kind == "image" else text_default
+    if explanation.kind == "image":
+        return str(model.check_baseline(baseline, perturbation=True))
     if baseline == "zero":
         raise ParameterError("baseline 'zero' exists for gradient methods only; use delete, mask, pad or unk")
-    return baseline
+    return str(baseline)
 
 
 def _probabilities(model: Any, explanation: Explanation, keep: torch.Tensor, baseline: str,
-                   batch_size: int | None) -> tuple[Encoded, np.ndarray]:
-    """Re-encode, then the target-class probability for each row of ``keep`` (one batched call)."""
+                   batch_size: int | None, target: Target | None = None) -> tuple[Encoded, np.ndarray]:
+    """Re-encode, then the target-class probability (or the output of ``target``) for each row of
+    ``keep`` (one batched call); ``baseline`` as :func:`check_baseline` returned it."""
     encoded = encode_checked(model, explanation)
-    values = model.score_perturbed(encoded, keep, explanation.features, check_baseline(baseline),
-                                   probability_target(explanation), batch_size=batch_size)
+    values = model.score_perturbed(encoded, keep, explanation.features, baseline,
+                                   target or probability_target(explanation), batch_size=batch_size)
     return encoded, np.asarray(torch.as_tensor(values).detach().double().cpu().numpy(), dtype=np.float64)
 
 
@@ -116,11 +135,12 @@ def _removal_at(model: Any, explanation: Explanation, fractions: Sequence[float]
 
 
 @register_metric("comprehensiveness", higher_is_better=True, summary="p(y|x) - p(y|x without the top-k features) (ERASER)")
-def comprehensiveness(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: str = "delete",
+def comprehensiveness(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: Any = None,
                       batch_size: int | None = None) -> MetricResult:
     """ERASER comprehensiveness (DeYoung et al., 2020): ``p(y|x) - p(y|x without the top-k)``, the top
     ``k = max(1, round(fraction * F))`` features by signed score. Higher is better: the features
     ranked first carried the prediction. 2 forward passes."""
+    baseline = check_baseline(model, explanation, baseline, "delete")
     full, ks, removed = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=False,
                                     metric="comprehensiveness")
     k = ks[fraction]
@@ -129,19 +149,21 @@ def comprehensiveness(model: Any, explanation: Explanation, *, fraction: float =
 
 
 @register_metric("sufficiency", higher_is_better=False, summary="p(y|x) - p(y|only the top-k features) (ERASER)")
-def sufficiency(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: str = "delete",
+def sufficiency(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: Any = None,
                 batch_size: int | None = None) -> MetricResult:
     """ERASER sufficiency (DeYoung et al., 2020): ``p(y|x) - p(y|only the top-k kept)``. Lower is
     better: the top features alone nearly reproduce the prediction (negative when they are more
     convincing than the whole input). 2 forward passes."""
+    baseline = check_baseline(model, explanation, baseline, "delete")
     full, ks, kept = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=True, metric="sufficiency")
     k = ks[fraction]
     return MetricResult("sufficiency", full - kept[k], False,
                         {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": kept[k], "baseline": baseline})
 
 
-def _aopc(model: Any, explanation: Explanation, bins: Sequence[float], baseline: str, batch_size: int | None,
+def _aopc(model: Any, explanation: Explanation, bins: Sequence[float], baseline: Any, batch_size: int | None,
           *, sufficiency: bool, name: str) -> MetricResult:
+    baseline = check_baseline(model, explanation, baseline, "delete")
     bins = tuple(float(b) for b in bins)
     if not bins:
         raise ParameterError(f"{name}: bins must not be empty")
@@ -155,7 +177,7 @@ def _aopc(model: Any, explanation: Explanation, bins: Sequence[float], baseline:
 @register_metric("aopc_comprehensiveness", higher_is_better=True,
                  summary="comprehensiveness averaged over the top 1, 5, 10, 20, 50 % (ERASER AOPC)")
 def aopc_comprehensiveness(model: Any, explanation: Explanation, *, bins: Sequence[float] = AOPC_BINS,
-                           baseline: str = "delete", batch_size: int | None = None) -> MetricResult:
+                           baseline: Any = None, batch_size: int | None = None) -> MetricResult:
     """ERASER's AOPC comprehensiveness: the mean over ``bins`` (fractions of the features) of
     comprehensiveness. Higher is better. 1 + (distinct k over the bins) forward passes."""
     return _aopc(model, explanation, bins, baseline, batch_size, sufficiency=False, name="aopc_comprehensiveness")
@@ -164,7 +186,7 @@ def aopc_comprehensiveness(model: Any, explanation: Explanation, *, bins: Sequen
 @register_metric("aopc_sufficiency", higher_is_better=False,
                  summary="sufficiency averaged over the top 1, 5, 10, 20, 50 % (ERASER AOPC)")
 def aopc_sufficiency(model: Any, explanation: Explanation, *, bins: Sequence[float] = AOPC_BINS,
-                     baseline: str = "delete", batch_size: int | None = None) -> MetricResult:
+                     baseline: Any = None, batch_size: int | None = None) -> MetricResult:
     """ERASER's AOPC sufficiency: the mean over ``bins`` of sufficiency. Lower is better.
     1 + (distinct k over the bins) forward passes."""
     return _aopc(model, explanation, bins, baseline, batch_size, sufficiency=True, name="aopc_sufficiency")
@@ -172,12 +194,13 @@ def aopc_sufficiency(model: Any, explanation: Explanation, *, bins: Sequence[flo
 
 # ------------------------------------------------------------------ log-odds
 @register_metric("log_odds", higher_is_better=False, summary="log p(y|top 20 % masked) - log p(y|x) (DIG, SIG)")
-def log_odds(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: str = "mask",
+def log_odds(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: Any = None,
              batch_size: int | None = None) -> MetricResult:
     """Log-odds (Sanyal & Ren, 2021; used again by Enguehard's SIG, 2023):
     ``log(p(y|x with the top-k replaced by the baseline) / p(y|x))``. Lower (more negative) is
     better. Both probabilities are floored at ``1e-12`` before the logarithm, so a probability that
     underflows to 0 gives a large finite value instead of -inf. 2 forward passes."""
+    baseline = check_baseline(model, explanation, baseline, "mask")
     n = _need_features(explanation, "log_odds")
     k = top_k(fraction, n)
     keep = _keep_rows(n, [ranking(explanation.scores)[:k]], kept=False)
@@ -190,9 +213,18 @@ def log_odds(model: Any, explanation: Explanation, *, fraction: float = 0.2, bas
 
 
 # ------------------------------------------------------------------ deletion / insertion curves
-def curve_counts(n_features: int, max_steps: int) -> np.ndarray:
+def curve_counts(n_features: int, max_steps: int | None = None, *, step: int | None = None) -> np.ndarray:
     """Numbers of features removed (or inserted) at each curve point: 0..F one at a time, or
-    ``max_steps + 1`` evenly spaced counts from 0 to F when F > ``max_steps``."""
+    ``max_steps + 1`` evenly spaced counts from 0 to F when F > ``max_steps`` (default
+    :data:`CURVE_STEPS`); or, with ``step``, ``step`` features per point: 0, step, 2 step, ..., F (the
+    last step takes what is left; RISE removes 224 pixels per step at 224 x 224)."""
+    if step is not None:
+        if max_steps is not None:
+            raise ParameterError("give max_steps or step, not both")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+            raise ParameterError(f"step must be a positive number of features, got {step!r}")
+        return np.r_[np.arange(0, n_features, int(step)), n_features]
+    max_steps = CURVE_STEPS if max_steps is None else max_steps
     if max_steps < 1:
         raise ParameterError(f"max_steps must be at least 1, got {max_steps}")
     if n_features <= max_steps:
@@ -206,11 +238,12 @@ def trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: int, baseline: str,
-           batch_size: int | None, name: str) -> MetricResult:
+def _curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: int | None, step: int | None,
+           baseline: Any, batch_size: int | None, name: str) -> MetricResult:
+    baseline = check_baseline(model, explanation, baseline, "delete", IMAGE_INSERTION if insertion else IMAGE_REMOVAL)
     n = _need_features(explanation, name)
     order = ranking(explanation.scores)
-    counts = curve_counts(n, max_steps)
+    counts = curve_counts(n, max_steps, step=step)
     keep = torch.ones(len(counts), n, dtype=torch.bool)
     for row, m in enumerate(counts):
         if insertion:
@@ -227,25 +260,29 @@ def _curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: 
 
 @register_metric("deletion_auc", higher_is_better=False,
                  summary="area under p(y) as top-ranked features are removed one by one")
-def deletion_auc(model: Any, explanation: Explanation, *, max_steps: int = 50, baseline: str = "delete",
-                 batch_size: int | None = None) -> MetricResult:
+def deletion_auc(model: Any, explanation: Explanation, *, max_steps: int | None = None, step: int | None = None,
+                 baseline: Any = None, batch_size: int | None = None) -> MetricResult:
     """Deletion curve (Petsiuk et al., 2018, RISE; for text as in Enguehard, 2023): starting from x,
-    remove features in ranked order; the target probability against the fraction removed (0 to 1);
-    value = trapezoid area. Lower is better. ``details["x"]``, ``details["y"]`` hold the curve.
-    min(F, max_steps) + 1 forward passes."""
-    return _curve(model, explanation, insertion=False, max_steps=max_steps, baseline=baseline, batch_size=batch_size,
-                  name="deletion_auc")
+    remove features (pixels at pixel level, or patches, superpixels, words) in ranked order; the
+    target probability against the fraction of features removed (0 to 1); value = trapezoid area.
+    Lower is better. Removal: ``baseline`` (text ``delete``; images ``mean``, 0 in the normalised
+    space as RISE, or ``black``, ...). Points: ``max_steps`` + 1 evenly spaced counts (default 50), or
+    one every ``step`` features. ``details["x"]``, ``details["y"]`` hold the curve.
+    Forward passes: the number of points, min(F, max_steps) + 1 or ceil(F / step) + 1."""
+    return _curve(model, explanation, insertion=False, max_steps=max_steps, step=step, baseline=baseline,
+                  batch_size=batch_size, name="deletion_auc")
 
 
 @register_metric("insertion_auc", higher_is_better=True,
                  summary="area under p(y) as top-ranked features are added back one by one")
-def insertion_auc(model: Any, explanation: Explanation, *, max_steps: int = 50, baseline: str = "delete",
-                  batch_size: int | None = None) -> MetricResult:
-    """Insertion curve (Petsiuk et al., 2018): starting from the input with every feature removed,
-    add features back in ranked order; value = trapezoid area of the target probability against the
-    fraction inserted. Higher is better. min(F, max_steps) + 1 forward passes."""
-    return _curve(model, explanation, insertion=True, max_steps=max_steps, baseline=baseline, batch_size=batch_size,
-                  name="insertion_auc")
+def insertion_auc(model: Any, explanation: Explanation, *, max_steps: int | None = None, step: int | None = None,
+                  baseline: Any = None, batch_size: int | None = None) -> MetricResult:
+    """Insertion curve (Petsiuk et al., 2018): starting from the input with every feature removed
+    (text: ``delete``; images: a blurred copy, ``blur:5``, as RISE), put features back in ranked
+    order; value = trapezoid area of the target probability against the fraction inserted. Higher is
+    better. Points and passes as :func:`deletion_auc`."""
+    return _curve(model, explanation, insertion=True, max_steps=max_steps, step=step, baseline=baseline,
+                  batch_size=batch_size, name="insertion_auc")
 
 
 # ------------------------------------------------------------------ leave-one-out correlation
@@ -265,11 +302,12 @@ def kendall_tau_b(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarr
 
 @register_metric("loo_kendall_tau", higher_is_better=True,
                  summary="Kendall tau-b between the scores and leave-one-out probability drops")
-def loo_kendall_tau(model: Any, explanation: Explanation, *, baseline: str = "delete",
+def loo_kendall_tau(model: Any, explanation: Explanation, *, baseline: Any = None,
                     batch_size: int | None = None) -> MetricResult:
     """Kendall's tau-b between the explanation's scores and the leave-one-out scores
     ``p(y|x) - p(y|x without feature i)`` (the same removal as ``baseline``). Higher is better (1:
     same order as the model's own single-feature drops). F + 1 forward passes."""
+    baseline = check_baseline(model, explanation, baseline, "delete")
     n = _need_features(explanation, "loo_kendall_tau")
     if n < 2:
         raise MetricError(f"loo_kendall_tau needs at least 2 features; {describe(explanation)} has {n}")
@@ -282,3 +320,61 @@ def loo_kendall_tau(model: Any, explanation: Explanation, *, baseline: str = "de
         raise MetricError(f"loo_kendall_tau is undefined for {describe(explanation)}: all {which} are equal")
     return MetricResult("loo_kendall_tau", tau, True, {"loo_scores": [float(v) for v in loo], "p_full": float(probs[0]),
                                                         "baseline": baseline})
+
+
+# ------------------------------------------------------------------ faithfulness correlation
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation coefficient; NaN when either is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(np.sqrt(np.sum(a * a) * np.sum(b * b)))
+    return float(np.sum(a * b) / denominator) if denominator > 0 else float("nan")
+
+
+def correlation_subset(n_features: int, subset_size: int | None) -> int:
+    """Features per random subset: ``subset_size``, by default 224 (Quantus's, a row of a 224-pixel
+    image) but at most a quarter of the features (at least 1); must be below F."""
+    if subset_size is None:
+        return max(1, min(224, n_features // 4))
+    if isinstance(subset_size, bool) or not isinstance(subset_size, (int, np.integer)) or not 1 <= subset_size < n_features:
+        raise ParameterError(f"subset_size must be between 1 and F - 1 = {n_features - 1}, got {subset_size!r}")
+    return int(subset_size)
+
+
+@register_metric("faithfulness_correlation", higher_is_better=True,
+                 summary="Pearson correlation of random subsets' score sums with the output drop they cause (Bhatt et al.)")
+def faithfulness_correlation(model: Any, explanation: Explanation, *, n_runs: int = 100, subset_size: int | None = None,
+                             baseline: Any = None, output: str | None = None, seed: int = 0,
+                             batch_size: int | None = None) -> MetricResult:
+    """Faithfulness correlation (Bhatt et al., 2020, "Evaluating and aggregating feature-based model
+    explanations"; Quantus's FaithfulnessCorrelation): ``n_runs`` times, a random subset of
+    ``subset_size`` features (uniform, without replacement; default 224, at most F / 4) is set to the
+    ``baseline`` (images: ``black``, as Quantus; text: ``delete``); value = Pearson correlation, over
+    the runs, between the sum of the subset's scores and the drop ``f(x) - f(x with the subset
+    removed)``. f is the explained ``output`` of the target class (default: the one the explanation
+    explained, e.g. log-odds; Quantus reads logits). Higher is better (1: the scores add up like the
+    model's own drops; -1: signs flipped). Seeded by ``seed``. ``n_runs`` + 1 forward passes.
+    Quantus's "black" is the input's minimum value; here it is the preprocessing's black image.
+    """
+    n = _need_features(explanation, "faithfulness_correlation")
+    if n < 2:
+        raise MetricError(f"faithfulness_correlation needs at least 2 features; {describe(explanation)} has {n}")
+    if isinstance(n_runs, bool) or not isinstance(n_runs, (int, np.integer)) or n_runs < 2:
+        raise ParameterError(f"n_runs must be an integer >= 2, got {n_runs!r}")
+    size = correlation_subset(n, subset_size)
+    baseline = check_baseline(model, explanation, baseline, "delete", "black")
+    target = Target(explanation.target.index, explanation.target.label, output or explanation.target.output)
+    rng = np.random.default_rng(seed)
+    subsets = [rng.choice(n, size=size, replace=False) for _ in range(n_runs)]
+    keep = _keep_rows(n, subsets, kept=False)
+    _, values = _probabilities(model, explanation, keep, baseline, batch_size, target)
+    scores = np.asarray(explanation.scores, dtype=np.float64)
+    sums = np.array([scores[subset].sum() for subset in subsets])
+    drops = values[0] - values[1:]
+    rho = pearson(sums, drops)
+    if not np.isfinite(rho):
+        which = "score sums" if np.ptp(sums) == 0 else "output drops"
+        raise MetricError(f"faithfulness_correlation is undefined for {describe(explanation)}: all {which} are equal")
+    return MetricResult("faithfulness_correlation", rho, True,
+                        {"subset_size": size, "n_runs": int(n_runs), "output": target.output, "baseline": baseline,
+                         "seed": seed, "score_sums": sums.tolist(), "drops": drops.tolist(), "f_full": float(values[0])})

@@ -19,10 +19,12 @@ from torch import nn
 
 from salience.api import SalienceWarning, explain
 from salience.core.explanation import Explanation
+from salience.core.grid import model_grid_scores
 from salience.core.registry import get_method
 from salience.errors import ParameterError
 from salience.metrics.base import MetricError, MetricResult, register_metric
 from salience.metrics.faithfulness import describe, encode_checked, top_k
+from salience.metrics.image_input import grid_map, image_encoded
 from salience.models.base import Encoded
 
 FLAG_CORRELATION = 0.5
@@ -35,17 +37,30 @@ def method_params(explanation: Explanation) -> dict[str, Any]:
     return {k: v for k, v in explanation.params.items() if k in known}
 
 
+def feature_options(model: Any, explanation: Explanation) -> dict[str, Any]:
+    """The adapter's feature options recorded in the explanation (an image's ``patch_size``, SLIC
+    settings; a text's ``spans``), so that a re-run scores the same kind of features."""
+    return {k: explanation.params[k] for k in getattr(model, "feature_options", ()) if k in explanation.params}
+
+
 def _reexplain(model: Any, encoded: Encoded, explanation: Explanation, batch_size: int | None) -> np.ndarray:
     """Scores of the explanation's method, parameters, target, output, level and seed on ``encoded``."""
+    return _reexplained(model, encoded, explanation, batch_size).scores
+
+
+def _reexplained(model: Any, encoded: Encoded, explanation: Explanation, batch_size: int | None) -> Explanation:
+    """The explanation's method re-run on ``encoded`` with its parameters, feature options, target
+    class, output, level and seed."""
     with warnings.catch_warnings():
         # a randomised model or a masked input can make e.g. IG's completeness delta large; the
         # metric's value is what matters here, not the re-run's own warnings
         warnings.simplefilter("ignore", SalienceWarning)
         result = explain(model, encoded, explanation.method, target=explanation.target.index,
                          output=explanation.target.output, level=explanation.level, batch_size=batch_size,
-                         seed=int(explanation.params.get("seed", 0)), progress=False, params=method_params(explanation))
+                         seed=int(explanation.params.get("seed", 0)), progress=False,
+                         params={**method_params(explanation), **feature_options(model, explanation)})
     assert isinstance(result, Explanation)
-    return result.scores
+    return result
 
 
 def _check_scores(explanation: Explanation, metric: str) -> np.ndarray:
@@ -82,10 +97,15 @@ def cascade_steps(model: nn.Module, *, embeddings: bool = False) -> list[tuple[s
     """Groups of modules (those holding parameters directly) in the order the cascade re-initialises
     them: the head (every module registered after the layer list: pooler, classifier), then the
     layers of the largest ``nn.ModuleList`` (by parameter count) from last to first, then, with
-    ``embeddings``, everything registered before the list."""
+    ``embeddings``, everything registered before the list. A model without a layer list (a plain
+    ``nn.Sequential`` CNN) cascades module by module: each module holding parameters is one step,
+    from the last registered (the classifier) to the first (``embeddings`` has no effect)."""
     lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
     if not lists:
-        raise MetricError(f"model_randomisation: {type(model).__name__} has no nn.ModuleList of layers to randomise")
+        owners = [(name, module) for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+        if not owners:
+            raise MetricError(f"model_randomisation: {type(model).__name__} has no parameters to randomise")
+        return [(f"{name or 'model'} ({type(module).__name__})", [module]) for name, module in reversed(owners)]
     list_name, layers = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
     head: list[nn.Module] = []
     below: list[nn.Module] = []
@@ -163,9 +183,11 @@ def model_randomisation(model: Any, explanation: Explanation, *, seed: int = 0, 
     re-initialised from the top down: the classification head first (everything registered after
     the encoder's layer list, the largest ``nn.ModuleList``), then the encoder layers from last to
     first and the embeddings last (Adebayo et al.'s full cascade; ``embeddings=False`` stops
-    before them). After each step the explanation's method is re-run with its parameters, target
-    class, output, level and seed, and the Spearman rank correlation with the original scores is
-    recorded (0 when the re-run's scores are constant).
+    before them); a model without a layer list (a plain ``nn.Sequential`` CNN) module by module,
+    from the classifier down to the first convolution (:func:`cascade_steps`). After each step the
+    explanation's method is re-run with its parameters, feature options, target class, output,
+    level and seed, and the Spearman rank correlation with the original scores (per feature: pixels,
+    patches, words) is recorded (0 when the re-run's scores are constant).
 
     value: the correlation after the last step. Lower is better. ``details["flagged"]`` is True when
     its absolute value is >= 0.5: the explanation barely changes when the model's weights are
@@ -193,23 +215,43 @@ def model_randomisation(model: Any, explanation: Explanation, *, seed: int = 0, 
 
 # ------------------------------------------------------------------ max-sensitivity
 @register_metric("max_sensitivity", higher_is_better=False,
-                 summary="largest relative change of the scores when ~10 % of the words are masked (Yeh et al.)")
-def max_sensitivity(model: Any, explanation: Explanation, *, n_perturbations: int = 10, fraction: float = 0.1,
-                    baseline: str = "mask", seed: int = 0, batch_size: int | None = None) -> MetricResult:
-    """Max-sensitivity (Yeh et al., 2019, "On the (in)fidelity and sensitivity of explanations"),
-    with discrete text perturbations: ``n_perturbations`` times, the tokens of a random ``fraction``
-    of the features (``max(1, round(fraction * F))``, chosen without replacement) are replaced by the
-    ``baseline`` token ([MASK]); the method is re-run on that perturbed input with the same
-    parameters, target class, output, level and seed; value = max over perturbations of
-    ``||e' - e||_2 / ||e||_2`` over the features. Lower is better. Seeded by ``seed``.
+                 summary="largest relative change of the scores under small input changes (Yeh et al.)")
+def max_sensitivity(model: Any, explanation: Explanation, *, n_perturbations: int = 10, fraction: float | None = None,
+                    baseline: str | None = None, radius: float | None = None, seed: int = 0,
+                    batch_size: int | None = None) -> MetricResult:
+    """Max-sensitivity (Yeh et al., 2019, "On the (in)fidelity and sensitivity of explanations"):
+    ``n_perturbations`` times the input is changed a little, the method is re-run on it with the same
+    parameters, feature options, target class, output, level and seed, and value = max over
+    perturbations of ``||e' - e||_2 / ||e||_2``. Lower is better. Seeded by ``seed``.
     Cost: ``n_perturbations`` x the method's passes.
+
+    Text (discrete perturbations): the tokens of a random ``fraction`` (default 0.1) of the features
+    (``max(1, round(fraction * F))``, chosen without replacement) are replaced by the ``baseline``
+    token (default ``mask``: [MASK]); e is the feature scores.
+
+    Images (as Quantus's MaxSensitivity, with 10 samples instead of its 200): uniform noise in
+    ``[-radius, radius]`` (default 0.2, Quantus's, in the units of the NORMALISED model input: 10 %
+    of the black-to-white range of a [-1, 1] input) is added to every value of every channel, not
+    clipped; e is the map over the model grid (per-pixel scores, or each feature's score on its
+    pixels), so maps over superpixels recomputed on the noisy image stay comparable.
+    ``details["prediction_changed"]`` counts the samples whose predicted class changed (Quantus can
+    drop those; here they count).
     """
+    if n_perturbations < 1:
+        raise ParameterError(f"n_perturbations must be at least 1, got {n_perturbations}")
+    if explanation.kind == "image":
+        if fraction is not None or baseline is not None:
+            raise ParameterError("max_sensitivity: fraction and baseline are for text; images take radius")
+        return _image_sensitivity(model, explanation, n_perturbations, 0.2 if radius is None else radius, seed,
+                                  batch_size)
+    if radius is not None:
+        raise ParameterError("max_sensitivity: radius is for images; text takes fraction and baseline")
+    fraction = 0.1 if fraction is None else fraction
+    baseline = "mask" if baseline is None else baseline
     scores = _check_scores(explanation, "max_sensitivity")
     norm = float(np.linalg.norm(scores))
     if norm == 0:
         raise MetricError(f"max_sensitivity: the explanation of {describe(explanation)} is all zeros")
-    if n_perturbations < 1:
-        raise ParameterError(f"n_perturbations must be at least 1, got {n_perturbations}")
     encoded = encode_checked(model, explanation)
     n = len(explanation.features)
     m = top_k(fraction, n)
@@ -231,3 +273,29 @@ def max_sensitivity(model: Any, explanation: Explanation, *, n_perturbations: in
         chosen_sets.append(chosen)
     return MetricResult("max_sensitivity", max(ratios), False,
                         {"ratios": ratios, "masked": chosen_sets, "mean": float(np.mean(ratios)), "seed": seed})
+
+
+def _image_sensitivity(model: Any, explanation: Explanation, n_perturbations: int, radius: float, seed: int,
+                       batch_size: int | None) -> MetricResult:
+    """Max-sensitivity of an image explanation under uniform noise of ``radius`` (see max_sensitivity)."""
+    if not radius > 0 or not np.isfinite(radius):
+        raise ParameterError(f"radius must be a finite number > 0, got {radius}")
+    encoded = image_encoded(model, explanation, "max_sensitivity")
+    reference = grid_map(explanation, "max_sensitivity")
+    norm = float(np.linalg.norm(reference))
+    if norm == 0:
+        raise MetricError(f"max_sensitivity: the explanation of {describe(explanation)} is all zeros")
+    generator = torch.Generator().manual_seed(seed)
+    ratios: list[float] = []
+    changed = 0
+    for _ in range(n_perturbations):
+        pixels = encoded.pixels.detach().double().cpu()
+        noise = (torch.rand(pixels.shape, generator=generator, dtype=torch.float64) * 2 - 1) * radius
+        perturbed = dataclasses.replace(encoded, pixels=(pixels + noise).to(encoded.pixels))
+        new = _reexplained(model, perturbed, explanation, batch_size)
+        ratios.append(float(np.linalg.norm(model_grid_scores(new) - reference)) / norm)
+        if explanation.prediction is not None and new.prediction is not None:
+            changed += int(new.prediction.index != explanation.prediction.index)
+    return MetricResult("max_sensitivity", max(ratios), False,
+                        {"ratios": ratios, "mean": float(np.mean(ratios)), "radius": radius, "seed": seed,
+                         "prediction_changed": changed})

@@ -212,8 +212,9 @@ class ImageClassifier:
         return pixels
 
     def describe_input(self, encoded: EncodedImage) -> dict[str, Any]:
-        """Explanation extras: the geometry (serialised) and the picture (``_image``: in memory only)."""
-        return {"geometry": encoded.geometry, "_image": encoded.image}
+        """Explanation extras: the geometry (serialised), the picture (``_image``) and the encoded input
+        (``_encoded``: what the metrics perturb; both in memory only)."""
+        return {"geometry": encoded.geometry, "_image": encoded.image, "_encoded": encoded}
 
     # --------------------------------------------------------------- features
     def features(self, encoded: EncodedImage, level: str, **options: Any) -> FeatureSet:
