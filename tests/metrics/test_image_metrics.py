@@ -1,9 +1,11 @@
 """Image metrics against hand-computed values on hand-built models and hand-made maps: deletion and
-insertion curves (the text metrics, made to work on images), faithfulness correlation, boxes mapped
-through the preprocessing geometry, max-sensitivity and cascading randomisation on the tiny CNN.
+insertion curves (the text metrics, made to work on images), faithfulness correlation, ROAD and its
+noisy linear imputation, localisation against boxes mapped through the preprocessing geometry,
+sparseness / complexity, max-sensitivity and cascading randomisation on the tiny CNN.
 
 Tolerances: the hand-built models are float64 and every expected value is a short sum of exact
-decimals, so values agree to 1e-12 (round-off of a few dozen additions).
+decimals, so values agree to 1e-12 (round-off of a few dozen additions); imputation solves a
+sparse system whose exact solution is the ramp, so it agrees to 1e-12 as well.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import salience
 from oracles import require
 from salience.core.explanation import Explanation
 from salience.core.grid import original_mask_to_grid, pixel_features
+from salience.core.target import Target
 from salience.errors import ParameterError
-from salience.metrics import evaluate_metric
+from salience.metrics import evaluate_metric, get_metric
 from salience.metrics.base import MetricError
+from salience.metrics.complexity import gini
+from salience.metrics.imputation import linear_imputation, noisy_linear_imputation
 from salience.metrics.sanity import cascade_steps
 from salience.models.image import ImageClassifier
-from tiny_cnn import build_tiny_cnn, photo, tiny_classifier
+from salience.zoo.efficientnet_lite0 import ImagePreprocess
+from tiny_cnn import LABELS, build_tiny_cnn, photo, tiny_classifier
 
 
 # ------------------------------------------------------------------ hand-built models
@@ -180,6 +186,69 @@ def test_faithfulness_correlation_reads_the_output_asked_and_refuses_bad_setting
         evaluate_metric("faithfulness_correlation", model, dataclasses.replace(e, scores=np.zeros(64)), baseline="mean")
 
 
+# ------------------------------------------------------------------ ROAD
+def test_linear_imputation_fills_a_ramp_exactly_and_renormalises_at_the_border():
+    rows, cols = np.mgrid[0:9, 0:11].astype(np.float64)
+    ramp = np.stack([2.0 * rows - cols + 1.0, 0.5 * rows + 3.0 * cols])  # (2, 9, 11), linear in both channels
+    removed = np.zeros((9, 11), dtype=bool)
+    removed[3:6, 4:8] = True  # an interior block: every equation has all 8 neighbours
+    removed[1, 1] = removed[7, 9] = True
+    np.testing.assert_allclose(linear_imputation(ramp, removed), ramp, rtol=0, atol=1e-12)
+    # a corner has 3 neighbours, weights 1/6, 1/6, 1/12 renormalised: (2 right + 2 below + diagonal) / 5
+    image = np.arange(12, dtype=np.float64).reshape(1, 3, 4) ** 2
+    corner = np.zeros((3, 4), dtype=bool)
+    corner[0, 0] = True
+    expected = (2 * image[0, 0, 1] + 2 * image[0, 1, 0] + image[0, 1, 1]) / 5
+    assert linear_imputation(image, corner)[0, 0, 0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_imputation_noise_has_the_asked_standard_deviation_and_is_seeded():
+    ramp = np.broadcast_to(np.arange(16.0), (3, 16, 16)).copy()
+    removed = np.zeros((16, 16), dtype=bool)
+    removed[4:12, 4:12] = True  # 64 pixels x 3 channels = 192 noisy values
+    a = noisy_linear_imputation(ramp, removed, 0.01, np.random.default_rng(1))
+    b = noisy_linear_imputation(ramp, removed, 0.01, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    residual = (a - ramp)[:, removed]
+    assert 0.008 < residual.std() < 0.012  # sample std of 192 normal draws: 0.01 +- 5 % (1 sigma)
+    assert np.array_equal(a[:, ~removed], ramp[:, ~removed])
+
+
+class Detector(nn.Module):
+    """logit(object) = 8 x (mean of the 2 x 2 object pixels - 0.5): the object is bright (1) on a dark
+    (0) background, so imputing it from its surroundings removes the evidence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mask = torch.zeros(8, 8, dtype=torch.float64)
+        mask[3:5, 3:5] = 0.25
+        self.mask = nn.Parameter(mask.reshape(-1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 8.0 * (x.reshape(x.shape[0], -1) @ self.mask - 0.5)
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def test_road_curves_of_a_good_map_beat_a_random_map():
+    model = ImageClassifier(Detector(), labels=["object", "none"], input_shape=(1, 8, 8))
+    image = torch.zeros(1, 8, 8, dtype=torch.float64)
+    image[0, 3:5, 3:5] = 1.0
+    e = explained(model, image)
+    good = with_map(e, image.numpy())  # relevance on the object
+    noise = with_map(e, np.random.default_rng(0).normal(size=64))
+    morf_good, morf_random = (evaluate_metric("road_morf", model, x) for x in (good, noise))
+    lerf_good, lerf_random = (evaluate_metric("road_lerf", model, x) for x in (good, noise))
+    assert morf_good.value < morf_random.value and lerf_good.value > lerf_random.value
+    assert not morf_good.higher_is_better and lerf_good.higher_is_better
+    # 10 % of 64 pixels = 6 (floor): MoRF already imputes the whole object (its 4 pixels come first)
+    assert morf_good.details["pixels_removed"][0] == 6 and morf_good.details["y"][0] < 0.05
+    assert morf_good.forward_passes == 10 and len(morf_good.details["y"]) == 9
+    assert morf_good.details["p_full"] == pytest.approx(1 / (1 + math.exp(-4.0)), abs=1e-12)
+    assert evaluate_metric("road_morf", model, good).details["y"] == morf_good.details["y"]  # seeded
+    with pytest.raises(ParameterError, match="percentages"):
+        evaluate_metric("road_morf", model, good, percentages=[50, 20])
+
+
 # ------------------------------------------------------------------ boxes through the geometry
 @pytest.fixture(scope="module")
 def stretched() -> Explanation:
@@ -201,6 +270,134 @@ def test_a_box_maps_onto_the_grid_pixels_whose_centres_it_holds(stretched):
     corner = np.zeros((20, 30), dtype=bool)
     corner[0:3, 0:4] = True
     assert np.argwhere(original_mask_to_grid(corner, geometry)).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def grid_map(values: dict[tuple[int, int], float], fill: float = 0.0) -> np.ndarray:
+    out = np.full((16, 16), fill)
+    for (row, col), value in values.items():
+        out[row, col] = value
+    return out
+
+
+BOX = (15, 10, 30, 20)  # the bottom-right quadrant of the 30 x 20 photo: grid rows 8-15, columns 8-15
+
+
+def test_pointing_game_hits_misses_ties_and_tolerance(stretched):
+    def point(scores, **kw):
+        return evaluate_metric("pointing_game", None, with_map(stretched, scores), box=BOX, **kw)
+
+    hit = point(grid_map({(10, 12): 5.0}))
+    assert hit.value == 1.0 and hit.details["maxima"] == 1 and hit.forward_passes == 0
+    assert point(grid_map({(2, 3): 5.0})).value == 0.0
+    assert point(grid_map({(2, 3): 5.0, (9, 9): 5.0})).value == 1.0  # a tie with one maximum on the object
+    # row 7 (centre y = 9.38, original pixel row 9) is 1 original pixel above the box's first row (10)
+    near = grid_map({(7, 12): 5.0})
+    assert point(near).value == 0.0 and point(near, tolerance=1.0).value == 1.0 and point(near, tolerance=15).value == 1.0
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[10:20, 15:30] = True
+    assert evaluate_metric("pointing_game", None, with_map(stretched, near), mask=mask).value == 0.0
+    assert get_metric("pointing_game").needs == ("box",)
+
+
+def test_energy_relevance_mass_and_rank_on_hand_made_maps(stretched):
+    inside = np.zeros((16, 16), dtype=bool)
+    inside[8:, 8:] = True  # 64 of 256 grid pixels
+
+    def score(name, scores, **kw):
+        return evaluate_metric(name, None, with_map(stretched, scores), box=BOX, **kw).value
+
+    # energy: min-max normalised; inside 2, outside 1, one outside pixel 0 -> inside 1, outside 0.5 (191 px), 0 (1 px)
+    graded = np.where(inside, 2.0, 1.0)
+    graded[0, 0] = 0.0
+    assert score("energy_pointing_game", graded) == pytest.approx(64 / (64 + 191 * 0.5), abs=1e-12)
+    assert score("energy_pointing_game", inside * 3.0 + 1.0) == pytest.approx(1.0, abs=1e-12)
+    # relevance mass: +1 inside (64), outside +1 on 96 pixels and -1 on 96
+    signed = np.where(inside, 1.0, 0.0)
+    outside = np.flatnonzero(~inside.reshape(-1))
+    signed.reshape(-1)[outside[:96]] = 1.0
+    signed.reshape(-1)[outside[96:]] = -1.0
+    assert score("relevance_mass_accuracy", signed) == pytest.approx(64 / 160, abs=1e-12)
+    assert score("relevance_mass_accuracy", signed, relevance="absolute") == pytest.approx(64 / 256, abs=1e-12)
+    # rank accuracy: K = 64; the 64 highest are 32 inside and 32 outside
+    ranked = np.zeros((16, 16))
+    ranked.reshape(-1)[np.flatnonzero(inside.reshape(-1))[:32]] = 2.0
+    ranked.reshape(-1)[outside[:32]] = 2.0
+    r = evaluate_metric("relevance_rank_accuracy", None, with_map(stretched, ranked), box=BOX)
+    assert r.value == 0.5 and r.details["k"] == 64 and r.details["chance"] == 0.25
+
+
+def test_box_errors(stretched, presence):
+    e = with_map(stretched, grid_map({(10, 12): 5.0}))
+    with pytest.raises(MetricError, match="needs a box"):
+        evaluate_metric("pointing_game", None, e)
+    with pytest.raises(MetricError, match=r"not inside the 30 x 20"):
+        evaluate_metric("pointing_game", None, e, box=(20, 5, 35, 15))  # right edge beyond the image
+    with pytest.raises(MetricError, match="not inside"):
+        evaluate_metric("relevance_mass_accuracy", None, e, box=(10, 10, 5, 15))  # right < left
+    with pytest.raises(MetricError, match="not both"):
+        evaluate_metric("pointing_game", None, e, box=BOX, mask=np.ones((20, 30), dtype=bool))
+    with pytest.raises(MetricError, match="mask has shape"):
+        evaluate_metric("pointing_game", None, e, mask=np.ones((30, 20), dtype=bool))
+    with pytest.raises(MetricError, match="constant"):
+        evaluate_metric("energy_pointing_game", None, with_map(stretched, np.ones(256)), box=BOX)
+
+
+def test_a_box_in_the_cropped_away_part_covers_no_model_pixel():
+    model = ImageClassifier(build_tiny_cnn(), ImagePreprocess(crop=16, resize_short_side=20), LABELS)
+    e = explained(model, photo(20, 30), target=None)
+    assert e.extras["geometry"]["crop_box"] == [7, 2, 23, 18]  # 30 x 20 kept at scale 1, centre 16 x 16 cut out
+    with pytest.raises(MetricError, match="covers no pixel"):
+        evaluate_metric("pointing_game", model, e, box=(0, 0, 5, 20))  # left of the crop
+    assert evaluate_metric("relevance_rank_accuracy", model, e, box=(7, 2, 23, 18)).value == 1.0  # the whole grid
+
+
+def test_image_metrics_refuse_a_text_explanation():
+    e = text_explanation([0.1, 0.2, 0.3])
+    for name in ("pointing_game", "road_morf", "relevance_mass_accuracy"):
+        with pytest.raises(MetricError, match="is an image metric; .* is a text explanation"):
+            evaluate_metric(name, None, e, **({} if name == "road_morf" else {"box": BOX}))
+
+
+# ------------------------------------------------------------------ complexity
+def text_explanation(scores: list[float]) -> Explanation:
+    words = [salience.Feature(f"w{i}", 3 * i, 3 * i + 2) for i in range(len(scores))]
+    return Explanation(input=" ".join(f.text for f in words), features=words, scores=np.array(scores), method="occlusion",
+                       params={}, model="none", target=Target(1, "positive", "probability"), prediction=None)
+
+
+def test_sparseness_and_complexity_closed_forms():
+    f = 8
+    uniform, one_hot = text_explanation([0.3] * f), text_explanation([0.0] * 3 + [-2.0] + [0.0] * 4)
+    assert evaluate_metric("sparseness", None, uniform).value == pytest.approx(0.0, abs=1e-12)
+    assert evaluate_metric("sparseness", None, one_hot).value == pytest.approx((f - 1) / f, abs=1e-12)
+    assert evaluate_metric("complexity", None, uniform).value == pytest.approx(math.log(f), abs=1e-12)
+    assert evaluate_metric("complexity", None, one_hot).value == 0.0
+    # [0, 0, 1, 3]: sorted weights (2i - n - 1) = -3, -1, 1, 3 -> (1 + 9) / (4 x 4); entropy of (1/4, 3/4)
+    small = text_explanation([0.0, 3.0, 0.0, -1.0])
+    assert evaluate_metric("sparseness", None, small).value == pytest.approx(10 / 16, abs=1e-12)
+    assert evaluate_metric("complexity", None, small).value == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)),
+                                                                             abs=1e-12)
+    with pytest.raises(MetricError, match="every score is 0"):
+        evaluate_metric("complexity", None, text_explanation([0.0, 0.0]))
+
+
+def test_gini_is_the_mean_absolute_difference_over_twice_the_mean_and_entropy_is_scipys():
+    stats = require("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        a = np.abs(rng.normal(size=23)) * (rng.random(23) < 0.6)
+        a[0] = 1.0
+        mean_difference = np.abs(a[:, None] - a[None, :]).sum() / (2 * a.size**2 * a.mean())
+        assert gini(a) == pytest.approx(mean_difference, abs=1e-12)
+        signed = a * np.where(rng.random(23) < 0.5, -1, 1)
+        assert evaluate_metric("complexity", None, text_explanation(list(signed))).value == \
+            pytest.approx(stats.entropy(a), abs=1e-12)
+
+
+def test_complexity_of_an_image_map_is_over_its_features(stretched):
+    single = with_map(stretched, grid_map({(3, 3): -1.0}))
+    assert evaluate_metric("sparseness", None, single).value == pytest.approx(255 / 256, abs=1e-12)
+    assert evaluate_metric("complexity", None, single).details["max"] == pytest.approx(math.log(256))
 
 
 # ------------------------------------------------------------------ max-sensitivity
@@ -275,4 +472,7 @@ def test_efficientnet_cascade_and_metrics_on_a_photo():
     i = evaluate_metric("insertion_auc", model, e, max_steps=8)
     assert d.details["baseline"] == "mean" and i.details["baseline"] == "blur:5"
     assert d.value < i.value  # measured 0.04 and 0.36 (28 steps)
-
+    morf = evaluate_metric("road_morf", model, e, percentages=[30, 60])
+    lerf = evaluate_metric("road_lerf", model, e, percentages=[30, 60])
+    assert morf.forward_passes == 3 and morf.value < lerf.value  # measured 0.35 and 0.77 (10 ... 90 %)
+    assert 0.0 <= evaluate_metric("relevance_mass_accuracy", model, e, box=(100, 20, 300, 250)).value <= 1.0
