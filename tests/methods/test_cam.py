@@ -11,6 +11,8 @@ order inside the convolutions; differences measured ~1e-7).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -487,6 +489,16 @@ def test_layers_without_a_spatial_output_are_refused(x):
         with pytest.raises(ParameterError, match=message) as caught:
             salience.explain(model, x, method="grad_cam", **params)
         assert "\n" not in str(caught.value)
+
+
+def test_torchscript_layers_are_refused(x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in recent torch
+        net = torch.jit.script(split_cnn())
+    with pytest.raises(ParameterError, match="layer '0' is a TorchScript module, which takes no hooks"):
+        salience.explain(classifier(net), x, method="grad_cam", layer="0")
+    with pytest.raises(ParameterError, match=r"RecursiveScriptModule has no submodule that takes hooks \(TorchScript"):
+        salience.explain(classifier(net), x, method="grad_cam")
 
 
 def test_a_module_used_twice_is_refused_and_skipped(x):

@@ -123,6 +123,11 @@ def get_layer(net: nn.Module, layer: str | nn.Module, listing: Callable[[], str]
     return layer, modules[layer]
 
 
+def scripted(module: nn.Module) -> bool:
+    """A TorchScript module: hooks cannot be attached to it."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
 @dataclass
 class Record:
     """One module seen during a probe: how often it ran, when its first call finished, its output."""
@@ -137,7 +142,7 @@ class Record:
 @contextmanager
 def recording(net: nn.Module) -> Iterator[list[Record]]:
     """Record every submodule's first output and call count during the forward passes run inside."""
-    records = [Record(name, module) for name, module in net.named_modules() if name]
+    records = [Record(name, module) for name, module in net.named_modules() if name and not scripted(module)]
     clock = [0]
 
     def hook_for(record: Record) -> Callable[[nn.Module, Any, Any], None]:
@@ -201,6 +206,9 @@ def choose_layer(records: list[Record], value: torch.Tensor, grid: tuple[int, in
     block's output. Later token outputs have zero patch-token gradients (CAM would be all zero).
     """
     found = spatial_layers(records, grid)
+    if not records:
+        raise ParameterError(f"{model_name} has no submodule that takes hooks (TorchScript modules take none); "
+                             "CAM methods need a model written as plain torch modules")
     if not found:
         raise ParameterError(f"no layer of {model_name} gives a spatial output (a 4-D map or a grid of patch tokens): "
                              "CAM methods need a convolutional or vision-transformer model")
@@ -266,6 +274,8 @@ def capture(module: nn.Module, name: str, *, grad: bool,
         seen.value = value.detach().clone().requires_grad_(grad)
         return seen.value.clone() if grad else value
 
+    if scripted(module):
+        raise ParameterError(f"layer {name!r} is a TorchScript module, which takes no hooks; give the model as plain torch code")
     handle = module.register_forward_hook(hook)
     try:
         yield seen
