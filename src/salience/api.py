@@ -58,7 +58,8 @@ def explain(
     causal LM every generated token is a target. ``output``: what is explained: "log_odds"
     log(p / (1 - p)) (the default for classifiers: it does not saturate, so a confident
     prediction still shows which words matter), "probability" (the default for causal LMs),
-    "logit" or "log_probability". ``level``: the features ("word"/"token" for text, "pixel"/"patch"/"superpixel"
+    "logit" or "log_probability"; a method may have its own default (RISE: the probability).
+    ``level``: the features ("word"/"token" for text, "pixel"/"patch"/"superpixel"
     for images; default: the adapter's). ``batch_size``: rows per model call (default: chosen by
     Salience); ``max_memory`` (e.g. "2GB"): size the chunks to fit instead.
 
@@ -71,7 +72,7 @@ def explain(
     encode_options, feature_options, method_params = _route_options(model, info, {**(params or {}), **options})
     algorithm = info.build(method_params)
     _check_capabilities(model, info)
-    output = check_output(output or getattr(model, "default_output", "probability"))
+    output = check_output(output or getattr(info.cls, "default_output", None) or getattr(model, "default_output", "probability"))
     single = _is_single_input(model, inputs)
     items = [inputs] if single else list(inputs)
     show = progress if progress is not None else len(items) > 1

@@ -11,7 +11,9 @@ from conftest import TOY_TEXT
 # these refuse a model without ReLU-family units (this GELU BERT); tests/methods/test_guided.py checks their state
 NEED_RELU = {"guided_backprop", "deconvnet", "guided_gradcam"}
 # CAM methods need a layer map (image classifiers): tests/methods/test_cam.py checks their state
-TEXT_METHODS = [info.name for info in salience.methods() if info.name not in NEED_RELU and info.kind != "cam"]
+# so do methods needing another capability text classifiers lack (RISE, NeuroMask: a pixel grid; test_image.py)
+TEXT_METHODS = [info.name for info in salience.methods() if info.name not in NEED_RELU and info.kind != "cam"
+                and all(hasattr(salience.TextClassifier, need) for need in getattr(info.cls, "needs", ()))]
 
 
 def _hook_count(model: torch.nn.Module) -> int:

@@ -43,6 +43,7 @@ PARAMS = {
     "kernel_shap": {"n_samples": 40, "max_exact": 0, "patch_size": 4},
     "occlusion": {"patch_size": 4},
     "sequential_integrated_gradients": {"patch_size": 4, "form": "path", "steps": 6},
+    "rise": {"n_masks": 40, "patch_size": 4},
 }
 
 

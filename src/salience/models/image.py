@@ -263,6 +263,11 @@ class ImageClassifier:
         reference = build(name, pixels, encoded.levels, self._tensors)
         return _rows(pixels[None])[0], _rows(reference[None])[0]
 
+    def pixel_grid(self, encoded: EncodedImage) -> tuple[int, int]:
+        """(H, W) of the model input: positions are its pixels, row-major (methods that work on a 2-D
+        grid, e.g. RISE's masks or NeuroMask's smoothness term, need it)."""
+        return encoded.grid
+
     # ---------------------------------------------------------------- running
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         """One model call on (B, C, H, W) images: logits (B, classes), counted and checked."""
