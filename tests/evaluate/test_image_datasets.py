@@ -1,7 +1,8 @@
 """Image datasets for `salience evaluate`: the imagenet-photos metadata against its sources, image
 folders and CSV files (labels by name, boxes, errors with line numbers), the fashion-mnist hook, the
-runner's box plumbing, storage by reference (schema 2 and its migration), resuming, and one short
-end-to-end run of zoo:efficientnet-lite0 on imagenet-photos."""
+runner's box plumbing (the pointing game gets each example's box), storage by reference (schema 2
+and its migration), resuming, and one short end-to-end run of zoo:efficientnet-lite0 on
+imagenet-photos."""
 
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ from salience.evaluate.datasets import DatasetError, load_dataset
 from salience.evaluate.image_datasets import label_index, parse_box
 from salience.evaluate.runner import EvaluationError, run_evaluation
 from salience.evaluate.store import SCHEMA_VERSION, Store
-from salience.metrics import base as metric_base
-from salience.metrics.base import MetricError, MetricInfo, MetricResult
 from tiny_cnn import LABELS, photo, tiny_classifier
 
 CLASSES = Path(salience.__file__).with_name("zoo") / "imagenet_classes.txt"
@@ -49,25 +48,6 @@ def _folder(root: Path) -> Path:
 def _csv(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture()
-def box_probe(monkeypatch):
-    """Two metrics registered for one test (removed after it): ``box_probe`` needs a box and reports
-    the one it got (value: its width); ``sum_probe`` needs nothing (value: the sum of the scores)."""
-    def box_metric(model, explanation, *, box=None):
-        if box is None:
-            raise MetricError("box_probe needs a box")
-        return MetricResult("box_probe", float(box[2] - box[0]), True, {"box": list(box)})
-
-    def sum_metric(model, explanation):
-        return MetricResult("sum_probe", float(np.sum(explanation.scores)), True)
-
-    metric_base.all_metrics()  # load the built-in metrics first
-    monkeypatch.setitem(metric_base._METRICS, "box_probe",
-                        MetricInfo("box_probe", box_metric, True, "test: the box width", needs=("box",)))
-    monkeypatch.setitem(metric_base._METRICS, "sum_probe", MetricInfo("sum_probe", sum_metric, True, "test: the score sum"))
-    return "box_probe"
 
 
 def _config(dataset, metrics, methods=("saliency",), **kwargs) -> RunConfig:
@@ -254,15 +234,27 @@ def test_label_and_box_parsing():
 
 
 # ------------------------------------------------------------------ the runner
-def test_boxes_reach_box_metrics_and_are_stored(tmp_path, box_probe):
+def _grid_pixels_in(box, size, grid):
+    """Grid pixels of a model that stretches the whole image onto ``grid`` x ``grid`` (no crop)
+    whose centre, mapped back to the original image, lies in ``box`` (the pointing game's region)."""
+    (left, top, right, bottom), (width, height) = box, size
+    x = (np.arange(grid) + 0.5) * width / grid
+    y = (np.arange(grid) + 0.5) * height / grid
+    return int(np.sum((x >= left) & (x < right)) * np.sum((y >= top) & (y < bottom)))
+
+
+def test_boxes_reach_box_metrics_and_are_stored(tmp_path):
     _png(tmp_path / "a.png", 1)
     _png(tmp_path / "b.png", 2)
     data = _csv(tmp_path / "d.csv", ["path,label,box", "a.png,cat,3 4 13 14", "b.png,dog,"])
     store = Store(tmp_path / "r.db")
-    outcome = run_evaluation(_config(data, [box_probe]), store, model=tiny_classifier(), progress=False, log=lambda _: None)
+    outcome = run_evaluation(_config(data, ["pointing_game"]), store, model=tiny_classifier(), progress=False,
+                             log=lambda _: None)
     rows = {r["example_id"]: r for r in store.results(outcome.run_id)}
-    assert rows["a.png"]["value"] == 10.0 and rows["a.png"]["details"] == {"box": [3, 4, 13, 14]}
-    assert rows["b.png"]["value"] is None and "example b.png: box_probe needs a box" in rows["b.png"]["error"]
+    # the 30 x 20 image is stretched onto the 16 x 16 grid: 5 columns x 8 rows have their centre in the box
+    assert rows["a.png"]["value"] in (0.0, 1.0) and rows["a.png"]["details"]["region_pixels"] == 40 == _grid_pixels_in(
+        (3, 4, 13, 14), (30, 20), 16)
+    assert rows["b.png"]["value"] is None and "example b.png: pointing_game needs a box" in rows["b.png"]["error"]
     examples = {e["example_id"]: e for e in store.examples(outcome.run_id)}
     assert examples["a.png"]["input"] == str((tmp_path / "a.png").resolve()) and examples["a.png"]["box"] == [3, 4, 13, 14]
     assert examples["b.png"]["box"] is None and examples["b.png"]["label"] == 1
@@ -270,22 +262,22 @@ def test_boxes_reach_box_metrics_and_are_stored(tmp_path, box_probe):
     assert stored.kind == "image" and stored.method == "saliency"
 
 
-def test_box_metric_on_a_dataset_without_boxes_stops_before_work(tmp_path, box_probe, fake_fashion_mnist):
+def test_box_metric_on_a_dataset_without_boxes_stops_before_work(tmp_path, fake_fashion_mnist):
     store = Store(tmp_path / "r.db")
-    with pytest.raises(EvaluationError, match="metric box_probe needs a box around the object, and dataset fashion-mnist has none"):
-        run_evaluation(_config("fashion-mnist", [box_probe]), store, model=tiny_classifier(), progress=False)
+    with pytest.raises(EvaluationError, match="metric pointing_game needs a box around the object, and dataset fashion-mnist has none"):
+        run_evaluation(_config("fashion-mnist", ["pointing_game"]), store, model=tiny_classifier(), progress=False)
     with pytest.raises(EvaluationError, match="metric token_f1 needs a rationale .* rationales are marked words of texts"):
         run_evaluation(_config("imagenet-photos", ["token_f1"]), store, model=tiny_classifier(), progress=False)
     with pytest.raises(salience.errors.ParameterError, match="the box comes from the dataset"):
-        parse_metric_spec("box_probe:box=[1,2,3,4]")
+        parse_metric_spec("pointing_game:box=[1,2,3,4]")
     assert store.runs() == []
 
 
-def test_arrays_are_stored_by_reference_and_runs_resume(tmp_path, box_probe, fake_fashion_mnist):
+def test_arrays_are_stored_by_reference_and_runs_resume(tmp_path, fake_fashion_mnist):
     """fashion-mnist (arrays): the database holds "fashion-mnist:test:i", never pixels; a second run
     computes nothing, a larger limit only the new examples."""
     store = Store(tmp_path / "r.db")
-    config = _config("fashion-mnist", ["sum_probe"], methods=("saliency", "input_x_gradient"))
+    config = _config("fashion-mnist", ["sparseness"], methods=("saliency", "input_x_gradient"))
     model = tiny_classifier()
     first = run_evaluation(config, store, model=model, limit=2, progress=False, log=lambda _: None)
     assert all(r["value"] is not None for r in store.results(first.run_id))
@@ -322,20 +314,30 @@ def test_version_1_database_is_migrated(tmp_path):
 
 
 # ------------------------------------------------------------------ end to end (the real zoo model)
-def test_evaluate_command_on_imagenet_photos(tmp_path, capsys, box_probe):
-    """`salience evaluate` with zoo:efficientnet-lite0 on the first two photos, saliency (one
-    gradient each); a rerun computes nothing."""
+def test_evaluate_command_on_imagenet_photos(tmp_path, capsys):
+    """`salience evaluate` with zoo:efficientnet-lite0 on the first two photos: saliency (one
+    gradient each), the pointing game (needs the box) and deletion on a 10-step curve; a rerun
+    computes nothing."""
     argv = ["evaluate", "--model", "zoo:efficientnet-lite0", "--dataset", "imagenet-photos", "--method", "saliency",
-            "--metric", box_probe, "--limit", "2", "--db", str(tmp_path / "r.db"), "--no-progress", "--no-color"]
+            "--metric", "pointing_game", "--metric", "deletion_auc:max_steps=10", "--limit", "2",
+            "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "out"), "--no-progress", "--no-color"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "new run" in captured.err and "2 units computed, 0 already stored (2 examples of imagenet-photos" in captured.err
-    assert "box_probe" in captured.out
+    assert "pointing_game ↑" in captured.out and "deletion_auc:max_steps=10 ↓" in captured.out
     assert main(argv) == 0
     assert "resumed run" in (err := capsys.readouterr().err) and "0 units computed, 2 already stored" in err
+    photos = {p.id: p for p in load_photos()}
     with Store(tmp_path / "r.db") as store:
         run = store.runs()[0]
-        rows = store.results(run.run_id)
-        assert {r["example_id"]: r["value"] for r in rows} == {"coffee": 412.0 - 172.0, "chelsea": 395.0}
+        rows = {(r["example_id"], r["metric"]): r for r in store.results(run.run_id)}
+        assert len(rows) == 4 and all(r["value"] is not None for r in rows.values())
+        for name in ("coffee", "chelsea"):
+            # EfficientNet-Lite0 stretches the whole photo onto 224 x 224: the box's region there
+            pointing = rows[(name, "pointing_game")]
+            assert pointing["details"]["region_pixels"] == _grid_pixels_in(photos[name].box, photos[name].size, 224)
+            assert pointing["value"] in (0.0, 1.0) and 0.0 <= rows[(name, "deletion_auc:max_steps=10")]["value"] <= 1.0
         assert run.config["identity"]["model"].startswith("zoo:efficientnet-lite0/sha256-")
-        assert [e["input"] for e in store.examples(run.run_id)] == ["imagenet-photos:coffee", "imagenet-photos:chelsea"]
+        examples = store.examples(run.run_id)
+        assert [e["input"] for e in examples] == ["imagenet-photos:coffee", "imagenet-photos:chelsea"]
+        assert [e["box"] for e in examples] == [list(photos["coffee"].box), list(photos["chelsea"].box)]
