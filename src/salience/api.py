@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -16,13 +19,15 @@ from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
 from salience.core.target import Target, check_output, resolve_target, resolve_targets
 from salience.errors import ParameterError
-from salience.methods.base import Context
+from salience.methods.base import Attribution, Context
 from salience.models.base import Adapter, Encoded
 
 # what a capability a method needs is called in messages, and which model kinds have it
 CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers"),
                 "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)")}
 TargetSpec = int | str | Sequence[int | str] | None
+GROUP_SIZE = 8  # inputs per attribute_many call when the method does not say
+T = TypeVar("T")
 
 
 class SalienceWarning(UserWarning):
@@ -58,15 +63,18 @@ def explain(
     causal LM every generated token is a target. ``output``: what is explained: "log_odds"
     log(p / (1 - p)) (the default for classifiers: it does not saturate, so a confident
     prediction still shows which words matter), "probability" (the default for causal LMs),
-    "logit" or "log_probability"; a method may have its own default (RISE: the probability).
-    ``level``: the features ("word"/"token" for text, "pixel"/"patch"/"superpixel"
-    for images; default: the adapter's). ``batch_size``: rows per model call (default: chosen by
-    Salience); ``max_memory`` (e.g. "2GB"): size the chunks to fit instead.
+    "logit" or "log_probability"; a method may have its own default (RISE: the probability;
+    NeuroMask: the log-probability its loss uses). ``level``: the features ("word"/"token" for
+    text, "pixel"/"patch"/"superpixel" for images; default: the adapter's). ``batch_size``: rows per
+    model call (default: chosen by Salience); ``max_memory`` (e.g. "2GB"): size the chunks to fit
+    instead.
 
     Other keywords go, by name, to the adapter's input options (``model.encode_options``, e.g.
     ``continuation``, ``max_new_tokens``), its feature options (``model.feature_options``, e.g.
     ``patch_size``) or the method (e.g. ``steps=64``, ``baseline="pad"``; or all in ``params``).
-    Returns one Explanation for one input, a list for a list.
+    Returns one Explanation for one input, a list for a list. A list is explained input by input,
+    except by a method that explains several at once (``attribute_many``: NeuroMask optimises
+    ``images_per_batch`` images' masks in one model call per iteration).
     """
     info = get_method(method)
     encode_options, feature_options, method_params = _route_options(model, info, {**(params or {}), **options})
@@ -76,12 +84,68 @@ def explain(
     single = _is_single_input(model, inputs)
     items = [inputs] if single else list(inputs)
     show = progress if progress is not None else len(items) > 1
-    results = [
-        _explain_one(model, item, info, algorithm, target, output, level, batch_size, max_memory, truncate, seed,
-                     encode_options, feature_options)
-        for item in _progress(items, show, info.name)
-    ]
+    settings = _Settings(model, info, algorithm, target, output, level, batch_size, max_memory, truncate, seed,
+                         encode_options, feature_options)
+    results: list[Explanation] = []
+    with _progress(len(items), show, info.name) as bar:
+        for group in _groups(items, algorithm):
+            results += _explain_group(settings, group)
+            bar.update(len(group))
     return results[0] if single else results
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What ``explain`` was asked, the same for every input."""
+
+    model: Adapter
+    info: MethodInfo
+    algorithm: Any
+    target: TargetSpec
+    output: str
+    level: str | None
+    batch_size: int | None
+    max_memory: int | str | None
+    truncate: bool
+    seed: int
+    encode_options: dict[str, Any]
+    feature_options: dict[str, Any]
+
+
+@dataclass
+class _Prepared:
+    """One input ready for the method: its context, prediction and the cost of getting there."""
+
+    item: Any
+    ctx: Context
+    prediction: Any
+    level: str
+    squeeze: bool
+    encode_options: dict[str, Any]
+    cost: Cost
+
+
+def _groups(items: list[Any], algorithm: Any) -> list[list[Any]]:
+    """Inputs explained together: ``group_size`` at a time (default :data:`GROUP_SIZE`) for a method
+    with ``attribute_many`` (e.g. NeuroMask optimises several images' masks in one model call),
+    one at a time otherwise."""
+    size = int(getattr(algorithm, "group_size", GROUP_SIZE)) if callable(getattr(algorithm, "attribute_many", None)) else 1
+    return [items[start:start + size] for start in range(0, len(items), max(size, 1))]
+
+
+def _explain_group(settings: _Settings, items: list[Any]) -> list[Explanation]:
+    """Prepare each input, run the method once for the group (``attribute_many``) or once per input,
+    and finish each Explanation. A shared run's cost (model passes, calls, seconds) is split evenly
+    between the group's inputs (its total is exact; each input's share is an average); the
+    preparation (encoding, prediction) is each input's own."""
+    model, algorithm = settings.model, settings.algorithm
+    prepared = [_prepare(settings, item) for item in items]
+    if callable(getattr(algorithm, "attribute_many", None)):
+        results, cost = _measured(model, lambda: list(algorithm.attribute_many([p.ctx for p in prepared])))
+        runs = list(zip(results, _split(cost, len(prepared))))
+    else:
+        runs = [_measured(model, lambda p=p: algorithm.attribute(p.ctx)) for p in prepared]
+    return [_finish(settings, p, result, share) for p, (result, share) in zip(prepared, runs)]
 
 
 def _is_single_input(model: Adapter, inputs: Any) -> bool:
@@ -124,18 +188,22 @@ def _one_class_target(model: Adapter, target: TargetSpec) -> bool:
     return not callable(getattr(model, "resolve_targets", None)) and not isinstance(target, (list, tuple)) and target != "all"
 
 
-def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, target: TargetSpec, output: str,
-                 level: str | None, batch_size: int | None, max_memory: int | str | None, truncate: bool, seed: int,
-                 encode_options: dict[str, Any], feature_options: dict[str, Any]) -> Explanation:
-    counter = model.counter
-    before = dataclasses.replace(counter)
-    started = time.perf_counter()
+def _prepare(settings: _Settings, item: Any) -> _Prepared:
+    """Encode the input, predict, resolve the targets and features (the method's :class:`Context`),
+    counting the cost of doing so."""
+    prepared, cost = _measured(settings.model, lambda: _prepare_unmeasured(settings, item))
+    return dataclasses.replace(prepared, cost=cost)
+
+
+def _prepare_unmeasured(settings: _Settings, item: Any) -> _Prepared:
+    model, info, target, output = settings.model, settings.info, settings.target, settings.output
+    encode_options = settings.encode_options
     if "seed" in getattr(model, "encode_options", ()):  # e.g. a causal LM's sampling: the one seed of explain()
-        encode_options = {**encode_options, "seed": seed}
-    encoded = item if not _is_raw(model, item) else model.encode(item, truncate=truncate, **encode_options)
+        encode_options = {**encode_options, "seed": settings.seed}
+    encoded = item if not _is_raw(model, item) else model.encode(item, truncate=settings.truncate, **encode_options)
     squeeze = _one_class_target(model, target)
     input_gradient = None
-    if squeeze and getattr(algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
+    if squeeze and getattr(settings.algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
         # one forward + backward gives the prediction, the target and the gradient at the input
         prediction, resolved, value, gradient = model.predict_with_input_gradient(  # type: ignore[attr-defined]
             encoded, lambda predicted: resolve_target(target, model.labels, predicted, output))  # type: ignore[arg-type]
@@ -144,32 +212,35 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
     else:
         prediction = model.predict(encoded)
         targets = _resolve(model, encoded, prediction, target, output)
-    level = level or getattr(model, "default_levels", {}).get(info.kind) or getattr(model, "default_level", "word")
-    features = model.features(encoded, level, **feature_options)
+    level = settings.level or getattr(model, "default_levels", {}).get(info.kind) or getattr(model, "default_level", "word")
+    features = model.features(encoded, level, **settings.feature_options)
     available = np.asarray(model.available(encoded, targets, features), dtype=bool)
-    if batch_size is None and max_memory is not None:
-        backward = info.kind in ("gradient", "path")  # perturbation and attention methods run forward only
+    batch_size = settings.batch_size
+    if batch_size is None and settings.max_memory is not None:
+        backward = info.kind in ("gradient", "path", "optimisation")  # perturbation and attention methods run forward only
         per_row = model.bytes_per_row(encoded.length, backward=backward)
-        batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=max_memory, bytes_per_row=per_row)
-    ctx = Context(model, encoded, targets, features, available, batch_size, seed, input_gradient)
-    result = algorithm.attribute(ctx)
-    cost = Cost(
-        forward_passes=counter.forward_passes - before.forward_passes,
-        backward_passes=counter.backward_passes - before.backward_passes,
-        model_calls=counter.model_calls - before.model_calls,
-        seconds=time.perf_counter() - started,
-    )
-    scores = np.where(available, np.asarray(result.scores, dtype=np.float64), np.nan)
+        batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=settings.max_memory, bytes_per_row=per_row)
+    ctx = Context(model, encoded, targets, features, available, batch_size, settings.seed, input_gradient)
+    return _Prepared(item, ctx, prediction, level, squeeze, encode_options, Cost())
+
+
+def _finish(settings: _Settings, prepared: _Prepared, result: Attribution, share: Cost) -> Explanation:
+    """The Explanation of one input from the method's result; cost = preparation + its share of the run."""
+    model, info, ctx, squeeze = settings.model, settings.info, prepared.ctx, prepared.squeeze
+    encoded, targets, features = ctx.encoded, ctx.targets, ctx.features
+    cost = Cost(*(getattr(prepared.cost, f.name) + getattr(share, f.name) for f in dataclasses.fields(Cost)))
+    scores = np.where(ctx.available, np.asarray(result.scores, dtype=np.float64), np.nan)
     notes = list(getattr(encoded, "notes", ())) + list(result.warnings)  # conversions of the input, then the method's
     if getattr(encoded, "truncated", False):
         notes.append(f"the input was truncated to the model's limit of {getattr(model, 'max_length', '?')} tokens")
     for note in notes:
-        warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=3)
-    params = {**dataclasses.asdict(algorithm), "level": level, "seed": seed, **feature_options, **encode_options, **result.details}
+        warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=5)  # the caller of explain()
+    params = {**dataclasses.asdict(settings.algorithm), "level": prepared.level, "seed": settings.seed,
+              **settings.feature_options, **prepared.encode_options, **result.details}
     describe = getattr(model, "describe_input", None)
     extras = {**(dict(describe(encoded)) if callable(describe) else {}), **result.extras}
     return Explanation(
-        input=getattr(encoded, "input", item),
+        input=getattr(encoded, "input", prepared.item),
         features=features if getattr(features, "layout", None) is not None else list(features),
         scores=scores[0] if squeeze else scores,
         method=info.name,
@@ -177,8 +248,8 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
         model=model.name,
         target=targets[0],
         targets=targets,
-        prediction=prediction,
-        level=level,
+        prediction=prepared.prediction,
+        level=prepared.level,
         output_value=_squeeze(result.output_value, squeeze),
         baseline_value=_squeeze(result.baseline_value, squeeze),
         delta=_squeeze(result.delta, squeeze),
@@ -190,6 +261,27 @@ def _explain_one(model: Adapter, item: Any, info: MethodInfo, algorithm: Any, ta
         kind=getattr(model, "explanation_kind", "text"),
         extras=extras,
     )
+
+
+def _measured(model: Adapter, run: Callable[[], T]) -> tuple[T, Cost]:
+    """``run()`` and what it cost: the model's counted passes and calls, and the seconds."""
+    counter = model.counter
+    before = dataclasses.replace(counter)
+    started = time.perf_counter()
+    result = run()
+    return result, Cost(forward_passes=counter.forward_passes - before.forward_passes,
+                        backward_passes=counter.backward_passes - before.backward_passes,
+                        model_calls=counter.model_calls - before.model_calls, seconds=time.perf_counter() - started)
+
+
+def _split(total: Cost, n: int) -> list[Cost]:
+    """``total`` in ``n`` even shares: counts as integers (the first shares take the remainder, so
+    they add up to the total), seconds as equal fractions."""
+    def part(value: int, i: int) -> int:
+        return value // n + (1 if i < value % n else 0)
+
+    return [Cost(forward_passes=part(total.forward_passes, i), backward_passes=part(total.backward_passes, i),
+                 model_calls=part(total.model_calls, i), seconds=total.seconds / n) for i in range(n)]
 
 
 def _is_raw(model: Adapter, item: Any) -> bool:
@@ -205,9 +297,10 @@ def _squeeze(values: np.ndarray | None, squeeze: bool) -> float | np.ndarray | N
     return float(array[0]) if squeeze else array
 
 
-def _progress(items: list[Any], show: bool, label: str) -> Any:
+def _progress(total: int, show: bool, label: str) -> Any:
+    """A progress bar counting inputs (a context manager with ``update(n)``), or one that shows nothing."""
     if not show:
-        return items
+        return nullcontext(SimpleNamespace(update=lambda n: None))
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"explaining ({label})", unit="input")
+    return tqdm(total=total, desc=f"explaining ({label})", unit="input")

@@ -44,6 +44,7 @@ PARAMS = {
     "occlusion": {"patch_size": 4},
     "sequential_integrated_gradients": {"patch_size": 4, "form": "path", "steps": 6},
     "rise": {"n_masks": 40, "patch_size": 4},
+    "neuromask": {"iterations": 10},
 }
 
 
@@ -71,7 +72,8 @@ def test_every_method_runs_and_maps_back_to_the_image(model, image, method):
     e = explain_probability(model, image, method=method, **PARAMS.get(method, {}))
     assert e.kind == "image" and e.extras["geometry"]["grid"] == [GRID, GRID]
     assert e.level == ("pixel" if method in ("saliency", "input_x_gradient", "smoothgrad", "gradient_shap",
-                                              "integrated_gradients") or salience.core.registry.get_method(method).kind == "cam"
+                                              "integrated_gradients", "neuromask")
+                       or salience.core.registry.get_method(method).kind == "cam"
                        else "patch")
     assert e.scores.shape == (len(e.features),) and np.isfinite(e.scores).all()
     assert e.heatmap().shape == image.shape[:2]  # non-square original: (20, 30)

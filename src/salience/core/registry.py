@@ -20,7 +20,7 @@ class MethodInfo:
     aliases: tuple[str, ...]
     summary: str
     cost: str
-    kind: str  # "gradient", "path", "perturbation" or "attention"
+    kind: str  # "gradient", "path", "perturbation", "optimisation", "attention" or "cam"
 
     def parameters(self) -> dict[str, tuple[Any, str]]:
         """Parameter name -> (default, type annotation as text)."""
@@ -80,5 +80,5 @@ def get_method(name: str) -> MethodInfo:
 
 def all_methods() -> list[MethodInfo]:
     """Every registered method, sorted by kind then name."""
-    order = {"gradient": 0, "path": 1, "perturbation": 2, "attention": 3, "cam": 4}
+    order = {"gradient": 0, "path": 1, "perturbation": 2, "optimisation": 3, "attention": 4, "cam": 5}
     return sorted(_METHODS.values(), key=lambda m: (order.get(m.kind, 9), m.name))

@@ -305,10 +305,15 @@ class ImageClassifier:
         return prediction, target, value.detach()[0], _rows(gradient)[0]
 
     def score_inputs(self, encoded: EncodedImage, rows: torch.Tensor, target: Target | Sequence[Target], *, grad: bool,
-                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     batch_size: int | None = None, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs for rows (N, P, C) of normalised pixels: (N,) for one target, (N, T) for a list; with
-        ``grad`` also d output / d rows, (N, P, C) or (N, T, P, C), one backward row per (row, target)."""
+        ``grad`` also d output / d rows, (N, P, C) or (N, T, P, C), one backward row per (row, target).
+        ``paired`` (a list of N targets, e.g. each row another image's predicted class): row i is read
+        for target i only, (N,) and (N, P, C). ``encoded`` only gives the grid: rows of any images
+        of that grid may be scored together."""
         targets, single = as_targets(target)
+        if paired and len(targets) != rows.shape[0]:
+            raise ParameterError(f"paired scoring needs one target per row: {len(targets)} targets for {rows.shape[0]} rows")
         size = choose_batch_size(encoded.length, backward=grad, batch_size=batch_size, budget=PIXELS)
         grid = encoded.grid
 
@@ -325,7 +330,7 @@ class ImageClassifier:
             self.counter.backward_passes += int(images.shape[0])
             return values.detach(), _rows(gradient)
 
-        return score_rows(self.model, run, rows, len(targets), size, grad=grad, single=single)
+        return score_rows(self.model, run, rows, len(targets), size, grad=grad, single=single, paired=paired)
 
     def score_perturbed(self, encoded: EncodedImage, keep: torch.Tensor, features: Sequence[Feature], baseline: str,
                         target: Target | Sequence[Target], batch_size: int | None = None) -> torch.Tensor:

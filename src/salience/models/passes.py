@@ -47,12 +47,15 @@ def check_finite(values: torch.Tensor) -> torch.Tensor:
 
 
 def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: int, size: int, *,
-               grad: bool, single: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               grad: bool, single: bool = False, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Outputs (N, T) of ``rows`` (N, ...) in chunks of ``size`` rows; with ``grad`` also the
     gradients (N, T, ...). Without gradients one pass serves every target; with them each
     (row, target) pair is one backward row, so a chunk holds ``size`` such pairs. ``single`` (one
-    :class:`Target` was given, see :func:`as_targets`): (N,) and (N, ...) instead."""
+    :class:`Target` was given, see :func:`as_targets`): (N,) and (N, ...) instead. ``paired``:
+    row i is read for target i only (T = N): (N,) and (N, ...), one backward row per row."""
     n, k = rows.shape[0], n_targets
+    if paired:
+        return _score_pairs(model, run, rows, size, grad=grad)
     if not grad:
         values = map_batches(lambda chunk: run(rows[chunk], None)[0], n, size)
         return (values[:, 0] if single else values), None
@@ -66,3 +69,16 @@ def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: in
         values, gradients = map_batches(backward, n * k, max(1, size))
     values, gradients = values.reshape(n, k), gradients.reshape(n, k, *rows.shape[1:])
     return (values[:, 0], gradients[:, 0]) if single else (values, gradients)
+
+
+def _score_pairs(model: nn.Module, run: RowPass, rows: torch.Tensor, size: int, *,
+                 grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row i's output for target i (N,), and with ``grad`` its gradient w.r.t. row i (N, ...)."""
+    n = rows.shape[0]
+    which = torch.arange(n)
+    if not grad:
+        values = map_batches(lambda chunk: run(rows[chunk], None)[0].gather(1, which[chunk, None])[:, 0], n, size)
+        return values, None
+    with frozen_parameters(model):
+        values, gradients = map_batches(lambda chunk: run(rows[chunk], which[chunk]), n, max(1, size))
+    return values, gradients
