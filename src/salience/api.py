@@ -24,7 +24,8 @@ from salience.models.base import Adapter, Encoded
 
 # what a capability a method needs is called in messages, and which model kinds have it
 CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers"),
-                "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)")}
+                "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)"),
+                "pixel_grid": ("a pixel grid", "image classifiers")}
 TargetSpec = int | str | Sequence[int | str] | None
 GROUP_SIZE = 8  # inputs per attribute_many call when the method does not say
 T = TypeVar("T")
@@ -217,7 +218,8 @@ def _prepare_unmeasured(settings: _Settings, item: Any) -> _Prepared:
     available = np.asarray(model.available(encoded, targets, features), dtype=bool)
     batch_size = settings.batch_size
     if batch_size is None and settings.max_memory is not None:
-        backward = info.kind in ("gradient", "path", "optimisation")  # perturbation and attention methods run forward only
+        # perturbation and attention methods run forward only; CAM rows are sized for the gradient variants
+        backward = info.kind in ("gradient", "path", "optimisation", "cam")
         per_row = model.bytes_per_row(encoded.length, backward=backward)
         batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=settings.max_memory, bytes_per_row=per_row)
     ctx = Context(model, encoded, targets, features, available, batch_size, settings.seed, input_gradient)
@@ -235,7 +237,9 @@ def _finish(settings: _Settings, prepared: _Prepared, result: Attribution, share
         notes.append(f"the input was truncated to the model's limit of {getattr(model, 'max_length', '?')} tokens")
     for note in notes:
         warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=5)  # the caller of explain()
-    params = {**dataclasses.asdict(settings.algorithm), "level": prepared.level, "seed": settings.seed,
+    # the parameters as given (shallow: asdict would deep-copy a module passed as ``layer``)
+    given = {f.name: getattr(settings.algorithm, f.name) for f in dataclasses.fields(settings.algorithm)}
+    params = {**given, "level": prepared.level, "seed": settings.seed,
               **settings.feature_options, **prepared.encode_options, **result.details}
     describe = getattr(model, "describe_input", None)
     extras = {**(dict(describe(encoded)) if callable(describe) else {}), **result.extras}

@@ -157,7 +157,7 @@ def test_an_image_smaller_than_the_laplacian_is_refused():
 
 
 def test_text_classifiers_have_no_pixel_grid(toy):
-    with pytest.raises(ParameterError, match="method 'neuromask' needs pixel_grid"):
+    with pytest.raises(ParameterError, match="needs a pixel grid, which a text classifier does not provide; it works on image classifiers"):
         salience.explain(toy, TOY_TEXT, method="neuromask", iterations=2)
 
 

@@ -189,5 +189,5 @@ def test_bad_parameters_are_one_line_errors(params, message):
 
 
 def test_text_classifiers_have_no_pixel_grid(toy):
-    with pytest.raises(ParameterError, match="method 'rise' needs pixel_grid"):
+    with pytest.raises(ParameterError, match="needs a pixel grid, which a text classifier does not provide; it works on image classifiers"):
         salience.explain(toy, TOY_TEXT, method="rise", n_masks=4)
