@@ -137,6 +137,23 @@ def test_fashion_mnist_hook(fake_fashion_mnist):
         load_dataset("fashion-mnist", model, split="dev")
 
 
+def test_fashion_mnist_through_the_real_reader(tmp_path, monkeypatch):
+    """The hook with salience.datasets.fashion_mnist itself, on tiny IDX files written here (the
+    format by hand: two zero bytes, type 0x08, the number of dimensions, big-endian sizes, bytes)."""
+    from salience.datasets import fashion_mnist as reader
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.array([3, 1, 4, 1], dtype=np.uint8)
+    for prefix in ("t10k", "train"):
+        for kind, values in (("images-idx3-ubyte", images), ("labels-idx1-ubyte", labels)):
+            header = bytes([0, 0, 0x08, values.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in values.shape)
+            (tmp_path / f"{prefix}-{kind}").write_bytes(header + values.tobytes())
+    monkeypatch.setattr(reader, "fashion_mnist_dir", lambda: tmp_path)
+    data = load_dataset("fashion-mnist", tiny_classifier(), limit=3)
+    assert [e.label for e in data.examples] == [3, 1, 4] and data.total == 4
+    assert all(np.array_equal(e.input, images[i]) for i, e in enumerate(data.examples))
+
+
 # ------------------------------------------------------------------ image folder
 def test_image_folder_labels_order_and_fingerprint(tmp_path):
     root = _folder(tmp_path / "pets")
