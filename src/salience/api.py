@@ -75,7 +75,8 @@ def explain(
     ``patch_size``) or the method (e.g. ``steps=64``, ``baseline="pad"``; or all in ``params``).
     Returns one Explanation for one input, a list for a list. A list is explained input by input,
     except by a method that explains several at once (``attribute_many``: NeuroMask optimises
-    ``images_per_batch`` images' masks in one model call per iteration).
+    ``images_per_batch`` images' masks in one model call per iteration; the CAM family, SmoothGrad
+    and guided backpropagation / deconvnet run up to 8 images of one grid in shared model calls).
     """
     info = get_method(method)
     encode_options, feature_options, method_params = _route_options(model, info, {**(params or {}), **options})
@@ -89,7 +90,7 @@ def explain(
                          encode_options, feature_options)
     results: list[Explanation] = []
     with _progress(len(items), show, info.name) as bar:
-        for group in _groups(items, algorithm):
+        for group in _groups(items, algorithm, model):
             results += _explain_group(settings, group)
             bar.update(len(group))
     return results[0] if single else results
@@ -126,11 +127,13 @@ class _Prepared:
     cost: Cost
 
 
-def _groups(items: list[Any], algorithm: Any) -> list[list[Any]]:
+def _groups(items: list[Any], algorithm: Any, model: Adapter) -> list[list[Any]]:
     """Inputs explained together: ``group_size`` at a time (default :data:`GROUP_SIZE`) for a method
-    with ``attribute_many`` (e.g. NeuroMask optimises several images' masks in one model call),
-    one at a time otherwise."""
-    size = int(getattr(algorithm, "group_size", GROUP_SIZE)) if callable(getattr(algorithm, "attribute_many", None)) else 1
+    with ``attribute_many`` (e.g. NeuroMask optimises several images' masks in one model call)
+    that can share calls on this model (its ``shares_calls(model)``, when it has one), one at a
+    time otherwise (so each input's cost is its own)."""
+    many = callable(getattr(algorithm, "attribute_many", None)) and getattr(algorithm, "shares_calls", lambda _model: True)(model)
+    size = int(getattr(algorithm, "group_size", GROUP_SIZE)) if many else 1
     return [items[start:start + size] for start in range(0, len(items), max(size, 1))]
 
 

@@ -29,6 +29,8 @@ from salience.core.batching import map_batches
 from salience.core.registry import register
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
+from salience.methods.sharing import SharedInputs
+from salience.models.layers import LayerMaps
 
 UPSAMPLING = ("bilinear", "nearest")
 NORMALISATIONS = ("none", "minmax", "max")
@@ -53,9 +55,11 @@ class Reading:
 
 
 @dataclass
-class CAM:
+class CAM(SharedInputs):
     """The shared core: read the layer (with gradients when ``gradients``), weigh its channels
-    (:meth:`combine`, one map per target), then ReLU, normalise and upsample."""
+    (:meth:`combine`, one map per target), then ReLU, normalise and upsample. Several images of
+    one grid with one target each are read in shared model calls (:meth:`attribute_together`:
+    one forward pass of N rows, one backward pass from the output to the layer)."""
 
     layer: str | None = None
     relu: bool = True
@@ -65,15 +69,30 @@ class CAM:
     gradients: ClassVar[bool] = True
 
     def attribute(self, ctx: Context) -> Attribution:
+        self._check()
+        x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
+        maps = ctx.model.layer_maps(ctx.encoded, x[None], ctx.targets, self.layer, grad=self.gradients,  # type: ignore[attr-defined]
+                                    batch_size=ctx.batch_size)
+        return self._finish(ctx, reading(maps, 0))
+
+    def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
+        """The layer read on every context's image in one batch, each for its own target (the
+        adapter's paired layer maps); then each map is combined as by :meth:`attribute`."""
+        self._check()
+        first = contexts[0]
+        rows = torch.stack([ctx.model.input_and_baseline(ctx.encoded, "zero")[0] for ctx in contexts])
+        maps = first.model.layer_maps(first.encoded, rows, [ctx.targets[0] for ctx in contexts], self.layer,  # type: ignore[attr-defined]
+                                      grad=self.gradients, batch_size=first.batch_size, paired=True)
+        return [self._finish(ctx, reading(maps, i)) for i, ctx in enumerate(contexts)]
+
+    def _check(self) -> None:
         if self.upsample not in UPSAMPLING:
             raise ParameterError(f"unknown upsample {self.upsample!r}; choose one of {', '.join(UPSAMPLING)}")
         if self.normalise not in NORMALISATIONS:
             raise ParameterError(f"unknown normalise {self.normalise!r}; choose one of {', '.join(NORMALISATIONS)}")
-        x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
-        maps = ctx.model.layer_maps(ctx.encoded, x[None], ctx.targets, self.layer, grad=self.gradients,  # type: ignore[attr-defined]
-                                    batch_size=ctx.batch_size)
-        reading = Reading(maps.activations[0].double(), None if maps.gradients is None else maps.gradients[0].double(),
-                          maps.outputs[0], maps.layer, maps.grid)
+
+    def _finish(self, ctx: Context, reading: Reading) -> Attribution:
+        """The map of ``reading`` combined, ReLU'd, normalised and upsampled into position scores."""
         cam, details = self.combine(ctx, reading)  # (T, h, w)
         shown = cam.clamp(min=0) if self.relu else cam
         scores = upsample(normalise(shown, self.normalise), reading.grid, self.upsample)
@@ -88,6 +107,12 @@ class CAM:
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Channel weights (T, K)."""
         raise NotImplementedError
+
+
+def reading(maps: LayerMaps, row: int) -> Reading:
+    """Row ``row`` of a layer read on several rows, in float64."""
+    gradients = None if maps.gradients is None else maps.gradients[row].double()
+    return Reading(maps.activations[row].double(), gradients, maps.outputs[row], maps.layer, maps.grid)
 
 
 def weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,12 @@ import torch
 from salience.core.registry import register
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
+from salience.methods.sharing import SharedInputs
 
 SMOOTHGRAD_VARIANTS = ("smoothgrad", "squared", "vargrad")
+# rows (images x n_samples) per shared SmoothGrad call: a paired call reads every row's target on
+# each chunk, (chunk, rows, classes) values for the log-odds, so the rows of one call are bounded
+SHARED_ROWS = 256
 
 
 def gradient_at_input(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,12 +66,14 @@ class InputXGradient:
 @register("smoothgrad", aliases=("smooth_grad", "sg"), kind="gradient", cost="n_samples forward + backward per target",
           summary="Gradient averaged over Gaussian-noised copies of the input (squared / VarGrad variants)")
 @dataclass
-class SmoothGrad:
+class SmoothGrad(SharedInputs):
     """Over ``n_samples`` noisy inputs (noise std = ``noise_level`` x (max - min) of the input's
     values, as in the SmoothGrad paper) of the per-channel gradient g (|g| when ``abs``, as Captum's
     NoiseTunnel over Saliency): ``variant="smoothgrad"`` takes the mean of g, ``"squared"`` the mean
     of g^2 (SmoothGrad-Squared), ``"vargrad"`` the variance of g (mean g^2 - (mean g)^2, VarGrad);
-    then summed over channels. Unsigned unless ``abs=False`` with the plain variant."""
+    then summed over channels. Unsigned unless ``abs=False`` with the plain variant. Several images
+    of one grid (one target each) run their noisy rows in shared model calls, each image's noise
+    drawn from its own seed (the same as alone)."""
 
     n_samples: int = 20
     noise_level: float = 0.1
@@ -75,13 +81,43 @@ class SmoothGrad:
     variant: str = "smoothgrad"
 
     def attribute(self, ctx: Context) -> Attribution:
+        self._check()
+        _, grads = ctx.model.score_inputs(ctx.encoded, self._noisy(ctx), ctx.targets, grad=True, batch_size=ctx.batch_size)
+        assert grads is not None
+        return self._combine(ctx, grads)
+
+    def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
+        """The noisy rows of up to :data:`SHARED_ROWS` rows' worth of images per ``score_inputs`` call,
+        each row read for its own image's target (paired)."""
+        self._check()
+        per_call = max(1, SHARED_ROWS // max(self.n_samples, 1))
+        results: list[Attribution] = []
+        for start in range(0, len(contexts), per_call):
+            part = contexts[start:start + per_call]
+            if len(part) == 1:
+                results.append(self.attribute(part[0]))
+                continue
+            first, n = part[0], self.n_samples
+            targets = [ctx.targets[0] for ctx in part for _ in range(n)]
+            _, grads = first.model.score_inputs(first.encoded, torch.cat([self._noisy(ctx) for ctx in part]), targets,
+                                                grad=True, batch_size=first.batch_size, paired=True)
+            assert grads is not None  # (len(part) n, P, C)
+            results += [self._combine(ctx, grads[j * n:(j + 1) * n, None]) for j, ctx in enumerate(part)]
+        return results
+
+    def _check(self) -> None:
         if self.variant not in SMOOTHGRAD_VARIANTS:
             raise ParameterError(f"unknown SmoothGrad variant {self.variant!r}; choose one of {', '.join(SMOOTHGRAD_VARIANTS)}")
+
+    def _noisy(self, ctx: Context) -> torch.Tensor:
+        """The ``n_samples`` noisy copies (N, P, C) of the context's input, from its seed."""
         x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
         std = self.noise_level * float(x.max() - x.min())
         noise = torch.randn((self.n_samples, *x.shape), generator=ctx.generator(), dtype=torch.float64).to(x)
-        _, grads = ctx.model.score_inputs(ctx.encoded, x[None] + std * noise, ctx.targets, grad=True, batch_size=ctx.batch_size)
-        assert grads is not None  # (N, T, P, C)
+        return x[None] + std * noise
+
+    def _combine(self, ctx: Context, grads: torch.Tensor) -> Attribution:
+        """Position scores from the gradients (N, T, P, C) of the noisy rows."""
         g = grads.abs() if self.abs else grads
         if self.variant == "smoothgrad":
             per_channel = g.mean(0)

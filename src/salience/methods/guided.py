@@ -20,34 +20,57 @@ from salience.core.registry import get_method, register
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.rules import ClampRule, deconvnet_rule, guided_rule, relu_rules
+from salience.methods.sharing import SharedInputs
 
 
 def rule_gradient(ctx: Context, rule: ClampRule, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every target's output at the input (T,) and its gradient w.r.t. the input (T, P, C), with
-    every ReLU-family unit back-propagating by ``rule``: one forward + backward row per target.
-    A model with no such unit on the gradient path is refused (the rule would change nothing, and
-    the result would be the plain gradient under another method's name)."""
-    x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
+    every ReLU-family unit back-propagating by ``rule``: one forward + backward row per target."""
+    return rule_gradients([ctx], rule, method)[0]
+
+
+def rule_gradients(contexts: list[Context], rule: ClampRule, method: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`rule_gradient` of each context: one context with its T targets, or several of one
+    grid with one target each, their images in one batch, each row read for its own target (the
+    adapter's paired scoring). A model with no ReLU-family unit on the gradient path is refused
+    (the rule would change nothing, and the result would be the plain gradient under another
+    method's name)."""
+    first = contexts[0]
+    rows = torch.stack([ctx.model.input_and_baseline(ctx.encoded, "zero")[0] for ctx in contexts])
+    paired = len(contexts) > 1
+    targets = [ctx.targets[0] for ctx in contexts] if paired else first.targets
+    options = {"paired": True} if paired else {}
     with relu_rules(rule) as mode:
-        values, gradients = ctx.model.score_inputs(ctx.encoded, x[None], ctx.targets, grad=True, batch_size=ctx.batch_size)
+        values, gradients = first.model.score_inputs(first.encoded, rows, targets, grad=True, batch_size=first.batch_size,
+                                                     **options)
     if mode.applied == 0:
         raise ParameterError(f"{method} needs ReLU-family units (ReLU, ReLU6, F.relu, ...) between the input and the output, "
-                             f"and {ctx.model.name} has none on its gradient path; for its plain gradient use method='saliency', abs=False")
-    assert gradients is not None
-    return values[0], gradients[0]
+                             f"and {first.model.name} has none on its gradient path; "
+                             "for its plain gradient use method='saliency', abs=False")
+    assert gradients is not None  # (1, T, P, C), or paired (N, P, C)
+    if not paired:
+        return [(values[0], gradients[0])]
+    return [(values[i:i + 1], gradients[i:i + 1]) for i in range(len(contexts))]
 
 
 @dataclass
-class _RuleGradient:
+class _RuleGradient(SharedInputs):
     """Shared body of guided backpropagation and deconvnet: the rule's gradient per channel, summed
-    over channels (of |.| with ``abs``)."""
+    over channels (of |.| with ``abs``). Several images of one grid (one target each) share one
+    forward + backward call."""
 
     abs: bool = False
     rule: ClassVar[ClampRule]
     method: ClassVar[str]
 
     def attribute(self, ctx: Context) -> Attribution:
-        values, per_channel = rule_gradient(ctx, type(self).rule, self.method)
+        return self.attribute_together([ctx])[0]
+
+    def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
+        found = rule_gradients(contexts, type(self).rule, self.method)
+        return [self._finish(ctx, values, per_channel) for ctx, (values, per_channel) in zip(contexts, found, strict=True)]
+
+    def _finish(self, ctx: Context, values: torch.Tensor, per_channel: torch.Tensor) -> Attribution:
         summed = (per_channel.abs() if self.abs else per_channel).sum(-1)
         return position_attribution(summed, ctx, output_value=as_array(values), extras={"_per_channel": as_array(per_channel)})
 

@@ -352,32 +352,48 @@ class ImageClassifier:
 
     # ------------------------------------------------------------------ layers
     def layer_maps(self, encoded: EncodedImage, rows: torch.Tensor, targets: Sequence[Target], layer: str | nn.Module | None,
-                   *, grad: bool, batch_size: int | None = None) -> LayerMaps:
+                   *, grad: bool, batch_size: int | None = None, paired: bool = False) -> LayerMaps:
         """A layer read on rows (N, P, C) of normalised pixels: its output as a map (N, K, h, w) (see
         :mod:`salience.models.layers`), every target's output (N, T) and, with ``grad``, d output_t /
         d map (N, T, K, h, w): one forward pass per row serves every target, then one backward row
-        per (row, target) pair, each stopping at the layer. ``layer``: a dotted module name or the
-        module; None chooses it (:func:`choose_layer`) from one extra forward pass on the first row
-        (for a vision transformer a second one, with a backward pass)."""
+        per (row, target) pair, each stopping at the layer. ``paired`` (a list of N targets, e.g.
+        each row another image's predicted class): row i is read for target i only, so T = 1:
+        outputs (N, 1) and gradients (N, 1, K, h, w), one backward row per row. ``encoded`` only
+        gives the grid: rows of any images of that grid may be read together. ``layer``: a dotted
+        module name or the module; None chooses it (:func:`choose_layer`) from one extra forward
+        pass on the first row for its target(s) (for a vision transformer a second one, with a
+        backward pass)."""
         targets = list(targets)
-        name, module = self._layer(encoded, rows[0], targets, layer)
+        if paired and len(targets) != rows.shape[0]:
+            raise ParameterError(f"paired layer maps need one target per row: {len(targets)} targets for {rows.shape[0]} rows")
+        name, module = self._layer(encoded, rows[0], targets[:1] if paired else targets, layer)
         grid = encoded.grid
         size = choose_batch_size(encoded.length, backward=grad, batch_size=batch_size, budget=PIXELS)
 
+        def read(logits: torch.Tensor, chunk: slice) -> torch.Tensor:
+            """(B, T) outputs; paired: each row's own target, (B, 1), from the chunk's distinct targets."""
+            if not paired:
+                return read_outputs(logits, targets)
+            mine = targets[chunk]
+            distinct = list(dict.fromkeys(mine))
+            columns = torch.tensor([distinct.index(t) for t in mine], device=logits.device)
+            return read_outputs(logits, distinct).gather(1, columns[:, None])
+
         def run(chunk: slice) -> tuple[torch.Tensor, ...]:
             with capture(module, name, grad=grad) as seen, torch.set_grad_enabled(grad):
-                outputs = read_outputs(self._logits(_images(rows[chunk], grid)), targets)
+                outputs = read(self._logits(_images(rows[chunk], grid)), chunk)
                 leaf = captured_value(seen)
                 if not grad:
                     return outputs, as_spatial(leaf, grid, name)
                 if not outputs.requires_grad:
                     raise ParameterError(f"the output of {self.name} does not depend on layer {name!r}")
                 gradients = []
-                for t in range(len(targets)):  # rows are independent: the gradient of their sum is each row's
-                    (gradient,) = torch.autograd.grad(outputs[:, t].sum(), leaf, retain_graph=t < len(targets) - 1,
+                columns = outputs.shape[1]
+                for t in range(columns):  # rows are independent: the gradient of their sum is each row's
+                    (gradient,) = torch.autograd.grad(outputs[:, t].sum(), leaf, retain_graph=t < columns - 1,
                                                       allow_unused=True)
                     gradients.append(as_spatial(torch.zeros_like(leaf) if gradient is None else gradient, grid, name))
-            self.counter.backward_passes += int(outputs.shape[0]) * len(targets)
+            self.counter.backward_passes += int(outputs.shape[0]) * columns
             return outputs.detach(), as_spatial(leaf.detach(), grid, name), torch.stack(gradients, 1)
 
         if not grad:
