@@ -25,6 +25,8 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def train_planted_model(folder: Path, *, seed: int = 0, steps: int = TRAIN_STEPS
                         intermediate_size=64, max_position_embeddings=64, num_labels=2,
                         id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})  # type: ignore[call-arg]
     rng = random.Random(f"planted-train-{TASK_VERSION}-{seed}")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
         optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -124,6 +126,20 @@ def train_planted_model(folder: Path, *, seed: int = 0, steps: int = TRAIN_STEPS
     }
     (folder / METADATA).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Train on one thread: float sums in one order give the same model on every machine and
+    OMP setting (with two threads and with one the trained models differed)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _augment(sentence: PlantedSentence, rng: random.Random) -> str:
