@@ -6,6 +6,8 @@ magnitude, compare:
 
 * :func:`rank_correlation`: Spearman's rho of two maps over the 784 pixels (average ranks for ties;
   NaN when either map is constant).
+* :func:`block_means` then :func:`rank_correlation`: the same on 4 x 4-pixel block means (7 x 7
+  cells), the maps' coarse structure, insensitive to pixel-level speckle.
 * :func:`ssim01`: SSIM (scikit-image's ``structural_similarity``, its defaults: 7 x 7 uniform
   window, K1 0.01, K2 0.03) of the two maps each min-max normalised to [0, 1], ``data_range=1``;
   NaN when either map is constant (two flat maps would score a meaningless 1).
@@ -48,6 +50,15 @@ def minmax(m: np.ndarray) -> np.ndarray:
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho between two maps of the same shape (NaN when either is constant)."""
     return spearman(np.ravel(a), np.ravel(b))
+
+
+def block_means(m: np.ndarray, size: int) -> np.ndarray:
+    """The 2-D map averaged over ``size`` x ``size`` blocks (its sides must be multiples of ``size``):
+    its coarse structure, what the eye compares first (28 x 28 -> 7 x 7 for size 4)."""
+    m = np.asarray(m, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] % size or m.shape[1] % size:
+        raise ValueError(f"block_means needs a 2-D map whose sides are multiples of {size}, got shape {m.shape}")
+    return m.reshape(m.shape[0] // size, size, m.shape[1] // size, size).mean(axis=(1, 3))
 
 
 def ssim01(a: np.ndarray, b: np.ndarray) -> float:

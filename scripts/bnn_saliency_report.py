@@ -90,6 +90,11 @@ def similarity_tables(pairs: list[dict[str, Any]]) -> list[str]:
         body.append(cells)
     lines += table(["method", "n", "rho same image", "rho other image", "rho other, same class",
                     "SSIM same image", "SSIM other image", "SSIM other, same class"], body)
+    lines += ["Coarse structure, insensitive to pixel-level speckle: Spearman's rho of the maps' 4 x 4-pixel block "
+              "means (7 x 7 cells):", ""]
+    lines += table(["method", "rho same image", "rho other image", "rho other, same class"],
+                   [[m, *(measures.stat(column(pairs, "spearman_blocks", method=m, comparison=c)) for c in (SAME, OTHER, SAME_CLASS))]
+                    for m in methods])
     lines += ["Only the images both networks classify correctly:", ""]
     body = []
     for m in methods:

@@ -24,8 +24,8 @@ network and ``--seed`` + 1 on the BNN, so that no compared pair of masks shares 
 image of one network starts from the same weights). On the BNN the gradient is the straight-through
 estimator's (see :mod:`salience.zoo.fmnist`).
 
-Per image and method: the measures of :mod:`bnn_saliency_measures` (rank correlation and SSIM
-between the FP and the BNN map, and between the FP map of one image and the BNN map of another image
+Per image and method: the measures of :mod:`bnn_saliency_measures` (rank correlation, also of
+4 x 4-pixel block means, and SSIM between the FP and the BNN map, and between the FP map of one image and the BNN map of another image
 (any class, and the same class) as references; TV / L1; garment mass; peak on the garment) and,
 on each map's own network, deletion and insertion AUC of the true class's probability at pixel
 level, ``--step`` 28 pixels per point (29 points), removed / inserted pixels black (Fashion-MNIST's
@@ -74,6 +74,7 @@ import bnn_saliency_report as report  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 NETS = {"FP": "zoo:fmnist-cnn", "BNN": "zoo:fmnist-bnn"}
 SIDE = 28
+BLOCK = 4  # coarse similarity: Spearman of 4 x 4-pixel block means (7 x 7 cells)
 REMOVAL = "black"
 RANDOM = "Random"
 NEUROMASK = "NeuroMask"
@@ -231,6 +232,7 @@ class Study:
         def add(method: str, comparison: str, i: int, a: np.ndarray, b: np.ndarray, j: int) -> None:
             out.append({"method": method, "comparison": comparison, "image": i, "other_image": j,
                         "both_correct": bool(correct[i]), "spearman": measures.rank_correlation(a, b),
+                        "spearman_blocks": measures.rank_correlation(measures.block_means(a, BLOCK), measures.block_means(b, BLOCK)),
                         "ssim": measures.ssim01(a, b)})
 
         methods = [name for (net, name) in self.maps if net == "FP" and name not in (REPEAT, RANDOM)]

@@ -48,6 +48,13 @@ def test_rank_correlation_equals_scipy_with_ties() -> None:
     assert np.isnan(measures.rank_correlation(np.ones((3, 3)), b[:3, :3]))
 
 
+def test_block_means_average_each_block() -> None:
+    m = np.arange(16.0).reshape(4, 4)
+    np.testing.assert_array_equal(measures.block_means(m, 2), [[2.5, 4.5], [10.5, 12.5]])  # e.g. (0 + 1 + 4 + 5) / 4
+    with pytest.raises(ValueError, match="multiples of 3"):
+        measures.block_means(m, 3)
+
+
 def test_ssim01_is_scale_free_and_one_for_equal_maps() -> None:
     rng = np.random.default_rng(2)
     a, b = rng.random((28, 28)), rng.random((28, 28))
