@@ -72,10 +72,13 @@ class Clamp:
     low: float = 0.0
     high: float | None = None
 
-    def active(self, output: torch.Tensor) -> torch.Tensor:
-        """Where the unit passes its input through (bool, from the output alone)."""
-        mask = output > self.low
-        return mask if self.high is None else mask & (output < self.high)
+    def passed(self, grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``grad`` where the unit passes its input through (low < y < high, read from the output y
+        alone), 0 elsewhere: autograd's own fused kernels for ReLU and Hardtanh (one pass over the
+        tensor, not a mask built in four)."""
+        if self.high is None:
+            return torch.ops.aten.threshold_backward(grad, output, self.low)
+        return torch.ops.aten.hardtanh_backward(grad, output, self.low, self.high)
 
 
 # (incoming gradient dL/dy, the unit's output y, the unit) -> the gradient sent to its input
@@ -84,13 +87,13 @@ ClampRule = Callable[[torch.Tensor, torch.Tensor, Clamp], torch.Tensor]
 
 def gradient_rule(grad: torch.Tensor, output: torch.Tensor, unit: Clamp) -> torch.Tensor:
     """The ordinary derivative: grad where the unit is active, else 0 (what autograd computes)."""
-    return grad * unit.active(output)
+    return unit.passed(grad, output)
 
 
 def guided_rule(grad: torch.Tensor, output: torch.Tensor, unit: Clamp) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015): only positive incoming gradient, and only
     where the unit was active in the forward pass (x > 0; for ReLU6 also x < 6)."""
-    return grad.clamp(min=0) * unit.active(output)
+    return unit.passed(grad.clamp(min=0), output)
 
 
 def deconvnet_rule(grad: torch.Tensor, output: torch.Tensor, unit: Clamp) -> torch.Tensor:
