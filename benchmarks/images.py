@@ -137,14 +137,15 @@ def measure(row: Row, fn: Callable[[], Any], counter: RowCounter) -> Any:
     return result
 
 
-def interleaved(pairs: list[tuple[Row, Callable[[], Any]]], counter: RowCounter, repeats: int) -> list[Any]:
-    """``repeats`` rounds, each running every implementation once (order alternating per round);
-    the last result of each."""
+def interleaved(pairs: list[tuple[Row, Callable[[], Any]]], counter: RowCounter, repeats: int,
+                timer: Callable[[Row, Callable[[], Any], RowCounter], Any] = measure) -> list[Any]:
+    """``repeats`` rounds, each running every implementation once (order alternating per round) and
+    timed by ``timer`` (default :func:`measure`); the last result of each."""
     last: list[Any] = [None] * len(pairs)
     for round_ in range(repeats):
         order = range(len(pairs)) if round_ % 2 == 0 else reversed(range(len(pairs)))
         for i in order:
-            last[i] = measure(pairs[i][0], pairs[i][1], counter)
+            last[i] = timer(pairs[i][0], pairs[i][1], counter)
     return last
 
 
