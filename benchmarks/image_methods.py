@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from cases import Limit  # noqa: E402
 from common import RowCounter, fmt_s, load_average, log, run_and_write, table, timed  # noqa: E402
-from images import Row, captum_occlusion, interleaved, measure_limit  # noqa: E402
+from images import Row, captum_occlusion, interleaved, measure_limit, warm_up  # noqa: E402
 from torch import nn  # noqa: E402
 
 import salience  # noqa: E402
@@ -310,6 +310,8 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     log(f"{n} photos {inputs.ids}; predicted {inputs.labels} (load {load_average()})")
     grad_cam_lib = import_grad_cam(args.grad_cam_path) if args.grad_cam_path else None
 
+    log("warm-up (2 calls of 32 rows, forward and forward + backward; not timed) ...")
+    warm_up(net, inputs.x[:1], inputs.targets[0], max(args.batches))
     log("pass limit ...")
     limit = measure_limit(net, inputs.x[:1], inputs.targets[0], args.batches)
     fwd_batch, bwd_batch = limit.best_batch(False), limit.best_batch(True)
@@ -358,14 +360,16 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
     # ------------------------------------------------------------ guided backpropagation (8 images)
     if wanted("guided_backprop"):
-        group("guided backprop", n, "pass",
+        group("guided backprop", n, "none",
               [(Row("guided backprop", "Salience guided_backprop", "output logit, signed, summed over channels"),
                 salience_list(clf, inputs, "guided_backprop", output="logit")),
                (Row("guided backprop", "Captum GuidedBackprop", "the model as it is: Captum hooks nn.ReLU only, so its "
                     "ReLU6 units are not guided (the plain gradient: another quantity)"), captum_guided(net, inputs, swap=False)),
                (Row("guided backprop", "Captum GuidedBackprop, ReLU6 as an nn.ReLU subclass",
                     "ReLU6 modules swapped for an nn.ReLU subclass computing ReLU6, so Captum guides them"),
-                captum_guided(net, inputs, swap=True))], args.repeats, [(0, 1, "raw"), (0, 2, "raw")])
+                captum_guided(net, inputs, swap=True)),
+               (Row("guided backprop", REFERENCE, f"{n} rows in one call (plain gradient)"), reference_call(net, inputs))],
+              args.repeats, [(0, 1, "raw"), (0, 2, "raw")])
 
     # ------------------------------------------------------------ SmoothGrad (8 images)
     ranges = (inputs.x.amax((1, 2, 3)) - inputs.x.amin((1, 2, 3))).double()
@@ -527,8 +531,9 @@ def goal_lines(g: Group, limit: Limit, one_pass: float, n: int) -> list[str]:
         lines.append(f"- {g.method}, {ours.name} ({g.images} images): {fmt_s(ours.seconds)} s, {ours.rows.forward} fwd / "
                      f"{ours.rows.backward} bwd rows, {value:.2f}x its pass limit; goal <= {PASS_GOAL}x **{verdict}**")
     else:
-        lines.append(f"- {g.method}, {ours.name} ({g.images} images): {fmt_s(ours.seconds)} s, {ours.rows.forward} fwd rows, "
-                     f"{ratio(ours, limit):.2f}x its pass limit (no goal)")
+        versus = f", {ours.seconds / reference.seconds:.2f}x the reference call of {n} rows" if reference else ""  # type: ignore[operator]
+        lines.append(f"- {g.method}, {ours.name} ({g.images} images): {fmt_s(ours.seconds)} s, {ours.rows.forward} fwd / "
+                     f"{ours.rows.backward} bwd rows, {ratio(ours, limit):.2f}x its pass limit{versus} (no goal)")
     for mine, peer, how in g.compare:
         if mine is ours:
             lines.append(f"  - {mine.name} vs {peer.name}: {mine.seconds / peer.seconds:.2f}x its time (the peer: "  # type: ignore[operator]
