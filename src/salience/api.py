@@ -143,7 +143,7 @@ def _explain_group(settings: _Settings, items: list[Any]) -> list[Explanation]:
     between the group's inputs (its total is exact; each input's share is an average); the
     preparation (encoding, prediction) is each input's own."""
     model, algorithm = settings.model, settings.algorithm
-    prepared = [_prepare(settings, item) for item in items]
+    prepared = _prepare_group(settings, items)
     if callable(getattr(algorithm, "attribute_many", None)):
         results, cost = _measured(model, lambda: list(algorithm.attribute_many([p.ctx for p in prepared])))
         runs = list(zip(results, _split(cost, len(prepared))))
@@ -192,19 +192,47 @@ def _one_class_target(model: Adapter, target: TargetSpec) -> bool:
     return not callable(getattr(model, "resolve_targets", None)) and not isinstance(target, (list, tuple)) and target != "all"
 
 
-def _prepare(settings: _Settings, item: Any) -> _Prepared:
+def _prepare_group(settings: _Settings, items: list[Any]) -> list[_Prepared]:
+    """Each input of a group explained together prepared by :func:`_prepare`; on an adapter with
+    ``predict_many`` the inputs are encoded one by one and predicted in shared calls (each input's
+    cost: its encoding plus an even share of the prediction). Not for a method whose prediction pass
+    also gives the input gradient (``uses_input_gradient``)."""
+    model = settings.model
+    predict_many = getattr(model, "predict_many", None)
+    if len(items) < 2 or not callable(predict_many) or getattr(settings.algorithm, "uses_input_gradient", False):
+        return [_prepare(settings, item) for item in items]
+    encoded = [_measured(model, lambda item=item: _encode(settings, item)) for item in items]
+    predictions, cost = _measured(model, lambda: predict_many([e for e, _ in encoded], batch_size=settings.batch_size))
+    return [dataclasses.replace(prepared, cost=_total(prepared.cost, own, share))
+            for prepared, (_, own), share in zip([_prepare(settings, e, p) for (e, _), p in zip(encoded, predictions)],
+                                                 encoded, _split(cost, len(items)))]
+
+
+def _encode(settings: _Settings, item: Any) -> Any:
+    """The input as the adapter encodes it (an input it already encoded is kept)."""
+    model = settings.model
+    if not _is_raw(model, item):
+        return item
+    return model.encode(item, truncate=settings.truncate, **_encode_options(settings))
+
+
+def _encode_options(settings: _Settings) -> dict[str, Any]:
+    if "seed" in getattr(settings.model, "encode_options", ()):  # e.g. a causal LM's sampling: the one seed of explain()
+        return {**settings.encode_options, "seed": settings.seed}
+    return settings.encode_options
+
+
+def _prepare(settings: _Settings, item: Any, prediction: Any = None) -> _Prepared:
     """Encode the input, predict, resolve the targets and features (the method's :class:`Context`),
     counting the cost of doing so."""
-    prepared, cost = _measured(settings.model, lambda: _prepare_unmeasured(settings, item))
+    prepared, cost = _measured(settings.model, lambda: _prepare_unmeasured(settings, item, prediction))
     return dataclasses.replace(prepared, cost=cost)
 
 
-def _prepare_unmeasured(settings: _Settings, item: Any) -> _Prepared:
+def _prepare_unmeasured(settings: _Settings, item: Any, prediction: Any = None) -> _Prepared:
     model, info, target, output = settings.model, settings.info, settings.target, settings.output
-    encode_options = settings.encode_options
-    if "seed" in getattr(model, "encode_options", ()):  # e.g. a causal LM's sampling: the one seed of explain()
-        encode_options = {**encode_options, "seed": settings.seed}
-    encoded = item if not _is_raw(model, item) else model.encode(item, truncate=settings.truncate, **encode_options)
+    encode_options = _encode_options(settings)
+    encoded = _encode(settings, item)
     squeeze = _one_class_target(model, target)
     input_gradient = None
     if squeeze and getattr(settings.algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
@@ -214,7 +242,7 @@ def _prepare_unmeasured(settings: _Settings, item: Any) -> _Prepared:
         targets = [resolved]
         input_gradient = (value.reshape(1), gradient[None])
     else:
-        prediction = model.predict(encoded)
+        prediction = model.predict(encoded) if prediction is None else prediction
         targets = _resolve(model, encoded, prediction, target, output)
     level = settings.level or getattr(model, "default_levels", {}).get(info.kind) or getattr(model, "default_level", "word")
     features = model.features(encoded, level, **settings.feature_options)
@@ -233,7 +261,7 @@ def _finish(settings: _Settings, prepared: _Prepared, result: Attribution, share
     """The Explanation of one input from the method's result; cost = preparation + its share of the run."""
     model, info, ctx, squeeze = settings.model, settings.info, prepared.ctx, prepared.squeeze
     encoded, targets, features = ctx.encoded, ctx.targets, ctx.features
-    cost = Cost(*(getattr(prepared.cost, f.name) + getattr(share, f.name) for f in dataclasses.fields(Cost)))
+    cost = _total(prepared.cost, share)
     scores = np.where(ctx.available, np.asarray(result.scores, dtype=np.float64), np.nan)
     notes = list(getattr(encoded, "notes", ())) + list(result.warnings)  # conversions of the input, then the method's
     if getattr(encoded, "truncated", False):
@@ -279,6 +307,11 @@ def _measured(model: Adapter, run: Callable[[], T]) -> tuple[T, Cost]:
     return result, Cost(forward_passes=counter.forward_passes - before.forward_passes,
                         backward_passes=counter.backward_passes - before.backward_passes,
                         model_calls=counter.model_calls - before.model_calls, seconds=time.perf_counter() - started)
+
+
+def _total(*costs: Cost) -> Cost:
+    """The sum of ``costs``, field by field."""
+    return Cost(*(sum(getattr(c, f.name) for c in costs) for f in dataclasses.fields(Cost)))
 
 
 def _split(total: Cost, n: int) -> list[Cost]:

@@ -91,7 +91,9 @@ def close(actual: object, expected: object) -> None:
 def same(together: salience.Explanation, alone: salience.Explanation) -> None:
     close(together.token_scores, alone.token_scores)
     close(together.scores, alone.scores)
-    assert together.target == alone.target and together.prediction == alone.prediction
+    assert together.target == alone.target and together.prediction.index == alone.prediction.index
+    # the list's images are predicted in one batch: probabilities equal up to batched rounding
+    close(together.prediction.probabilities, alone.prediction.probabilities)
     if alone.output_value is not None:
         close(together.output_value, alone.output_value)
     if "cam" in alone.extras:
@@ -118,13 +120,13 @@ def test_images_together_equal_each_alone_in_fewer_calls(method):
 
 @pytest.mark.parametrize("method", [*CAMS[:4], "guided_backprop", "deconvnet"])
 def test_one_pass_methods_take_one_call_for_the_list(method):
-    """Grad-CAM family (automatic layer: one probe row) and guided backpropagation: each image's
-    prediction (1 forward row), then one call of 3 rows, 3 backward rows."""
+    """Grad-CAM family (automatic layer: one probe row) and guided backpropagation: the images'
+    predictions in one call of 3 rows, then one call of 3 rows, 3 backward rows."""
     model = classifier()
     pictures = images(model)
     probe = 1 if method in CAMS else 0
     together, total = counted(model, lambda: explain(model, pictures, method))
-    assert total == (3 + probe + 3, 3, 3 + probe + 1)
+    assert total == (3 + probe + 3, 3, 1 + probe + 1)
     alone = [explain(model, image, method) for image in pictures]
     assert [cost(e) for e in alone] == [(1 + probe + 1, 1, 1 + probe + 1)] * 3
 
@@ -133,7 +135,7 @@ def test_smoothgrad_rows_of_all_images_share_calls():
     model = classifier()
     pictures = images(model)
     _, total = counted(model, lambda: explain(model, pictures, "smoothgrad"))
-    assert total == (3 + 3 * 6, 3 * 6, 3 + 1)  # 18 noisy rows fit one chunk of 16 x 16 images
+    assert total == (3 + 3 * 6, 3 * 6, 1 + 1)  # the predictions in one call; 18 noisy rows fit one chunk of 16 x 16 images
 
 
 def test_batched_grad_cam_equals_captum_layer_grad_cam_with_per_image_targets():
@@ -158,7 +160,9 @@ def test_several_targets_per_image_are_explained_alone(method):
     together = explain(model, pictures, method, target=[0, 2])
     for listed, single in zip(together, alone, strict=True):
         same(listed, single)
-        assert cost(listed) == cost(single)  # nothing shared: each input's own cost
+    # the same rows; only the predictions are shared (one call instead of three)
+    totals = [tuple(map(sum, zip(*map(cost, explanations)))) for explanations in (together, alone)]
+    assert totals[0] == (totals[1][0], totals[1][1], totals[1][2] - 2)
 
 
 def test_only_images_of_one_grid_share():
@@ -172,8 +176,8 @@ def test_only_images_of_one_grid_share():
     together, total = counted(model, lambda: explain(model, tensors, "grad_cam"))
     for listed, single in zip(together, alone, strict=True):
         same(listed, single)
-    # predictions 3, then 16 x 16: probe + one call of 2 rows; 12 x 20: probe + one call of 1 row
-    assert total == (3 + 1 + 2 + 1 + 1, 3, 3 + 2 + 2)
+    # predictions: one call per grid; 16 x 16: probe + one call of 2 rows; 12 x 20: probe + one call of 1 row
+    assert total == (3 + 1 + 2 + 1 + 1, 3, 2 + 2 + 2)
 
 
 def test_text_models_explain_a_list_input_by_input(toy):
@@ -212,3 +216,16 @@ def test_paired_layer_maps_need_one_target_per_row():
     rows = model.input_and_baseline(encoded, "zero")[0][None].expand(2, -1, -1)
     with pytest.raises(ParameterError, match="paired layer maps need one target per row: 1 targets for 2 rows"):
         model.layer_maps(encoded, rows, [Target(0, "cat", "logit")], None, grad=True, paired=True)
+
+
+def test_predict_many_equals_predict_in_order_one_call_per_grid():
+    model = ImageClassifier(relu_cnn(), labels=LABELS, name="relu-cnn")
+    generator = torch.Generator().manual_seed(1)
+    encoded = [model.encode(torch.randn(3, *size, generator=generator, dtype=torch.float64))
+               for size in ((16, 16), (12, 20), (16, 16), (16, 16))]
+    predictions, total = counted(model, lambda: model.predict_many(encoded))
+    assert total == (4, 0, 2)
+    for prediction, e in zip(predictions, encoded, strict=True):
+        alone = model.predict(e)
+        assert prediction.index == alone.index and prediction.label == alone.label
+        close(prediction.probabilities, alone.probabilities)

@@ -290,6 +290,21 @@ class ImageClassifier:
             logits = self._logits(encoded.pixels[None])
         return prediction_from_logits(logits[0], self.labels)
 
+    def predict_many(self, encoded: Sequence[EncodedImage], batch_size: int | None = None) -> list[Prediction]:
+        """The predictions of several images, in order: the images of one grid in shared forward
+        calls (chunked as any forward pass); equal to :meth:`predict` image by image up to the
+        rounding of batched arithmetic."""
+        found: dict[int, Prediction] = {}
+        grids = [e.grid for e in encoded]
+        for grid in dict.fromkeys(grids):
+            members = [i for i, g in enumerate(grids) if g == grid]
+            images = torch.stack([encoded[i].pixels for i in members])
+            size = choose_batch_size(grid[0] * grid[1], backward=False, batch_size=batch_size, budget=PIXELS)
+            with torch.no_grad():
+                logits = map_batches(lambda chunk, images=images: self._logits(images[chunk]), len(members), size)
+            found.update((i, prediction_from_logits(row, self.labels)) for i, row in zip(members, logits))
+        return [found[i] for i in range(len(encoded))]
+
     def predict_with_input_gradient(self, encoded: EncodedImage, resolve: Callable[[Prediction], Target]
                                     ) -> tuple[Prediction, Target, torch.Tensor, torch.Tensor]:
         """Prediction, the one target ``resolve`` picks, its output at the input and its gradient
