@@ -290,6 +290,8 @@ def test_pointing_game_hits_misses_ties_and_tolerance(stretched):
     assert hit.value == 1.0 and hit.details["maxima"] == 1 and hit.forward_passes == 0
     assert point(grid_map({(2, 3): 5.0})).value == 0.0
     assert point(grid_map({(2, 3): 5.0, (9, 9): 5.0})).value == 1.0  # a tie with one maximum on the object
+    blank = point(grid_map({}))  # all pixels tie (e.g. a CAM that ReLU made all zero): points nowhere
+    assert blank.value == 0.0 and blank.details["constant"] and not point(grid_map({(2, 3): 5.0})).details["constant"]
     # row 7 (centre y = 9.38, original pixel row 9) is 1 original pixel above the box's first row (10)
     near = grid_map({(7, 12): 5.0})
     assert point(near).value == 0.0 and point(near, tolerance=1.0).value == 1.0 and point(near, tolerance=15).value == 1.0

@@ -102,16 +102,19 @@ def pointing_game(model: Any, explanation: Explanation, *, box: Sequence[float] 
     """Pointing game (Zhang et al., 2016/2018, "Top-down neural attention by excitation backprop"):
     a hit (1.0) when the maximum of the map over the model grid lies on the object, else 0.0. When
     several grid pixels share the maximum (a patch or superpixel map), any of them on the object is
-    a hit (as Quantus's PointingGame). ``tolerance``: the object is first grown by this many pixels
+    a hit (as Quantus's PointingGame), except a constant map (all pixels tie, e.g. a CAM that ReLU
+    made all zero): it points nowhere and counts as a miss (``details["constant"]``; Quantus would
+    count it as a hit whenever the object is non-empty). ``tolerance``: the object is first grown by this many pixels
     of the ORIGINAL image (default 0, as Quantus; Zhang et al. used 15). Averaged over a dataset it is
     the pointing accuracy. Higher is better. No forward passes."""
     scores = grid_map(explanation, "pointing_game")
     region = grid_region(explanation, box, mask, "pointing_game", tolerance=tolerance)
     maxima = scores == scores.max()
     rows, cols = np.nonzero(maxima)
-    hit = bool(np.any(region & maxima))
+    constant = bool(maxima.all())
+    hit = not constant and bool(np.any(region & maxima))
     return MetricResult("pointing_game", float(hit), True,
-                        {"hit": hit, "maximum": float(scores.max()), "maxima": int(maxima.sum()),
+                        {"hit": hit, "constant": constant, "maximum": float(scores.max()), "maxima": int(maxima.sum()),
                          "first_maximum": [int(rows[0]), int(cols[0])], "tolerance": tolerance,
                          "region_pixels": int(region.sum())})
 
