@@ -126,8 +126,8 @@ def _record_reruns(monkeypatch) -> list[tuple[object, dict[str, torch.Tensor], n
     runs = []
     rerun = sanity._reexplain
 
-    def recording(model, encoded, explanation, batch_size):
-        scores = rerun(model, encoded, explanation, batch_size)
+    def recording(model, encoded, explanation, batch_size, seed=None):
+        scores = rerun(model, encoded, explanation, batch_size, seed)
         runs.append((model, {k: v.detach().clone() for k, v in model.model.named_parameters()}, scores))
         return scores
 
@@ -252,3 +252,15 @@ def test_max_sensitivity_errors(toy):
     e = salience.explain(zero_shot, "the film was good", method="occlusion")
     with pytest.raises(MetricError, match="cannot replace tokens"):
         evaluate_metric("max_sensitivity", zero_shot, e)
+
+
+def test_model_randomisation_reruns_with_a_new_seed_unless_told(toy, monkeypatch):
+    # with the explanation's own seed a seeded stochastic method (RISE's masks, LIME's samples)
+    # would redraw its random part and correlate with itself whatever the weights
+    e = salience.explain(toy, TOY_TEXT, method="lime", n_samples=16, seed=7)
+    seeds = []
+    rerun = sanity._reexplained
+    monkeypatch.setattr(sanity, "_reexplained", lambda *a: seeds.append(a[4]) or rerun(*a))
+    default = evaluate_metric("model_randomisation", toy, e, every_step=False)
+    told = evaluate_metric("model_randomisation", toy, e, every_step=False, method_seed=7)
+    assert seeds == [8, 7] and default.details["method_seed"] == 8 and told.details["method_seed"] == 7
