@@ -19,6 +19,7 @@ from PIL import Image
 import salience
 from salience.cli import main
 from salience.datasets.photos import load_photos, photos_metadata
+from salience.errors import ParameterError
 from salience.evaluate.config import RunConfig, parse_method_spec, parse_metric_spec
 from salience.evaluate.datasets import DatasetError, load_dataset
 from salience.evaluate.image_datasets import label_index, parse_box
@@ -358,3 +359,24 @@ def test_evaluate_command_on_imagenet_photos(tmp_path, capsys):
         examples = store.examples(run.run_id)
         assert [e["input"] for e in examples] == ["imagenet-photos:coffee", "imagenet-photos:chelsea"]
         assert [e["box"] for e in examples] == [list(photos["coffee"].box), list(photos["chelsea"].box)]
+
+
+def test_method_specs_carry_the_level_and_feature_options(tmp_path):
+    _png(tmp_path / "a.png", 1)
+    data = _csv(tmp_path / "d.csv", ["path,label", "a.png,cat"])
+    spec = parse_method_spec("occlusion:level=superpixel,n_segments=6")
+    assert spec.params == {"level": "superpixel", "n_segments": 6}
+    with pytest.raises(ParameterError, match="n_segmnts"):
+        parse_method_spec("occlusion:n_segmnts=6")  # misspelt: neither the method's nor any adapter's
+    store = Store(tmp_path / "r.db")
+    outcome = run_evaluation(_config(data, ["sparseness"], methods=("occlusion:level=superpixel,n_segments=6",)),
+                             store, model=tiny_classifier(), progress=False, log=lambda _: None)
+    stored = salience.Explanation.from_json(store.explanations(outcome.run_id)[0]["explanation"])
+    direct = salience.explain(tiny_classifier(), str((tmp_path / "a.png").resolve()), method="occlusion",
+                              level="superpixel", n_segments=6, output="probability")
+    assert stored.level == "superpixel" and stored.params["n_segments"] == 6
+    np.testing.assert_allclose(stored.scores, direct.scores, rtol=0, atol=1e-12)
+    # an option of another kind of model is refused with one error, not recorded example by example
+    with pytest.raises(ParameterError, match="spans"):
+        run_evaluation(_config(data, ["sparseness"], methods=("occlusion:spans=1",)), Store(tmp_path / "s.db"),
+                       model=tiny_classifier(), progress=False, log=lambda _: None)

@@ -98,8 +98,23 @@ def parse_method_spec(item: str | dict[str, Any]) -> Spec:
 
     name, params, label = _raw_spec(item, "method")
     info = get_method(name)
-    info.build(params)  # unknown parameter names fail here, before any work
+    input_options = _input_option_names()
+    info.build({k: v for k, v in params.items() if k not in input_options})  # unknown names fail here, before any work
     return Spec(label or _label(info.name, params), info.name, params)
+
+
+def _input_option_names() -> set[str]:
+    """Parameters of a method spec that are not the method's: the features' ``level`` and the
+    feature / encoding options of any adapter (``patch_size``, SLIC's ``n_segments``, ``spans``,
+    ...). Which of them the study's model accepts is checked when the run starts (one ParameterError)."""
+    from salience.models.causal_lm import CausalLM
+    from salience.models.image import ImageClassifier
+    from salience.models.tokens import TokenAdapter
+
+    names = {"level"}
+    for adapter in (ImageClassifier, TokenAdapter, CausalLM):
+        names.update(getattr(adapter, "feature_options", ()), getattr(adapter, "encode_options", ()))
+    return names
 
 
 def parse_metric_spec(item: str | dict[str, Any]) -> Spec:

@@ -190,9 +190,10 @@ def _run_unit(config: RunConfig, store: Store, run_id: str, model: Any, example:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an explanation keeps its warnings (stored in its JSON)
+            params = dict(spec.params)
             result = explain(model, example.input, method=spec.name, target=target, output=config.output,
-                             batch_size=batch_size, truncate=config.truncate, seed=config.seed, progress=False,
-                             params=dict(spec.params))
+                             level=params.pop("level", None), batch_size=batch_size, truncate=config.truncate,
+                             seed=config.seed, progress=False, params=params)
         assert isinstance(result, Explanation)  # one input -> one explanation
         explanation = result
     except (ParameterError, UnknownMethodError):
