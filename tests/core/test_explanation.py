@@ -80,3 +80,19 @@ def test_terminal_shows_sign_without_colour(toy):
     assert "method sequential_integrated_gradients" in text
     top, score = e.top(1)[0]
     assert f"{score:+.4f}" in text and "+█" in text
+
+
+def test_position_scores_equal_to_the_scores_are_stored_once():
+    import dataclasses
+
+    from tiny_cnn import photo, tiny_classifier
+
+    e = salience.explain(tiny_classifier(), photo(), method="saliency")  # pixel level: one feature per position
+    assert e.level == "pixel" and np.array_equal(e.scores, e.token_scores) and e.scores.size > 100
+    other = dataclasses.replace(e, token_scores=e.token_scores * (1 + 1e-15))  # differs only in the last bits
+    assert e.to_dict()["token_scores"] == {"same_as": "scores"} != other.to_dict()["token_scores"]
+    assert len(e.to_json()) < 0.6 * len(other.to_json())
+    for original in (e, other):
+        back = salience.Explanation.from_json(original.to_json())
+        np.testing.assert_array_equal(back.token_scores, original.token_scores)
+        np.testing.assert_array_equal(back.scores, original.scores)

@@ -166,7 +166,7 @@ class Explanation:
             "cost": asdict(self.cost),
             "truncated": self.truncated,
             "tokens": list(self.tokens),
-            "token_scores": None if self.token_scores is None else encode_array(self.token_scores),
+            "token_scores": _token_scores_json(self.token_scores, self.scores),
             "warnings": list(self.warnings),
             "extras": _jsonable({k: v for k, v in self.extras.items() if not str(k).startswith("_")}),
         }
@@ -203,7 +203,7 @@ class Explanation:
             cost=Cost(**data["cost"]),
             truncated=data["truncated"],
             tokens=list(data["tokens"]),
-            token_scores=None if data["token_scores"] is None else decode_array(data["token_scores"]),
+            token_scores=_token_scores_from_json(data["token_scores"], data["scores"]),
             warnings=list(data.get("warnings", [])),
             kind=data.get("kind", "text"),
             extras=dict(data.get("extras") or {}),
@@ -252,6 +252,22 @@ def decode_array(data: Any) -> np.ndarray:
         raw = base64.b64decode(data["base64"])
         return np.frombuffer(raw, dtype=np.dtype(data["dtype"])).reshape(data["shape"]).astype(np.float64)
     return np.asarray(data, dtype=np.float64)
+
+
+def _token_scores_json(token_scores: np.ndarray | None, scores: np.ndarray) -> Any:
+    """Per-position scores; ``{"same_as": "scores"}`` when they equal the feature scores exactly
+    (an image explained at pixel level: one feature per position), which halves such a document."""
+    if token_scores is None:
+        return None
+    if np.shape(token_scores) == np.shape(scores) and np.array_equal(token_scores, scores, equal_nan=True):
+        return {"same_as": "scores"}
+    return encode_array(token_scores)
+
+
+def _token_scores_from_json(data: Any, scores: Any) -> np.ndarray | None:
+    if data is None:
+        return None
+    return decode_array(scores if isinstance(data, dict) and data.get("same_as") == "scores" else data)
 
 
 def _values_json(values: Values) -> Any:
