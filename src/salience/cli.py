@@ -98,7 +98,7 @@ def _explain(args: argparse.Namespace) -> int:
                 params=params[info.name], **_input_options(args),
             )
             assert isinstance(result, salience.Explanation)  # one input -> one Explanation
-            explanations.append(result)
+            explanations.append(result.aggregate(args.aggregate) if args.aggregate else result)
     from rich.console import Console
 
     if args.png:
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --level span: a character span of the text or prompt as one feature (repeatable)")
     explain.add_argument("--level", choices=["word", "token", "span", "pixel", "patch", "superpixel"],
                          help="features: word/token (text, prompts), pixel/patch/superpixel (images); default: the model's")
+    explain.add_argument("--aggregate", choices=["word", "sentence"],
+                         help="texts and generations: sum the feature scores into words or sentences (no recomputation)")
     explain.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
     explain.add_argument("--max-length", type=int, help="token limit (default: the model's)")
     explain.add_argument("--batch-size", type=int, help="rows per model call (default: chosen by Salience)")

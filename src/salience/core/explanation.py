@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from salience.core import aggregate as _aggregate
 from salience.core.features import Feature, FeatureSet
 from salience.core.target import Prediction, Target
 
@@ -142,6 +143,32 @@ class Explanation:
         from salience.core.grid import model_grid_scores, to_original_grid
 
         return to_original_grid(model_grid_scores(self, target), self.extras["geometry"])
+
+    # ------------------------------------------------------------- aggregate
+    def aggregate(self, level: str | None = None, *, spans: Sequence[Sequence[int]] | None = None, rule: str = "sum",
+                  strict: bool = False, target_spans: Sequence[Sequence[int]] | None = None) -> Explanation:
+        """A new explanation with features joined into words (``"word"``), sentences (``"sentence"``)
+        or character ``spans`` ((start, end) in the first text, or (segment, start, end)), and/or
+        targets joined into ``target_spans`` ((start, end) target indices), from these scores alone
+        (no model call). ``rule``: "sum" (default), "mean" or "max_abs" (the signed score of largest
+        magnitude). NaN parts (features that cannot influence a target) contribute nothing; a group
+        is NaN when all its parts are, or with ``strict`` when any is. A feature belongs to the group
+        holding its first character. The rule is recorded in ``params["aggregation"]``; see
+        :mod:`salience.core.aggregate` and docs/explanations.md."""
+        result = self
+        if level is not None or spans is not None or target_spans is None:
+            result = _aggregate.aggregate_features(result, level, spans=spans, rule=rule, strict=strict)
+        if target_spans is not None:
+            result = _aggregate.aggregate_targets(result, target_spans, rule=rule, strict=strict)
+        return result
+
+    def aggregate_targets(self, spans: Sequence[Sequence[int]], *, rule: str = "sum", strict: bool = False) -> Explanation:
+        """A new explanation with one target per span (start, end) of target indices, e.g. a
+        generation's tokens [0, 3) and [3, 7): the ``rule`` (default sum) of their score rows. For
+        additive methods the summed row is the attribution of the summed outputs (with
+        log-probabilities: of the span's log-probability). See
+        :func:`salience.core.aggregate.aggregate_targets`."""
+        return _aggregate.aggregate_targets(self, spans, rule=rule, strict=strict)
 
     # ------------------------------------------------------------- serialise
     def to_dict(self) -> dict[str, Any]:

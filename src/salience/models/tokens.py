@@ -10,7 +10,6 @@ reads the explained outputs (:meth:`TokenAdapter._outputs`).
 from __future__ import annotations
 
 import bisect
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from salience.core.aggregate import WORD_PATTERN  # one word rule for word features and aggregation
 from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_chunks
 from salience.core.features import Feature, FeatureSet, as_feature_set
 from salience.core.target import Target
@@ -27,7 +27,6 @@ from salience.models.arch import word_embedding_module
 from salience.models.base import Encoded, PassCounter
 from salience.models.passes import as_targets, score_rows
 
-WORD_PATTERN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 BASELINE_TOKENS = {"mask": "mask_token_id", "pad": "pad_token_id", "unk": "unk_token_id", "eos": "eos_token_id"}
 
 class TokenAdapter:
