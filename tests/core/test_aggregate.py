@@ -285,3 +285,21 @@ def test_cli_aggregate(toy_dir, tmp_path):
     document = json.loads(out.read_text())["explanations"][0]
     assert document["level"] == "sentence" and len(document["features"]) == 2
     assert document["params"]["aggregation"] == {"level": "sentence", "rule": "sum", "strict": False, "from": "token"}
+
+
+def test_smollm2_byte_level_tokens_to_words_and_sentences():
+    """A real byte-level BPE tokenizer: tokens carry their leading space (" Paris" starts at the
+    space), and there are lone "\\n" and " " tokens; aggregation groups them as the adapter's word
+    features do, so the strict aggregate equals the word-level explanation."""
+    lm = salience.load_model("zoo:smollm2-135m")
+    prompt = "The capital of France is a city.\n It is old!  Paris, they say."
+    kwargs = {"continuation": " Paris is big", "method": "input_x_gradient", "output": "log_probability"}
+    tokens = salience.explain(lm, prompt, level="token", **kwargs)
+    words = salience.explain(lm, prompt, level="word", **kwargs)
+    assert {"\n", " "} <= {f.text for f in tokens.features}
+    joined = tokens.aggregate("word", strict=True)
+    assert [(f.text, f.segment, f.tokens) for f in joined.features] == [(f.text, f.segment, f.tokens) for f in words.features]
+    np.testing.assert_allclose(joined.scores, words.scores, rtol=0, atol=EXACT)  # float32 model, same sums: measured 0.0
+    assert np.array_equal(np.isnan(joined.scores), np.isnan(words.scores))
+    assert [f.text for f in tokens.aggregate("sentence").features] == \
+        ["The capital of France is a city.", "It is old!", "Paris, they say.", "Paris is big"]
