@@ -244,6 +244,8 @@ def test_json_round_trip_and_rendering(lm):
     assert back.level == "sentence" and back.targets == joined.targets
     assert json.loads(json.dumps(back.params)) == json.loads(json.dumps(joined.params))
     assert "unbelievable" in joined.to_html() and "and it was" in joined.to_html()
+    loaded = Explanation.from_json(e.to_json()).aggregate("sentence")  # offsets and texts survive JSON
+    np.testing.assert_array_equal(loaded.scores, e.aggregate("sentence").scores)
 
 
 # ------------------------------------------------------------------- errors
@@ -270,6 +272,9 @@ def test_errors(toy, lm):
               (lambda: g.aggregate_targets([]), "empty")]
     image = salience.explain(tiny_classifier(), photo(), method="saliency")
     cases += [(lambda: image.aggregate("word"), "level='patch'")]
+    odd = Explanation(input=["not", "text"], features=e.features, scores=e.scores, method="m", params={}, model="m",
+                      target=e.target, prediction=None)
+    cases += [(lambda: odd.aggregate("word"), "is a list, not text")]
     for call, message in cases:
         with pytest.raises(ParameterError, match=message) as info:
             call()

@@ -123,12 +123,16 @@ def _segment_texts(explanation: Explanation) -> list[str]:
     if explanation.kind == "image":
         raise ParameterError("aggregate() groups the features of texts and generations; for image regions "
                              "explain with level='patch' or level='superpixel'")
+    raw = explanation.input
     if explanation.kind == "generation":
-        texts = [str(explanation.input)]
+        texts = [explanation.extras.get("prompt", raw)]
         if "continuation" in explanation.extras:
-            texts.append(str(explanation.extras["continuation"]))
+            texts.append(explanation.extras["continuation"])
     else:
-        texts = [str(t) for t in explanation.input] if isinstance(explanation.input, tuple) else [str(explanation.input)]
+        texts = list(raw) if isinstance(raw, tuple) else [raw]
+    if not all(isinstance(t, str) for t in texts):
+        raise ParameterError("aggregate() needs the texts the features' offsets point into; this explanation's input "
+                             f"is a {type(raw).__name__}, not text")
     for f in explanation.features:
         if not 0 <= f.segment < len(texts):
             raise ParameterError(f"feature {f.text!r} points into text {f.segment}, but the explanation keeps {len(texts)}")
@@ -205,7 +209,7 @@ def _members(features: Sequence[Feature], texts: list[str], groups: list[tuple[i
         inside = mine & (starts <= f.start) & (f.start < ends)
         if not inside.any():
             anchor = len(text) - len(text[f.start:].lstrip())  # the next non-whitespace character
-            if text[f.start:anchor].strip() or anchor >= len(text):
+            if anchor == f.start or anchor >= len(text):
                 continue
             inside = mine & (starts <= anchor) & (anchor < ends)
         for g in np.flatnonzero(inside):
