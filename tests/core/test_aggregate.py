@@ -225,7 +225,11 @@ def test_target_spans_are_the_attribution_of_the_summed_log_probability(lm):
     hand = by_hand(e.scores.T, [list(range(a, b)) for a, b in spans]).T  # rows summed over available targets
     np.testing.assert_allclose(joined.scores, hand, rtol=0, atol=EXACT)
     both = e.aggregate("word", target_spans=spans)
-    assert both.scores.shape == (2, len(both.features)) and both.params["aggregation"]["previous"]["level"] == "word"
+    assert both.scores.shape == (2, len(both.features)) and both.params["aggregation"]["previous"]["target_spans"] == [[0, 3], [3, 6]]
+    np.testing.assert_allclose(both.scores, e.aggregate("word").aggregate_targets(spans).scores, rtol=0, atol=EXACT)  # order is immaterial
+    words = e.aggregate("word").aggregate_targets([(0, 3), (3, 4)])
+    # labels from the word features lying wholly inside a span; else the tokens' texts joined
+    assert [t.label for t in words.targets] == ["and it was", e.targets[3].label]
 
 
 def test_probability_target_spans_warn(lm):

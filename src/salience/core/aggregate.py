@@ -313,9 +313,11 @@ def _span_target(explanation: Explanation, start: int, end: int) -> Target:
     chosen = explanation.targets[start:end]
     label = "".join(t.label for t in chosen)
     continuation = explanation.extras.get("continuation")
-    if isinstance(continuation, str) and all(t.position is not None for t in chosen):
-        by_position = {f.tokens[0]: f for f in explanation.features if f.segment == 1 and len(f.tokens) == 1}
-        pieces = [by_position.get(int(t.position)) for t in chosen]  # type: ignore[arg-type]
-        if all(p is not None for p in pieces):
-            label = continuation[min(p.start for p in pieces if p):max(p.end for p in pieces if p)]
+    positions = {t.position for t in chosen}
+    if isinstance(continuation, str) and None not in positions:
+        # the continuation's features (tokens, or words lying wholly inside the span) covering its tokens
+        pieces = [f for f in explanation.features if f.segment == 1 and positions.intersection(f.tokens)]
+        covered = {p for f in pieces for p in f.tokens}
+        if covered == positions:
+            label = continuation[min(f.start for f in pieces):max(f.end for f in pieces)]
     return Target(-1, label, explanation.target.output, None)

@@ -155,11 +155,11 @@ class Explanation:
         is NaN when all its parts are, or with ``strict`` when any is. A feature belongs to the group
         holding its first character. The rule is recorded in ``params["aggregation"]``; see
         :mod:`salience.core.aggregate` and docs/explanations.md."""
-        result = self
-        if level is not None or spans is not None or target_spans is None:
-            result = _aggregate.aggregate_features(result, level, spans=spans, rule=rule, strict=strict)
+        result = self  # targets first, while the features still give the tokens' offsets for labels
         if target_spans is not None:
             result = _aggregate.aggregate_targets(result, target_spans, rule=rule, strict=strict)
+        if level is not None or spans is not None or target_spans is None:
+            result = _aggregate.aggregate_features(result, level, spans=spans, rule=rule, strict=strict)
         return result
 
     def aggregate_targets(self, spans: Sequence[Sequence[int]], *, rule: str = "sum", strict: bool = False) -> Explanation:
