@@ -11,6 +11,9 @@ compared with the peer's (the benchmark's correctness check). See benchmarks/REA
     flock /tmp/salience-cpu.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/image_methods.py \\
         --grad-cam-path /tmp/gcpkgs                # writes benchmarks/RESULTS-image-methods.md
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/image_methods.py --quick   # smoke test, 2 images
+
+Model and inputs go to ``--device`` (default: cuda when available, else cpu); benchmarks/gpu_run.sh
+runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -302,7 +305,7 @@ def ratio(row: Row, limit: Limit) -> float:
 
 # ----------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    clf = salience.load_model("zoo:efficientnet-lite0")
+    clf = salience.load_model("zoo:efficientnet-lite0", device=args.device)
     net = clf.model
     counter = RowCounter(net, sequence=False)
     inputs = load_inputs(clf, args.images)
@@ -318,6 +321,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     log(f"  {limit.describe()}")
     salience.explain(clf, inputs.encoded[:2], "grad_cam", progress=False)  # warm-up of the adapter's paths, not timed
     groups: list[Group] = []
+    failed: list[str] = []  # key-number lines of methods that raised
 
     def wanted(key: str) -> bool:
         return not args.only or key in args.only
@@ -325,7 +329,12 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     def group(method: str, count: int, goal: str, pairs: list[tuple[Row, Callable[[], Any]]], repeats: int,
               compare: list[tuple[int, int, str]]) -> list[Any]:
         log(f"{method} ({count} images, {repeats} runs) ...")
-        results = interleaved(pairs, counter, repeats, timer)
+        try:
+            results = interleaved(pairs, counter, repeats, timer)
+        except Exception as error:  # noqa: BLE001 - one method failing (e.g. on another device) must not lose the others
+            failed.append(f"- {method}: **failed** on {args.device}: {type(error).__name__}: {error}"[:400])
+            log(failed[-1])
+            return []
         rows = [row for row, _ in pairs]
         groups.append(Group(method, count, rows, goal, method != "Grad-CAM++", [(rows[a], rows[b], how) for a, b, how in compare]))
         return results
@@ -434,7 +443,8 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     first = Limit(dict(limit.forward), dict(limit.backward))
     limit.merge(again)
     counter.close()
-    return report(args, inputs, groups, limit, first, again, spread, (fwd_batch, bwd_batch), grad_cam_lib is not None)
+    summary, body = report(args, inputs, groups, limit, first, again, spread, (fwd_batch, bwd_batch), grad_cam_lib is not None)
+    return summary + failed, body
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -462,13 +472,15 @@ def report(args: argparse.Namespace, inputs: Inputs, groups: list[Group], limit:
     for label, measured in (("1st", first), ("2nd", again), ("kept (faster)", limit)):
         for kind, backward in (("forward (no gradients)", False), ("forward + backward", True)):
             times = measured.backward if backward else measured.forward
-            limits.append([f"{kind}, {label}", *[f"{1e3 * times[b] / b:.0f}" for b in args.batches],
+            limits.append([f"{kind}, {label}", *[per_row_ms(times[b] / b) for b in args.batches],
                            str(given[int(backward)]) if measured is first else "",
                            f"{spread[int(backward)]:.2f}" if measured is limit else ""])
+    stubbed = getattr(sys.modules.get("torchvision"), "__file__", None) is None  # import_grad_cam's stub has no file
+    torchvision = ("torchvision is not installed here, so a stub module stands in for the helpers it imports at module level "
+                   "and the CAM classes never call (image transforms, `transforms.functional.resize`, `ops.box_iou`)"
+                   if stubbed else "torchvision is installed here and imported by it")
     grad_cam_note = ("pytorch-grad-cam 1.5.7 from `--grad-cam-path` (installed with `pip install --target DIR --no-deps "
-                     "grad-cam==1.5.7 ttach opencv-python-headless`); torchvision is not installed here, so a stub module stands "
-                     "in for the helpers it imports at module level and the CAM classes never call (image transforms, "
-                     "`transforms.functional.resize`, `ops.box_iou`)" if with_grad_cam else
+                     f"grad-cam==1.5.7 ttach opencv-python-headless`); {torchvision}" if with_grad_cam else
                      "pytorch-grad-cam: not run (give `--grad-cam-path`)")
     body = ["## Inputs", "",
             f"- the built-in `imagenet-photos` dataset: {n} photos ({', '.join(inputs.ids)}) through the zoo preprocessing "
@@ -498,6 +510,11 @@ def report(args: argparse.Namespace, inputs: Inputs, groups: list[Group], limit:
             "actual/limit = median / that limit. Salience/peer < 1: Salience faster. NeuroMask is timed at two iteration "
             "counts; the difference gives the seconds per iteration (see the key numbers).", "", *table(head, lines)]
     return summary, body
+
+
+def per_row_ms(seconds: float) -> str:
+    """Milliseconds per row: whole numbers from 10 ms (a CPU's), 3 significant digits below (a GPU's)."""
+    return f"{1e3 * seconds:.0f}" if seconds >= 0.01 else f"{1e3 * seconds:.3g}"
 
 
 def goal_lines(g: Group, limit: Limit, one_pass: float, n: int) -> list[str]:
@@ -567,7 +584,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--occlusion-repeats", type=int)
     parser.add_argument("--only", nargs="+", choices=GROUPS, help="run only these methods")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--device", default="auto", help="torch device of the model and the inputs (default auto: "
+                        "cuda when torch.cuda.is_available(), else cpu)")
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick
     args.images = args.images or (2 if quick else 8)
     args.occlusion_images = args.occlusion_images or (1 if quick else 8)

@@ -91,7 +91,7 @@ def measure_limit(net: torch.nn.Module, x: torch.Tensor, target: int, batches: t
         for table_, call in ((limit.forward, forward), (limit.backward, backward)):
             call(1)  # warm-up
             for batch in batches:
-                table_[batch] = _time_call(lambda batch=batch, call=call: call(batch), torch.device("cpu"),
+                table_[batch] = _time_call(lambda batch=batch, call=call: call(batch), x.device,
                                            min_seconds=1.0, max_calls=5)
                 log(f"  {'fwd+bwd' if table_ is limit.backward else 'fwd'} batch {batch}: "
                     f"{1e3 * table_[batch] / batch:.0f} ms/row")
