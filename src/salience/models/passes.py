@@ -77,8 +77,11 @@ def _score_pairs(model: nn.Module, run: RowPass, rows: torch.Tensor, size: int, 
     n = rows.shape[0]
     which = torch.arange(n)
     if not grad:
-        values = map_batches(lambda chunk: run(rows[chunk], None)[0].gather(1, which[chunk, None])[:, 0], n, size)
-        return values, None
+        def forward(chunk: slice) -> torch.Tensor:
+            outputs = run(rows[chunk], None)[0]
+            return outputs.gather(1, which[chunk, None].to(outputs.device))[:, 0]  # outputs on the model's device
+
+        return map_batches(forward, n, size), None
     with frozen_parameters(model):
         values, gradients = map_batches(lambda chunk: run(rows[chunk], which[chunk]), n, max(1, size))
     return values, gradients
