@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 import salience.methods  # noqa: F401  (registers the built-in methods)
-from salience.core.batching import choose_batch_size
+from salience.core.batching import choose_batch_size, default_memory_budget
 from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
 from salience.core.target import Target, check_output, resolve_target, resolve_targets
@@ -248,11 +248,13 @@ def _prepare_unmeasured(settings: _Settings, item: Any, prediction: Any = None) 
     features = model.features(encoded, level, **settings.feature_options)
     available = np.asarray(model.available(encoded, targets, features), dtype=bool)
     batch_size = settings.batch_size
-    if batch_size is None and settings.max_memory is not None:
+    # a GPU's default chunks fill half its free memory (the CPU's fixed work budgets would starve it)
+    max_memory = settings.max_memory if settings.max_memory is not None else default_memory_budget(getattr(model, "device", None))
+    if batch_size is None and max_memory is not None:
         # perturbation and attention methods run forward only; CAM rows are sized for the gradient variants
         backward = info.kind in ("gradient", "path", "optimisation", "cam")
         per_row = model.bytes_per_row(encoded.length, backward=backward)
-        batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=settings.max_memory, bytes_per_row=per_row)
+        batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=max_memory, bytes_per_row=per_row)
     ctx = Context(model, encoded, targets, features, available, batch_size, settings.seed, input_gradient)
     return _Prepared(item, ctx, prediction, level, squeeze, encode_options, Cost())
 

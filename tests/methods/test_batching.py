@@ -75,3 +75,15 @@ def test_memory_estimate_follows_the_attention_kernel(toy):
         assert toy.bytes_per_row(128, backward=False) <= toy.bytes_per_row(128, backward=True)  # equal at 2 layers
     finally:
         config._attn_implementation = saved
+
+
+def test_default_chunks_fill_half_of_a_gpus_free_memory(monkeypatch):
+    import torch
+
+    from salience.core.batching import choose_batch_size, default_memory_budget
+
+    assert default_memory_budget(None) is None and default_memory_budget(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))  # 8 GiB free
+    assert default_memory_budget("cuda:0") == 4 * 2**30
+    # with such a budget the chunk is rows of the adapter's estimated bytes, capped at 256 rows
+    assert choose_batch_size(224 * 224, backward=True, max_memory=default_memory_budget("cuda"), bytes_per_row=100 * 2**20) == 40

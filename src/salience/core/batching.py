@@ -64,6 +64,21 @@ TOKENS = WorkBudget(FORWARD_TOKENS_PER_CHUNK, BACKWARD_TOKENS_PER_CHUNK)
 PIXELS = WorkBudget(FORWARD_PIXELS_PER_CHUNK, BACKWARD_PIXELS_PER_CHUNK)
 
 
+# Share of an accelerator's free memory that a method's default chunks may take (activations of one
+# chunk): the CPU budgets above make 8-row image chunks, which leave a GPU idle (EfficientNet-Lite0
+# on an H200: 0.65 ms per forward row at 8 rows a call, 0.105 ms at 128; benchmarks/RESULTS-image-methods-gpu.md).
+ACCELERATOR_MEMORY_SHARE = 0.5
+
+
+def default_memory_budget(device: torch.device | str | None) -> int | None:
+    """Bytes a default chunk may use on ``device``: half of a CUDA device's free memory (measured
+    when called), None on a CPU (the work budgets above apply there)."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free * ACCELERATOR_MEMORY_SHARE)
+
+
 def choose_batch_size(
     seq_len: int,
     *,
