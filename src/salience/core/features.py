@@ -108,10 +108,11 @@ class FeatureSet(Sequence[Feature]):
 
     def removed(self, keep: torch.Tensor) -> torch.Tensor:
         """Positions removed (B, P) bool for kept-feature rows ``keep`` (B, F) bool: a position is
-        removed when any feature covering it is not kept."""
+        removed when any feature covering it is not kept. Computed on ``keep``'s device."""
         dropped = (~keep.bool()).to(torch.float32)
-        hits = torch.zeros(keep.shape[0], self.positions, dtype=torch.float32)
-        hits.index_add_(1, self.pairs[1], dropped[:, self.pairs[0]])
+        pairs = self.pairs.to(keep.device)
+        hits = torch.zeros(keep.shape[0], self.positions, dtype=torch.float32, device=keep.device)
+        hits.index_add_(1, pairs[1], dropped[:, pairs[0]])
         return hits > 0
 
     def spread(self, scores: torch.Tensor) -> torch.Tensor:

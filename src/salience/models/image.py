@@ -357,7 +357,7 @@ class ImageClassifier:
         size = choose_batch_size(encoded.length, backward=False, batch_size=batch_size, budget=PIXELS)
 
         def run(chunk: slice) -> torch.Tensor:
-            removed = feature_set.removed(keep[chunk]).to(x.device)
+            removed = feature_set.removed(keep[chunk].to(x.device))  # built on the model's device
             rows = torch.where(removed[:, :, None], x0[None], x[None])
             return read_outputs(self._logits(_images(rows, encoded.grid)), targets)
 
