@@ -266,13 +266,15 @@ def test_grad_cam_on_efficientnet_equals_captum_at_conv_head():
 
 # ------------------------------------------------------------------ 7: the automatic layer
 def test_automatic_layer_on_efficientnet_is_recorded():
-    """The last spatial module that runs once: `_bn1` (7 x 7; its ReLU6 `_swish` is the one module
-    also used by the stem, so it is skipped); the choice costs one forward pass."""
+    """The last spatial module that runs once is `_bn1` (7 x 7; its ReLU6 `_swish` is the one module
+    also used by the stem, so it is skipped), but the global pooling after it receives the
+    activated map: its input is chosen (at `_bn1` Score-CAM's map was all zero on some photos); the
+    choice costs one forward pass."""
     from skimage import data
 
     model = salience.load_model("zoo:efficientnet-lite0")
     e = salience.explain(model, data.chelsea(), method="grad_cam")
-    assert e.params["layer"] == "_bn1" and np.array(e.extras["cam"]).shape == (1, 7, 7)
+    assert e.params["layer"] == "_avg_pooling:input" and np.array(e.extras["cam"]).shape == (1, 7, 7)
     assert e.cost.forward_passes == 3 and e.cost.backward_passes == 1  # predict, probe, the CAM row
     heat = e.heatmap()
     assert heat.shape == data.chelsea().shape[:2] and np.isfinite(heat).all()
@@ -508,8 +510,18 @@ def test_a_module_used_twice_is_refused_and_skipped(x):
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
     with pytest.raises(ParameterError, match="layer '1' runs 2 times in one forward pass"):
         salience.explain(classifier(net), x, method="grad_cam", layer="1")
-    assert salience.explain(classifier(net), x, method="grad_cam").params["layer"] == "2"
-    assert not any(any(counts) for counts in _hooks(net))
+    # the last conv "2" runs once, but the pooling receives the shared ReLU's output: its input is read
+    e = salience.explain(classifier(net), x, method="grad_cam")
+    assert e.params["layer"] == "4:input"
+    # = the output of an unshared ReLU at the same place in the same network
+    unshared = nn.Sequential(net[0], nn.ReLU(), net[2], nn.ReLU(), *net[4:]).eval()
+    for method in ("grad_cam", "score_cam", "ablation_cam"):
+        here = salience.explain(classifier(net), x, method=method)
+        there = salience.explain(classifier(unshared), x, method=method, layer="3")
+        assert here.params["layer"] == "4:input"
+        np.testing.assert_allclose(np.array(here.extras["cam"]), np.array(there.extras["cam"]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(here.scores, there.scores, rtol=0, atol=1e-12)
+    assert not any(any(counts) for counts in _hooks(net)) and not any(any(counts) for counts in _hooks(unshared))
 
 
 def test_a_module_given_as_an_object_is_named(x):
@@ -531,3 +543,50 @@ def test_registered_with_aliases_and_probability_output(x):
     assert {m.name for m in salience.methods() if m.kind == "cam"} >= set(ALL_CAMS)
     e = explain_probability(classifier(split_cnn()), x, method="gradcam", layer="0")
     assert 0 < e.output_value < 1  # the probability was explained
+
+
+class ChannelsLast(nn.Module):
+    """A CNN whose stage output is channels-last (N, H, W, C), as a Swin stage's, before pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+        self.stage = nn.Identity()  # receives and returns the (N, H, W, C) map
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nhwc = self.stage(torch.relu(self.conv(x)).permute(0, 2, 3, 1))
+        return self.head(nhwc.mean(dim=(1, 2)))
+
+
+def test_a_channels_last_layer_is_refused_unless_declared(x):
+    net = ChannelsLast().double().eval()
+    model = classifier(net)
+    with pytest.raises(ParameterError, match=r"looks channels-last \(N, H, W, C\).*layer='stage:nhwc'"):
+        salience.explain(model, x, method="grad_cam", layer="stage")
+    with pytest.raises(ParameterError, match="looks channels-last"):
+        salience.explain(model, x, method="grad_cam")  # the automatic choice would read it wrongly too
+    with pytest.raises(ParameterError, match="unknown or repeated suffix 'nchw'"):
+        salience.explain(model, x, method="grad_cam", layer="stage:nchw")
+    # declared: the same maps as the channels-first conv output it permutes
+    conv = nn.Sequential(net.conv, nn.ReLU())
+    reference = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.head).eval()
+    for method in ("grad_cam", "score_cam", "ablation_cam", "layer_cam"):
+        declared = salience.explain(model, x, method=method, layer="stage:nhwc")
+        plain = salience.explain(classifier(reference), x, method=method, layer="0")
+        assert declared.params["layer"] == "stage:nhwc"
+        np.testing.assert_allclose(np.array(declared.extras["cam"]), np.array(plain.extras["cam"]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow  # 1,281 forward rows of EfficientNet-Lite0: about a minute on 2 CPU cores
+def test_score_cam_on_efficientnet_reads_the_activated_map():
+    """At `_bn1` (before the shared ReLU6) Score-CAM's map was all zero on coffee and chelsea (measured:
+    ptp 0.0): the automatic layer is now the pooling's input, whose channels are non-negative."""
+    from salience.datasets.photos import load_photos
+
+    coffee = next(p for p in load_photos() if p.id == "coffee")
+    model = salience.load_model("zoo:efficientnet-lite0")
+    e = salience.explain(model, coffee.path, method="score_cam", batch_size=128)
+    cam = np.array(e.extras["cam"])
+    assert e.params["layer"] == "_avg_pooling:input" and np.ptp(e.scores) > 0 and (cam > 0).mean() > 0.2

@@ -51,6 +51,7 @@ from salience.models.layers import (
     describe,
     get_layer,
     needs_gradients,
+    parse_layer,
     recording,
     zero_channels,
 )
@@ -435,7 +436,7 @@ class ImageClassifier:
                 width = as_spatial(output, grid, name).shape[1]
                 if int(picked.min()) < 0 or int(picked.max()) >= width:
                     raise ParameterError(f"layer {name!r} has {width} channels; cannot ablate channel {int(picked.max())}")
-                return zero_channels(output, picked, grid)
+                return zero_channels(output, picked, grid, name)
 
             with capture(module, name, grad=False, edit=ablate), torch.no_grad():
                 return read_outputs(self._logits(image.expand(len(picked), -1, -1, -1)), targets)
@@ -455,7 +456,7 @@ class ImageClassifier:
             records, value = self._probe(row, targets, grid, grad=True)
         choice = choose_layer(records, value, grid, self.name)
         self.counter.backward_passes += int(choice.backward)
-        return choice.name, self.model.get_submodule(choice.name)
+        return choice.name, self.model.get_submodule(parse_layer(choice.name).module)
 
     def _probe(self, row: torch.Tensor, targets: list[Target], grid: tuple[int, int], *,
                grad: bool) -> tuple[list[Any], torch.Tensor]:

@@ -6,6 +6,12 @@ removes it on every path, exceptions included.
 A layer output is *spatial* when it is a 4-D convolutional map (N, K, h, w) with h x w > 1, or 3-D
 tokens (N, L, D) of a vision transformer that form a grid of patches after a few leading class or
 register tokens (:func:`token_layout`); tokens become a map with their D channels first.
+
+A layer is named by its dotted module name, optionally with suffixes: ``":input"`` reads the
+module's (first) input instead of its output (e.g. ``"_avg_pooling:input"``: the activated map a
+global pooling receives), ``":nhwc"`` declares a channels-last 4-D output (N, H, W, C) such as a
+Swin stage's. A 4-D output that reads as a grid of the input's shape only when taken as channels
+last is refused without ``":nhwc"`` (it would be read wrongly without error).
 """
 
 from __future__ import annotations
@@ -68,8 +74,10 @@ def is_spatial(value: Any, grid: tuple[int, int]) -> bool:
 
 
 def as_spatial(value: torch.Tensor, grid: tuple[int, int], name: str) -> torch.Tensor:
-    """A layer output (or its gradient) as (N, K, h, w): a 4-D map as it is; tokens (N, L, D) without
-    their leading extra tokens, reshaped row-major to the patch grid, channels first."""
+    """A layer output (or its gradient) as (N, K, h, w): a 4-D map as it is (permuted from (N, H, W, C)
+    for a ``":nhwc"`` layer ``name``); tokens (N, L, D) without their leading extra tokens, reshaped
+    row-major to the patch grid, channels first."""
+    value = check_layout(value, grid, parse_layer(name))
     if value.dim() == 4 and value.shape[2] * value.shape[3] > 1:
         return value
     layout = token_layout(value.shape[1], grid) if value.dim() == 3 else None
@@ -84,18 +92,68 @@ def as_spatial(value: torch.Tensor, grid: tuple[int, int], name: str) -> torch.T
     return value[:, extra:].reshape(value.shape[0], gh, gw, value.shape[2]).permute(0, 3, 1, 2)
 
 
-def zero_channels(value: torch.Tensor, channels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``value`` (a layer output, N rows) with channel ``channels[i]`` zeroed in row i, at every
-    spatial position (for tokens: every patch token; class/register tokens are kept)."""
+def zero_channels(value: torch.Tensor, channels: torch.Tensor, grid: tuple[int, int], name: str) -> torch.Tensor:
+    """``value`` (layer ``name``'s output, N rows) with channel ``channels[i]`` zeroed in row i, at
+    every spatial position (for tokens: every patch token; class/register tokens are kept)."""
     keep = torch.ones_like(value)
     rows = torch.arange(value.shape[0], device=value.device)
     picked = channels.to(value.device)
-    if value.dim() == 4:
+    if value.dim() == 4 and parse_layer(name).channels_last:
+        keep[rows, :, :, picked] = 0
+    elif value.dim() == 4:
         keep[rows, picked] = 0
     else:
         extra = token_layout(value.shape[1], grid)[0]  # type: ignore[index]  # checked by as_spatial first
         keep[:, extra:][rows, :, picked] = 0
     return value * keep
+
+
+# ------------------------------------------------------------------ naming a layer
+POINTS = ("input",)  # ":input": the module's first input instead of its output
+LAYOUTS = ("nhwc",)  # ":nhwc": a channels-last 4-D output
+
+
+class LayerSpec(NamedTuple):
+    """A parsed layer name: the module's dotted name, whether its input is read, and whether its
+    4-D value is channels-last."""
+
+    module: str
+    reads_input: bool = False
+    channels_last: bool = False
+
+    def __str__(self) -> str:
+        return self.module + (":input" if self.reads_input else "") + (":nhwc" if self.channels_last else "")
+
+
+def parse_layer(spec: str) -> LayerSpec:
+    """``"name[:input][:nhwc]"`` -> :class:`LayerSpec` (ParameterError for an unknown suffix)."""
+    module, *suffixes = spec.split(":")
+    unknown = [x for x in suffixes if x not in POINTS + LAYOUTS]
+    if unknown or len(set(suffixes)) < len(suffixes):
+        raise ParameterError(f"layer {spec!r}: unknown or repeated suffix {':'.join(unknown or suffixes)!r}; "
+                             "a layer is NAME, NAME:input (the module's input), NAME:nhwc (channels-last output) or NAME:input:nhwc")
+    return LayerSpec(module, "input" in suffixes, "nhwc" in suffixes)
+
+
+def channels_last_only(shape: tuple[int, ...], grid: tuple[int, int]) -> bool:
+    """Whether a 4-D shape (N, A, B, C) is a grid of the input's aspect ratio with whole cells only
+    when read channels-last ((A, B) is; (B, C) is not): a likely (N, H, W, C) output."""
+    def fits(h: int, w: int) -> bool:
+        return h * grid[1] == w * grid[0] and grid[0] % h == 0 and grid[1] % w == 0
+    return len(shape) == 4 and fits(shape[1], shape[2]) and not fits(shape[2], shape[3])
+
+
+def check_layout(value: torch.Tensor, grid: tuple[int, int], spec: LayerSpec) -> torch.Tensor:
+    """A 4-D layer value as (N, K, h, w): a ``":nhwc"`` layer permuted; an undeclared value that only
+    reads as a grid channels-last refused."""
+    if value.dim() != 4:
+        return value
+    if spec.channels_last:
+        return value.permute(0, 3, 1, 2)
+    if channels_last_only(tuple(value.shape), grid):
+        raise ParameterError(f"layer {str(spec)!r} gives {tuple(value.shape)}, which looks channels-last (N, H, W, C) for a "
+                             f"{grid[0]}x{grid[1]} input; give layer='{spec.module}:nhwc' if it is (or another layer)")
+    return value
 
 
 # ------------------------------------------------------------------ finding a layer
@@ -117,10 +175,11 @@ def get_layer(net: nn.Module, layer: str | nn.Module, listing: Callable[[], str]
         layer = str(layer)  # a child of an nn.Sequential (the CLI reads --param layer=4 as a number)
     if not isinstance(layer, str) or not layer:
         raise ParameterError(f"layer must be a dotted module name or a torch module, got {layer!r}")
+    spec = parse_layer(layer)
     modules = dict(net.named_modules())
-    if layer not in modules:
-        raise ParameterError(f"no layer {layer!r} in {type(net).__name__}; {listing()}")
-    return layer, modules[layer]
+    if spec.module not in modules:
+        raise ParameterError(f"no layer {spec.module!r} in {type(net).__name__}; {listing()}")
+    return str(spec), modules[spec.module]
 
 
 def scripted(module: nn.Module) -> bool:
@@ -137,6 +196,7 @@ class Record:
     calls: int = 0
     finished: int = -1
     output: Any = field(default=None, repr=False)
+    input: Any = field(default=None, repr=False)  # the first positional input of its first call
 
 
 @contextmanager
@@ -150,6 +210,7 @@ def recording(net: nn.Module) -> Iterator[list[Record]]:
             record.calls += 1
             if record.calls == 1:
                 record.finished, record.output = clock[0], output
+                record.input = _inputs[0] if _inputs else None
             clock[0] += 1
         return hook
 
@@ -196,7 +257,11 @@ def choose_layer(records: list[Record], value: torch.Tensor, grid: tuple[int, in
 
     CNNs (the last spatial layer is a 4-D map): the last module, in forward order, with a 4-D
     spatial output, that is not a pooling layer and runs once per pass; of modules giving the same
-    output the outermost (it finishes last): a whole block rather than its inner activation.
+    output the outermost (it finishes last): a whole block rather than its inner activation. If a
+    global pooling module (output of one position) follows it and receives another map of that
+    shape (an activation called as a function, or a shared activation module, sits between them:
+    EfficientNet's ``_bn1`` -> shared ``_swish`` -> ``_avg_pooling``), the pooling's input is
+    chosen instead (``"<pooling>:input"``): the activated map the classifier reads.
 
     Vision transformers (the last spatial layer gives patch tokens): among the token outputs of the
     model's width D (the most common one), the last whose patch tokens the explained output still
@@ -215,8 +280,15 @@ def choose_layer(records: list[Record], value: torch.Tensor, grid: tuple[int, in
     maps = [r for r in found if r.output.dim() == 4]
     tokens = [r for r in found if r.output.dim() == 3]
     if not needs_gradients(records, grid):
-        _check_no_tokens_after(maps[-1], records, grid)
-        return Choice(maps[-1].name, False)
+        last = maps[-1]
+        _check_no_tokens_after(last, records, grid)
+        if channels_last_only(tuple(last.output.shape), grid):
+            raise ParameterError(f"the last spatial layer of {model_name}, {last.name!r}, gives {tuple(last.output.shape)}, which looks "
+                                 f"channels-last (N, H, W, C); give layer='{last.name}:nhwc' if it is (or another layer)")
+        pooling = _global_pooling_after(last, records)
+        if pooling is not None and not _same_tensor(pooling.input, last.output):
+            return Choice(f"{pooling.name}:input", False)
+        return Choice(last.name, False)
     width = Counter(int(r.output.shape[2]) for r in tokens).most_common(1)[0][0]
     candidates = [r for r in tokens if r.output.shape[2] == width and r.output.requires_grad]
     gradients = torch.autograd.grad(value, [r.output for r in candidates], allow_unused=True) if candidates else ()
@@ -225,6 +297,21 @@ def choose_layer(records: list[Record], value: torch.Tensor, grid: tuple[int, in
         if gradient is not None and bool(gradient[:, extra:].ne(0).any()):
             return Choice(record.name, True)
     raise ParameterError(f"the output of {model_name} depends on no patch tokens of its token layers; give layer=...")
+
+
+def _global_pooling_after(last: Record, records: list[Record]) -> Record | None:
+    """The first pooling module after ``last`` that runs once and pools a map of ``last``'s shape to
+    one position, if any."""
+    for r in sorted(records, key=lambda r: r.finished):
+        value = r.input
+        if (r.finished > last.finished and r.calls == 1 and isinstance(r.module, POOLING) and isinstance(value, torch.Tensor)
+                and value.shape == last.output.shape and isinstance(r.output, torch.Tensor) and r.output[0, 0].numel() == 1):
+            return r
+    return None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def _check_no_tokens_after(last: Record, records: list[Record], grid: tuple[int, int]) -> None:
@@ -253,8 +340,9 @@ class Captured:
 @contextmanager
 def capture(module: nn.Module, name: str, *, grad: bool,
             edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Captured]:
-    """Capture ``module``'s output in each forward pass run inside (one call per pass; reset
-    ``calls`` between passes), after applying ``edit`` to it when given.
+    """Capture ``module``'s output (its first input for a ``":input"`` layer ``name``) in each forward
+    pass run inside (one call per pass; reset ``calls`` between passes), after applying ``edit`` to
+    it when given.
 
     The captured tensor is a copy, so in-place operations after the layer (an
     ``nn.ReLU(inplace=True)``) cannot change it. With ``grad`` it is a leaf that requires grad and
@@ -262,6 +350,12 @@ def capture(module: nn.Module, name: str, *, grad: bool,
     ``torch.autograd.grad(output, captured.value)``, and the backward pass stops at the layer (the
     layers before it need no graph). The hook is removed on every path."""
     seen = Captured(name)
+    reads_input = parse_layer(name).reads_input
+
+    def pre_hook(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not inputs:
+            raise ParameterError(f"layer {name!r}: the module is called without a positional input to read")
+        return (hook(module, (), inputs[0]), *inputs[1:])
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
         seen.calls += 1
@@ -276,7 +370,7 @@ def capture(module: nn.Module, name: str, *, grad: bool,
 
     if scripted(module):
         raise ParameterError(f"layer {name!r} is a TorchScript module, which takes no hooks; give the model as plain torch code")
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_pre_hook(pre_hook) if reads_input else module.register_forward_hook(hook)
     try:
         yield seen
     finally:
