@@ -21,12 +21,24 @@ class Target:
 
     For a causal LM, ``index`` is the token id, ``label`` its text and ``position`` the index of the
     token in the teacher-forced sequence (its output is read from the logits at ``position - 1``).
+
+    ``foil`` (a contrast): the explained scalar is output(``index``) - output(``foil``), both read
+    from the same logits (a logit difference, or a probability difference for ``"probability"``).
+    ``span`` (causal LMs): the token ids at positions ``position``, ``position + 1``, ...; the
+    target is the whole span, its log-probability the sum of the tokens' (see
+    ``salience.models.lm_targets``).
     """
 
     index: int
     label: str
     output: str = "probability"
     position: int | None = None
+    foil: int | None = None
+    span: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.span is not None and not isinstance(self.span, tuple):  # a list read back from JSON
+            object.__setattr__(self, "span", tuple(int(i) for i in self.span))
 
 
 @dataclass(frozen=True)
@@ -83,15 +95,25 @@ def read_outputs(logits: torch.Tensor, targets: list[Target]) -> torch.Tensor:
     kinds = {t.output for t in targets}
     if len(kinds) != 1:
         raise ParameterError(f"targets of one explanation must share one output kind, got {sorted(kinds)}")
-    index = torch.tensor([t.index for t in targets], device=logits.device)
     (kind,) = kinds
+    if all(t.foil is None for t in targets):
+        return _read_kind(logits, [t.index for t in targets], kind)
+    # contrasts: minus the foil's output, read from the same logits (one softmax for both)
+    both = _read_kind(logits, [t.index for t in targets] + [t.index if t.foil is None else t.foil for t in targets], kind)
+    has_foil = torch.tensor([t.foil is not None for t in targets], device=logits.device)
+    return both[:, :len(targets)] - torch.where(has_foil, both[:, len(targets):], 0)
+
+
+def _read_kind(logits: torch.Tensor, indices: list[int], kind: str) -> torch.Tensor:
+    """Output ``kind`` of the classes ``indices`` per row of ``logits`` (B, C) -> (B, len(indices))."""
+    index = torch.tensor(indices, device=logits.device)
     if kind == "logit":
         return logits[:, index]
     if kind == "log_probability":
         return torch.log_softmax(logits, dim=-1)[:, index]
     if kind == "log_odds":
-        others = logits[:, None, :].expand(-1, len(targets), -1).clone()  # (B, T, C)
-        others[:, torch.arange(len(targets)), index] = -torch.inf
+        others = logits[:, None, :].expand(-1, len(indices), -1).clone()  # (B, K, C)
+        others[:, torch.arange(len(indices)), index] = -torch.inf
         return logits[:, index] - torch.logsumexp(others, dim=-1)
     return torch.softmax(logits, dim=-1)[:, index]
 

@@ -38,7 +38,9 @@ from salience.core.features import Feature, FeatureSet
 from salience.core.target import Target, check_output, read_outputs
 from salience.errors import InputError, ParameterError, TargetError
 from salience.models.base import Encoded
+from salience.models.chat import Chat, is_messages, render_chat
 from salience.models.generation import decode_tokens, decoded_offsets, end_token_ids
+from salience.models.lm_targets import ContrastSpec, foil_ids, span_bounds, span_output, step_scores, target_positions, target_value
 from salience.models.passes import check_finite
 from salience.models.tokens import TokenAdapter, words_of
 
@@ -54,7 +56,8 @@ class CausalLM(TokenAdapter):
     kind = "causal LM"
     explanation_kind = "generation"
     default_level = "token"
-    encode_options = ("continuation", "max_new_tokens", "sample", "seed")
+    encode_options = ("continuation", "max_new_tokens", "sample", "seed", "contrast", "target_span", "step_scores",
+                      "template_tokens")
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, name: str | None = None, max_length: int | None = None) -> None:
         super().__init__(model, tokenizer, name=name)
@@ -73,20 +76,40 @@ class CausalLM(TokenAdapter):
 
     # --------------------------------------------------------------- encoding
     def is_single_input(self, inputs: Any) -> bool:
-        """One prompt (a string or an :class:`Encoded`); a list is several prompts."""
-        return isinstance(inputs, (str, Encoded))
+        """One prompt (a string, one chat's list of messages or an :class:`Encoded`); any other list
+        is several prompts."""
+        return isinstance(inputs, (str, Encoded)) or is_messages(inputs)
 
-    def encode(self, prompt: str, *, continuation: str | None = None, max_new_tokens: int | None = None,
-               sample: bool = False, seed: int = 0, truncate: bool = False) -> Encoded:
+    def encode(self, prompt: str | list[dict[str, str]], *, continuation: str | None = None, max_new_tokens: int | None = None,
+               sample: bool = False, seed: int = 0, truncate: bool = False, contrast: ContrastSpec | None = None,
+               target_span: Sequence[int] | Sequence[Sequence[int]] | None = None, step_scores: bool | None = None,
+               template_tokens: bool = False) -> Encoded:
         """Tokenise ``prompt`` and either teacher-force ``continuation`` or generate ``max_new_tokens``
         tokens (default 16; greedy, or sampled with ``seed`` when ``sample``). Prompt plus new tokens
         over the context length raise :class:`InputError` unless ``truncate`` (the prompt is then cut
-        from the left, keeping a leading BOS). Generation spends one counted forward pass per token."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty" if isinstance(prompt, str) else "a prompt must be a text")
+        from the left, keeping a leading BOS). Generation spends one counted forward pass per token.
+
+        ``prompt`` may be chat messages (``[{"role": "user", "content": ...}, ...]``): the tokenizer's
+        chat template is applied (:mod:`salience.models.chat`), its own tokens are special (in no
+        feature, kept by every baseline) unless ``template_tokens``, and ``extras["segments"]`` says
+        which characters are each message's and the assistant turn's (the continuation).
+
+        ``contrast``: a foil for every continuation token (a text aligned by position, a token id or
+        a list of ids): each target explains output(token) - output(foil). ``target_span``: one
+        ``(start, end)`` of continuation token indices, or a list of them: one target per span, its
+        log-probability (see :mod:`salience.models.lm_targets`). ``step_scores`` (probability,
+        entropy, surprisal of each continuation token, nats) are kept in ``extras["step_scores"]``:
+        from the decoding steps when generating (no extra pass); for a given continuation only when
+        ``step_scores=True`` (one counted forward row); ``False``: none."""
         if continuation is not None and max_new_tokens is not None:
             raise ParameterError("give either a continuation (teacher forcing) or max_new_tokens (generation), not both")
-        prompt_part = self._tokenise(prompt, add_special_tokens=True)
+        chat = render_chat(self.tokenizer, prompt) if not isinstance(prompt, str) else None
+        text_prompt = chat.text if chat is not None else prompt
+        if not isinstance(text_prompt, str) or not text_prompt.strip():
+            raise InputError("the prompt is empty" if isinstance(text_prompt, str) else "a prompt must be a text or chat messages")
+        prompt_part = self._tokenise(text_prompt, add_special_tokens=chat is None)
+        if chat is not None:
+            prompt_part, template = _mark_template(prompt_part, chat, include=template_tokens)
         if not prompt_part[0]:
             raise InputError("the prompt tokenises to no token")
         if continuation is not None:
@@ -98,21 +121,48 @@ class CausalLM(TokenAdapter):
             new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens)
             if new < 1:
                 raise ParameterError(f"max_new_tokens must be at least 1, got {new}")
+        if contrast is not None and target_span is not None:
+            raise ParameterError("a contrast and a target span cannot be combined; explain the span, or contrast its tokens")
         keep = self._fit(prompt_part[2], new, truncate)
         ids, offsets, special = ([part[i] for i in keep] for part in prompt_part)
+        steps: list[torch.Tensor] = []
         if continuation is None:
             generated = decode_tokens(self._call_model, self.model, torch.tensor(ids, dtype=torch.long), new,
-                                      end_ids=self.end_ids, sample=sample, seed=seed)
+                                      end_ids=self.end_ids, sample=sample, seed=seed,
+                                      on_step=steps.append if step_scores is not False else None)
             text, cont_offsets = decoded_offsets(self.tokenizer, generated)
             cont = (generated, cont_offsets, [i in self._special_ids() for i in generated])
         else:
             text, cont = continuation, given
-        extras: dict[str, object] = {"prompt": prompt, "continuation": text, "generated": continuation is None,
+        extras: dict[str, object] = {"prompt": text_prompt, "continuation": text, "generated": continuation is None,
                                      "prompt_length": len(ids)}
         if continuation is None and sample:
             extras.update(sample=True, seed=seed)
-        return self._encoded(prompt, text, (ids + cont[0], offsets + cont[1], special + cont[2]),
+        if chat is not None:
+            kept_at = {old: new for new, old in enumerate(keep)}
+            extras.update(_chat_extras(chat, text, [kept_at[t] for t in template if t in kept_at]))
+        if contrast is not None:
+            foils = foil_ids(contrast, lambda t: self._tokenise(t, add_special_tokens=False)[0], len(cont[0]), self._vocab_size())
+            extras.update(contrast=contrast if isinstance(contrast, (str, int)) else list(contrast), foil_ids=foils)
+        if target_span is not None:
+            extras["target_span"] = _spans(target_span, len(cont[0]))
+        if steps or step_scores:
+            extras["step_scores"] = self._step_scores(ids, cont[0], steps)
+        return self._encoded(text_prompt, text, (ids + cont[0], offsets + cont[1], special + cont[2]),
                              truncated=len(keep) < len(prompt_part[0]), extras=extras)
+
+    def _step_scores(self, prompt_ids: list[int], new_ids: list[int], steps: list[torch.Tensor]) -> dict[str, list[float]]:
+        """Step scores of the continuation: from the decoding steps' logits, else from one forward row
+        of the whole sequence (counted)."""
+        if not steps:
+            sequence = torch.tensor(prompt_ids + new_ids, dtype=torch.long)[None]
+            read = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(new_ids) - 1)[None]
+            with torch.no_grad():
+                steps = list(self._read_logits(sequence, torch.ones_like(sequence), read)[0])
+        return step_scores(torch.stack(steps), torch.tensor(new_ids, dtype=torch.long))
+
+    def _vocab_size(self) -> int:
+        return int(getattr(self.model.config, "vocab_size", None) or len(self.tokenizer))  # type: ignore[union-attr]
 
     def _tokenise(self, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
         """Ids, character offsets and special flags of ``text``: tokens the tokenizer added (BOS) and
@@ -166,10 +216,19 @@ class CausalLM(TokenAdapter):
     def resolve_targets(self, encoded: Encoded, prediction: object, target: int | str | Sequence[int | str] | None,
                         output: str) -> list[Target]:
         """One target per continuation token (``None`` or ``"all"``), or those chosen by index into the
-        continuation (0 = its first token; negative indices count from the end): one or a list."""
+        continuation (0 = its first token; negative indices count from the end): one or a list. With
+        a contrast each target carries its foil (label "token vs foil"); with target spans (encoded
+        with ``target_span``) the targets are the spans, and ``target`` must be left out."""
         check_output(output)
         start = int(encoded.extras["prompt_length"])  # type: ignore[call-overload]
-        every = [Target(int(encoded.input_ids[p]), encoded.tokens[p], output, p) for p in range(start, encoded.length)]
+        spans = encoded.extras.get("target_span")
+        if spans is not None:
+            if target is not None and target != "all":
+                raise TargetError("give target_span or target, not both: a target span is the target")
+            return [self._span_target(encoded, start + a, start + b, output) for a, b in spans]  # type: ignore[union-attr]
+        foils = encoded.extras.get("foil_ids")
+        every = [self._token_target(encoded, p, output, None if foils is None else int(foils[p - start]))  # type: ignore[index]
+                 for p in range(start, encoded.length)]
         if target is None or (isinstance(target, str) and target == "all"):
             return every
         picks = list(target) if isinstance(target, (list, tuple)) else [target]
@@ -185,26 +244,48 @@ class CausalLM(TokenAdapter):
             chosen.append(every[index])
         return chosen
 
+    def _token_target(self, encoded: Encoded, position: int, output: str, foil: int | None) -> Target:
+        label = encoded.tokens[position]
+        if foil is not None:
+            label = f"{label} vs {self.tokenizer.decode([foil], clean_up_tokenization_spaces=False)}"
+        return Target(int(encoded.input_ids[position]), label, output, position, foil=foil)
+
+    def _span_target(self, encoded: Encoded, first: int, end: int, output: str) -> Target:
+        """The span of positions [first, end) as one target, labelled with its continuation text."""
+        span_output(torch.zeros(1, dtype=torch.float64), output)  # refuses an output a span has not
+        ids = tuple(int(i) for i in encoded.input_ids[first:end])
+        located = {t: f for f in encoded.token_features if f.segment == CONTINUATION for t in f.tokens}
+        if all(p in located for p in range(first, end)):
+            text = str(encoded.extras["continuation"])
+            label = text[located[first].start:located[end - 1].end]
+        else:
+            label = "".join(encoded.tokens[first:end])
+        return Target(ids[0], label, output, first, span=ids)
+
     def available(self, encoded: Encoded, targets: Sequence[Target], features: FeatureSet) -> np.ndarray:
-        """(T, F): feature f can influence the target at position p iff all its positions are < p."""
+        """(T, F): feature f can influence the target at position p iff all its positions are < p (a
+        span target: < its last position)."""
         last = torch.full((len(features),), -1, dtype=torch.long)
         last.scatter_reduce_(0, features.pairs[0], features.pairs[1], reduce="amax")
-        positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
+        positions = torch.tensor([target_positions(t)[-1] for t in targets], dtype=torch.long)
         return (last[None, :] < positions[:, None]).numpy()
 
     # ---------------------------------------------------------------- running
     def _outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                  kept: torch.Tensor | None, targets: Sequence[Target]) -> torch.Tensor:
-        """Every target's output from one model call on (B, W) rows: target t reads the logits at
-        ``position - 1`` or, in a deletion row, at the last kept position before its position; a
-        target with no kept position before it reads an extra row holding only the start token.
-        Only the (B, T) logit rows read are computed (``logits_to_keep``) where the model allows it."""
-        positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
+        """Every target's output from one model call on (B, W) rows: the token at position p is read
+        from the logits at ``p - 1`` or, in a deletion row, at the last kept position before p; a
+        token with no kept position before it reads an extra row holding only the start token. A
+        target reads its token (a span: each of its tokens; a contrast: its foil too, from the
+        same logits). Only the logit rows read are computed (``logits_to_keep``) where the model
+        allows it."""
+        groups = [target_positions(t) for t in targets]
+        positions = torch.tensor([p for group in groups for p in group], dtype=torch.long)  # (K,)
         rows = input_ids.shape[0]
         if kept is None:
             read = (positions - 1).expand(rows, -1)
         else:
-            read = kept.long().cumsum(dim=1)[:, positions - 1] - 1  # (B, T): kept positions before p, minus one
+            read = kept.long().cumsum(dim=1)[:, positions - 1] - 1  # (B, K): kept positions before p, minus one
         source = torch.arange(rows)[:, None].expand_as(read)
         if bool((read < 0).any()):  # a whole prefix deleted: read the start row instead
             start_row = torch.full((1, input_ids.shape[1]), self._pad_id(), dtype=input_ids.dtype)
@@ -214,21 +295,35 @@ class CausalLM(TokenAdapter):
             input_ids, attention_mask = torch.cat([input_ids, start_row]), torch.cat([attention_mask, start_mask])
             source = torch.where(read < 0, rows, source)
             read = torch.cat([read.clamp(min=0), torch.zeros(1, read.shape[1], dtype=read.dtype)])
-        logits = self._read_logits(input_ids, attention_mask, read)  # (B', T, V)
-        logits = logits[source.to(logits.device), torch.arange(len(targets), device=logits.device)[None]]  # (B, T, V)
+        logits = self._read_logits(input_ids, attention_mask, read)  # (B', K, V)
+        logits = logits[source.to(logits.device), torch.arange(len(positions), device=logits.device)[None]]  # (B, K, V)
         logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-        return torch.stack([read_outputs(logits[:, t], [target])[:, 0] for t, target in enumerate(targets)], dim=1)
+        ends = np.cumsum([len(group) for group in groups]).tolist()
+        return torch.stack([target_value(target, logits[:, end - len(group):end])
+                            for target, group, end in zip(targets, groups, ends)], dim=1)
 
     def _row_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                      targets: Sequence[Target], which: torch.Tensor) -> torch.Tensor:
-        """A backward row explains one target: only the logits at that target's ``position - 1`` are
-        computed (not all T positions, whose softmaxes a single gradient does not need)."""
-        positions = torch.tensor([_position(t) for t in targets], dtype=torch.long)
-        read = (positions[which.cpu()] - 1)[:, None]  # (B, 1)
-        logits = self._read_logits(input_ids, attention_mask, read)[:, 0]  # (B, V)
+        """A backward row explains one target: only the logits at that target's positions (minus one)
+        are computed (not all targets', whose softmaxes a single gradient does not need)."""
+        groups = [target_positions(t) for t in targets]
+        which = which.cpu()
+        if all(len(group) == 1 for group in groups):
+            positions = torch.tensor([group[0] for group in groups], dtype=torch.long)
+            read = (positions[which] - 1)[:, None]  # (B, 1)
+            logits = self._read_logits(input_ids, attention_mask, read)[:, 0]  # (B, V)
+            logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+            outputs = read_outputs(logits, list(targets))  # (B, T): every target's token read from the row's logits
+            return outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
+        width = max(len(groups[t]) for t in which.tolist())  # span rows: each row's positions, padded with its last
+        read = torch.tensor([[groups[t][min(k, len(groups[t]) - 1)] - 1 for k in range(width)] for t in which.tolist()])
+        logits = self._read_logits(input_ids, attention_mask, read)  # (B, width, V)
         logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-        outputs = read_outputs(logits, list(targets))  # (B, T): every target's token read from the row's logits
-        return outputs.gather(1, which[:, None].to(outputs.device))[:, 0]
+        values = torch.empty(len(which), dtype=logits.dtype, device=logits.device)
+        for t in which.unique().tolist():
+            mine = (which == t).nonzero()[:, 0].to(logits.device)
+            values = values.index_put((mine,), target_value(targets[t], logits[mine, :len(groups[t])]))
+        return values
 
     def _read_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, V) at positions ``read`` (B, K) of each row, from one model call."""
@@ -265,7 +360,29 @@ def _keeps_logits_per_row(model: nn.Module) -> bool:
     return hasattr(modeling_utils, "slice_logits_to_keep")
 
 
-def _position(target: Target) -> int:
-    if target.position is None or target.position < 1:
-        raise TargetError(f"target {target.label!r} has no position after the first token of the sequence")
-    return int(target.position)
+def _mark_template(part: tuple[list[int], list[tuple[int, int]], list[bool]], chat: Chat, *,
+                   include: bool) -> tuple[tuple[list[int], list[tuple[int, int]], list[bool]], list[int]]:
+    """The rendered chat's tokens with the template's own tokens (those whose first character is in
+    no message's content) marked special unless ``include``; and the template tokens' positions."""
+    ids, offsets, special = part
+    template = [t for t, (a, b) in enumerate(offsets) if not (b > a and chat.content_of(a))]
+    if not include:
+        marked = set(template)
+        special = [s or t in marked for t, s in enumerate(special)]
+    return (ids, offsets, special), template
+
+
+def _chat_extras(chat: Chat, continuation: str, template: list[int]) -> dict[str, object]:
+    """What an Explanation keeps of a chat: the messages, each message's characters in the prompt and
+    the assistant turn (the continuation, segment 1), and the template tokens' positions."""
+    assistant = {"role": "assistant", "message": None, "segment": CONTINUATION, "start": 0, "end": len(continuation)}
+    return {"messages": chat.messages, "segments": [*chat.segments, assistant], "template_positions": template}
+
+
+def _spans(target_span: Sequence[int] | Sequence[Sequence[int]], count: int) -> list[list[int]]:
+    """One ``(start, end)`` or a list of them, each checked against the ``count`` continuation tokens."""
+    one = isinstance(target_span, (tuple, list)) and len(target_span) == 2 and all(isinstance(v, int) for v in target_span)
+    spans = [target_span] if one else list(target_span)  # type: ignore[arg-type]
+    if not spans:
+        raise ParameterError("target_span is empty; give (start, end) of continuation token indices")
+    return [list(span_bounds(span, count)) for span in spans]

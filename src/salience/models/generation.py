@@ -33,9 +33,11 @@ def end_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 
 
 def decode_tokens(call: Callable[..., Any], model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
-                  end_ids: set[int], sample: bool = False, seed: int = 0) -> list[int]:
+                  end_ids: set[int], sample: bool = False, seed: int = 0,
+                  on_step: Callable[[torch.Tensor], None] | None = None) -> list[int]:
     """Continue ``prompt_ids`` (L,) by up to ``max_new_tokens`` tokens. ``call`` runs the model on one
-    row and counts it (one forward pass per decoding step: the prompt, then one token per step)."""
+    row and counts it (one forward pass per decoding step: the prompt, then one token per step).
+    ``on_step`` receives each step's next-token logits (V,) (float64, CPU)."""
     parameters = inspect.signature(model.forward).parameters
     cache_name = "cache" if "cache" in parameters else "past_key_values"
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
@@ -52,6 +54,8 @@ def decode_tokens(call: Callable[..., Any], model: nn.Module, prompt_ids: torch.
             logits = output.logits[0, -1].double().cpu()
             if not torch.isfinite(logits).all():
                 raise ModelOutputError(f"the model returned NaN or infinite logits at generation step {len(produced) + 1}")
+            if on_step is not None:
+                on_step(logits)
             token = _next_token(logits, generator)
             produced.append(token)
             if token in end_ids:
