@@ -1,0 +1,347 @@
+"""DeepLIFT's Rescale rule as a :class:`torch.overrides.TorchFunctionMode` (see
+:mod:`salience.methods.rules` for the mechanism): while :class:`RescaleMode` is active every torch
+function called from Python passes through it, so nothing is attached to the model.
+
+Two passes run inside one mode:
+
+1. the *reference pass* (no gradients): each nonlinear unit's input and output on the reference rows
+   are recorded, in call order;
+2. the *input pass* (forward + backward): the k-th nonlinear call of every forward meets the k-th
+   recorded reference call; its backward sends ``g * (y - y_ref) / (x - x_ref)`` (Rescale) to its
+   input instead of ``g * f'(x)``; where ``|x - x_ref| < eps`` the ordinary derivative is used (as
+   Captum). Max pooling uses Captum's rule (the output change split between the input's and the
+   reference's maxima). Every other function on the gradient path must be linear (affine) in the
+   input: a whitelist (convolutions, linear layers, sums, reshapes, pooling by averages, batch norm
+   and dropout in eval mode, products with at most one input-dependent factor, ...). Anything else
+   (softmax, layer norm, a product of two input-dependent tensors, an unknown function) is refused
+   with a one-line error naming it: DeepLIFT would be silently wrong there.
+
+Rows: each backward row of the input pass has one reference row (``reference_of_row``); forwards
+are matched to rows in order (each forward takes the next ``B`` rows, B its batch size), so any
+chunking of the rows works. Not seen: code that does not go through Python torch functions
+(TorchScript, compiled graphs); such a model is refused only if a mismatch shows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
+
+from salience.errors import ParameterError
+
+# ------------------------------------------------------------------ what the mode knows
+# elementwise units y = f(x): the Rescale rule applies to each
+_ELEMENTWISE_NAMES = ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "elu", "elu_", "selu", "celu", "leaky_relu",
+                      "leaky_relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus", "gelu", "silu", "mish",
+                      "hardswish", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink")
+# linear (affine) in every tensor argument
+_LINEAR_NAMES = (
+    "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_", "subtract",
+    "neg", "__neg__", "negative", "__pos__", "positive", "sum", "mean", "cumsum", "cat", "concat", "concatenate",
+    "stack", "hstack", "vstack", "reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "permute",
+    "transpose", "transpose_", "swapaxes", "movedim", "t", "contiguous", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_",
+    "expand", "expand_as", "broadcast_to", "repeat", "tile", "__getitem__", "gather", "index_select", "narrow", "select",
+    "split", "chunk", "unbind", "tensor_split", "roll", "flip", "clone", "copy_", "to", "type", "float", "double", "half",
+    "requires_grad_", "detach", "pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "fold", "where", "masked_fill", "diagonal",
+)
+# linear when at most one tensor argument depends on the input (weights are frozen while scoring)
+_PRODUCT_NAMES = ("mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply", "matmul", "__matmul__", "__rmatmul__",
+                  "mm", "bmm", "mv", "dot", "outer", "einsum", "addmm", "baddbmm", "addmv", "linear", "bilinear",
+                  "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+# linear when the divisor does not depend on the input
+_QUOTIENT_NAMES = ("div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide")
+# linear in eval mode only (argument ``training`` False)
+_EVAL_ONLY_NAMES = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+                    "batch_norm")
+_MAX_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+
+
+def _functions(names: Iterable[str]) -> dict[Callable[..., Any], str]:
+    """Every torch function, ``torch.nn.functional`` function or Tensor method of these names -> name."""
+    found: dict[Callable[..., Any], str] = {}
+    for name in names:
+        for owner, prefix in ((torch, "torch."), (F, "torch.nn.functional."), (torch.Tensor, "Tensor."),
+                              (torch._C._nn, "torch._C._nn.")):
+            func = getattr(owner, name, None)
+            if callable(func):
+                found.setdefault(func, prefix + name)
+    return found
+
+
+ELEMENTWISE = _functions(_ELEMENTWISE_NAMES)
+LINEAR = _functions(_LINEAR_NAMES)
+PRODUCTS = _functions(_PRODUCT_NAMES)
+QUOTIENTS = _functions(_QUOTIENT_NAMES)
+EVAL_ONLY = _functions(_EVAL_ONLY_NAMES)
+HANDLED_UNITS = "ReLU, ReLU6, Hardtanh, LeakyReLU, ELU, SELU, CELU, GELU, SiLU, Mish, Sigmoid, Tanh, Softplus, " \
+                "Hardswish, Hardsigmoid, LogSigmoid, Softsign, Tanhshrink, max pooling"
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """A readable name of a torch function as the mode sees it."""
+    for table in (ELEMENTWISE, LINEAR, PRODUCTS, QUOTIENTS, EVAL_ONLY):
+        if func in table:
+            return table[func]
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return f"{module}.{name}" if module and not name.startswith(module) else name
+
+
+def _tensors(values: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in ``values`` (nested lists, tuples and dicts)."""
+    if isinstance(values, torch.Tensor):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            yield from _tensors(value)
+    elif isinstance(values, dict):
+        for value in values.values():
+            yield from _tensors(value)
+
+
+def _on_path(values: Any) -> bool:
+    return any(t.requires_grad for t in _tensors(values))
+
+
+def _bound(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (empty when the signature cannot be read, e.g. a builtin)."""
+    try:
+        return dict(inspect.signature(func).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if func in LINEAR:
+        return True
+    if func in PRODUCTS:
+        return sum(t.requires_grad for t in _tensors((args, kwargs))) <= 1
+    if func in QUOTIENTS:
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        return not _on_path(divisor)
+    if func in EVAL_ONLY:
+        bound = _bound(func, args, kwargs)
+        return bound.get("training", True) is False
+    return False
+
+
+# ------------------------------------------------------------------ the rules' backward passes
+Rebuild = Callable[[torch.Tensor], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Rebuild]:
+    """The unit's input tensor and a function putting another tensor in its place."""
+    if args:
+        return args[0], lambda t: ((t, *args[1:]), kwargs)
+    key = "input" if "input" in kwargs else "self"
+    return kwargs[key], lambda t: (args, {**kwargs, key: t})
+
+
+def _is_inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or bool(_bound(func, args, kwargs).get("inplace", False))
+
+
+class _Rescale(torch.autograd.Function):
+    """y = f(x) (the original call, in place when it was); backward: g (y - y_ref) / (x - x_ref), or
+    the ordinary derivative g f'(x) where |x - x_ref| < eps."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor], x_ref: torch.Tensor,
+                y_ref: torch.Tensor, eps: float, inplace: bool) -> torch.Tensor:
+        saved = x.detach().clone() if inplace else x.detach()
+        y = call(x)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(saved, y, x_ref, y_ref)
+        ctx.call, ctx.eps = call, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y, x_ref, y_ref = ctx.saved_tensors
+        delta = x - x_ref
+        small = delta.abs() < ctx.eps
+        result = grad * (y - y_ref) / torch.where(small, torch.ones_like(delta), delta)
+        if bool(small.any()):
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                (local,) = torch.autograd.grad(ctx.call(leaf.clone()), leaf, grad)
+            result = torch.where(small, local, result)
+        return result, None, None, None, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    """Max pooling with Captum's DeepLIFT rule: with M = max(y, y_ref), g (M - y_ref) goes to the
+    input's maxima and g (y - M) to the reference's maxima (positions summed), divided by
+    x - x_ref; the ordinary gradient where |x - x_ref| < eps. Windows that overlap add their shares
+    (Captum's unpooling keeps one of them)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pool: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                dims: int, x_ref: torch.Tensor, y_ref: torch.Tensor, i_ref: torch.Tensor, eps: float) -> torch.Tensor:
+        y, indices = pool(x)
+        ctx.save_for_backward(x.detach(), y, indices, x_ref, y_ref, i_ref)
+        ctx.dims, ctx.eps = dims, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y, indices, x_ref, y_ref, i_ref = ctx.saved_tensors
+        lead = x.shape[:-ctx.dims]
+
+        def unpool(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+            flat = torch.zeros((*lead, x.shape[-ctx.dims:].numel()), dtype=grad.dtype, device=grad.device)
+            return flat.scatter_add_(-1, where.expand_as(values).reshape(*lead, -1), values.reshape(*lead, -1)).reshape(x.shape)
+
+        top = torch.maximum(y, y_ref)
+        shares = unpool(grad * (top - y_ref), indices) + unpool(grad * (y - top), i_ref)
+        delta = x - x_ref
+        small = delta.abs() < ctx.eps
+        result = torch.where(small, unpool(grad, indices), shares / torch.where(small, torch.ones_like(delta), delta))
+        return result, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------ the mode
+@dataclass
+class _Recorded:
+    """One nonlinear call of the reference pass: the function, its input and output (rows first)
+    and, for max pooling, the argmax indices."""
+
+    func: Callable[..., Any]
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: torch.Tensor | None = None
+
+
+class RescaleMode(TorchFunctionMode):
+    """``with RescaleMode(eps) as mode:`` run the reference rows' forward pass (recorded), then
+    :meth:`begin_inputs` with each backward row's reference index, then the input rows' forward +
+    backward: the backward follows DeepLIFT's Rescale rule. ``units``: nonlinear calls per forward."""
+
+    def __init__(self, eps: float = 1e-10, method: str = "deeplift") -> None:
+        super().__init__()
+        self.eps, self.method = eps, method
+        self.recorded: list[_Recorded] = []
+        self.n_references = 0
+        self.reference_of_row: torch.Tensor | None = None
+        self.calls = 0  # nonlinear calls of the input pass
+        self.offset = 0  # rows of the input pass whose forward has finished
+        self.batch = 0
+        self.rows: torch.Tensor | None = None
+
+    @property
+    def units(self) -> int:
+        return len(self.recorded)
+
+    def begin_inputs(self, reference_of_row: torch.Tensor, n_references: int) -> None:
+        """Switch from recording the reference pass to applying the rule; row i of the input pass
+        (in the order of its forward calls) is compared with reference row ``reference_of_row[i]``."""
+        self.reference_of_row, self.n_references = reference_of_row.long().cpu(), n_references
+        for i, call in enumerate(self.recorded):
+            if call.x.shape[0] != n_references:
+                raise ParameterError(f"{self.method} needs each nonlinear unit to keep the batch as its first dimension; "
+                                     f"unit {i + 1} ({function_name(call.func)}) works on shape {tuple(call.x.shape)} "
+                                     f"for {n_references} reference rows")
+
+    def finish(self) -> None:
+        """Check that every input row met its reference in every nonlinear unit."""
+        assert self.reference_of_row is not None
+        if self.units and (self.offset != len(self.reference_of_row) or self.calls % self.units):
+            raise ParameterError(f"{self.method}: the input pass made {self.calls} nonlinear calls over {self.offset} rows, "
+                                 f"not {self.units} per forward over {len(self.reference_of_row)} rows; the model's "
+                                 "forward pass must run the same units for the input and the reference")
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in ELEMENTWISE or func in _MAX_POOLS:
+            return self._unit(func, args, kwargs)
+        result = func(*args, **kwargs)
+        if self.reference_of_row is not None and torch.is_grad_enabled() and _on_path(result) \
+                and not _is_linear_call(func, args, kwargs):
+            raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the gradient path (nonlinear or "
+                                 f"not known to be linear); it handles {HANDLED_UNITS} between linear layers, so "
+                                 "transformers (softmax, layer norm) and products of input-dependent tensors are refused")
+        return result
+
+    # -------------------------------------------------------------- nonlinear units
+    def _unit(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x, rebuild = _split(args, kwargs)
+        dims = _MAX_POOLS.get(func)
+        if dims is not None and _bound(func, args, kwargs).get("return_indices", False):
+            raise ParameterError(f"{self.method} cannot follow a max pooling that returns its indices")
+        if dims is not None:
+            def pool(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                a, k = rebuild(t)
+                return func(*a, **{**k, "return_indices": True})  # type: ignore[no-any-return]
+
+            if self.reference_of_row is None:  # reference pass: record
+                y, indices = pool(x)
+                self.recorded.append(_Recorded(func, x.detach().clone(), y.detach().clone(), indices))
+                return y
+            x_ref, y_ref, i_ref = self._reference(func, x, with_indices=True)
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return pool(x)[0]
+            return _MaxPool.apply(x, pool, dims, x_ref, y_ref, i_ref, self.eps)
+
+        def call(t: torch.Tensor) -> torch.Tensor:
+            a, k = rebuild(t)
+            return func(*a, **k)  # type: ignore[no-any-return]
+
+        inplace = _is_inplace(func, args, kwargs)
+        if self.reference_of_row is None:
+            before = x.detach().clone()
+            y = call(x)
+            if y.shape != before.shape:
+                raise ParameterError(f"{self.method}: {function_name(func)} changed the shape {tuple(before.shape)} -> "
+                                     f"{tuple(y.shape)}; the Rescale rule needs an elementwise unit")
+            self.recorded.append(_Recorded(func, before, y.detach().clone()))
+            return y
+        x_ref, y_ref, _ = self._reference(func, x, with_indices=False)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return call(x)
+        return _Rescale.apply(x, call, x_ref, y_ref, self.eps, inplace)
+
+    def _reference(self, func: Callable[..., Any], x: torch.Tensor, *, with_indices: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The recorded reference input, output (and indices) of this call, one row per row of x."""
+        assert self.reference_of_row is not None
+        if not self.units:
+            raise ParameterError(f"{self.method}: {function_name(func)} ran on the input but not on the reference")
+        k = self.calls % self.units
+        recorded = self.recorded[k]
+        if recorded.func is not func or tuple(recorded.x.shape[1:]) != tuple(x.shape[1:]):
+            raise ParameterError(f"{self.method}: nonlinear call {k + 1} differs between the reference pass "
+                                 f"({function_name(recorded.func)}, {tuple(recorded.x.shape[1:])}) and the input pass "
+                                 f"({function_name(func)}, {tuple(x.shape[1:])}); the model must run the same units for both")
+        if k == 0:
+            self.batch = x.shape[0]
+            self.rows = self.reference_of_row[self.offset:self.offset + self.batch]
+            if len(self.rows) != self.batch:
+                raise ParameterError(f"{self.method}: the input pass ran more rows than it was given ({self.offset + self.batch})")
+        if x.shape[0] != self.batch:
+            raise ParameterError(f"{self.method}: nonlinear call {k + 1} ({function_name(func)}) has {x.shape[0]} rows in a "
+                                 f"forward of {self.batch}; each unit must keep the batch as its first dimension")
+        self.calls += 1
+        if k == self.units - 1:
+            self.offset += self.batch
+        assert self.rows is not None
+        rows = self.rows.to(recorded.x.device)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(x.shape[0], *t.shape[1:]) if self.n_references == 1 else t[rows]
+
+        indices = pick(recorded.indices) if with_indices and recorded.indices is not None else None
+        return pick(recorded.x).to(x.dtype), pick(recorded.y).to(x.dtype), indices
