@@ -2,7 +2,7 @@
 
 Every metric takes ``rationale``: one human score per feature of the explanation (same order, same
 level), binary (0/1) or graded (>= 0). Graded rationales are binarised as ``rationale > threshold``
-(default 0) for F1, IOU, AUPRC and precision@k. The explanation's ranking is by ``|score|`` by
+(default 0) for F1, IOU, AUPRC / average precision and precision@k. The explanation's ranking is by ``|score|`` by
 default (``rank_by="abs"``): human sentiment rationales mark the words that decide the label
 whichever way they push, so a strongly negative score on a marked word counts as a hit. Use
 ``rank_by="score"`` to rank by signed score (only positive evidence counts). Ties keep input order.
@@ -125,10 +125,9 @@ def iou_f1(model: Any, explanation: Explanation, *, rationale: Sequence[float] |
                          "human_spans": human_spans, "best_iou": best})
 
 
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Average precision of ``scores`` against binary ``labels``, as scikit-learn's
-    ``average_precision_score``: sum over distinct score thresholds (high to low) of
-    (R_n - R_{n-1}) * P_n, tied scores entering together."""
+def _pr_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at each distinct score threshold, high to low (tied scores enter
+    together), as scikit-learn's ``precision_recall_curve`` before its final (recall 0, precision 1)."""
     labels = np.asarray(labels, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
@@ -136,22 +135,70 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     # last index of each group of equal scores
     ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.shape[0] - 1]
     tp = np.cumsum(sorted_labels)[ends]
-    fp = (ends + 1) - tp
-    precision = tp / (tp + fp)
+    precision = tp / (ends + 1)
     recall = tp / labels.sum()
+    return precision, recall
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision of ``scores`` against binary ``labels``, as scikit-learn's
+    ``average_precision_score``: sum over distinct score thresholds (high to low) of
+    (R_n - R_{n-1}) * P_n, tied scores entering together (a step function, no interpolation)."""
+    precision, recall = _pr_points(labels, scores)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def pr_curve_area(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Trapezoid area under the precision-recall curve, as ``auc(recall, precision)`` on
+    scikit-learn's ``precision_recall_curve`` (the curve starts at recall 0, precision 1): sum of
+    (R_n - R_{n-1}) * (P_n + P_{n-1}) / 2. What ERASER and ferret report as "AUPRC". Without ties
+    it is never above average precision (a marked feature entering at rank n is credited
+    (P_{n-1} + P_n) / 2 <= P_n; ranking (unmarked, marked): 0.25 against 0.5); ties can raise it."""
+    precision, recall = _pr_points(labels, scores)
+    precision, recall = np.r_[1.0, precision], np.r_[0.0, recall]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
+def _ranking_metric(name: str, area: Any, model: Any, explanation: Explanation, rationale: Sequence[float] | None,
+                    threshold: float, rank_by: str) -> MetricResult:
+    marks = _human_marks(model, explanation, rationale, threshold, name)
+    value = area(marks, _ranking_values(explanation, rank_by))
+    return MetricResult(name, value, True, {"positives": int(marks.sum()), "chance": float(marks.mean())})
+
+
 @register_metric("auprc", higher_is_better=True, needs=("rationale",),
-                 summary="average precision of the feature ranking against the human rationale")
+                 summary="average precision of the feature ranking against the human rationale (= average_precision)")
 def auprc(model: Any, explanation: Explanation, *, rationale: Sequence[float] | None = None, threshold: float = 0.0,
           rank_by: str = "abs") -> MetricResult:
-    """Area under the precision-recall curve (average precision, scikit-learn's definition) of the
-    ranking (``|score|`` or score) against the binarised human rationale. Higher is better; a random
-    ranking scores about the fraction of marked features. 0 forward passes."""
-    marks = _human_marks(model, explanation, rationale, threshold, "auprc")
-    value = average_precision(marks, _ranking_values(explanation, rank_by))
-    return MetricResult("auprc", value, True, {"positives": int(marks.sum()), "chance": float(marks.mean())})
+    """Average precision (scikit-learn's definition) of the ranking (``|score|`` or score) against the
+    binarised human rationale: the same value as ``average_precision`` (ERASER's name), kept under
+    its first name so stored results stay readable. Papers' "AUPRC" (ERASER, ferret) is the
+    trapezoid area instead: ``auprc_trapezoid``. Higher is better; a random ranking scores about
+    the fraction of marked features. 0 forward passes."""
+    return _ranking_metric("auprc", average_precision, model, explanation, rationale, threshold, rank_by)
+
+
+@register_metric("average_precision", higher_is_better=True, needs=("rationale",),
+                 summary="average precision of the feature ranking against the human rationale (ERASER's average_precision)")
+def average_precision_metric(model: Any, explanation: Explanation, *, rationale: Sequence[float] | None = None,
+                             threshold: float = 0.0, rank_by: str = "abs") -> MetricResult:
+    """Average precision, sum_n (R_n - R_{n-1}) P_n over distinct thresholds of the ranking
+    (``|score|`` or score) against the binarised rationale: scikit-learn's
+    ``average_precision_score``, reported by ERASER (DeYoung et al., 2020) as ``average_precision``.
+    Higher is better; chance is about the fraction of marked features. 0 forward passes."""
+    return _ranking_metric("average_precision", average_precision, model, explanation, rationale, threshold, rank_by)
+
+
+@register_metric("auprc_trapezoid", higher_is_better=True, needs=("rationale",),
+                 summary="trapezoid area under the precision-recall curve (ERASER's and ferret's AUPRC)")
+def auprc_trapezoid(model: Any, explanation: Explanation, *, rationale: Sequence[float] | None = None,
+                    threshold: float = 0.0, rank_by: str = "abs") -> MetricResult:
+    """Area under the precision-recall curve by the trapezoid rule, ``auc(recall, precision)`` on
+    scikit-learn's ``precision_recall_curve`` (which starts the curve at recall 0, precision 1): what
+    ERASER (DeYoung et al., 2020) and ferret (Attanasio et al., 2023) call AUPRC. Ranking by
+    ``|score|`` or score against the binarised rationale. Higher is better; without ties it is at most
+    the average precision (by up to 0.25 less on random rankings). 0 forward passes."""
+    return _ranking_metric("auprc_trapezoid", pr_curve_area, model, explanation, rationale, threshold, rank_by)
 
 
 @register_metric("precision_at_k", higher_is_better=True, needs=("rationale",),
