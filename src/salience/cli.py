@@ -50,8 +50,8 @@ def _inputs(args: argparse.Namespace, model: Any) -> list[Any]:
     """The inputs of ``salience explain`` for this kind of model; a flag for another kind is an error."""
     kind = getattr(model, "kind", "text classifier")
     given = {"--text/--pair": [*args.text, *[tuple(p) for p in args.pair]], "--image": list(args.image),
-             "--prompt": list(args.prompt)}
-    wanted = {"image classifier": "--image", "causal LM": "--prompt"}.get(kind, "--text/--pair")
+             "--prompt/--chat": [*args.prompt, *[_chat(value) for value in args.chat]]}
+    wanted = {"image classifier": "--image", "causal LM": "--prompt/--chat"}.get(kind, "--text/--pair")
     for flag, values in given.items():
         if values and flag != wanted:
             raise ParameterError(f"{flag} was given, but {args.model} is a {kind}: give {wanted}")
@@ -60,9 +60,28 @@ def _inputs(args: argparse.Namespace, model: Any) -> list[Any]:
     return given[wanted]
 
 
+def _chat(value: str) -> list[dict[str, Any]]:
+    """``--chat``: inline JSON messages (``[{"role": "user", "content": "..."}]``) or a JSON file of them
+    (a list, or an object with "messages")."""
+    source = value if value.lstrip().startswith(("[", "{")) else None
+    if source is None:
+        try:
+            source = Path(value).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ParameterError(f"--chat {value!r} is neither JSON messages nor a readable file ({error.strerror})") from None
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as error:
+        raise ParameterError(f"--chat {value[:40]!r}: not valid JSON ({error.msg} at character {error.pos})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ParameterError("--chat holds a list of {\"role\": ..., \"content\": ...} messages (or {\"messages\": [...]})")
+    return messages
+
+
 def _input_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Options for the adapter (generation, image features), only those the user set."""
-    options = {"max_new_tokens": args.max_new_tokens, "continuation": args.continuation,
+    """Options for the adapter (generation, contrast, image features), only those the user set."""
+    options = {"max_new_tokens": args.max_new_tokens, "continuation": args.continuation, "contrast": args.contrast,
                "patch_size": args.patch_size, "stride": args.stride, "n_segments": args.n_segments,
                "spans": [_span(text) for text in args.span] or None}
     return {key: value for key, value in options.items() if value is not None}
@@ -153,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--prompt", action="append", default=[], help="a prompt whose continuation to explain (causal LMs)")
     explain.add_argument("--max-new-tokens", type=int, help="causal LMs: tokens to generate greedily and explain")
     explain.add_argument("--continuation", help="causal LMs: explain this continuation instead of generating one")
+    explain.add_argument("--chat", action="append", default=[], metavar="JSON",
+                         help="causal LMs: chat messages (inline JSON or a JSON file) to which the model's chat template "
+                              "is applied (repeatable)")
+    explain.add_argument("--contrast", help="causal LMs: a foil text aligned with the continuation token by token: "
+                                            "explain output(token) - output(foil)")
     explain.add_argument("--patch-size", type=int, help="images, --level patch: square patch side in pixels")
     explain.add_argument("--stride", type=int, help="images, --level patch: step between patches in pixels")
     explain.add_argument("--n-segments", type=int, help="images, --level superpixel: SLIC segments wanted")

@@ -134,3 +134,24 @@ def test_smollm2_chat_excludes_its_template():
     assert "".join(f.text for f in prompt) == messages[0]["content"]  # the user's tokens only: no system prompt, no headers
     assert set(e.extras["step_scores"]) == {"probability", "entropy", "surprisal"}
     assert e.cost.forward_passes == 2 + len(e.features) + 1  # decoding, then features + 1 rows
+
+
+def test_cli_chat_inline_and_from_a_file(tmp_path, capsys):
+    import json
+
+    from salience.cli import main
+
+    folder = tmp_path / "lm"
+    build_model(context=64).save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": TURNS[:2]}))
+    out = tmp_path / "g.json"
+    status = main(["explain", "--model", str(folder), "--chat", json.dumps(USER), "--chat", str(tmp_path / "chat.json"),
+                   "--max-new-tokens", "2", "--method", "occlusion", "--json", str(out), "--no-color"])
+    assert status == 0
+    first, second = (Explanation.from_dict(d) for d in json.loads(out.read_text())["explanations"])
+    assert first.extras["messages"] == USER and second.extras["messages"] == TURNS[:2]
+    assert main(["explain", "--model", str(folder), "--chat", "[{'role': 'user'}]"]) == 2
+    assert main(["explain", "--model", str(folder), "--chat", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "not valid JSON" in err[-2] and "neither JSON messages nor a readable file" in err[-1]

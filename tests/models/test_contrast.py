@@ -227,3 +227,18 @@ def test_bad_contrasts_and_spans_are_one_line_errors(lm, options, error, match):
     with pytest.raises(error, match=match) as caught:
         salience.explain(lm, PROMPT, method="saliency", continuation=" paris is", **options)
     assert "\n" not in str(caught.value)
+
+
+def test_cli_contrast(tmp_path):
+    import json
+
+    from salience.cli import main
+
+    folder = tmp_path / "lm"
+    build_model().save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    out = tmp_path / "c.json"
+    assert main(["explain", "--model", str(folder), "--prompt", PROMPT, "--continuation", " paris is",
+                 "--contrast", " city was", "--method", "occlusion", "--json", str(out), "--no-color"]) == 0
+    e = Explanation.from_dict(json.loads(out.read_text())["explanations"][0])
+    assert [t.label for t in e.targets] == ["paris vs city", "is vs was"] and e.params["contrast"] == " city was"
