@@ -9,6 +9,7 @@ import pytest
 
 import salience
 from salience.core.explanation import Explanation
+from salience.models.chat import turn_of
 from tiny_lm import build_model, build_tokenizer
 
 # a default system prompt when none is given ("a city ." also occurs in the user message below)
@@ -73,6 +74,9 @@ def test_turns_are_segments(lm):
         assert e.input[s["start"]:s["end"]] == message["content"]
     words = [f.text for f in e.features if f.segment == 0]
     assert words == " ".join(m["content"] for m in TURNS).split()
+    turns = [turn_of(segments, f.segment, f.start) for f in e.features]
+    assert [(t["role"], t["message"]) for t in turns] == [("system", 0)] * 4 + [("user", 1)] * 5 + [("assistant", 2)] + [
+        ("user", 3)] * 4 + [("assistant", None)] * 3
     assert e.extras["continuation"] == " paris is big" and e.scores.shape == (3, len(words) + 3)
 
 

@@ -43,6 +43,12 @@ class Chat:
         return any(s["start"] <= start < s["end"] for s in self.segments)
 
 
+def turn_of(segments: Sequence[Mapping[str, Any]], segment: int, start: int) -> Mapping[str, Any] | None:
+    """The turn (an entry of ``extras["segments"]``) that holds a feature of text ``segment`` (0 the
+    prompt, 1 the continuation) starting at character ``start``; None for a template token."""
+    return next((s for s in segments if s["segment"] == segment and s["start"] <= start < s["end"]), None)
+
+
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> Chat:
     """Apply ``tokenizer``'s chat template to ``messages`` (with the generation prompt) and locate each
     message's content in the result. Unknown roles, non-text or empty contents, a last message from
