@@ -31,9 +31,11 @@ from salience.models.image import EncodedImage, ImageClassifier
 from tiny_cnn import GRID, LABELS, build_tiny_cnn, photo, tiny_classifier
 from toy import explain_probability
 
-# the tiny CNN has no ReLU: guided_backprop and the like refuse it (tests/methods/test_guided.py runs them on a ReLU CNN)
+# the tiny CNN has no ReLU: guided_backprop and the like refuse it (tests/methods/test_guided.py runs them on a ReLU CNN);
+# DeepLIFT explains logits, not the probability read here (tests/methods/test_deeplift.py runs it)
 ALL = [info.name for info in salience.methods()
-       if info.kind != "attention" and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam"}]
+       if info.kind != "attention"
+       and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", "deeplift", "deeplift_shap"}]
 # small settings; perturbation and per-feature methods on 4 x 4 patches (16 features)
 PARAMS = {
     "smoothgrad": {"n_samples": 5},

@@ -107,11 +107,41 @@ def _attribution(ctx: Context, found: list[_Found], details: dict[str, object]) 
                                 extras={"summation_delta": delta.tolist(), "_per_channel": as_array(per_channel)})
 
 
+class _Rescaled(SharedInputs):
+    """Shared body of the two methods: each context's input and references (:meth:`_references`),
+    DeepLIFT of every (input, reference) pair, the mean over a context's references."""
+
+    eps: float
+    method: ClassVar[str]
+
+    def attribute(self, ctx: Context) -> Attribution:
+        return self._run([ctx], paired=False)[0]
+
+    def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
+        return self._run(contexts, paired=True)
+
+    def _references(self, ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, object]]:
+        """The input (P, C), its references (P, C) each and what to record in params."""
+        raise NotImplementedError
+
+    def _run(self, contexts: list[Context], *, paired: bool) -> list[Attribution]:
+        pairs: list[_Pair] = []
+        details: list[dict[str, object]] = []
+        for i, ctx in enumerate(contexts):
+            check_logit_targets(ctx.targets, self.method)
+            x, references, recorded = self._references(ctx)
+            pairs += [_Pair(i, x, reference, ctx.targets) for reference in references]
+            details.append(recorded)
+        found = rescale_pairs(contexts[0], pairs, eps=self.eps, method=self.method, paired=paired)
+        return [_attribution(ctx, [f for p, f in zip(pairs, found, strict=True) if p.context == i], details[i])
+                for i, ctx in enumerate(contexts)]
+
+
 @register("deeplift", aliases=("deep_lift",), kind="gradient",
           cost="1 forward + 1 backward per target, + 1 forward of the reference",
           summary="DeepLIFT Rescale rule: (x - reference) times multipliers, summing to F(x) - F(reference) (Shrikumar et al. 2017)")
 @dataclass
-class DeepLift(SharedInputs):
+class DeepLift(_Rescaled):
     """DeepLIFT with the Rescale rule. Position score = sum over channels of (x - r) * m, where r is
     the reference (``baseline``; images: the adapter's default, black; text: the [PAD] embedding, as
     IG) and m the gradient of the target's logit with every nonlinear unit's derivative replaced by
@@ -128,30 +158,19 @@ class DeepLift(SharedInputs):
     baseline: Any = None
     eps: float = 1e-10
     default_output: ClassVar[str] = "logit"
+    method: ClassVar[str] = "deeplift"
 
-    def attribute(self, ctx: Context) -> Attribution:
-        return self._run([ctx], paired=False)[0]
-
-    def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
-        return self._run(contexts, paired=True)
-
-    def _run(self, contexts: list[Context], *, paired: bool) -> list[Attribution]:
-        pairs, names = [], []
-        for i, ctx in enumerate(contexts):
-            check_logit_targets(ctx.targets, "deeplift")
-            name = ctx.baseline(self.baseline, "pad", perturbation=False)
-            x, reference = ctx.model.input_and_baseline(ctx.encoded, name)
-            pairs.append(_Pair(i, x, reference, ctx.targets))
-            names.append(name)
-        found = rescale_pairs(contexts[0], pairs, eps=self.eps, method="deeplift", paired=paired)
-        return [_attribution(ctx, [f], {"baseline": name}) for ctx, f, name in zip(contexts, found, names, strict=True)]
+    def _references(self, ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, object]]:
+        name = ctx.baseline(self.baseline, "pad", perturbation=False)
+        x, reference = ctx.model.input_and_baseline(ctx.encoded, name)
+        return x, [reference], {"baseline": name}
 
 
 @register("deeplift_shap", aliases=("deepliftshap", "deep_lift_shap", "deepshap"), kind="gradient",
           cost="per reference: 1 forward + 1 backward per target, + 1 forward of the reference",
           summary="DeepLIFT averaged over a set of references (Lundberg & Lee 2017; Captum's DeepLiftShap)")
 @dataclass
-class DeepLiftShap(SharedInputs):
+class DeepLiftShap(_Rescaled):
     """DeepLIFT (Rescale) averaged over references: the mean over references r_j of each
     reference's DeepLIFT scores, so scores sum to logit(x) - mean_j logit(r_j) (``delta``).
     References: ``baselines`` (names or tensors of the attribution space; default: every named
@@ -167,39 +186,25 @@ class DeepLiftShap(SharedInputs):
     stdev: float = 0.0
     eps: float = 1e-10
     default_output: ClassVar[str] = "logit"
+    method: ClassVar[str] = "deeplift_shap"
 
-    def attribute(self, ctx: Context) -> Attribution:
-        return self._run([ctx], paired=False)[0]
-
-    def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
-        return self._run(contexts, paired=True)
-
-    def _run(self, contexts: list[Context], *, paired: bool) -> list[Attribution]:
+    def _references(self, ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, object]]:
         if self.n_baselines is not None and self.n_baselines < 1:
             raise ParameterError(f"n_baselines must be at least 1, got {self.n_baselines}")
         if self.stdev < 0:
             raise ParameterError(f"stdev must be >= 0, got {self.stdev}")
-        pairs: list[_Pair] = []
-        recorded: list[list[str]] = []
-        for i, ctx in enumerate(contexts):
-            check_logit_targets(ctx.targets, "deeplift_shap")
-            names = self._draw(ctx)
-            x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
-            generator = ctx.generator()
-            movable = (~ctx.encoded.special).to(x.device)[:, None]  # type: ignore[attr-defined]
-            for name in names:
-                _, reference = ctx.model.input_and_baseline(ctx.encoded, name)
-                if self.stdev > 0:
-                    noise = torch.randn(reference.shape, generator=generator, dtype=torch.float64).to(reference)
-                    reference = reference + self.stdev * noise * movable
-                pairs.append(_Pair(i, x, reference, ctx.targets))
-            recorded.append(names)
-        found = rescale_pairs(contexts[0], pairs, eps=self.eps, method="deeplift_shap", paired=paired)
-        results = []
-        for i, (ctx, names) in enumerate(zip(contexts, recorded, strict=True)):
-            mine = [f for p, f in zip(pairs, found, strict=True) if p.context == i]
-            results.append(_attribution(ctx, mine, {"baselines": names, "n_references": len(names)}))
-        return results
+        names = self._draw(ctx)
+        x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
+        generator = ctx.generator()
+        movable = (~ctx.encoded.special).to(x.device)[:, None]  # type: ignore[attr-defined]
+        references = []
+        for name in names:
+            _, reference = ctx.model.input_and_baseline(ctx.encoded, name)
+            if self.stdev > 0:
+                noise = torch.randn(reference.shape, generator=generator, dtype=torch.float64).to(reference)
+                reference = reference + self.stdev * noise * movable
+            references.append(reference)
+        return x, references, {"baselines": names, "n_references": len(names)}
 
     def _draw(self, ctx: Context) -> list[str]:
         """The recorded names of this context's references, in order."""

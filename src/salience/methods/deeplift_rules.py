@@ -82,6 +82,7 @@ LINEAR = _functions(_LINEAR_NAMES)
 PRODUCTS = _functions(_PRODUCT_NAMES)
 QUOTIENTS = _functions(_QUOTIENT_NAMES)
 EVAL_ONLY = _functions(_EVAL_ONLY_NAMES)
+SAME_UNITS = "the model's forward pass must run the same nonlinear units for the input and the reference"
 HANDLED_UNITS = "ReLU, ReLU6, Hardtanh, LeakyReLU, ELU, SELU, CELU, GELU, SiLU, Mish, Sigmoid, Tanh, Softplus, " \
                 "Hardswish, Hardsigmoid, LogSigmoid, Softsign, Tanhshrink, max pooling"
 
@@ -240,6 +241,7 @@ class RescaleMode(TorchFunctionMode):
         self.offset = 0  # rows of the input pass whose forward has finished
         self.batch = 0
         self.rows: torch.Tensor | None = None
+        self.refusal = ""  # the first function on the gradient path without a rule
 
     @property
     def units(self) -> int:
@@ -258,10 +260,11 @@ class RescaleMode(TorchFunctionMode):
     def finish(self) -> None:
         """Check that every input row met its reference in every nonlinear unit."""
         assert self.reference_of_row is not None
+        if self.refusal:
+            raise ParameterError(self.refusal)
         if self.units and (self.offset != len(self.reference_of_row) or self.calls % self.units):
             raise ParameterError(f"{self.method}: the input pass made {self.calls} nonlinear calls over {self.offset} rows, "
-                                 f"not {self.units} per forward over {len(self.reference_of_row)} rows; the model's "
-                                 "forward pass must run the same units for the input and the reference")
+                                 f"not {self.units} per forward over {len(self.reference_of_row)} rows; " + SAME_UNITS)
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -271,9 +274,12 @@ class RescaleMode(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.reference_of_row is not None and torch.is_grad_enabled() and _on_path(result) \
                 and not _is_linear_call(func, args, kwargs):
-            raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the gradient path (nonlinear or "
-                                 f"not known to be linear); it handles {HANDLED_UNITS} between linear layers, so "
-                                 "transformers (softmax, layer norm) and products of input-dependent tensors are refused")
+            # raised after the pass (:meth:`finish`): a TypeError inside a Tensor operator would become NotImplemented
+            why = "a product of two input-dependent tensors" if func in PRODUCTS or func in QUOTIENTS else \
+                "nonlinear or not known to be linear"
+            self.refusal = self.refusal or (
+                f"{self.method} has no rule for {function_name(func)} on the gradient path ({why}); it handles "
+                f"{HANDLED_UNITS} between linear layers (transformers' softmax and layer norm are refused)")
         return result
 
     # -------------------------------------------------------------- nonlinear units
@@ -325,12 +331,12 @@ class RescaleMode(TorchFunctionMode):
         if recorded.func is not func or tuple(recorded.x.shape[1:]) != tuple(x.shape[1:]):
             raise ParameterError(f"{self.method}: nonlinear call {k + 1} differs between the reference pass "
                                  f"({function_name(recorded.func)}, {tuple(recorded.x.shape[1:])}) and the input pass "
-                                 f"({function_name(func)}, {tuple(x.shape[1:])}); the model must run the same units for both")
+                                 f"({function_name(func)}, {tuple(x.shape[1:])}); {SAME_UNITS}")
         if k == 0:
             self.batch = x.shape[0]
             self.rows = self.reference_of_row[self.offset:self.offset + self.batch]
             if len(self.rows) != self.batch:
-                raise ParameterError(f"{self.method}: the input pass ran more rows than it was given ({self.offset + self.batch})")
+                raise ParameterError(f"{self.method}: the input pass ran more nonlinear calls than the reference pass; {SAME_UNITS}")
         if x.shape[0] != self.batch:
             raise ParameterError(f"{self.method}: nonlinear call {k + 1} ({function_name(func)}) has {x.shape[0]} rows in a "
                                  f"forward of {self.batch}; each unit must keep the batch as its first dimension")
