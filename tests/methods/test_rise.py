@@ -6,6 +6,12 @@ Tolerances: mask construction and the formula are float64 computations of the sa
 different order (1e-12). Monte-Carlo checks use Hoeffding's inequality: an average of N independent
 terms in a range of width R is within R sqrt(ln(2 K / delta) / (2 N)) of its mean for all K pixels at
 once with probability 1 - delta (delta = 1e-6): a bound, not a fitted number.
+
+Where the masks are built: the grids are drawn on the CPU and the full-resolution masks built on the
+input's device in its dtype (at least float32). The implementation before that change (float64
+masks built on the CPU, cast for the rows) is kept below as the oracle: on float64 models the new
+code computes the same numbers in the same order (1e-12); on float32 models the masks are built in
+float32 (a few float32 ulps of 1 apart: 1e-6).
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from torch import nn
 
 import salience
 from conftest import TOY_TEXT
+from salience.core.batching import PIXELS, choose_batch_size, map_batches
 from salience.errors import ParameterError
-from salience.methods.rise import RiseMasks, interpolation_matrix
+from salience.methods.base import Attribution, Context, position_attribution
+from salience.methods.rise import Rise, RiseMasks, interpolation_matrix
 from salience.models.image import ImageClassifier
-from tiny_cnn import photo, tiny_classifier
+from salience.zoo.efficientnet_lite0 import ImagePreprocess
+from tiny_cnn import LABELS, build_tiny_cnn, photo, tiny_classifier
 
 
 def _hoeffding(width: float, n: int, count: int, delta: float = 1e-6) -> float:
@@ -35,6 +44,40 @@ def _skimage_mask(cells: np.ndarray, shift: tuple[int, int], cell: tuple[int, in
     s = cells.shape[0]
     up = resize(cells, ((s + 1) * cell[0], (s + 1) * cell[1]), order=1, mode="reflect", anti_aliasing=False)
     return up[shift[0]:shift[0] + grid[0], shift[1]:shift[1] + grid[1]]
+
+
+def _cpu_masks(masks: RiseMasks, chunk: slice) -> torch.Tensor:
+    """Oracle: RiseMasks.masks as it was before the masks moved to the device (float64, CPU)."""
+    height, width = masks.grid
+    offsets = masks.shifts[chunk]
+    rows = masks.rows_matrix[offsets[:, :1] + torch.arange(height)]  # (B, H, s)
+    cols = masks.cols_matrix[offsets[:, 1:] + torch.arange(width)]  # (B, W, s)
+    return rows @ masks.cells[chunk] @ cols.transpose(1, 2)
+
+
+def _cpu_attribute(self: Rise, ctx: Context) -> Attribution:
+    """Oracle: Rise.attribute as it was before the masks moved to the device (masks float64 on the
+    CPU, cast to the rows' dtype; outputs brought to the CPU and accumulated there in float64)."""
+    grid = ctx.model.pixel_grid(ctx.encoded)  # type: ignore[attr-defined]
+    baseline = ctx.baseline(self.baseline, "mean", perturbation=True)
+    x, x0 = ctx.model.input_and_baseline(ctx.encoded, baseline)
+    masks = RiseMasks.draw(ctx.generator(), self.n_masks, grid, self.grid_size, self.p_keep)
+    total = torch.zeros(len(ctx.targets), x.shape[0], dtype=torch.float64)
+    size = choose_batch_size(x.shape[0], backward=False, batch_size=ctx.batch_size, budget=PIXELS)
+
+    def run(chunk: slice) -> torch.Tensor:
+        kept = _cpu_masks(masks, chunk).reshape(chunk.stop - chunk.start, -1)
+        rows = x0[None] + kept[:, :, None].to(x) * (x - x0)[None]
+        values, _ = ctx.model.score_inputs(ctx.encoded, rows, ctx.targets, grad=False, batch_size=size)
+        total.add_(values.double().cpu().T @ kept)
+        return values
+
+    map_batches(run, self.n_masks, size)
+    return position_attribution(total / (self.n_masks * self.p_keep), ctx)
+
+
+def _float32_classifier() -> ImageClassifier:
+    return ImageClassifier(build_tiny_cnn(0).float(), ImagePreprocess(crop=16), LABELS, name="tiny-cnn-32")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ masks
@@ -58,6 +101,63 @@ def test_masks_are_the_authors_upsampled_shifted_crops(grid, cells):
         np.testing.assert_allclose(built[n], _skimage_mask(masks.cells[n].numpy(), shift, cell, grid), rtol=0, atol=1e-12)
     # a chunk of masks is the same masks, whatever the chunk
     np.testing.assert_array_equal(masks.masks(slice(7, 19)).numpy(), built[7:19])
+
+
+@pytest.mark.parametrize(("dtype", "built", "tolerance"), [
+    (torch.float64, torch.float64, 0.0),  # the same float64 products in the same order
+    (torch.float32, torch.float32, 1e-6),  # float32 weights and products: a few ulps of 1 (1.2e-7)
+    (torch.float16, torch.float32, 1e-6),  # half models get float32 masks, not half ones
+    (torch.bfloat16, torch.float32, 1e-6),
+])
+def test_masks_are_built_in_the_inputs_dtype(dtype, built, tolerance):
+    drawn = RiseMasks.draw(torch.Generator().manual_seed(4), 30, (16, 20), 7, 0.5)
+    moved = drawn.to(torch.zeros(2, dtype=dtype))
+    assert moved.cells.dtype == moved.rows_matrix.dtype == moved.cols_matrix.dtype == built
+    assert moved.shifts.dtype == torch.long and torch.equal(moved.shifts, drawn.shifts)
+    assert torch.equal(moved.cells.double(), drawn.cells)  # 0/1 grids travel exactly
+    chunk = moved.masks(slice(5, 23))
+    assert chunk.dtype == built and chunk.shape == (18, 16, 20)
+    expected = _cpu_masks(drawn, slice(5, 23))
+    np.testing.assert_allclose(chunk.double().numpy(), expected.numpy(), rtol=0, atol=tolerance)
+    assert expected.max() > 0.5 and expected.min() < 0.5  # masks, not zeros
+
+
+@pytest.mark.parametrize("target", [0, "all"])
+def test_same_as_the_cpu_float64_implementation(monkeypatch, target):
+    """float64: the numbers of the implementation that built float64 masks on the CPU, to 1e-12
+    (same operations in the same order: equal in practice)."""
+    model, image = tiny_classifier(), photo()
+    new = salience.explain(model, image, method="rise", target=target, n_masks=50, batch_size=16, seed=6, level="pixel")
+    monkeypatch.setattr(Rise, "attribute", _cpu_attribute)
+    old = salience.explain(model, image, method="rise", target=target, n_masks=50, batch_size=16, seed=6, level="pixel")
+    np.testing.assert_allclose(new.token_scores, old.token_scores, rtol=1e-12, atol=1e-15)
+    assert np.abs(old.token_scores).max() > 0.1
+
+
+def test_float32_model_close_to_the_cpu_float64_masks(monkeypatch):
+    """float32 model: masks built in float32 instead of float64 then cast. Mask values move by a few
+    float32 ulps of 1 (~1e-7), the float32 rows and outputs by about as much, and the saliency (an
+    average of output x mask / p over the masks, accumulated in float64 on both sides) by about
+    1e-7 / p: 1e-6 against probabilities of order 0.3 / p."""
+    model, image = _float32_classifier(), photo()
+    assert model.dtype == torch.float32
+    new = salience.explain(model, image, method="rise", target="all", n_masks=60, batch_size=16, seed=8, level="pixel")
+    monkeypatch.setattr(Rise, "attribute", _cpu_attribute)
+    old = salience.explain(model, image, method="rise", target="all", n_masks=60, batch_size=16, seed=8, level="pixel")
+    np.testing.assert_allclose(new.token_scores, old.token_scores, rtol=0, atol=1e-6)
+    assert np.abs(old.token_scores).max() > 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_masks_and_scores_on_cuda():
+    """Masks from the seed on the CPU, built on the GPU: the float64 model on cuda gives the CPU's
+    scores up to float64 rounding of cuDNN's convolutions (1e-9 relative)."""
+    image = photo()
+    cpu = salience.explain(tiny_classifier(), image, method="rise", target="all", n_masks=64, seed=9, level="pixel")
+    gpu_model = tiny_classifier()
+    gpu_model.model.to("cuda")
+    gpu = salience.explain(gpu_model, image, method="rise", target="all", n_masks=64, seed=9, level="pixel")
+    np.testing.assert_allclose(gpu.token_scores, cpu.token_scores, rtol=1e-9, atol=1e-12)
 
 
 def test_mask_statistics():

@@ -6,6 +6,12 @@ each axis and cropped to the H x W input, as in the authors' code (eclique/RISE 
 skimage ``resize(order=1, mode="reflect", anti_aliasing=False)``, reproduced here with two small
 interpolation matrices). Each mask M (values in [0, 1]) keeps the input where M = 1 and takes the
 baseline where M = 0: rows b + M (x - b). The saliency of pixel i is sum_n F(row_n) M_n,i / (N p).
+
+Where the work is done: the grids and shifts are drawn on the CPU from the explanation's seed (so a
+seed gives the same masks on every device); only they (N s^2 + 2 N numbers) and the two
+interpolation matrices travel to the input's device, where each chunk of full-resolution masks is
+built (upsample, shift, crop) in the input's dtype (float64 stays float64; float32, float16 and
+bfloat16 models get float32 masks) and the saliency is accumulated in float64.
 """
 
 from __future__ import annotations
@@ -75,12 +81,20 @@ class RiseMasks:
         cells = self.cells.shape[1]
         return self.rows_matrix.shape[0] // (cells + 1), self.cols_matrix.shape[0] // (cells + 1)
 
+    def to(self, like: torch.Tensor) -> RiseMasks:
+        """The same masks, to be built on ``like``'s device in its floating dtype (at least float32):
+        the grids, shifts and interpolation matrices are copied there (a few numbers per mask)."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return RiseMasks(self.cells.to(like.device, dtype), self.shifts.to(like.device),
+                         self.rows_matrix.to(like.device, dtype), self.cols_matrix.to(like.device, dtype), self.grid)
+
     def masks(self, chunk: slice) -> torch.Tensor:
-        """Masks ``chunk`` of the N as (B, H, W) float64 in [0, 1]: upsample, shift, crop."""
+        """Masks ``chunk`` of the N as (B, H, W) in [0, 1] (the grids' dtype and device): upsample,
+        shift, crop."""
         height, width = self.grid
         offsets = self.shifts[chunk]
-        rows = self.rows_matrix[offsets[:, :1] + torch.arange(height)]  # (B, H, s)
-        cols = self.cols_matrix[offsets[:, 1:] + torch.arange(width)]  # (B, W, s)
+        rows = self.rows_matrix[offsets[:, :1] + torch.arange(height, device=offsets.device)]  # (B, H, s)
+        cols = self.cols_matrix[offsets[:, 1:] + torch.arange(width, device=offsets.device)]  # (B, W, s)
         return rows @ self.cells[chunk] @ cols.transpose(1, 2)
 
 
@@ -110,15 +124,16 @@ class Rise:
         grid = ctx.model.pixel_grid(ctx.encoded)  # type: ignore[attr-defined]
         baseline = ctx.baseline(self.baseline, "mean", perturbation=True)
         x, x0 = ctx.model.input_and_baseline(ctx.encoded, baseline)
-        masks = RiseMasks.draw(ctx.generator(), self.n_masks, grid, self.grid_size, self.p_keep)
-        total = torch.zeros(len(ctx.targets), x.shape[0], dtype=torch.float64)
+        # drawn on the CPU from the seed, built chunk by chunk on the input's device
+        masks = RiseMasks.draw(ctx.generator(), self.n_masks, grid, self.grid_size, self.p_keep).to(x)
+        total = torch.zeros(len(ctx.targets), x.shape[0], dtype=torch.float64, device=x.device)
         size = choose_batch_size(x.shape[0], backward=False, batch_size=ctx.batch_size, budget=PIXELS)
 
         def run(chunk: slice) -> torch.Tensor:
-            kept = masks.masks(chunk).reshape(chunk.stop - chunk.start, -1)  # (B, P)
-            rows = x0[None] + kept[:, :, None].to(x) * (x - x0)[None]
+            kept = masks.masks(chunk).reshape(chunk.stop - chunk.start, -1)  # (B, P) on x's device
+            rows = x0[None] + kept[:, :, None].to(x.dtype) * (x - x0)[None]
             values, _ = ctx.model.score_inputs(ctx.encoded, rows, ctx.targets, grad=False, batch_size=size)
-            total.add_(values.double().cpu().T @ kept)
+            total.add_(values.to(total).T @ kept.to(total))
             return values
 
         map_batches(run, self.n_masks, size)
