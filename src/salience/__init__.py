@@ -17,6 +17,7 @@ from salience.errors import (
 from salience.models.causal_lm import CausalLM
 from salience.models.image import ImageClassifier
 from salience.models.loading import load_model
+from salience.models.prompt_classifier import PromptClassifier
 from salience.models.text import TextClassifier
 from salience.models.zero_shot import ZeroShotClassifier
 
@@ -34,6 +35,7 @@ __all__ = [
     "ModelOutputError",
     "ParameterError",
     "Prediction",
+    "PromptClassifier",
     "SalienceError",
     "SalienceWarning",
     "Target",
