@@ -17,6 +17,7 @@ from typing import Any
 from salience.core.target import OUTPUTS
 from salience.errors import ParameterError, SalienceError
 from salience.evaluate.commands import add_commands
+from salience.serve.commands import add_commands as add_serve_commands
 
 BUNDLE_SCHEMA = "salience.explanations/1"
 
@@ -106,6 +107,8 @@ def _explain(args: argparse.Namespace) -> int:
     if args.zero_shot:
         labels = [label.strip() for label in args.zero_shot.split(",") if label.strip()]
         model = salience.ZeroShotClassifier(model, labels, template=args.template)
+    if args.prompt_template is not None or args.labels is not None:
+        model = _prompt_classifier(model, args.prompt_template, args.labels)
     inputs = _inputs(args, model)
     explanations: list[salience.Explanation] = []
     for name in method_names:
@@ -135,6 +138,51 @@ def _explain(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(bundle, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
+
+
+def _prompt_classifier(model: Any, template: str | None, labels: str | None) -> Any:
+    """``--prompt-template`` (a text with {text}, backslash escapes \\n \\t read; or a JSON list of chat
+    messages) and ``--labels`` (NAME=VERBALISATION,... or a JSON object; a bare NAME is verbalised
+    as ' NAME') turn the --model causal LM into a :class:`~salience.PromptClassifier`."""
+    import salience
+
+    if template is None or labels is None:
+        raise ParameterError("--prompt-template and --labels go together (a causal LM as a zero-shot classifier)")
+    if getattr(model, "kind", None) != "causal LM":
+        raise ParameterError(f"--prompt-template needs a causal LM as --model, and {model.name} is a {model.kind}")
+    parsed: Any = _parsed_json(template, "[") if template.lstrip().startswith("[") else _unescape(template)
+    return salience.PromptClassifier(model, parsed, _label_map(labels))
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
+def _parsed_json(text: str, opening: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ParameterError(f"{text[:40]!r} starts with {opening!r} but is not valid JSON: {error.msg}") from error
+
+
+def _label_map(text: str) -> dict[str, str]:
+    """``negative= negative,positive= positive`` (what the shell leaves of negative=" negative",...),
+    a JSON object, or bare names (verbalised with a leading space)."""
+    if text.lstrip().startswith("{"):
+        parsed = _parsed_json(text, "{")
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise ParameterError("--labels as JSON is an object of label name -> verbalisation text")
+        return {str(k): v for k, v in parsed.items()}
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, verbalisation = item.partition("=")
+        name = name.strip()
+        if not name:
+            raise ParameterError(f"--labels {text!r} has an empty label name; write NAME=VERBALISATION,...")
+        if name in labels:
+            raise ParameterError(f"--labels names {name!r} twice")
+        labels[name] = verbalisation if sep else f" {name}"
+    return labels
 
 
 def _png(explanations: Sequence[Any], path: str) -> None:
@@ -186,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--zero-shot", metavar="LABEL,LABEL,...",
                          help="classify into these labels with the --model NLI model (hypothesis template)")
     explain.add_argument("--template", default="This example is {}.", help="zero-shot hypothesis template")
+    explain.add_argument("--prompt-template", metavar="TEMPLATE",
+                         help="causal LMs as zero-shot classifiers: a prompt with {text} (\\n for a line break) or a JSON "
+                              "list of chat messages; class scores = log-probabilities of the --labels' verbalisations after it")
+    explain.add_argument("--labels", metavar="NAME=VERBALISATION,...",
+                         help='with --prompt-template: e.g. negative=" negative",positive=" positive" (a bare NAME means " NAME"; '
+                              "or a JSON object)")
     explain.add_argument("--output", choices=list(OUTPUTS),
                          help="what is explained (default: log_odds for classifiers, probability for causal LMs)")
     explain.add_argument("--span", action="append", default=[], metavar="START:END",
@@ -207,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("methods", help="list every attribution method with its cost")
     listing.set_defaults(run=_methods)
     add_commands(commands)
+    add_serve_commands(commands)
     return parser
 
 

@@ -1,0 +1,183 @@
+"""The viewer's Starlette application: read-only pages over one results database.
+
+Routes (all GET, all rendered on the server; no JavaScript):
+
+* ``/``: the runs list
+* ``/runs/{run_id}``: the run page (``?sort=method|METRIC&order=asc|desc``)
+* ``/runs/{run_id}/examples``: the example browser (see :mod:`salience.serve.browser` for the query)
+* ``/runs/{run_id}/example?id=EXAMPLE``: one example with every method
+
+Bad input never reaches a traceback: an unknown run or example, or a page past the last, is 404;
+a malformed parameter (page number, sort, method or metric name) is 400; both as an HTML page
+with one escaped line. Every response carries a Content-Security-Policy that allows no script,
+no external resource and no framing, and requests whose Host is not one of ``allowed_hosts`` are
+refused (400), which stops DNS-rebinding pages from reading a loopback server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from salience.errors import ParameterError
+from salience.evaluate.store import RunInfo, StoreError
+from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, parse_query
+from salience.serve.database import ExampleEntry, ReadOnlyStore
+from salience.serve.explanations import UnitRenderer
+from salience.serve.pages import labels, render
+from salience.serve.runpage import ARROWS, build_run_page
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+INDEX_REFRESH = 5.0  # seconds: a run being written re-reads its example index at most this often
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                                 b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every HTTP response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+@dataclass
+class Viewer:
+    """What the routes share: the database path, the example-index cache, the rendered-unit cache."""
+
+    database: Path
+    renderer: UnitRenderer = field(default_factory=UnitRenderer)
+    indexes: dict[str, tuple[tuple[float, int], float, list[ExampleEntry]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def store(self) -> ReadOnlyStore:
+        return ReadOnlyStore(self.database)  # one connection per request: requests run on several threads
+
+    def run(self, store: ReadOnlyStore, run_id: str) -> RunInfo:
+        try:
+            return store.run(run_id)
+        except StoreError:
+            raise NotFound(f"no run {run_id[:80]!r} in this database") from None
+
+    def index(self, store: ReadOnlyStore, run_id: str) -> list[ExampleEntry]:
+        """The run's example index, re-read when the run gained units (at most every INDEX_REFRESH s)."""
+        key = store.fingerprint(run_id)
+        with self.lock:
+            cached = self.indexes.get(run_id)
+        if cached is not None and (cached[0] == key or time.monotonic() - cached[1] < INDEX_REFRESH):
+            return cached[2]
+        entries = store.example_index(run_id)
+        with self.lock:
+            self.indexes[run_id] = (key, time.monotonic(), entries)
+        return entries
+
+
+def _page(viewer: Viewer, template: str, **context: Any) -> Any:
+    from starlette.responses import HTMLResponse
+
+    return HTMLResponse(render(template, database=str(viewer.database), **context))
+
+
+def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> Any:
+    """The viewer over ``database`` (opened read-only per request; StoreError now if it cannot be
+    read). ``allowed_hosts``: accepted Host headers (None: any, for a server bound elsewhere)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    viewer = Viewer(Path(database).expanduser())
+    viewer.store().close()  # fails now, with one line, when the file is not a readable results database
+
+    def runs_list(request: Request) -> Any:
+        with viewer.store() as store:
+            runs = store.runs()
+        return _page(viewer, "runs.html", title="runs", runs=runs)
+
+    def run_page(request: Request) -> Any:
+        with viewer.store() as store:
+            info = viewer.run(store, request.path_params["run_id"])
+            page = build_run_page(store, info, sort=request.query_params.get("sort", ""),
+                                  order=request.query_params.get("order", ""))
+        return _page(viewer, "run.html", title=f"run {info.run_id}", page=page, arrows=ARROWS)
+
+    def examples_page(request: Request) -> Any:
+        with viewer.store() as store:
+            info = viewer.run(store, request.path_params["run_id"])
+            methods, metrics = labels(info.config.get("methods", [])), labels(info.config.get("metrics", []))
+            query = parse_query(request.query_params, methods, metrics)
+            page = build_page(store, info.run_id, viewer.index(store, info.run_id), query, metrics, viewer.renderer)
+        return _page(viewer, "examples.html", title=f"examples of {info.run_id}", run=info, page=page, sorts=SORTS,
+                     methods=methods, metrics=metrics, correct_value={None: "", True: "yes", False: "no"}[query.correct])
+
+    def example_page(request: Request) -> Any:
+        example_id = request.query_params.get("id", "")
+        with viewer.store() as store:
+            info = viewer.run(store, request.path_params["run_id"])
+            entry = next((e for e in viewer.index(store, info.run_id) if e.example_id == example_id), None)
+            if entry is None:
+                raise NotFound(f"run {info.run_id} has no example {example_id[:80]!r}")
+            methods, metrics = labels(info.config.get("methods", [])), labels(info.config.get("metrics", []))
+            units = store.units(info.run_id, [example_id])
+            results = store.example_results(info.run_id, [example_id])
+            row = ExampleRow(entry, None)
+            for method in methods:
+                cells = [(m, "n/a" if results[(example_id, method, m)]["value"] is None
+                          else f"{results[(example_id, method, m)]['value']:.3f}")
+                         for m in metrics if (example_id, method, m) in results]
+                row.explanations.append((method, viewer.renderer(info.run_id, entry, method, units.get((example_id, method))),
+                                         cells))
+        return _page(viewer, "example.html", title=f"example {example_id}", run=info, row=row)
+
+    def error_page(request: Request, status: int, message: str) -> Any:
+        from starlette.responses import HTMLResponse
+
+        reason = HTTPStatus(status).phrase
+        html = render("error.html", title=f"{status} {reason}", database=str(viewer.database), status=status, reason=reason,
+                      message=message)
+        return HTMLResponse(html, status_code=status)
+
+    async def bad_request(request: Request, error: Exception) -> Any:
+        return error_page(request, 400, str(error))
+
+    async def not_found(request: Request, error: Exception) -> Any:
+        return error_page(request, 404, str(error))
+
+    async def http_error(request: Request, error: Exception) -> Any:
+        assert isinstance(error, HTTPException)
+        return error_page(request, error.status_code, str(error.detail))
+
+    async def server_error(request: Request, error: Exception) -> Any:
+        return error_page(request, 500, f"the viewer failed on this request ({type(error).__name__}); see the server's log")
+
+    middleware = [Middleware(SecurityHeaders)]
+    if allowed_hosts is not None:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+    routes = [Route("/", runs_list), Route("/runs/{run_id}", run_page), Route("/runs/{run_id}/examples", examples_page),
+              Route("/runs/{run_id}/example", example_page)]
+    handlers = {ParameterError: bad_request, NotFound: not_found, StoreError: not_found, HTTPException: http_error,
+                Exception: server_error}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
