@@ -1,0 +1,432 @@
+"""LRP as a modified gradient: a :class:`torch.overrides.TorchFunctionMode` (the mechanism of
+:mod:`salience.methods.rules`) that, while active, makes the backward pass of a model's forward
+pass propagate relevance.
+
+What flows backward is the relevance *per unit of activation*: at a tensor a the backward carries
+c with R = a * c (elementwise), so the gradient seed 1 at the explained logit z is the relevance
+R = z, and the input's relevance is x * (what arrives at x). In that form the rules are:
+
+- linear layers (F.linear, F.conv1d/2d/3d) take their composite's rule
+  (:mod:`salience.methods.lrp_rules`): c_in = R_in / x (0 where x = 0: the relevance a rule puts
+  on an input equal to 0, possible with flat, w-square and z^B only, is counted in ``lost``);
+- batch norm (eval mode) right after a linear layer is merged into it for the rule (canonizer:
+  W' = s W, b' = s b + t with s = gamma / sqrt(var + eps), t = beta - mean s); the forward values are
+  the model's own; a batch norm not after a linear layer is a per-channel scale and shift layer;
+- average pooling is a weightless linear layer (its composite rule, epsilon);
+- a sum of two relevance-carrying tensors (residual a + b) splits R in proportion to each
+  summand (R a / stab(a + b)); a difference likewise;
+- elementwise activations (the ReLU family, sigmoid, tanh, ...) pass relevance through
+  (R_in = R_out: c_in = c_out y / x, the ordinary gradient for ReLU);
+- max pooling keeps its gradient (winner takes all); other functions linear in the input
+  (reshapes, indexing, padding, dropout in eval mode, scaling by constants) keep their gradient,
+  which in this form is LRP-0 (relevance moves unchanged or in proportion);
+- anything else on the path (softmax, products of two input-dependent tensors, unknown functions)
+  is refused with a one-line error naming it.
+
+Nothing is attached to the model: layers are named through process-wide module hooks that exist
+only inside the ``with`` block and are removed on every path (errors included); the model's
+parameters and buffers are read, never written. TorchScript modules are refused (their layers
+are not seen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+
+from salience.errors import ParameterError
+from salience.methods.deeplift_rules import ELEMENTWISE, EVAL_ONLY, LINEAR, PRODUCTS, QUOTIENTS, function_name
+from salience.methods.lrp_composites import Composite, covering
+from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
+from salience.methods.rules import RELU_FAMILY
+
+LAYERS: dict[Callable[..., Any], str] = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
+# (a, b) -> coefficients of a and b in the result
+SUMS: dict[Callable[..., Any], tuple[float, float]] = {
+    torch.add: (1.0, 1.0), torch.Tensor.add: (1.0, 1.0), torch.Tensor.__add__: (1.0, 1.0), torch.Tensor.__radd__: (1.0, 1.0),
+    torch.sub: (1.0, -1.0), torch.Tensor.sub: (1.0, -1.0), torch.Tensor.__sub__: (1.0, -1.0),
+    torch.Tensor.__rsub__: (-1.0, 1.0),
+}
+IN_PLACE_SUMS = (torch.Tensor.__iadd__, torch.Tensor.add_, torch.Tensor.__isub__, torch.Tensor.sub_)
+HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
+           "residual sums, elementwise activations and functions linear in the input")
+
+
+def _tensors(values: Any) -> Iterator[torch.Tensor]:
+    if isinstance(values, torch.Tensor):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            yield from _tensors(value)
+    elif isinstance(values, dict):
+        for value in values.values():
+            yield from _tensors(value)
+
+
+def _path(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _bind(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call is linear in its input-dependent tensors (its gradient is then LRP-0)."""
+    if func in LINEAR or func in MAX_POOLS:
+        return True
+    if func in PRODUCTS:
+        return sum(t.requires_grad for t in _tensors((args, kwargs))) <= 1
+    if func in QUOTIENTS:
+        return not _path(args[1] if len(args) > 1 else kwargs.get("other"))
+    if func in EVAL_ONLY:
+        return _bind(func, args, kwargs).get("training", True) is False
+    return False
+
+
+@dataclass
+class LayerTrace:
+    """One rule layer's backward call: relevance at its output and input summed per backward row,
+    and the part of the input's relevance put on inputs equal to 0 (not representable: lost)."""
+
+    layer: str
+    rule: str
+    relevance_out: torch.Tensor
+    relevance_in: torch.Tensor
+    lost: torch.Tensor
+
+
+@dataclass
+class _Step:
+    mode: LRPMode
+    layer: Layer
+    rule: Rule
+    mask: torch.Tensor | None = None
+
+    def relevance(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.rule, ZBox):
+            return self.rule.relevance(self.layer, x, r, self.mask)
+        return self.rule.relevance(self.layer, x, r)
+
+
+class _Relevance(torch.autograd.Function):
+    """Forward: the layer's own output ``value``; backward: the rule's relevance, per unit of input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, value: torch.Tensor, step: _Step) -> torch.Tensor:
+        ctx.save_for_backward(x, value)
+        ctx.step = step
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z = ctx.saved_tensors
+        step: _Step = ctx.step
+        r_out = z * c
+        with step.mode.paused():
+            r_in = step.relevance(x, r_out)
+        zero = x == 0
+        c_in = torch.where(zero, torch.zeros_like(r_in), r_in / torch.where(zero, torch.ones_like(x), x))
+        lost = torch.where(zero, r_in, torch.zeros_like(r_in))
+        step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, r_out.flatten(1).sum(1), r_in.flatten(1).sum(1),
+                                          lost.flatten(1).sum(1)))
+        return c_in, None, None
+
+
+class _Pass(torch.autograd.Function):
+    """An elementwise activation y = f(x) (in place when it was) passing relevance through:
+    c_in = c y / x (0 where x = 0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool) -> torch.Tensor:
+        saved = x.detach().clone() if inplace else x.detach()
+        y = call()
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(saved, y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y = ctx.saved_tensors
+        zero = x == 0
+        return torch.where(zero, torch.zeros_like(c), c * y / torch.where(zero, torch.ones_like(x), x)), None, None
+
+
+class _Split(torch.autograd.Function):
+    """z = ka a + kb b (the call's own value); backward: each summand gets R (k t) / stab(z)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, value: torch.Tensor, ka: float, kb: float, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(value)
+        ctx.shapes, ctx.k, ctx.eps = (a.shape, b.shape), (ka, kb), eps
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (z,) = ctx.saved_tensors
+        share = c * z / stabilise(z, ctx.eps)
+        (sa, sb), (ka, kb) = ctx.shapes, ctx.k
+        return (ka * share).sum_to_size(sa), (kb * share).sum_to_size(sb), None, None, None, None
+
+
+class LRPMode(TorchFunctionMode):
+    """``with LRPMode(composite, ...) as mode:`` run forward + backward passes; the gradient that
+    reaches the input x is c with the input's relevance R = x * c. ``bounds``: per-channel (low,
+    high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
+    layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged."""
+
+    def __init__(self, composite: Composite, *, eps: float = 1e-6, gamma: float = 0.25,
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None, merge_batch_norm: bool = True,
+                 stabiliser: float = STABILISER) -> None:
+        super().__init__()
+        self.composite, self.eps, self.gamma, self.stabiliser = composite, eps, gamma, stabiliser
+        self.bounds, self.merge_batch_norm = bounds, merge_batch_norm
+        self.trace: list[LayerTrace] = []
+        self.rules: dict[str, set[str]] = {}
+        self.layers = 0
+        self.merged = 0
+        self._paused = False
+        self._stack: list[nn.Module] = []
+        self._names: dict[int, str] = {}
+        self._calls = 0  # linear layers seen in this forward pass
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor, Layer, Rule]] = {}
+        self._pads: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
+        self._hooks: list[Any] = []
+
+    # ------------------------------------------------------------ entering and leaving
+    def __enter__(self) -> LRPMode:
+        super().__enter__()
+        try:
+            self._hooks = [register_module_forward_pre_hook(self._push),
+                           register_module_forward_hook(self._pop, always_call=True)]
+        except BaseException:
+            super().__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        super().__exit__(*exc)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Calls made by the rules themselves (in backward) run unchanged."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def _push(self, module: nn.Module, _args: Any) -> None:
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ParameterError(f"lrp cannot see the layers of the TorchScript module {type(module).__name__}; "
+                                 "explain the plain (not scripted) nn.Module")
+        if not self._stack:  # a new forward pass of the model
+            self._names = {id(m): name for name, m in module.named_modules()}
+            self._calls = 0
+            self._outputs.clear()
+            self._pads.clear()
+        self._stack.append(module)
+
+    def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    # ------------------------------------------------------------ dispatch
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self._paused or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func in LAYERS:
+            return self._layer(func, LAYERS[func], args, kwargs)
+        if func is F.batch_norm:
+            return self._batch_norm(func, args, kwargs)
+        if func in AVG_POOLS:
+            return self._pool(func, args, kwargs)
+        if func in SUMS or func in IN_PLACE_SUMS:
+            found = self._sum(func, args, kwargs)
+            if found is not None:
+                return found
+        if func in ACTIVATIONS:
+            return self._activation(func, args, kwargs)
+        result = func(*args, **kwargs)
+        if func is F.pad:
+            self._record_pad(result, args, kwargs)
+        elif any(t.requires_grad for t in _tensors(result)) and not _linear_call(func, args, kwargs):
+            raise ParameterError(f"lrp has no rule for {function_name(func)} on the relevance path{self._where()}; it handles "
+                                 f"{HANDLED}: softmax read-outs, products of two input-dependent tensors (attention, "
+                                 "squeeze-excitation) and other nonlinear functions are refused")
+        return result
+
+    def _where(self) -> str:
+        if not self._stack:
+            return ""
+        module = self._stack[-1]
+        return f" (in {self._names.get(id(module), '?') or 'the model'}, {type(module).__name__})"
+
+    # ------------------------------------------------------------ rules
+    def _rule(self, kind: str, is_input: bool, x: torch.Tensor) -> tuple[str, Rule]:
+        module = self._stack[-1] if self._stack else None
+        dotted = self._names.get(id(module), "") if module is not None else ""
+        classes = [c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object)] if module is not None else []
+        found = self.composite.lookup(dotted, classes, kind, is_input)
+        shown = f"{dotted or 'the model'!r} ({classes[0] if classes else 'no module'}, {kind})"
+        if found is None:
+            others = covering(classes, kind, is_input)
+            raise ParameterError(f"lrp: layer {shown} has no rule in composite {self.composite.name} "
+                                 f"{self.composite.describe()}; composites that cover it: {', '.join(others) or 'none'} "
+                                 f"(or add {dotted!r}, {classes[0] if classes else kind!r} or {kind!r} to yours)")
+        _, name, options = found
+        rule = self._build(name, options, x, shown)
+        self.rules.setdefault(classes[0] if classes else kind, set()).add(rule.name)
+        return dotted or kind, rule
+
+    def _build(self, name: str, options: dict[str, Any], x: torch.Tensor, shown: str) -> Rule:
+        if name == "epsilon":
+            return Epsilon(float(options.get("eps", options.get("epsilon", self.eps))))
+        if name == "gamma":
+            return Gamma(float(options.get("gamma", self.gamma)), stab=self.stabiliser)
+        if name != "zbox":
+            rule: Rule = dataclasses.replace(RULES[name][0](**options), stab=self.stabiliser)
+            return rule
+        if self.bounds is None:
+            raise ParameterError(f"lrp: the z^B rule of layer {shown} needs the input's bounds: give low= and high=")
+        low, high = self.bounds
+        if x.dim() >= 3 and x.shape[1] == low.numel():
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return ZBox(low.reshape(shape), high.reshape(shape), stab=self.stabiliser)
+        if bool((low == low.flatten()[0]).all() and (high == high.flatten()[0]).all()):
+            return ZBox(low.flatten()[:1], high.flatten()[:1], stab=self.stabiliser)
+        raise ParameterError(f"lrp: the z^B rule of layer {shown} has per-channel bounds but its input has shape "
+                             f"{tuple(x.shape)}; give scalar low= and high=")
+
+    # ------------------------------------------------------------ handlers
+    def _layer(self, func: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = args[0] if args else kwargs.get("input")
+        if not _path(x):
+            return func(*args, **kwargs)
+        rest = dict(kwargs)
+        weight = args[1] if len(args) > 1 else rest.pop("weight")
+        bias = args[2] if len(args) > 2 else rest.pop("bias", None)
+        rest.pop("input", None)
+        is_input = self._calls == 0
+        self._calls += 1
+        name, rule = self._rule(kind, is_input, x)
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind)
+        out = _Relevance.apply(x, value, _Step(self, layer, rule, self._pad_mask(x)))
+        self._outputs[id(out)] = (out, x, layer, rule)
+        self.layers += 1
+        return out
+
+    def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        bound = _bind(func, args, kwargs)
+        z = bound.get("input")
+        if not _path(z):
+            return func(*args, **kwargs)
+        if bound.get("training") or bound.get("running_mean") is None:
+            raise ParameterError(f"lrp needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
+        mean, var = bound["running_mean"], bound["running_var"]
+        scale = torch.rsqrt(var + bound["eps"])
+        if bound.get("weight") is not None:
+            scale = scale * bound["weight"]
+        shift = -mean * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        record = self._outputs.get(id(z))
+        if self.merge_batch_norm and record is not None and record[0] is z:
+            _, x, layer, rule = record
+            merged = layer.merged_with_batch_norm(scale, shift)
+            self.merged += 1
+            out = _Relevance.apply(x, value, _Step(self, merged, rule, self._pad_mask(x)))
+            self._outputs[id(out)] = (out, x, merged, rule)
+            return out
+        name, rule = self._rule("batch_norm", False, z)
+        out = _Relevance.apply(z, value, _Step(self, Layer.scale_shift(scale, shift, name), rule))
+        self.layers += 1
+        return out
+
+    def _pool(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = args[0] if args else kwargs.get("input")
+        if not _path(x):
+            return func(*args, **kwargs)
+        name, rule = self._rule("avg_pool", False, x)
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k != "input"}
+        out = _Relevance.apply(x, value, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"), rule))
+        self.layers += 1
+        return out
+
+    def _sum(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        a = args[0] if args else kwargs.get("input")
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        if not (_path(a) and _path(b)):
+            return None  # a constant added: linear, its gradient is LRP-0
+        if func in IN_PLACE_SUMS:
+            raise ParameterError(f"lrp cannot split an in-place sum of two relevance-carrying tensors ({function_name(func)})"
+                                 f"{self._where()}; write x = x + y")
+        if kwargs.get("alpha", 1) != 1 or len(args) > 2:
+            raise ParameterError(f"lrp: {function_name(func)} with alpha{self._where()} is not supported")
+        ka, kb = SUMS[func]
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        return _Split.apply(a, b, value, ka, kb, self.stabiliser)
+
+    def _activation(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        if not _path(x):
+            return func(*args, **kwargs)
+        reader = RELU_FAMILY.get(func)
+        if reader is not None:
+            inplace = reader(args, kwargs)[1]
+        else:
+            name = getattr(func, "__name__", "")
+            inplace = (name.endswith("_") and not name.endswith("__")) or bool(_bind(func, args, kwargs).get("inplace", False))
+        return _Pass.apply(x, partial(func, *args, **kwargs), inplace)
+
+    # ------------------------------------------------------------ padding seen by z^B
+    def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        bound = _bind(F.pad, args, kwargs) or {"input": args[0], "pad": args[1] if len(args) > 1 else kwargs.get("pad"),
+                                               "mode": args[2] if len(args) > 2 else kwargs.get("mode", "constant")}
+        source = bound.get("input")
+        if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
+            self._pads[id(result)] = (result, partial(F.pad, pad=bound["pad"], mode="constant", value=0.0), source.shape)
+
+    def _pad_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """1 on the input's own values, 0 on zero padding added just before this layer (z^B bounds hold
+        only where there is an input)."""
+        record = self._pads.get(id(x))
+        if record is None or record[0] is not x:
+            return None
+        _, pad, shape = record
+        with torch.no_grad():
+            return pad(torch.ones(shape, dtype=x.dtype, device=x.device))
