@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "evaluate"))
@@ -64,8 +63,3 @@ def build_image_db(folder: Path) -> tuple[Path, str]:
     with Store(folder / "images.db") as store:
         outcome = run_evaluation(config, store, model=tiny_classifier(), progress=False, log=lambda _: None)
     return folder / "images.db", outcome.run_id
-
-
-@pytest.fixture(scope="module")
-def text_db(toy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    return build_text_db(tmp_path_factory.mktemp("viewer"), toy_dir)

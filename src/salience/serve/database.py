@@ -63,7 +63,7 @@ class ReadOnlyStore(Store):
             raise StoreError(f"no results database at {self.path}")
         try:
             self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0,
-                                        check_same_thread=False)
+                                        check_same_thread=False, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
             found = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
@@ -76,9 +76,12 @@ class ReadOnlyStore(Store):
 
     def metric_rows(self, run_id: str) -> list[dict[str, Any]]:
         """Every metric row of the run without its details (for summaries): method, metric, value,
-        higher_is_better, error."""
-        rows = self.conn.execute("SELECT method, metric, value, higher_is_better, error FROM results WHERE run_id = ?",
-                                 (run_id,)).fetchall()
+        higher_is_better, error; in the order of :meth:`Store.results` (example position, method,
+        metric), so that the seeded bootstrap resamples the same sequence as ``salience runs show``."""
+        rows = self.conn.execute("""
+            SELECT r.method, r.metric, r.value, r.higher_is_better, r.error
+            FROM results r JOIN examples e ON e.run_id = r.run_id AND e.example_id = r.example_id
+            WHERE r.run_id = ? ORDER BY e.position, r.method, r.metric""", (run_id,)).fetchall()
         return [{**dict(r), "higher_is_better": None if r["higher_is_better"] is None else bool(r["higher_is_better"])}
                 for r in rows]
 
