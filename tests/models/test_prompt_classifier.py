@@ -259,6 +259,33 @@ def test_a_token_across_the_slot_is_refused():
         _in_text("ab cd.", 4, 6, 3, 5)
 
 
+# ------------------------------------------------------------------ CLI
+def test_cli_prompt_template_and_labels(tmp_path, capsys):
+    from salience.cli import main
+
+    folder = tmp_path / "lm"
+    build_model(context=64).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    out = tmp_path / "e.json"
+    # what the shell leaves of --labels old=" very old",new=" new",city=" a city"; '\\n' as typed in quotes
+    status = main(["explain", "--model", str(folder), "--prompt-template", "the film {text} .\\nit was",
+                   "--labels", "old= very old,new= new,city= a city", "--text", TEXT, "--method", "occlusion",
+                   "--json", str(out), "--no-color"])
+    assert status == 0
+    e = salience.Explanation.from_dict(__import__("json").loads(out.read_text())["explanations"][0])
+    assert e.extras["verbalisations"] == LABELS and e.extras["filled_template"] == f"the film {TEXT} .\nit was"
+    assert [f.text for f in e.features] == TEXT.split() and e.target.output == "log_odds"
+    assert main(["explain", "--model", str(folder), "--prompt-template", "the film {text}", "--labels", "old,new",
+                 "--text", TEXT, "--method", "occlusion", "--target", "new"]) == 0  # bare names: ' old', ' new'
+    capsys.readouterr()
+    for extra, message in ((["--labels", "a,b"], "go together"), (["--prompt-template", "x", "--labels", "a,b"], "no {text}"),
+                           (["--prompt-template", "{text}", "--labels", "a,,b"], "empty label name"),
+                           (["--prompt-template", "[{", "--labels", "a,b"], "not valid JSON")):
+        assert main(["explain", "--model", str(folder), "--text", TEXT, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+
+
 # ------------------------------------------------------------------ SmolLM2
 def test_smollm2_zero_shot_sentiment():
     lm = salience.load_model("zoo:smollm2-135m")
