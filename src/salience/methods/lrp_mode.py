@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError
 from salience.methods.deeplift_rules import ELEMENTWISE, EVAL_ONLY, LINEAR, PRODUCTS, QUOTIENTS, function_name
+from salience.methods.deeplift_rules import _tensors as tensors_in
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
 from salience.methods.rules import RELU_FAMILY
@@ -65,17 +66,6 @@ SUMS: dict[Callable[..., Any], tuple[float, float]] = {
 IN_PLACE_SUMS = (torch.Tensor.__iadd__, torch.Tensor.add_, torch.Tensor.__isub__, torch.Tensor.sub_)
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
-
-
-def _tensors(values: Any) -> Iterator[torch.Tensor]:
-    if isinstance(values, torch.Tensor):
-        yield values
-    elif isinstance(values, (list, tuple)):
-        for value in values:
-            yield from _tensors(value)
-    elif isinstance(values, dict):
-        for value in values.values():
-            yield from _tensors(value)
 
 
 def _path(value: Any) -> bool:
@@ -96,7 +86,7 @@ def _linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
     if func in LINEAR or func in MAX_POOLS:
         return True
     if func in PRODUCTS:
-        return sum(t.requires_grad for t in _tensors((args, kwargs))) <= 1
+        return sum(t.requires_grad for t in tensors_in((args, kwargs))) <= 1
     if func in QUOTIENTS:
         return not _path(args[1] if len(args) > 1 else kwargs.get("other"))
     if func in EVAL_ONLY:
@@ -279,7 +269,7 @@ class LRPMode(TorchFunctionMode):
         result = func(*args, **kwargs)
         if func is F.pad:
             self._record_pad(result, args, kwargs)
-        elif any(t.requires_grad for t in _tensors(result)) and not _linear_call(func, args, kwargs):
+        elif any(t.requires_grad for t in tensors_in(result)) and not _linear_call(func, args, kwargs):
             raise ParameterError(f"lrp has no rule for {function_name(func)} on the relevance path{self._where()}; it handles "
                                  f"{HANDLED}: softmax read-outs, products of two input-dependent tensors (attention, "
                                  "squeeze-excitation) and other nonlinear functions are refused")

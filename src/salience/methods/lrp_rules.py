@@ -40,8 +40,10 @@ STABILISER = 1e-6  # the denominators' stabiliser of every rule but epsilon (zen
 
 
 def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps sign(z)`` with sign(0) = +1: never 0 for eps > 0."""
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z)
+    """``z + eps sign(z)`` with sign(0) = +1; a denominator still 0 (eps = 0) is replaced by 1 (the
+    relevance there is 0: it is the layer's output times what flows back)."""
+    found = z + eps * torch.where(z >= 0, 1.0, -1.0).to(z)
+    return torch.where(found == 0, torch.ones_like(found), found)
 
 
 def _scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,6 +112,12 @@ def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(max=0)
+
+
+def _spread(layer: Layer, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, stab: float) -> torch.Tensor:
+    """Relevance in proportion to ``weight`` alone (inputs taken as 1, no bias): flat and w-square."""
+    z = _out(layer, torch.ones_like(x), weight, None)
+    return _back(layer, x, weight, r / stabilise(z, stab))
 
 
 class Rule(Protocol):
@@ -209,9 +217,7 @@ class Flat:
 
     def relevance(self, layer: Layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         w, _ = layer.weights(self.name)
-        ones = torch.ones_like(w)
-        z = _out(layer, torch.ones_like(x), ones, None)
-        return _back(layer, x, ones, r / stabilise(z, self.stab))
+        return _spread(layer, x, r, torch.ones_like(w), self.stab)
 
     def describe(self) -> dict[str, Any]:
         return {"rule": self.name}
@@ -226,8 +232,7 @@ class WSquare:
 
     def relevance(self, layer: Layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         w, _ = layer.weights(self.name)
-        z = _out(layer, torch.ones_like(x), w * w, None)
-        return _back(layer, x, w * w, r / stabilise(z, self.stab))
+        return _spread(layer, x, r, w * w, self.stab)
 
     def describe(self) -> dict[str, Any]:
         return {"rule": self.name}
