@@ -4,6 +4,7 @@ exact = occlusion, Shapley efficiency); one short check on SmolLM2-135M."""
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -204,6 +205,20 @@ def test_metrics_and_json_round_trip(pc):
     back = salience.Explanation.from_json(e.to_json())
     np.testing.assert_array_equal(back.scores, e.scores)
     assert back.extras["verbalisations"] == LABELS
+
+
+def test_replaced_ids_are_scored_as_they_are(pc, lm):
+    # max-sensitivity replaces token ids of an encoded input and re-explains it
+    encoded = pc.encode(TEXT)
+    ids = encoded.input_ids.clone()
+    ids[list(encoded.words[1].tokens)] = pc.baseline_token_id("unk")
+    prediction = pc.predict(dataclasses.replace(encoded, input_ids=ids))
+    with torch.no_grad():
+        expected = torch.softmax(hand_scores(lm, ids.tolist()), dim=0).numpy()
+    np.testing.assert_allclose(prediction.probabilities, expected, rtol=0, atol=TOL)
+    e = salience.explain(pc, TEXT, method="occlusion")
+    result = evaluate_metric("max_sensitivity", pc, e, baseline="unk", n_perturbations=3)
+    assert np.isfinite(result.value) and result.value > 0
 
 
 def test_truncation(lm):

@@ -130,8 +130,7 @@ class PromptClassifier:
     # ------------------------------------------------------------- encoding
     def encode(self, inputs: str, *, truncate: bool = False) -> Encoded:
         """Fill the template with the text and tokenise it; the text's tokens are the features (word
-        offsets into the text), every other token is special. The teacher-forced label rows are in
-        ``extras["rows"]`` (in memory only)."""
+        offsets into the text), every other token is special."""
         if not isinstance(inputs, str):
             raise InputError("a prompt classifier explains a single text, not a pair or a list")
         if not inputs.strip():
@@ -176,14 +175,15 @@ class PromptClassifier:
         encoded = Encoded(input=text, input_ids=torch.tensor(ids, dtype=torch.long), token_type_ids=None, tokens=tokens,
                           special=~torch.tensor(inside, dtype=torch.bool), words=words, token_features=token_features,
                           extras={"filled_template": prompt})
-        encoded.extras["rows"] = self._rows(encoded)
         over = len(ids) + max(len(v) for v in self.label_ids) - self.max_length
         return encoded, over
 
     def _rows(self, encoded: Encoded) -> list[_Row]:
-        """The LM rows of one evaluation: one per multi-token verbalisation (its own teacher-forced
-        tokens, one span target); the single-token labels are read at the prompt's end of the
-        first row (the prompt alone when every verbalisation is one token)."""
+        """The LM rows of one evaluation, built from ``encoded``'s ids (so an input whose ids were
+        replaced, e.g. by max-sensitivity, is scored as it now is): one per multi-token
+        verbalisation (its own teacher-forced tokens, one span target); the single-token labels are
+        read at the prompt's end of the first row (the prompt alone when every verbalisation is one
+        token)."""
         length = encoded.length
         multi = [c for c, ids in enumerate(self.label_ids) if len(ids) > 1]
         single = [c for c, ids in enumerate(self.label_ids) if len(ids) == 1]
@@ -195,11 +195,14 @@ class PromptClassifier:
                               span=tuple(self.label_ids[c]) if len(self.label_ids[c]) > 1 else None) for c in classes]
             ids = torch.cat([encoded.input_ids, torch.tensor(continuation, dtype=torch.long)])
             special = torch.cat([encoded.special, torch.ones(len(continuation), dtype=torch.bool)])
-            row = Encoded(input=encoded.extras["filled_template"], input_ids=ids, token_type_ids=None,
-                          tokens=[*encoded.tokens, *(self.tokenizer.decode([i]) for i in continuation)], special=special,
+            row = Encoded(input=encoded.input, input_ids=ids, token_type_ids=None, tokens=[], special=special,
                           words=[], token_features=[], extras={"prompt_length": length})
             rows.append(_Row(row, targets, classes))
         return rows
+
+    def baseline_token_id(self, baseline: str) -> int:
+        """The LM's token for a named baseline (``eos``, ``unk``, ``pad``) or a one-token text."""
+        return self.lm.baseline_token_id(baseline)
 
     def describe_input(self, encoded: Encoded) -> dict[str, object]:
         """Kept in the Explanation: the template, the verbalisations and the filled prompt."""
@@ -224,7 +227,7 @@ class PromptClassifier:
         """Class scores s_c (B, C), float64: log-probabilities of the verbalisations in each row of
         ``keep`` (B, F), features not kept replaced by ``baseline`` or deleted."""
         scores = torch.empty(keep.shape[0], len(self.labels), dtype=torch.float64)
-        for row in _rows_of(encoded):
+        for row in self._rows(encoded):
             values = self.lm.score_perturbed(row.encoded, keep, features, baseline, row.targets, batch_size)
             scores[:, row.classes] = values.double().cpu()
         return scores
@@ -260,7 +263,7 @@ class PromptClassifier:
         n, length = rows.shape[0], encoded.length
         z = torch.empty(n, len(self.labels), dtype=torch.float64)
         per_label: list[torch.Tensor | None] = [None] * len(self.labels)
-        for row in _rows_of(encoded):
+        for row in self._rows(encoded):
             with torch.no_grad():
                 tail = self.lm.embedding_layer(row.encoded.input_ids[length:][None].to(self.lm.device))[0]
             full = torch.cat([rows, tail.expand(n, -1, -1).to(rows)], dim=1)
@@ -278,13 +281,6 @@ class PromptClassifier:
         if single:
             return out[:, 0], None if gradients is None else gradients[:, 0]
         return out, gradients
-
-
-def _rows_of(encoded: Encoded) -> list[_Row]:
-    rows = encoded.extras.get("rows")
-    if rows is None:
-        raise InputError("this input was not encoded by a PromptClassifier")
-    return rows  # type: ignore[return-value]
 
 
 def _output_jacobian(z: torch.Tensor, targets: list[Target]) -> torch.Tensor:
