@@ -5,6 +5,7 @@ exact = occlusion, Shapley efficiency); one short check on SmolLM2-135M."""
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
