@@ -17,11 +17,11 @@ FAST_PARAMS = {
     "sequential_integrated_gradients": {"form": "path", "steps": 6},
 }
 # guided_backprop and the like refuse this GELU BERT (no ReLU-family unit); tests/methods/test_guided.py batches them
-# DeepLIFT refuses it too (layer norm, softmax): tests/methods/test_deeplift.py batches it
+# DeepLIFT and LRP refuse it too (layer norm, softmax): test_deeplift.py batches DeepLIFT
 # CAM methods need a layer map (image classifiers): tests/methods/test_cam.py and tests/models/test_image.py batch them
 # so do methods needing another capability text classifiers lack (RISE, NeuroMask: a pixel grid; test_image.py)
 ALL = [info.name for info in salience.methods()
-       if info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", "deeplift", "deeplift_shap"}
+       if info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", "deeplift", "deeplift_shap", "lrp"}
        and info.kind != "cam"
        and all(hasattr(salience.TextClassifier, need) for need in getattr(info.cls, "needs", ()))]
 

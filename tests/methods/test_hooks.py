@@ -10,8 +10,8 @@ from conftest import TOY_TEXT
 
 # these refuse a model without ReLU-family units (this GELU BERT); tests/methods/test_guided.py checks their state
 NEED_RELU = {"guided_backprop", "deconvnet", "guided_gradcam"}
-# DeepLIFT refuses a transformer (layer norm, softmax): tests/methods/test_deeplift.py checks its state
-NEED_RELU |= {"deeplift", "deeplift_shap"}
+# DeepLIFT and LRP refuse a transformer (layer norm, softmax): test_deeplift.py and test_lrp.py check their state
+NEED_RELU |= {"deeplift", "deeplift_shap", "lrp"}
 # CAM methods need a layer map (image classifiers): tests/methods/test_cam.py checks their state
 # so do methods needing another capability text classifiers lack (RISE, NeuroMask: a pixel grid; test_image.py)
 TEXT_METHODS = [info.name for info in salience.methods() if info.name not in NEED_RELU and info.kind != "cam"
