@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -30,10 +30,10 @@ from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, pars
 from salience.serve.database import ExampleEntry, ReadOnlyStore
 from salience.serve.explanations import UnitRenderer
 from salience.serve.pages import labels, render
-from salience.serve.runpage import ARROWS, build_run_page
+from salience.serve.runpage import ARROWS, RunData, build_run_page, run_data
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-INDEX_REFRESH = 5.0  # seconds: a run being written re-reads its example index at most this often
+REFRESH = 5.0  # seconds: a run being written is re-read at most this often (or every 2x its last read time)
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                                  b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
@@ -68,7 +68,7 @@ class Viewer:
 
     database: Path
     renderer: UnitRenderer = field(default_factory=UnitRenderer)
-    indexes: dict[str, tuple[tuple[float, int], float, list[ExampleEntry]]] = field(default_factory=dict)
+    cache: dict[tuple[str, str], tuple[tuple[float, int], float, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self) -> ReadOnlyStore:
@@ -80,17 +80,29 @@ class Viewer:
         except StoreError:
             raise NotFound(f"no run {run_id[:80]!r} in this database") from None
 
-    def index(self, store: ReadOnlyStore, run_id: str) -> list[ExampleEntry]:
-        """The run's example index, re-read when the run gained units (at most every INDEX_REFRESH s)."""
+    def _cached(self, kind: str, store: ReadOnlyStore, run_id: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` of the run, kept until the run gains units; while it is being written, kept
+        for REFRESH seconds or twice the time the last computation took, whichever is longer (so a
+        large run being written is not recomputed on every request)."""
         key = store.fingerprint(run_id)
         with self.lock:
-            cached = self.indexes.get(run_id)
-        if cached is not None and (cached[0] == key or time.monotonic() - cached[1] < INDEX_REFRESH):
+            cached = self.cache.get((kind, run_id))
+        if cached is not None and (cached[0] == key or time.monotonic() < cached[1]):
             return cached[2]
-        entries = store.example_index(run_id)
+        started = time.monotonic()
+        value = compute()
+        now = time.monotonic()
         with self.lock:
-            self.indexes[run_id] = (key, time.monotonic(), entries)
-        return entries
+            self.cache[(kind, run_id)] = (key, now + max(REFRESH, 2 * (now - started)), value)
+        return value
+
+    def index(self, store: ReadOnlyStore, run_id: str) -> list[ExampleEntry]:
+        """The run's example index (id, position, label, prediction)."""
+        return self._cached("index", store, run_id, lambda: store.example_index(run_id))  # type: ignore[no-any-return]
+
+    def data(self, store: ReadOnlyStore, info: RunInfo) -> RunData:
+        """The run page's summary and curves."""
+        return self._cached("data", store, info.run_id, lambda: run_data(store, info))  # type: ignore[no-any-return]
 
 
 def _page(viewer: Viewer, template: str, **context: Any) -> Any:
@@ -120,7 +132,7 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
     def run_page(request: Request) -> Any:
         with viewer.store() as store:
             info = viewer.run(store, request.path_params["run_id"])
-            page = build_run_page(store, info, sort=request.query_params.get("sort", ""),
+            page = build_run_page(viewer.data(store, info), info, sort=request.query_params.get("sort", ""),
                                   order=request.query_params.get("order", ""))
         return _page(viewer, "run.html", title=f"run {info.run_id}", page=page, arrows=ARROWS)
 

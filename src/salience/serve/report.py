@@ -9,14 +9,14 @@ from pathlib import Path
 
 from salience.serve.database import ReadOnlyStore
 from salience.serve.pages import render
-from salience.serve.runpage import ARROWS, build_run_page
+from salience.serve.runpage import ARROWS, build_run_page, run_data
 
 
 def report_html(database: str | Path, run: str, *, sort: str = "", order: str = "") -> str:
     """The report of run ``run`` (an id or a unique prefix) in ``database`` (read-only)."""
     with ReadOnlyStore(database) as store:
         info = store.run(store.find_run(run))
-        page = build_run_page(store, info, sort=sort, order=order)
+        page = build_run_page(run_data(store, info), info, sort=sort, order=order)
     return render("run.html", title=f"run {info.run_id}", database=str(Path(database).name), page=page, arrows=ARROWS,
                   report=True, now=time.time())
 

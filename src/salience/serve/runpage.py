@@ -92,18 +92,43 @@ def _shades(rows: Sequence[SummaryRow | None], higher_is_better: bool | None) ->
     return out
 
 
-def build_run_page(store: ReadOnlyStore, info: RunInfo, *, sort: str = "", order: str = "") -> RunPage:
-    """The run page of ``info``. ``sort``: "" (the run's method order), "method" (by name) or a
-    metric label (by mean, best first unless ``order`` says "asc" / "desc"); anything else is a
-    ParameterError (HTTP 400)."""
+@dataclass(frozen=True)
+class RunData:
+    """What the run page computes from the database, whatever its order: the summary (the costly
+    part: a 2,000-resample bootstrap per cell) and the curves' SVG. Cached by the viewer."""
+
+    methods: list[str]
+    metrics: list[str]
+    summary: list[SummaryRow]
+    curves: list[tuple[str, str]]
+
+
+def run_data(store: ReadOnlyStore, info: RunInfo) -> RunData:
+    """Summary (:func:`summarise` with the run's seed, rows in example order, as ``salience runs
+    show``) and mean curves of every curve metric of the run."""
     rows = store.metric_rows(info.run_id)
     methods = _labels(info.config.get("methods", [])) or list(dict.fromkeys(r["method"] for r in rows))
     metrics = _labels(info.config.get("metrics", [])) or list(dict.fromkeys(r["metric"] for r in rows))
-    if sort not in ("", "method", *metrics):
-        raise ParameterError(f"cannot sort by {sort!r}: choose method or one of the metrics {', '.join(metrics)}")
-    if order not in ("", "asc", "desc"):
-        raise ParameterError(f"order must be asc or desc, not {order!r}")
     summary = summarise(rows, methods=methods, metrics=metrics, seed=int(info.config.get("seed", 0) or 0))
+    curve_metrics = [m for m in store.curve_metric_names(info.run_id) if m in metrics]
+    curve_rows = store.curve_rows(info.run_id, curve_metrics)
+    curves = []
+    for metric in curve_metrics:
+        means = mean_curves(curve_rows, metric)
+        if means:
+            curves.append((metric, curve_svg(means, metric, methods)))
+    return RunData(methods, metrics, summary, curves)
+
+
+def build_run_page(data: RunData, info: RunInfo, *, sort: str = "", order: str = "") -> RunPage:
+    """The run page of ``info``. ``sort``: "" (the run's method order), "method" (by name) or a
+    metric label (by mean, best first unless ``order`` says "asc" / "desc"); anything else is a
+    ParameterError (HTTP 400)."""
+    methods, metrics, summary = data.methods, data.metrics, data.summary
+    if sort not in ("", "method", *metrics):
+        raise ParameterError(f"cannot sort by {sort[:60]!r}: choose method or one of the metrics {', '.join(metrics)}")
+    if order not in ("", "asc", "desc"):
+        raise ParameterError(f"order must be asc or desc, not {order[:40]!r}")
     found = {(r.method, r.metric): r for r in summary}
     directions = {metric: next((r.higher_is_better for r in summary if r.metric == metric), None) for metric in metrics}
     columns: dict[str, list[float | None]] = {}
@@ -114,13 +139,8 @@ def build_run_page(store: ReadOnlyStore, info: RunInfo, *, sort: str = "", order
         cells = [Cell(found.get((method, metric)), columns[metric][i], columns[metric][i] == 1.0) for metric in metrics]
         table.append((method, cells))
     table = _sorted(table, metrics, directions, sort, order)
-    page = RunPage(info, methods, metrics, directions, table, sort, order or _default_order(sort, directions))
-    curve_metrics = [m for m in store.curve_metric_names(info.run_id) if m in metrics]
-    curve_rows = store.curve_rows(info.run_id, curve_metrics)
-    for metric in curve_metrics:
-        curves = mean_curves(curve_rows, metric)
-        if curves:
-            page.curves.append((metric, curve_svg(curves, metric, methods)))
+    page = RunPage(info, methods, metrics, directions, table, sort, order or _default_order(sort, directions),
+                   curves=list(data.curves))
     page.notes = [f"{r.metric} / {r.method}: {r.n_errors} example(s) without a value, e.g. {r.first_error}"
                   for r in summary if r.n_errors]
     return page
