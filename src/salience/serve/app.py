@@ -6,6 +6,8 @@ Routes (all GET, all rendered on the server; no JavaScript):
 * ``/runs/{run_id}``: the run page (``?sort=method|METRIC&order=asc|desc``)
 * ``/runs/{run_id}/examples``: the example browser (see :mod:`salience.serve.browser` for the query)
 * ``/runs/{run_id}/example?id=EXAMPLE``: one example with every method
+* ``/explain`` (GET: the form; POST: explain), only with a live model (:mod:`salience.serve.live`);
+  a POST from another origin is refused (403); a busy model gives 503, a time-out 504
 
 Bad input never reaches a traceback: an unknown run or example, or a page past the last, is 404;
 a malformed parameter (page number, sort, method or metric name) is 400; both as an HTML page
@@ -29,6 +31,7 @@ from salience.evaluate.store import RunInfo, StoreError
 from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, parse_query
 from salience.serve.database import ExampleEntry, ReadOnlyStore
 from salience.serve.explanations import UnitRenderer
+from salience.serve.live import MAX_TEXT, Busy, LiveModel, TooSlow, parse_form
 from salience.serve.pages import labels, render
 from salience.serve.runpage import ARROWS, RunData, build_run_page, run_data
 
@@ -67,6 +70,7 @@ class Viewer:
     """What the routes share: the database path, the example-index cache, the rendered-unit cache."""
 
     database: Path
+    live: LiveModel | None = None
     renderer: UnitRenderer = field(default_factory=UnitRenderer)
     cache: dict[tuple[str, str], tuple[tuple[float, int], float, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,12 +112,14 @@ class Viewer:
 def _page(viewer: Viewer, template: str, **context: Any) -> Any:
     from starlette.responses import HTMLResponse
 
-    return HTMLResponse(render(template, database=str(viewer.database), **context))
+    return HTMLResponse(render(template, database=str(viewer.database), live_model=viewer.live is not None, **context))
 
 
-def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> Any:
+def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+               live: LiveModel | None = None) -> Any:
     """The viewer over ``database`` (opened read-only per request; StoreError now if it cannot be
-    read). ``allowed_hosts``: accepted Host headers (None: any, for a server bound elsewhere)."""
+    read). ``allowed_hosts``: accepted Host headers (None: any, for a server bound elsewhere).
+    ``live``: a model for the live explain page (none: no such page)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -121,7 +127,7 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
     from starlette.requests import Request
     from starlette.routing import Route
 
-    viewer = Viewer(Path(database).expanduser())
+    viewer = Viewer(Path(database).expanduser(), live)
     viewer.store().close()  # fails now, with one line, when the file is not a readable results database
 
     def runs_list(request: Request) -> Any:
@@ -164,6 +170,44 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
                                          cells))
         return _page(viewer, "example.html", title=f"example {example_id}", run=info, row=row)
 
+    def live_page(text: str = "", chosen: Sequence[str] = (), results: Any = (), message: str = "", status: int = 200) -> Any:
+        from starlette.responses import HTMLResponse
+
+        if viewer.live is None:
+            raise NotFound("this server has no live model (start it with --model)")
+        html = render("live.html", title=f"explain with {viewer.live.name}", database=str(viewer.database), live_model=True,
+                      live=viewer.live, text=text, chosen=list(chosen) or viewer.live.methods()[:2], results=results,
+                      message=message, max_text=MAX_TEXT)
+        return HTMLResponse(html, status_code=status)
+
+    def explain_form(request: Request) -> Any:
+        return live_page()
+
+    async def explain_post(request: Request) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        if viewer.live is None:
+            raise NotFound("this server has no live model (start it with --model)")
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+            return error_page(request, 403, "a form from another site cannot use this server")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > 64 * 1024:
+                break
+        try:
+            text, methods = parse_form(body, viewer.live.methods())
+        except ParameterError as error:
+            return live_page(message=str(error), status=400)
+        try:
+            results = await run_in_threadpool(viewer.live.explain, text, methods)
+        except Busy as error:
+            return live_page(text, methods, message=str(error), status=503)
+        except TooSlow as error:
+            return live_page(text, methods, message=str(error), status=504)
+        return live_page(text, methods, results)
+
     def error_page(request: Request, status: int, message: str) -> Any:
         from starlette.responses import HTMLResponse
 
@@ -189,7 +233,8 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
     routes = [Route("/", runs_list), Route("/runs/{run_id}", run_page), Route("/runs/{run_id}/examples", examples_page),
-              Route("/runs/{run_id}/example", example_page)]
+              Route("/runs/{run_id}/example", example_page), Route("/explain", explain_form, methods=["GET"]),
+              Route("/explain", explain_post, methods=["POST"])]
     handlers = {ParameterError: bad_request, NotFound: not_found, StoreError: not_found, HTTPException: http_error,
                 Exception: server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)

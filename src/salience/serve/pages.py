@@ -38,6 +38,7 @@ def css() -> Markup:
 def render(template: str, **context: Any) -> str:
     """A full page; ``context`` needs ``title`` and ``database`` (``report`` defaults to False)."""
     context.setdefault("report", False)
+    context.setdefault("live_model", False)
     return str(environment().get_template(template).render(css=css(), **context))
 
 
