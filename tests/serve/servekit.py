@@ -52,14 +52,14 @@ def build_text_db(folder: Path, toy_dir: Path) -> tuple[Path, str]:
     return folder / "runs.db", outcome.run_id
 
 
-def build_image_db(folder: Path) -> tuple[Path, str]:
+def build_image_db(folder: Path, name: str = "images.db") -> tuple[Path, str]:
     """A run of the tiny CNN on an image folder of two photo-like pictures (files kept, so the
-    viewer can draw the heatmaps over them)."""
+    viewer can draw the heatmaps over them), into ``folder / name`` (created or added to)."""
     for label, seed in (("cat", 0), ("dog", 1)):
         (folder / "images" / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo(seed=seed)).save(folder / "images" / label / f"{label}.png")
     config = RunConfig(model="tiny-cnn", dataset=str(folder / "images"), methods=(parse_method_spec("saliency"),),
                        metrics=(parse_metric_spec("deletion_auc"),))
-    with Store(folder / "images.db") as store:
+    with Store(folder / name) as store:
         outcome = run_evaluation(config, store, model=tiny_classifier(), progress=False, log=lambda _: None)
-    return folder / "images.db", outcome.run_id
+    return folder / name, outcome.run_id

@@ -41,7 +41,7 @@ SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                                  b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make Chromium send "Origin: null" with our own form
     (b"x-frame-options", b"DENY"),
 ]
 
