@@ -32,10 +32,12 @@ from tiny_cnn import GRID, LABELS, build_tiny_cnn, photo, tiny_classifier
 from toy import explain_probability
 
 # the tiny CNN has no ReLU: guided_backprop and the like refuse it (tests/methods/test_guided.py runs them on a ReLU CNN);
-# DeepLIFT explains logits, not the probability read here (tests/methods/test_deeplift.py runs it)
+# DeepLIFT and LRP explain logits, not the probability read here (test_deeplift.py and test_lrp.py run them;
+# their batching on images: test_logit_only_methods_batched_equal_unbatched below)
+LOGIT_ONLY = ("deeplift", "deeplift_shap", "lrp")
 ALL = [info.name for info in salience.methods()
        if info.kind != "attention"
-       and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", "deeplift", "deeplift_shap"}]
+       and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", *LOGIT_ONLY}]
 # small settings; perturbation and per-feature methods on 4 x 4 patches (16 features)
 PARAMS = {
     "smoothgrad": {"n_samples": 5},
@@ -92,6 +94,15 @@ def test_batched_equals_unbatched(model, image, method):
         np.testing.assert_allclose(one.token_scores, many.token_scores, rtol=1e-9, atol=1e-12)
     assert one.cost.forward_passes == many.cost.forward_passes
     assert one.cost.model_calls > many.cost.model_calls or many.cost.model_calls == many.cost.forward_passes  # or nothing to merge
+
+
+@pytest.mark.parametrize("method", LOGIT_ONLY)
+def test_logit_only_methods_batched_equal_unbatched(model, image, method):
+    options = {"composite": "epsilon"} if method == "lrp" else {}  # the tiny CNN's Tanh/Softplus: no z^B bounds needed
+    one = salience.explain(model, image, method=method, output="logit", batch_size=1, **options)
+    many = salience.explain(model, image, method=method, output="logit", batch_size=64, **options)
+    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)  # float64; summation order only
+    assert np.isfinite(one.scores).all() and np.ptp(one.scores) > 0
 
 
 def test_attention_methods_name_the_models_that_have_attention(model, image):
