@@ -97,20 +97,20 @@ def function_name(func: Callable[..., Any]) -> str:
     return f"{module}.{name}" if module and not name.startswith(module) else name
 
 
-def _tensors(values: Any) -> Iterable[torch.Tensor]:
+def tensors_in(values: Any) -> Iterable[torch.Tensor]:
     """Every tensor in ``values`` (nested lists, tuples and dicts)."""
     if isinstance(values, torch.Tensor):
         yield values
     elif isinstance(values, (list, tuple)):
         for value in values:
-            yield from _tensors(value)
+            yield from tensors_in(value)
     elif isinstance(values, dict):
         for value in values.values():
-            yield from _tensors(value)
+            yield from tensors_in(value)
 
 
 def _on_path(values: Any) -> bool:
-    return any(t.requires_grad for t in _tensors(values))
+    return any(t.requires_grad for t in tensors_in(values))
 
 
 def _bound(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -121,11 +121,13 @@ def _bound(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         return {}
 
 
-def _is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call is linear in its input-dependent tensors: a linear function, a product or
+    quotient with at most one input-dependent factor (none in the divisor), dropout in eval mode."""
     if func in LINEAR:
         return True
     if func in PRODUCTS:
-        return sum(t.requires_grad for t in _tensors((args, kwargs))) <= 1
+        return sum(t.requires_grad for t in tensors_in((args, kwargs))) <= 1
     if func in QUOTIENTS:
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
         return not _on_path(divisor)
@@ -147,7 +149,8 @@ def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor,
     return kwargs[key], lambda t: (args, {**kwargs, key: t})
 
 
-def _is_inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def is_inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call writes its result into its input (``relu_``, ``inplace=True``)."""
     name = getattr(func, "__name__", "")
     return name.endswith("_") and not name.endswith("__") or bool(_bound(func, args, kwargs).get("inplace", False))
 
@@ -273,7 +276,7 @@ class RescaleMode(TorchFunctionMode):
             return self._unit(func, args, kwargs)
         result = func(*args, **kwargs)
         if self.reference_of_row is not None and torch.is_grad_enabled() and _on_path(result) \
-                and not _is_linear_call(func, args, kwargs):
+                and not is_linear_call(func, args, kwargs):
             # raised after the pass (:meth:`finish`): a TypeError inside a Tensor operator would become NotImplemented
             why = "a product of two input-dependent tensors" if func in PRODUCTS or func in QUOTIENTS else \
                 "nonlinear or not known to be linear"
@@ -306,7 +309,7 @@ class RescaleMode(TorchFunctionMode):
             a, k = rebuild(t)
             return func(*a, **k)  # type: ignore[no-any-return]
 
-        inplace = _is_inplace(func, args, kwargs)
+        inplace = is_inplace(func, args, kwargs)
         if self.reference_of_row is None:
             before = x.detach().clone()
             y = call(x)

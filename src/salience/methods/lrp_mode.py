@@ -47,8 +47,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError
-from salience.methods.deeplift_rules import ELEMENTWISE, EVAL_ONLY, LINEAR, PRODUCTS, QUOTIENTS, function_name
-from salience.methods.deeplift_rules import _tensors as tensors_in
+from salience.methods.deeplift_rules import ELEMENTWISE, function_name, is_inplace, is_linear_call, tensors_in
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
 from salience.methods.rules import RELU_FAMILY
@@ -82,16 +81,9 @@ def _bind(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a call is linear in its input-dependent tensors (its gradient is then LRP-0)."""
-    if func in LINEAR or func in MAX_POOLS:
-        return True
-    if func in PRODUCTS:
-        return sum(t.requires_grad for t in tensors_in((args, kwargs))) <= 1
-    if func in QUOTIENTS:
-        return not _path(args[1] if len(args) > 1 else kwargs.get("other"))
-    if func in EVAL_ONLY:
-        return _bind(func, args, kwargs).get("training", True) is False
-    return False
+    """Whether a call's gradient is its LRP-0 rule: linear in its input-dependent tensors (as DeepLIFT
+    decides it), or a max pooling (winner takes all)."""
+    return func in MAX_POOLS or is_linear_call(func, args, kwargs)
 
 
 @dataclass
@@ -399,8 +391,7 @@ class LRPMode(TorchFunctionMode):
         if reader is not None:
             inplace = reader(args, kwargs)[1]
         else:
-            name = getattr(func, "__name__", "")
-            inplace = (name.endswith("_") and not name.endswith("__")) or bool(_bind(func, args, kwargs).get("inplace", False))
+            inplace = is_inplace(func, args, kwargs)
         return _Pass.apply(x, partial(func, *args, **kwargs), inplace)
 
     # ------------------------------------------------------------ padding seen by z^B
