@@ -96,3 +96,12 @@ def test_position_scores_equal_to_the_scores_are_stored_once():
         back = salience.Explanation.from_json(original.to_json())
         np.testing.assert_array_equal(back.token_scores, original.token_scores)
         np.testing.assert_array_equal(back.scores, original.scores)
+    # arrays large enough to be base64: equal ones stored once, different ones kept apart
+    from salience.core.explanation import _token_scores_from_json, _token_scores_json, encode_array
+
+    big = np.random.default_rng(2).normal(size=(1, 600))
+    near = big * (1 + 1e-15)
+    for positions, marker in ((big.copy(), {"same_as": "scores"}), (near, None)):
+        stored = json.loads(json.dumps(_token_scores_json(positions, big)))
+        assert marker is None and "base64" in stored or stored == marker
+        np.testing.assert_array_equal(_token_scores_from_json(stored, encode_array(big)), positions)
