@@ -21,5 +21,10 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec" 2>&1 | grep -v "is ignored" || true
+if [[ ",$extras," == *",test,"* ]]; then
+  # Inseq, a test oracle: without its dependencies, whose metadata pulls CUDA packages; what it
+  # imports is in the test extra
+  python -m pip install --quiet --disable-pip-version-check --no-deps inseq==0.7.1 2>&1 | grep -v "is ignored" || true
+fi
 python -c "import salience, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" 
 python -m salience.assets fetch
