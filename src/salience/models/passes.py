@@ -1,5 +1,6 @@
 """How every adapter runs rows through its model: targets as output columns, one backward row per
-(row, target) pair, parameters frozen while input gradients are taken, outputs checked finite."""
+(row, target) pair (from one forward pass of the row where the adapter offers it), parameters
+frozen while input gradients are taken, outputs checked finite."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from salience.errors import ModelOutputError
 # (rows (B, ...), which (B,) or None) -> without ``which``: every target's output (B, T) and an empty
 # tensor; with it: row b's output for target ``which[b]`` (B,) and its gradient w.r.t. the row (B, ...)
 RowPass = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+# (rows (B, ...), group) -> every target's output (B, T) and its gradient w.r.t. the row (B, T, ...),
+# from ONE forward pass of the B rows; the backward runs vmapped over at most ``group`` targets at once
+SharedForwardPass = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def as_targets(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
@@ -47,10 +51,13 @@ def check_finite(values: torch.Tensor) -> torch.Tensor:
 
 
 def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: int, size: int, *,
-               grad: bool, single: bool = False, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               grad: bool, single: bool = False, paired: bool = False,
+               shared_forward: SharedForwardPass | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Outputs (N, T) of ``rows`` (N, ...) in chunks of ``size`` rows; with ``grad`` also the
     gradients (N, T, ...). Without gradients one pass serves every target; with them each
-    (row, target) pair is one backward row, so a chunk holds ``size`` such pairs. ``single`` (one
+    (row, target) pair is one backward row, so a chunk holds ``size`` such pairs. With several
+    targets and a ``shared_forward`` pass, a row's forward pass is run once for all its targets
+    (size // T rows per chunk, at least one) instead of once per pair. ``single`` (one
     :class:`Target` was given, see :func:`as_targets`): (N,) and (N, ...) instead. ``paired``:
     row i is read for target i only (T = N): (N,) and (N, ...), one backward row per row."""
     n, k = rows.shape[0], n_targets
@@ -59,6 +66,9 @@ def score_rows(model: nn.Module, run: RowPass, rows: torch.Tensor, n_targets: in
     if not grad:
         values = map_batches(lambda chunk: run(rows[chunk], None)[0], n, size)
         return (values[:, 0] if single else values), None
+    if shared_forward is not None and k > 1:
+        with frozen_parameters(model):
+            return map_batches(lambda chunk: shared_forward(rows[chunk], max(1, size)), n, max(1, size // k))
     which = torch.arange(n * k) % k  # row i of the expanded batch explains target i % k
 
     def backward(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +95,20 @@ def _score_pairs(model: nn.Module, run: RowPass, rows: torch.Tensor, size: int, 
     with frozen_parameters(model):
         values, gradients = map_batches(lambda chunk: run(rows[chunk], which[chunk]), n, max(1, size))
     return values, gradients
+
+
+def gradients_of_outputs(values: torch.Tensor, inputs: torch.Tensor, group: int) -> torch.Tensor:
+    """d values[:, t] / d inputs for every target t: (B, T, ...) from outputs ``values`` (B, T) of a
+    forward pass over ``inputs`` (B, ...). The backward is vmapped over at most ``group`` targets at
+    a time (``is_grads_batched``), the forward graph kept between groups: T backward rows for one
+    forward pass. Row b's outputs depend on row b only, so one-hot cotangents per target give each
+    row's own gradient."""
+    count = values.shape[1]
+    parts = []
+    for start in range(0, count, group):
+        stop = min(count, start + group)
+        picks = torch.zeros(stop - start, *values.shape, dtype=values.dtype, device=values.device)
+        picks[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+        (part,) = torch.autograd.grad(values, inputs, grad_outputs=picks, is_grads_batched=True, retain_graph=stop < count)
+        parts.append(part)  # (G, B, ...)
+    return torch.cat(parts).transpose(0, 1)

@@ -25,7 +25,7 @@ from salience.core.target import Target
 from salience.errors import ParameterError
 from salience.models.arch import word_embedding_module
 from salience.models.base import Encoded, PassCounter
-from salience.models.passes import as_targets, score_rows
+from salience.models.passes import as_targets, gradients_of_outputs, score_rows
 
 BASELINE_TOKENS = {"mask": "mask_token_id", "pad": "pad_token_id", "unk": "unk_token_id", "eos": "eos_token_id"}
 
@@ -238,7 +238,10 @@ class TokenAdapter:
         def run(source: torch.Tensor, which: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             return self._embedding_pass(encoded, source, targets, which, grad=which is not None)
 
-        return score_rows(self.model, run, rows, len(targets), size, grad=grad, single=single)
+        def shared_forward(source: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._all_targets_gradient_pass(encoded, source, targets, group)
+
+        return score_rows(self.model, run, rows, len(targets), size, grad=grad, single=single, shared_forward=shared_forward)
 
     def _embedding_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target], which: torch.Tensor | None, *,
                         grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,6 +259,20 @@ class TokenAdapter:
             (gradient,) = torch.autograd.grad(values.sum(), chunk)
             self.counter.backward_passes += count
         return values.detach(), gradient.detach()
+
+    def _all_targets_gradient_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target],
+                                   group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass of word-embedding rows (B, L, D) for every target: outputs (B, T) and
+        their gradients w.r.t. the rows (B, T, L, D), the backward vmapped over ``group`` targets."""
+        chunk = embeds.to(self.device, self.dtype).detach().requires_grad_(True)
+        count, length, types = chunk.shape[0], encoded.length, encoded.token_type_ids
+        with self._replaced_embeddings(chunk), torch.enable_grad():
+            ids, ones = encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long)
+            row_types = None if types is None else types.expand(count, length)
+            values = self._outputs(ids, ones, row_types, None, targets)
+            gradients = gradients_of_outputs(values, chunk, group)
+        self.counter.backward_passes += count * len(targets)
+        return values.detach(), gradients.detach()
 
     @contextmanager
     def _replaced_embeddings(self, embeds: torch.Tensor) -> Iterator[None]:
