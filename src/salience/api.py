@@ -23,7 +23,9 @@ from salience.methods.base import Attribution, Context
 from salience.models.base import Adapter, Encoded
 
 # what a capability a method needs is called in messages, and which model kinds have it
-CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers"),
+CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers and causal LMs"),
+                "attention_query_rows": ("attention rows per target", "text classifiers and causal LMs"),
+                "attention_gradients": ("gradients of attention maps", "text classifiers and causal LMs"),
                 "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)"),
                 "pixel_grid": ("a pixel grid", "image classifiers")}
 TargetSpec = int | str | Sequence[int | str] | None

@@ -37,6 +37,7 @@ from torch import nn
 from salience.core.features import Feature, FeatureSet
 from salience.core.target import Target, check_output, read_outputs
 from salience.errors import InputError, ParameterError, TargetError
+from salience.models.attention_access import AttentionAccess
 from salience.models.base import Encoded
 from salience.models.chat import Chat, is_messages, render_chat
 from salience.models.generation import decode_tokens, decoded_offsets, end_token_ids
@@ -48,7 +49,7 @@ DEFAULT_MAX_NEW_TOKENS = 16
 PROMPT, CONTINUATION = 0, 1  # Feature.segment of each text
 
 
-class CausalLM(TokenAdapter):
+class CausalLM(AttentionAccess, TokenAdapter):
     """Wraps a Hugging Face ``*ForCausalLM`` model and its fast tokenizer; the model is neither moved
     nor cast (rows follow its embedding layer's device and dtype). ``max_length`` (the context
     length) defaults to the tokenizer's limit capped by the model's position embeddings."""
@@ -269,6 +270,11 @@ class CausalLM(TokenAdapter):
         last.scatter_reduce_(0, features.pairs[0], features.pairs[1], reduce="amax")
         positions = torch.tensor([target_positions(t)[-1] for t in targets], dtype=torch.long)
         return (last[None, :] < positions[:, None]).numpy()
+
+    def attention_query_rows(self, encoded: Encoded, targets: Sequence[Target]) -> list[list[int]]:
+        """The attention rows each target reads: the position that predicts its token (``position - 1``);
+        for a span target, the rows predicting each of its tokens."""
+        return [[p - 1 for p in target_positions(t)] for t in targets]
 
     # ---------------------------------------------------------------- running
     def _outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,

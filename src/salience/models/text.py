@@ -18,13 +18,14 @@ from torch import nn
 
 from salience.core.features import Feature
 from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
-from salience.errors import InputError, ParameterError
+from salience.errors import InputError
+from salience.models.attention_access import AttentionAccess
 from salience.models.base import Encoded
 from salience.models.passes import check_finite, frozen_parameters
 from salience.models.tokens import TokenAdapter, words_of
 
 
-class TextClassifier(TokenAdapter):
+class TextClassifier(AttentionAccess, TokenAdapter):
     """Wraps a Hugging Face ``*ForSequenceClassification`` model and its (fast) tokenizer.
 
     ``max_length`` defaults to the tokenizer's limit (capped by the model's position embeddings).
@@ -118,27 +119,9 @@ class TextClassifier(TokenAdapter):
         return prediction, target, value.detach()[0], gradient[0].detach()
 
     # --------------------------------------------------------------- attention
-    def attention_maps(self, encoded: Encoded) -> torch.Tensor:
-        """Attention probabilities (layers, heads, T, T) on the unperturbed input (eager attention)."""
-        config = self.model.config  # type: ignore[union-attr]
-        previous = getattr(config, "_attn_implementation", None)
-        setter = getattr(self.model, "set_attn_implementation", None)
-        if callable(setter) and previous != "eager":
-            setter("eager")
-        try:
-            kwargs: dict[str, torch.Tensor] = {"input_ids": encoded.input_ids[None].to(self.device)}
-            if encoded.token_type_ids is not None:
-                kwargs["token_type_ids"] = encoded.token_type_ids[None].to(self.device)
-            with torch.no_grad():
-                output = self.model(**kwargs, output_attentions=True)
-            self.counter.forward_passes += 1
-            self.counter.model_calls += 1
-        finally:
-            if callable(setter) and previous is not None and previous != "eager":
-                setter(previous)
-        if not output.attentions:
-            raise ParameterError(f"{self.name} does not return attention probabilities")
-        return torch.stack([a[0] for a in output.attentions]).double().cpu()
+    def attention_query_rows(self, encoded: Encoded, targets: Sequence[Target]) -> list[list[int]]:
+        """Every target reads the first token's ([CLS]) attention row: the classifier head reads it."""
+        return [[0] for _ in targets]
 
 
 def _row(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -137,6 +137,10 @@ class ZeroShotClassifier:
         """Attention on the text alone (no hypothesis), (layers, heads, T, T)."""
         return self.nli.attention_maps(encoded)
 
+    def attention_query_rows(self, encoded: Encoded, targets: Sequence[Target]) -> list[list[int]]:
+        """The first token's row, as the NLI classifier's (attention on the text alone ignores the labels)."""
+        return self.nli.attention_query_rows(encoded, targets)
+
 
 def _output_jacobian(z: torch.Tensor, target: Target) -> torch.Tensor:
     """d output / d z for the label logits z (N, C)."""
