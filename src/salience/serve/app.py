@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -30,6 +31,7 @@ from salience.errors import ParameterError
 from salience.evaluate.store import RunInfo, StoreError
 from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, parse_query
 from salience.serve.database import ExampleEntry, ReadOnlyStore
+from salience.serve.disagreement import rank_correlations
 from salience.serve.explanations import UnitRenderer
 from salience.serve.live import MAX_TEXT, Busy, LiveModel, TooSlow, parse_form
 from salience.serve.pages import labels, render
@@ -37,6 +39,7 @@ from salience.serve.runpage import ARROWS, RunData, build_run_page, run_data
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 REFRESH = 5.0  # seconds: a run being written is re-read at most this often (or every 2x its last read time)
+CACHED = 16  # computed things kept (per run: its index, its page data, one per method pair's ρ), least recently used dropped
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                                  b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
@@ -72,7 +75,7 @@ class Viewer:
     database: Path
     live: LiveModel | None = None
     renderer: UnitRenderer = field(default_factory=UnitRenderer)
-    cache: dict[tuple[str, str], tuple[tuple[float, int], float, Any]] = field(default_factory=dict)
+    cache: OrderedDict[tuple[str, str], tuple[tuple[float, int], float, Any]] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self) -> ReadOnlyStore:
@@ -87,10 +90,13 @@ class Viewer:
     def _cached(self, kind: str, store: ReadOnlyStore, run_id: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` of the run, kept until the run gains units; while it is being written, kept
         for REFRESH seconds or twice the time the last computation took, whichever is longer (so a
-        large run being written is not recomputed on every request)."""
+        large run being written is not recomputed on every request). At most CACHED values are
+        kept, the least recently used dropped first."""
         key = store.fingerprint(run_id)
         with self.lock:
             cached = self.cache.get((kind, run_id))
+            if cached is not None:
+                self.cache.move_to_end((kind, run_id))
         if cached is not None and (cached[0] == key or time.monotonic() < cached[1]):
             return cached[2]
         started = time.monotonic()
@@ -98,6 +104,9 @@ class Viewer:
         now = time.monotonic()
         with self.lock:
             self.cache[(kind, run_id)] = (key, now + max(REFRESH, 2 * (now - started)), value)
+            self.cache.move_to_end((kind, run_id))
+            while len(self.cache) > CACHED:
+                self.cache.popitem(last=False)
         return value
 
     def index(self, store: ReadOnlyStore, run_id: str) -> list[ExampleEntry]:
@@ -107,6 +116,13 @@ class Viewer:
     def data(self, store: ReadOnlyStore, info: RunInfo) -> RunData:
         """The run page's summary and curves."""
         return self._cached("data", store, info.run_id, lambda: run_data(store, info))  # type: ignore[no-any-return]
+
+    def rhos(self, store: ReadOnlyStore, run_id: str, first: str, second: str) -> dict[str, float | None]:
+        """example id -> Spearman ρ of the two methods' scores (one scan of the run, then cached;
+        ρ is symmetric, so both orders share one entry)."""
+        first, second = sorted((first, second))
+        return self._cached(f"rho\0{first}\0{second}", store, run_id,  # type: ignore[no-any-return]
+                            lambda: rank_correlations(store, run_id, first, second))
 
 
 def _page(viewer: Viewer, template: str, **context: Any) -> Any:
@@ -147,7 +163,8 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
             info = viewer.run(store, request.path_params["run_id"])
             methods, metrics = labels(info.config.get("methods", [])), labels(info.config.get("metrics", []))
             query = parse_query(request.query_params, methods, metrics)
-            page = build_page(store, info.run_id, viewer.index(store, info.run_id), query, metrics, viewer.renderer)
+            rhos = viewer.rhos(store, info.run_id, query.rank_a, query.rank_b) if query.compares else None
+            page = build_page(store, info.run_id, viewer.index(store, info.run_id), query, metrics, viewer.renderer, rhos)
         return _page(viewer, "examples.html", title=f"examples of {info.run_id}", run=info, page=page, sorts=SORTS,
                      methods=methods, metrics=metrics, correct_value={None: "", True: "yes", False: "no"}[query.correct])
 

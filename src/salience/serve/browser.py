@@ -19,7 +19,7 @@ from salience.serve.database import ExampleEntry, ReadOnlyStore
 
 PER_PAGE = 10
 MAX_PER_PAGE = 50
-SORTS = ("position", "id", "label", "prediction", "value")
+SORTS = ("position", "id", "label", "prediction", "value", "rho")
 CORRECT = {"": None, "yes": True, "no": False}
 
 
@@ -30,7 +30,9 @@ class NotFound(SalienceError):
 @dataclass(frozen=True)
 class ExampleQuery:
     """A checked query. ``value`` sorts (and ``low``/``high`` filter) by the value of metric
-    ``metric`` for method ``method``; ``methods``: the methods shown side by side (all by default)."""
+    ``metric`` for method ``method``; ``rho`` sorts (and ``rho_below`` keeps examples whose ρ is
+    strictly below it) by the Spearman rank correlation of methods ``rank_a`` and ``rank_b``
+    (:mod:`salience.serve.disagreement`); ``methods``: the methods shown side by side (all by default)."""
 
     page: int = 1
     per: int = PER_PAGE
@@ -43,14 +45,23 @@ class ExampleQuery:
     metric: str = ""
     low: float | None = None
     high: float | None = None
+    rank_a: str = ""
+    rank_b: str = ""
+    rho_below: float | None = None
     methods: tuple[str, ...] = ()
+
+    @property
+    def compares(self) -> bool:
+        """Whether a method pair is chosen (its ρ is shown, and may filter or sort)."""
+        return bool(self.rank_a and self.rank_b)
 
     def params(self, **changes: Any) -> dict[str, str]:
         """The query string of this query with ``changes`` (for links), defaults left out."""
         values = {"page": self.page, "per": self.per, "label": self.label, "prediction": self.prediction,
                   "correct": {None: "", True: "yes", False: "no"}[self.correct], "sort": self.sort, "order": self.order,
                   "method": self.method, "metric": self.metric, "low": "" if self.low is None else repr(self.low),
-                  "high": "" if self.high is None else repr(self.high), "show": ",".join(self.methods)}
+                  "high": "" if self.high is None else repr(self.high), "rank_a": self.rank_a, "rank_b": self.rank_b,
+                  "rho_below": "" if self.rho_below is None else repr(self.rho_below), "show": ",".join(self.methods)}
         values.update(changes)
         defaults = {"page": 1, "per": PER_PAGE, "sort": "position", "order": "asc"}
         return {k: str(v) for k, v in values.items() if v not in ("", None) and defaults.get(k) != v}
@@ -100,13 +111,24 @@ def parse_query(params: Mapping[str, str], methods: Sequence[str], metrics: Sequ
             raise ParameterError(f"unknown method {method[:60]!r}; this run has {', '.join(methods)}")
         if metric not in metrics:
             raise ParameterError(f"unknown metric {metric[:60]!r}; this run has {', '.join(metrics)}")
+    rank_a, rank_b = params.get("rank_a", ""), params.get("rank_b", "")
+    rho_below = _number(params, "rho_below")
+    if sort == "rho" or rho_below is not None or rank_a or rank_b:
+        if not rank_a or not rank_b:
+            raise ParameterError("rank correlation: pick two methods (rank_a and rank_b)")
+        for name in (rank_a, rank_b):
+            if name not in methods:
+                raise ParameterError(f"rank correlation: unknown method {name[:60]!r}; this run has {', '.join(methods)}")
+        if rank_a == rank_b:
+            raise ParameterError(f"rank correlation needs two different methods, not {rank_a[:60]!r} twice")
     shown = tuple(m for m in params.get("show", "").split(",") if m) or tuple(methods)
     for name in shown:
         if name not in methods:
             raise ParameterError(f"unknown method {name[:60]!r}; this run has {', '.join(methods)}")
     return ExampleQuery(page=_integer(params, "page", 1, 1), per=_integer(params, "per", PER_PAGE, 1, MAX_PER_PAGE),
                         label=params.get("label", ""), prediction=params.get("prediction", ""), correct=CORRECT[correct],
-                        sort=sort, order=order, method=method, metric=metric, low=low, high=high, methods=shown)
+                        sort=sort, order=order, method=method, metric=metric, low=low, high=high, rank_a=rank_a,
+                        rank_b=rank_b, rho_below=rho_below, methods=shown)
 
 
 def label_text(label: Any) -> str:
@@ -117,6 +139,7 @@ def label_text(label: Any) -> str:
 class ExampleRow:
     entry: ExampleEntry
     value: float | None  # the sort metric's value (None: not chosen or not computed)
+    rho: float | None = None  # the chosen method pair's rank correlation (None: not chosen or undefined)
     explanations: list[tuple[str, str, list[tuple[str, str]]]] = field(default_factory=list)  # (method, html, metric cells)
 
 
@@ -130,11 +153,13 @@ class ExamplePage:
     predictions: list[str]
 
 
-def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None],
-           query: ExampleQuery) -> list[tuple[ExampleEntry, float | None]]:
+def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None], query: ExampleQuery,
+           rhos: Mapping[str, float | None] | None = None) -> list[tuple[ExampleEntry, float | None]]:
     """Filter and sort the index (the whole run, no explanation read): label and prediction match
-    their text exactly; ``low`` <= value <= ``high`` drops examples without a value; examples
-    without a value sort last in either order."""
+    their text exactly; ``low`` <= value <= ``high`` drops examples without a value, ``rho_below``
+    those whose ρ (``rhos``) is undefined or not below it; examples without a value (or ρ) sort
+    last in either order."""
+    rhos = rhos or {}
     chosen = []
     for entry in entries:
         value = values.get(entry.example_id)
@@ -147,6 +172,10 @@ def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None],
         if (query.low is not None or query.high is not None) and (
                 value is None or (query.low is not None and value < query.low) or (query.high is not None and value > query.high)):
             continue
+        if query.rho_below is not None:
+            rho = rhos.get(entry.example_id)
+            if rho is None or not rho < query.rho_below:
+                continue
         chosen.append((entry, value))
     keys: dict[str, Any] = {"position": lambda item: item[0].position, "id": lambda item: item[0].example_id,
                             "label": lambda item: label_text(item[0].label), "prediction": lambda item: item[0].prediction or ""}
@@ -154,15 +183,21 @@ def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None],
         known = sorted((item for item in chosen if item[1] is not None), key=lambda item: (item[1], item[0].position),
                        reverse=query.order == "desc")
         return known + [item for item in chosen if item[1] is None]
+    if query.sort == "rho":
+        ranked = sorted((item for item in chosen if rhos.get(item[0].example_id) is not None),
+                        key=lambda item: (rhos[item[0].example_id], item[0].position), reverse=query.order == "desc")
+        return ranked + [item for item in chosen if rhos.get(item[0].example_id) is None]
     return sorted(chosen, key=lambda item: (keys[query.sort](item), item[0].position), reverse=query.order == "desc")
 
 
 def build_page(store: ReadOnlyStore, run_id: str, entries: Sequence[ExampleEntry], query: ExampleQuery,
-               metrics: Sequence[str], render: Any) -> ExamplePage:
-    """One page of examples; ``render(run_id, example_id, method, unit)`` gives a unit's HTML. A
-    page past the last is NotFound (HTTP 404); page 1 of no match is an empty page."""
+               metrics: Sequence[str], render: Any, rhos: Mapping[str, float | None] | None = None) -> ExamplePage:
+    """One page of examples; ``render(run_id, example_id, method, unit)`` gives a unit's HTML;
+    ``rhos``: example id -> ρ of the query's method pair (when it names one). A page past the last
+    is NotFound (HTTP 404); page 1 of no match is an empty page."""
     values = store.metric_values(run_id, query.method, query.metric) if query.method and query.metric else {}
-    chosen = select(entries, values, query)
+    rhos = rhos or {}
+    chosen = select(entries, values, query, rhos)
     pages = max(1, math.ceil(len(chosen) / query.per))
     if query.page > pages:
         raise NotFound(f"page {query.page} does not exist: {len(chosen)} matching examples make {pages} page(s)")
@@ -172,7 +207,7 @@ def build_page(store: ReadOnlyStore, run_id: str, entries: Sequence[ExampleEntry
     results = store.example_results(run_id, ids)
     rows = []
     for entry, value in shown:
-        row = ExampleRow(entry, value)
+        row = ExampleRow(entry, value, rhos.get(entry.example_id))
         for method in query.methods:
             unit = units.get((entry.example_id, method))
             cells = []

@@ -106,20 +106,29 @@ class ReadOnlyStore(Store):
         return names
 
     def example_index(self, run_id: str) -> list[ExampleEntry]:
-        """Every example of the run in dataset order, with its prediction (JSON read by SQLite)."""
+        """Every example of the run in dataset order, with its prediction read from its first
+        stored explanation (by method name): by SQLite's JSON functions, or in Python for a
+        document SQLite's JSON parser refuses (NaN scores, e.g. a causal LM's later tokens)."""
         rows = self.conn.execute("""
             SELECT e.example_id, e.position, e.input, e.label,
-                   (SELECT json_extract(x.explanation, '$.prediction.label') FROM explanations x
-                     WHERE x.run_id = e.run_id AND x.example_id = e.example_id AND x.explanation IS NOT NULL
-                     ORDER BY x.method LIMIT 1) AS prediction,
-                   (SELECT json_extract(x.explanation, '$.prediction.index') FROM explanations x
-                     WHERE x.run_id = e.run_id AND x.example_id = e.example_id AND x.explanation IS NOT NULL
-                     ORDER BY x.method LIMIT 1) AS prediction_index
-            FROM examples e WHERE e.run_id = ? ORDER BY e.position""", (run_id,)).fetchall()
-        return [ExampleEntry(r["example_id"], int(r["position"]), json.loads(r["input"]),
-                             json.loads(r["label"]) if r["label"] else None,
-                             None if r["prediction"] is None else str(r["prediction"]),
-                             None if r["prediction_index"] is None else int(r["prediction_index"])) for r in rows]
+                   CASE WHEN json_valid(x.explanation) THEN json_extract(x.explanation, '$.prediction.label') END AS prediction,
+                   CASE WHEN json_valid(x.explanation) THEN json_extract(x.explanation, '$.prediction.index') END
+                       AS prediction_index,
+                   CASE WHEN NOT json_valid(x.explanation) THEN x.explanation END AS raw
+            FROM examples e LEFT JOIN explanations x ON x.rowid = (
+                SELECT y.rowid FROM explanations y WHERE y.run_id = e.run_id AND y.example_id = e.example_id
+                AND y.explanation IS NOT NULL ORDER BY y.method LIMIT 1)
+            WHERE e.run_id = ? ORDER BY e.position""", (run_id,)).fetchall()
+        entries = []
+        for r in rows:
+            label, index = r["prediction"], r["prediction_index"]
+            if r["raw"] is not None:
+                prediction = (json.loads(r["raw"]).get("prediction") or {})
+                label, index = prediction.get("label"), prediction.get("index")
+            entries.append(ExampleEntry(r["example_id"], int(r["position"]), json.loads(r["input"]),
+                                        json.loads(r["label"]) if r["label"] else None,
+                                        None if label is None else str(label), None if index is None else int(index)))
+        return entries
 
     def metric_values(self, run_id: str, method: str, metric: str) -> dict[str, float | None]:
         """example id -> the value of ``metric`` for ``method`` (None where it could not be computed)."""
