@@ -1,5 +1,8 @@
 """Command-line subcommands ``salience evaluate``, ``salience bench`` and ``salience runs``.
 
+``--engine ray`` runs the units on Ray (:mod:`salience.engines.ray_engine`, imported only then);
+``--results parquet://PATH`` writes Parquet partitions that ``salience runs import`` merges.
+
 ``salience.cli`` registers them with :func:`add_commands`; errors are SalienceErrors (one line).
 """
 
@@ -78,10 +81,27 @@ def add_commands(commands: Any) -> None:
     export.add_argument("--out", required=True, help="output file")
     export.add_argument("--db", default=DEFAULT_DB)
     export.set_defaults(run=_runs_export)
+    merge = actions.add_parser("import", help="merge Parquet results (--results parquet://PATH) into a database",
+                               description="Merge the runs written under PATH by --results parquet://PATH into the "
+                                           "database; units already there are skipped, so importing twice adds nothing.")
+    merge.add_argument("path", metavar="PATH", help="the folder (or s3://... URI) given as parquet://PATH")
+    merge.add_argument("--db", default=DEFAULT_DB, help=f"results database (default {DEFAULT_DB})")
+    merge.set_defaults(run=_runs_import)
 
 
 def _common(parser: argparse.ArgumentParser, db_default: str | None = DEFAULT_DB) -> None:
     parser.add_argument("--db", default=db_default, help=f"results database (default {DEFAULT_DB})")
+    parser.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="where units are computed: this process (default) or Ray actors (pip install \"salience[ray]\"; "
+                             "see docs/scaling.md)")
+    parser.add_argument("--address", help="--engine ray: an existing cluster (auto, HOST:PORT or ray://HOST:10001; default: "
+                                          "start a local Ray sized to this machine)")
+    parser.add_argument("--workers", type=int, help="--engine ray: actors, one model each (default: as many as the CPUs, or "
+                                                    "GPUs, allow)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs per actor (model on cuda)")
+    parser.add_argument("--results", metavar="parquet://PATH",
+                        help="write Parquet partitions under PATH (a folder or s3://...) instead of the database; "
+                             "merge them later with `salience runs import PATH --db DB`")
     parser.add_argument("--out", help="folder for summary.csv/.md and the PNG plots (default: next to the database, "
                                       "one folder per run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,12 +151,18 @@ def _run_and_report(config: Any, args: argparse.Namespace, db: str, out: str | N
     from salience.evaluate.store import Store
 
     console, errors = _consoles(args)
+    engine = _engine(args)
+
+    def log(message: str) -> None:
+        errors.print(message, markup=False)
+
+    if args.results:
+        return _run_to_parquet(config, args, engine, limit, batch_size, log)
     with Store(db) as store:
         try:
             with _sigterm_as_interrupt():
                 outcome = run_evaluation(config, store, limit=limit, batch_size=batch_size, progress=not args.no_progress,
-                                         skip_invalid=getattr(args, "skip_invalid", False),
-                                         log=lambda message: errors.print(message, markup=False))
+                                         skip_invalid=getattr(args, "skip_invalid", False), log=log, engine=engine)
         except KeyboardInterrupt:
             errors.print("interrupted: every finished unit is stored; run the same command again to continue")
             return 130
@@ -146,6 +172,40 @@ def _run_and_report(config: Any, args: argparse.Namespace, db: str, out: str | N
         _report(store, outcome.run_id, outcome.example_ids, outcome.methods, outcome.metrics, config.seed,
                 Path(out) / (config.name or "") if out else store.path.parent / outcome.run_id,
                 f"{config.name or config.model} on {outcome.dataset.name}", console)
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    """None (the local engine) or the Ray engine the flags describe; Ray flags without it are an error."""
+    from salience.errors import ParameterError
+
+    if args.engine == "local":
+        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers),
+                                          ("--gpus-per-worker", args.gpus_per_worker)) if value]
+        if given:
+            raise ParameterError(f"{given[0]} goes with --engine ray")
+        return None
+    from salience.engines.ray_engine import RayEngine, import_ray  # an optional leaf: imported only here
+
+    import_ray()  # before any work: a one-line error when Ray is not installed
+    return RayEngine(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+
+
+def _run_to_parquet(config: Any, args: argparse.Namespace, engine: Any, limit: int | None, batch_size: int | None,
+                    log: Any) -> int:
+    from salience.engines.parquet_output import parse_results, run_to_parquet
+
+    root = parse_results(args.results)
+    try:
+        with _sigterm_as_interrupt():
+            outcome = run_to_parquet(config, root, limit=limit, batch_size=batch_size, progress=not args.no_progress,
+                                     skip_invalid=getattr(args, "skip_invalid", False), log=log, engine=engine)
+    except KeyboardInterrupt:
+        log("interrupted: every finished unit is written; run the same command again to continue")
+        return 130
+    log(f"run {outcome.run_id}: {outcome.computed} units computed, {outcome.reused} already written "
+        f"({len(outcome.example_ids)} examples of {outcome.dataset.description}) under {root}; "
+        f"merge with `salience runs import {root} --db DB`")
     return 0
 
 
@@ -249,6 +309,21 @@ def _runs_export(args: argparse.Namespace) -> int:
                                                    seed=int(config.get("seed", 0)))]
     path = write_table(rows, args.out, args.format)
     print(f"wrote {len(rows)} rows to {path}")
+    return 0
+
+
+def _runs_import(args: argparse.Namespace) -> int:
+    from salience.engines.parquet_output import SCHEME, import_parquet
+    from salience.evaluate.store import Store
+
+    path = args.path[len(SCHEME):] if args.path.startswith(SCHEME) else args.path
+    _, errors = _consoles(args)
+    with Store(args.db) as store:
+        outcomes = import_parquet(path, store, log=lambda message: errors.print(message, markup=False))
+    for outcome in outcomes:
+        print(f"run {outcome.run_id}: {outcome.added} units added, {outcome.already} already stored"
+              + (f", {outcome.unreadable} unreadable part files left out" if outcome.unreadable else "")
+              + f" ({outcome.status}) in {args.db}")
     return 0
 
 

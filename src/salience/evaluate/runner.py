@@ -14,23 +14,31 @@ a value and with the error, counted in the summary and reported; it does not sto
 of configuration (unknown parameters, a rationale metric on a dataset without rationales, a box
 metric on a dataset without boxes, a missing gold label with ``target="label"``) stop the run
 before any work.
+
+Where the work runs is an *engine*: a callable that takes the pending units and yields one
+:class:`UnitResult` per unit as each is done, in any order. :func:`local_engine` (the default)
+computes them one after the other in this process; ``salience.engines.ray_engine`` spreads them
+over Ray actors. Either way every unit is computed by :func:`compute_unit` and this process alone
+writes the store (:func:`run_evaluation` stores each result as it arrives), so resuming works the
+same whatever the engine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
 from salience.core.explanation import Explanation
 from salience.core.target import Prediction, resolve_target
 from salience.errors import ParameterError, SalienceError, UnknownMethodError
-from salience.evaluate.config import RunConfig
+from salience.evaluate.config import RunConfig, Spec
 from salience.evaluate.datasets import Dataset, Example, load_dataset
 from salience.evaluate.store import MetricRow, Store
 
@@ -56,6 +64,117 @@ class RunOutcome:
     computed: int = 0  # units computed now
     reused: int = 0  # units found in the store
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What one (example, method) unit produced: the explanation (its JSON-ready dict) or the error
+    that prevented it, its cost (seconds, model passes) and one :class:`MetricRow` per metric."""
+
+    example_id: str
+    method: str
+    explanation: dict[str, Any] | None
+    error: str | None
+    seconds: float
+    forward_passes: int
+    backward_passes: int
+    metrics: tuple[MetricRow, ...]
+
+    def to_json(self) -> str:
+        """One JSON document (details that JSON cannot hold become strings, as the store writes them)."""
+        return json.dumps({**asdict(self), "metrics": [asdict(m) for m in self.metrics]}, default=str, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> UnitResult:
+        data = json.loads(text)
+        return cls(**{**data, "metrics": tuple(MetricRow(**m) for m in data["metrics"])})
+
+    def save(self, store: Store, run_id: str) -> None:
+        """Write this unit into ``store`` (one transaction)."""
+        store.save_unit(run_id, self.example_id, self.method, explanation=self.explanation, error=self.error,
+                        seconds=self.seconds, forward_passes=self.forward_passes, backward_passes=self.backward_passes,
+                        metrics=self.metrics)
+
+
+Unit = tuple[Example, Spec]
+# (config, the driver's model, pending units, batch size) -> results as each unit is done, any order
+Engine = Callable[[RunConfig, Any, list[Unit], int | None], Iterable[UnitResult]]
+
+
+def local_engine(config: RunConfig, model: Any, pending: list[Unit], batch_size: int | None) -> Iterator[UnitResult]:
+    """The default engine: every unit in turn, in this process, with ``model``."""
+    for example, spec in pending:
+        yield compute_unit(config, model, example, spec, batch_size)
+
+
+@dataclass
+class PreparedRun:
+    """A run ready to start: its model, dataset and identity (see :func:`prepare_run`)."""
+
+    config: RunConfig
+    model: Any
+    dataset: Dataset
+    run_id: str
+    versions: dict[str, str]
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What a store keeps about the run (``Store.ensure_run``'s keyword arguments)."""
+        config = self.config
+        return {"name": config.name, "model": config.model, "dataset": self.dataset.description,
+                "config": {**config.to_dict(), "identity": config.identity(self.dataset.fingerprint)},
+                "versions": self.versions}
+
+    def units(self) -> list[Unit]:
+        """Every (example, method) unit, in dataset order."""
+        return [(e, s) for e in self.dataset.examples for s in self.config.methods]
+
+    def stored_examples(self) -> list[tuple[Any, ...]]:
+        """The examples as ``Store.add_examples`` takes them."""
+        return [(e.id, i, e.stored_input, e.label, e.rationale, e.box) for i, e in enumerate(self.dataset.examples)]
+
+
+def prepare_run(config: RunConfig, *, limit: int | None = None, model: Any = None, skip_invalid: bool = False,
+                log: Callable[[str], None] = print) -> PreparedRun:
+    """Load the model (unless given) and the dataset, and refuse, before any work, what cannot succeed."""
+    from salience.metrics.base import get_metric
+    from salience.models.loading import load_model
+
+    if model is None:
+        model = load_model(config.model, max_length=config.max_length)
+    options = dict(config.dataset_options)
+    dataset = load_dataset(config.dataset, model, limit=limit, skip_invalid=skip_invalid, truncate=config.truncate, **options)
+    if dataset.skipped:
+        log(f"skipped {len(dataset.skipped)} invalid line{'s' if len(dataset.skipped) > 1 else ''} of {config.dataset} "
+            f"(first: {dataset.skipped[0]})")
+    for spec in config.metrics:
+        get_metric(spec.name)
+    check_config(config, dataset, model)
+    return PreparedRun(config, model, dataset, config.run_id(dataset.fingerprint), environment_versions())
+
+
+def consume(results: Iterable[UnitResult], write: Callable[[UnitResult], None], *, total: int, done: int, progress: bool,
+            label: str) -> int:
+    """Hand each result to ``write`` as it arrives, with a progress bar (units done, rate, time left);
+    returns how many were written. The engine's iterator is closed on every path (Ctrl-C included)."""
+    delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
+    written = 0
+    bar = _bar(total, done, progress, label)
+    stream = iter(results)
+    try:
+        for unit in stream:
+            write(unit)
+            written += 1
+            bar.set_postfix_str(f"{unit.method} on {unit.example_id}", refresh=False)
+            bar.update(1)
+            if delay:
+                time.sleep(delay)
+    finally:
+        bar.close()
+        close = getattr(stream, "close", None)  # a generator: stop the engine's work (its finally blocks run)
+        if close is not None:
+            close()
+    return written
 
 
 def environment_versions() -> dict[str, str]:
@@ -102,28 +221,13 @@ def check_config(config: RunConfig, dataset: Dataset, model: Any) -> None:
 
 def run_evaluation(config: RunConfig, store: Store, *, limit: int | None = None, model: Any = None,
                    batch_size: int | None = None, progress: bool = True, skip_invalid: bool = False,
-                   log: Callable[[str], None] = print) -> RunOutcome:
+                   log: Callable[[str], None] = print, engine: Engine | None = None) -> RunOutcome:
     """Evaluate ``config`` on the first ``limit`` examples, storing into ``store``; resumes a run
-    with the same identity. ``model``: an adapter to use instead of loading ``config.model``."""
-    from salience.metrics.base import get_metric
-    from salience.models.loading import load_model
-
-    if model is None:
-        model = load_model(config.model, max_length=config.max_length)
-    options = dict(config.dataset_options)
-    dataset = load_dataset(config.dataset, model, limit=limit, skip_invalid=skip_invalid, truncate=config.truncate, **options)
-    if dataset.skipped:
-        log(f"skipped {len(dataset.skipped)} invalid line{'s' if len(dataset.skipped) > 1 else ''} of {config.dataset} "
-            f"(first: {dataset.skipped[0]})")
-    for spec in config.metrics:
-        get_metric(spec.name)
-    check_config(config, dataset, model)
-
-    run_id = config.run_id(dataset.fingerprint)
-    versions = environment_versions()
-    created, stored_versions = store.ensure_run(run_id, name=config.name, model=config.model, dataset=dataset.description,
-                                                config={**config.to_dict(), "identity": config.identity(dataset.fingerprint)},
-                                                versions=versions)
+    with the same identity. ``model``: an adapter to use instead of loading ``config.model``.
+    ``engine``: where units are computed (default :func:`local_engine`); this process stores them."""
+    prepared = prepare_run(config, limit=limit, model=model, skip_invalid=skip_invalid, log=log)
+    run_id, dataset, versions = prepared.run_id, prepared.dataset, prepared.versions
+    created, stored_versions = store.ensure_run(run_id, **prepared.record)
     outcome = RunOutcome(run_id, created, dataset, [e.id for e in dataset.examples], [s.label for s in config.methods],
                          [s.label for s in config.metrics])
     # packages recorded since the run began (absent from its versions) are not a change
@@ -138,24 +242,14 @@ def run_evaluation(config: RunConfig, store: Store, *, limit: int | None = None,
         log(note)
     status = "failed"
     try:
-        store.add_examples(run_id, [(e.id, i, e.stored_input, e.label, e.rationale, e.box)
-                                    for i, e in enumerate(dataset.examples)])
+        store.add_examples(run_id, prepared.stored_examples())
         done = store.done_units(run_id)
-        units = [(e, s) for e in dataset.examples for s in config.methods]
+        units = prepared.units()
         pending = [(e, s) for e, s in units if (e.id, s.label) not in done]
         outcome.reused = len(units) - len(pending)
-        delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
-        bar = _bar(len(units), outcome.reused, progress, config.name or run_id[:12])
-        try:
-            for example, spec in pending:
-                bar.set_postfix_str(f"{spec.label} on {example.id}", refresh=False)
-                _run_unit(config, store, run_id, model, example, spec, batch_size)
-                outcome.computed += 1
-                bar.update(1)
-                if delay:
-                    time.sleep(delay)
-        finally:
-            bar.close()
+        results = (engine or local_engine)(config, prepared.model, pending, batch_size)
+        outcome.computed = consume(results, lambda unit: unit.save(store, run_id), total=len(units), done=outcome.reused,
+                                   progress=progress, label=config.name or run_id[:12])
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -175,8 +269,10 @@ def _bar(total: int, initial: int, show: bool, label: str) -> Any:
                 mininterval=interval)
 
 
-def _run_unit(config: RunConfig, store: Store, run_id: str, model: Any, example: Example, spec: Any,
-              batch_size: int | None) -> None:
+def compute_unit(config: RunConfig, model: Any, example: Example, spec: Spec, batch_size: int | None) -> UnitResult:
+    """Explain ``example`` with ``spec`` and score every metric of ``config`` on it: the work of one
+    unit, whatever the engine. An explanation that fails (a SalienceError other than a parameter
+    error) becomes the unit's error and a row without value per metric; a parameter error is raised."""
     from salience.api import explain
     from salience.metrics.base import evaluate_metric, get_metric
 
@@ -226,5 +322,5 @@ def _run_unit(config: RunConfig, store: Store, run_id: str, model: Any, example:
             continue
         rows.append(MetricRow(metric.label, float(scored.value), bool(scored.higher_is_better), dict(scored.details),
                               int(scored.forward_passes)))
-    store.save_unit(run_id, example.id, spec.label, explanation=None if explanation is None else explanation.to_dict(),
-                    error=failure, seconds=seconds, forward_passes=forward, backward_passes=backward, metrics=rows)
+    return UnitResult(example.id, spec.label, None if explanation is None else explanation.to_dict(), failure, seconds,
+                      forward, backward, tuple(rows))
