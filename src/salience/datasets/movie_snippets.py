@@ -26,10 +26,11 @@ N_VALIDATION = 1000
 
 @dataclass(frozen=True)
 class Snippet:
-    """One movie-review sentence.
+    """One human-rated sentence (a movie-review snippet, or a tweet / Amazon / NYT snippet of
+    :mod:`salience.datasets.vader_sets`).
 
     Attributes:
-        id: the sentence id in the source file (``"1"`` .. ``"10605"``).
+        id: the sentence id in the source file (movies: ``"1"`` .. ``"10605"``; others e.g. ``"1_2"``).
         valence: mean human valence rating in [-4, 4].
         text: the sentence.
         label: 1 (positive) if ``valence > 0``, 0 (negative) if ``valence < 0``.
@@ -66,8 +67,18 @@ def load_movie_snippets() -> list[Snippet]:
     Raises:
         AssetMissingError: the VADER data has not been fetched.
     """
+    return load_rated_sentences(MOVIE_FILE)
+
+
+def load_rated_sentences(file_name: str) -> list[Snippet]:
+    """Load one ``*_GroundTruth.txt`` file of the VADER data (``id<TAB>mean valence<TAB>text`` per
+    line), in file order: label = sign of the mean valence; sentences rated exactly 0 are dropped.
+
+    Raises:
+        AssetMissingError: the VADER data has not been fetched.
+    """
     snippets = []
-    for line in _read_lines(vader_dir() / MOVIE_FILE):
+    for line in _read_lines(vader_dir() / file_name):
         if not line.strip():
             continue
         sid, valence_str, text = line.split("\t", 2)
