@@ -1,10 +1,13 @@
 """Causal LM benchmark: SmolLM2-135M, a 64-token prompt, 16 greedily generated tokens. Salience's
 shared passes (every generated token explained from one set of rows) against 16 independent
 per-target runs (the prompt plus the continuation up to that token, teacher-forced, one target),
-and against Captum's LLMAttribution / LLMGradientAttribution. See benchmarks/README.md.
+and against Captum's LLMAttribution / LLMGradientAttribution and Inseq (``--parts inseq``; Inseq
+installed with ``pip install --no-deps inseq==0.7.1``, as scripts/setup.sh's test mode does). See
+benchmarks/README.md.
 
     OMP_NUM_THREADS=1 python benchmarks/lm.py            # writes benchmarks/RESULTS-lm.md
     OMP_NUM_THREADS=1 python benchmarks/lm.py --quick    # 16-token prompt, 4 new tokens (smoke test)
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --prompt-tokens 128 --new-tokens 16 --parts inseq --output ...
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from common import RowCounter, Rows, fmt_s, load_average, log, median, run_and_w
 import salience  # noqa: E402
 from salience.datasets.movie_snippets import split_movie_snippets  # noqa: E402
 
-PACKAGES = ("salience", "torch", "transformers", "captum", "numpy")
+PACKAGES = ("salience", "torch", "transformers", "captum", "inseq", "numpy")
 # the first test-split sentence from which the prompt is built (checked at run time: the 64-token
 # cut re-tokenises to itself and every prefix of the greedy continuation re-tokenises to its own
 # tokens, so the per-target runs can be given as text; the earlier starts end in "\n\n", which
@@ -179,6 +182,43 @@ def captum_lig(lm: salience.CausalLM, prompt: str, target_ids: torch.Tensor, cou
     return result
 
 
+# --------------------------------------------------------------------------------------- Inseq
+INSEQ_METHODS = {"occlusion": "occlusion", "saliency": "saliency", "input_x_gradient": "input_x_gradient",
+                 "integrated_gradients": "integrated_gradients"}
+
+
+def inseq_run(lm: salience.CausalLM, prompt: str, encoded: Any, method: str, counter: RowCounter, width: int,
+              first: int | None = None, **params: Any) -> Result:
+    """Inseq's ``attribute`` on the given continuation (its default attributed function: each
+    generated token's probability; baseline where one is used: the unk token's embedding, as
+    Salience's ``baseline="unk"``); one attribution step per generated token. Per-token scores:
+    the sum over embedding dimensions (occlusion comes per token already). ``first``: only the first targets, time extrapolated to
+    all of them in proportion to the rows a step costs (prompt + t tokens, one row per token)."""
+    import inseq
+
+    start = int(encoded.extras["prompt_length"])
+    ids = encoded.input_ids[start:].tolist()
+    targets = len(ids) if first is None else min(first, len(ids))
+    text = prompt + lm.tokenizer.decode(ids[:targets], clean_up_tokenization_spaces=False)
+    wrapped = inseq.load_model(lm.model, INSEQ_METHODS[method], tokenizer=lm.tokenizer)
+    name = f"Inseq {method}" + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+    result = Result(name)
+    seconds, out, rows = timed(lambda: wrapped.attribute(prompt, generated_texts=text, show_progress=False, **params), counter)
+    attributions = out.sequence_attributions[0].target_attributions.double()  # (positions, targets[, dims])
+    scores = (attributions.sum(-1) if attributions.dim() == 3 else attributions).numpy().T
+    scores = scores[:, scores.shape[1] - (start + targets):]  # drop a start token Salience does not score
+    result.scores = np.full((targets, width), np.nan)
+    result.scores[:, : scores.shape[1]] = scores
+    result.runs, result.rows = [seconds], rows
+    if targets < len(ids):
+        done = sum(start + t for t in range(targets))
+        every = sum(start + t for t in range(len(ids)))
+        result.runs = [seconds * every / done]
+        result.note = (f"first {targets} of {len(ids)} targets run ({seconds:.1f} s, rows counted for those); time "
+                       f"extrapolated x{every / done:.2f} (rows per step grow with the prefix)")
+    return result
+
+
 def try_peer(fn: Any, *args: Any, **kwargs: Any) -> Result | str:
     try:
         return fn(*args, **kwargs)
@@ -212,35 +252,53 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     occ = dict(baseline="unk")
     log(f"occlusion shared ... (load {load_average()})")
     shared_occ = salience_shared(lm, encoded, "occlusion", counter, 1, **occ)
-    log(f"  {fmt_s(shared_occ.seconds)} s; occlusion per target ...")
-    per_occ = salience_per_target(lm, prompt, prefixes, "occlusion", counter, 1, width, **occ)
-    log(f"  {fmt_s(per_occ.seconds)} s")
-    occ_rows: list[Result | str] = [shared_occ, per_occ]
+    log(f"  {fmt_s(shared_occ.seconds)} s")
+    occ_rows: list[Result | str] = [shared_occ]
+    if "per-target" in args.parts:
+        occ_rows.append(salience_per_target(lm, prompt, prefixes, "occlusion", counter, 1, width, **occ))
     if "captum" in args.parts:
         log("captum FeatureAblation forward_in_tokens=False ...")
         occ_rows.append(try_peer(captum_ablation, lm, prompt, target_ids, counter, False))
         if args.captum_default_targets:
             log(f"captum FeatureAblation default (first {args.captum_default_targets} targets) ...")
             occ_rows.append(try_peer(captum_ablation, lm, prompt, target_ids, counter, True, args.captum_default_targets))
+    if "inseq" in args.parts:
+        log("inseq occlusion ...")
+        occ_rows.append(try_peer(inseq_run, lm, prompt, encoded, "occlusion", counter, width, first=args.inseq_occlusion_targets))
     groups.append(("occlusion", occ_rows))
 
     log(f"saliency ... (load {load_average()})")
     shared_sal = salience_shared(lm, encoded, "saliency", counter, args.repeats)
-    per_sal = salience_per_target(lm, prompt, prefixes, "saliency", counter, args.repeats, width)
-    groups.append(("saliency", [shared_sal, per_sal]))
+    sal_rows: list[Result | str] = [shared_sal]
+    if "per-target" in args.parts:
+        sal_rows.append(salience_per_target(lm, prompt, prefixes, "saliency", counter, args.repeats, width))
+    if "inseq" in args.parts:
+        log("inseq saliency ...")
+        sal_rows.append(try_peer(inseq_run, lm, prompt, encoded, "saliency", counter, width))
+    groups.append(("saliency", sal_rows))
+    if "inseq" in args.parts:
+        log(f"input x gradient ... (load {load_average()})")
+        ixg_rows: list[Result | str] = [salience_shared(lm, encoded, "input_x_gradient", counter, args.repeats)]
+        ixg_rows.append(try_peer(inseq_run, lm, prompt, encoded, "input_x_gradient", counter, width))
+        groups.append(("input_x_gradient", ixg_rows))
 
     if "ig" in args.parts:
-        ig = dict(steps=args.steps)
+        ig = dict(steps=args.steps, baseline="unk")  # the unk embedding: the baseline of Inseq and of Captum (token id 0)
         log(f"IG shared ... (load {load_average()})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the completeness warning of a fixed 16-step rule (reported below)
             shared_ig = salience_shared(lm, encoded, "integrated_gradients", counter, 1, **ig)
             log(f"  {fmt_s(shared_ig.seconds)} s; IG per target ...")
-            per_ig = salience_per_target(lm, prompt, prefixes, "integrated_gradients", counter, 1, width, **ig)
-        ig_rows: list[Result | str] = [shared_ig, per_ig]
+            ig_rows: list[Result | str] = [shared_ig]
+            if "per-target" in args.parts:
+                ig_rows.append(salience_per_target(lm, prompt, prefixes, "integrated_gradients", counter, 1, width, **ig))
         if "captum" in args.parts:
             log("captum LayerIntegratedGradients ...")
             ig_rows.append(try_peer(captum_lig, lm, prompt, target_ids, counter, args.steps))
+        if "inseq" in args.parts:
+            log("inseq integrated gradients ...")
+            ig_rows.append(try_peer(inseq_run, lm, prompt, encoded, "integrated_gradients", counter, width,
+                                    n_steps=args.steps, internal_batch_size=args.steps))
         groups.append((f"integrated_gradients (steps={args.steps}, gausslegendre)", ig_rows))
 
     bound = P + G + 1
@@ -269,7 +327,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         assert isinstance(shared, Result)
         for r in results:
             if isinstance(r, str):
-                rows.append([method, "Captum", "—", "—", "—", "—", "—", "—", "—", "—", r])
+                rows.append([method, "peer", "—", "—", "—", "—", "—", "—", "—", "—", r])
                 continue
             compare = shared.scores if r.scores is None else shared.scores[: r.scores.shape[0], : r.scores.shape[1]]
             diff = max_diff(compare, r.scores) if r is not shared else None
@@ -277,6 +335,10 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             note = r.note
             if r is shared and method == "occlusion":
                 note = f"{r.rows.forward} rows {'<=' if r.rows.forward <= bound else '>'} {bound} (prompt + generated + 1)"
+            if r.name.startswith("Inseq occlusion"):
+                diff = max_diff(np.abs(compare), r.scores)
+                note = (r.note + "; " if r.note else "") + ("Inseq returns the absolute value of each occlusion difference: "
+                                                             "compared with the absolute value of Salience's score")
             if "LayerIntegrated" in r.name:
                 diff, note = None, "not compared: log-probability of each token, earlier generated tokens kept fixed"
             elif "use_cached_outputs=True" in r.name and diff is not None and diff[1] > 1e-3:
@@ -295,7 +357,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if "ig" in args.parts:
         delta = completeness_error(shared_ig.explanation)
         body += ["", f"IG with a fixed {args.steps}-step Gauss-Legendre rule on this model: largest completeness error "
-                 f"over the targets {delta:.3g} of F(x) - F(baseline) (baseline: zero embedding; Salience warns above 5 %)."]
+                 f"over the targets {delta:.3g} of F(x) - F(baseline) (baseline: the unk token embedding; Salience warns above 5 %)."]
     return summary, body
 
 
@@ -315,8 +377,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--captum-default-targets", type=int, default=2,
                         help="run Captum's default FeatureAblation forward (token by token, use_cached_outputs=True) on the "
                         "first N generated tokens only (default 2; 0: skip; its cost grows with N x the sequence length)")
-    parser.add_argument("--parts", nargs="*", default=["ig", "captum"], choices=["ig", "captum"],
-                        help="optional parts (occlusion and saliency always run)")
+    parser.add_argument("--inseq-occlusion-targets", type=int,
+                        help="run Inseq's occlusion on the first N generated tokens only and extrapolate its time (default: all)")
+    parser.add_argument("--parts", nargs="*", default=["ig", "captum", "per-target"],
+                        choices=["ig", "captum", "inseq", "per-target"],
+                        help="optional parts (Salience's shared occlusion and saliency always run; per-target: Salience run "
+                        "once per generated token)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (16 if args.quick else 64)
