@@ -6,9 +6,9 @@ import salience
 def test_public_names_are_pinned():
     assert sorted(salience.__all__) == sorted([
         "AssetMissingError", "CausalLM", "Cost", "Explanation", "Feature", "ImageClassifier", "InputError", "ModelLoadError",
-        "ModelOutputError", "ParameterError", "Prediction", "PromptClassifier", "SalienceError", "SalienceWarning", "Target",
-        "TargetError", "TextClassifier",
-        "UnknownMethodError", "ZeroShotClassifier", "__version__", "explain", "load_model", "methods",
+        "ModelOutputError", "ParameterError", "PatchingResult", "Prediction", "PromptClassifier", "SalienceError",
+        "SalienceWarning", "Target", "TargetError", "TextClassifier",
+        "UnknownMethodError", "ZeroShotClassifier", "__version__", "attribution_patching", "explain", "load_model", "methods",
     ])
     for name in salience.__all__:
         assert hasattr(salience, name)

@@ -20,6 +20,7 @@ from salience.models.loading import load_model
 from salience.models.prompt_classifier import PromptClassifier
 from salience.models.text import TextClassifier
 from salience.models.zero_shot import ZeroShotClassifier
+from salience.patching import PatchingResult, attribution_patching
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "ModelLoadError",
     "ModelOutputError",
     "ParameterError",
+    "PatchingResult",
     "Prediction",
     "PromptClassifier",
     "SalienceError",
@@ -44,6 +46,7 @@ __all__ = [
     "UnknownMethodError",
     "ZeroShotClassifier",
     "__version__",
+    "attribution_patching",
     "explain",
     "load_model",
     "methods",
