@@ -21,7 +21,9 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
   (reshapes, indexing, padding, dropout in eval mode, scaling by constants) keep their gradient,
   which in this form is LRP-0 (relevance moves unchanged or in proportion);
 - anything else on the path (softmax, products of two input-dependent tensors, unknown functions)
-  is refused with a one-line error naming it.
+  is refused with a one-line error naming it, unless ``transformer=True`` adds AttnLRP's rules
+  (:mod:`salience.methods.attnlrp_rules`: softmax, products of input-dependent tensors, layer and
+  RMS norms, scaled dot-product attention).
 
 Nothing is attached to the model: layers are named through process-wide module hooks that exist
 only inside the ``with`` block and are removed on every path (errors included); the model's
@@ -47,6 +49,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError
+from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
+from salience.methods.attnlrp_rules import PASS, is_normalisation, transformer_call
 from salience.methods.deeplift_rules import ELEMENTWISE, function_name, is_inplace, is_linear_call, tensors_in
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
@@ -89,13 +93,15 @@ def _linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
 @dataclass
 class LayerTrace:
     """One rule layer's backward call: relevance at its output and input summed per backward row,
-    and the part of the input's relevance put on inputs equal to 0 (not representable: lost)."""
+    the part of the input's relevance put on inputs equal to 0 (not representable: lost), and
+    the forward pass (0, 1, ... in the order they ran) whose rows these are."""
 
     layer: str
     rule: str
     relevance_out: torch.Tensor
     relevance_in: torch.Tensor
     lost: torch.Tensor
+    forward: int = 0
 
 
 @dataclass
@@ -104,6 +110,7 @@ class _Step:
     layer: Layer
     rule: Rule
     mask: torch.Tensor | None = None
+    forward: int = 0
 
     def relevance(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if isinstance(self.rule, ZBox):
@@ -132,7 +139,7 @@ class _Relevance(torch.autograd.Function):
         c_in = torch.where(zero, torch.zeros_like(r_in), r_in / torch.where(zero, torch.ones_like(x), x))
         lost = torch.where(zero, r_in, torch.zeros_like(r_in))
         step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, r_out.flatten(1).sum(1), r_in.flatten(1).sum(1),
-                                          lost.flatten(1).sum(1)))
+                                          lost.flatten(1).sum(1), step.forward))
         return c_in, None, None
 
 
@@ -179,14 +186,18 @@ class LRPMode(TorchFunctionMode):
     """``with LRPMode(composite, ...) as mode:`` run forward + backward passes; the gradient that
     reaches the input x is c with the input's relevance R = x * c. ``bounds``: per-channel (low,
     high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
-    layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged."""
+    layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged;
+    ``forwards``: forward passes of the model begun. ``transformer``: AttnLRP's rules too;
+    ``method``: the name errors give."""
 
     def __init__(self, composite: Composite, *, eps: float = 1e-6, gamma: float = 0.25,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None, merge_batch_norm: bool = True,
-                 stabiliser: float = STABILISER) -> None:
+                 stabiliser: float = STABILISER, transformer: bool = False, method: str = "lrp") -> None:
         super().__init__()
         self.composite, self.eps, self.gamma, self.stabiliser = composite, eps, gamma, stabiliser
         self.bounds, self.merge_batch_norm = bounds, merge_batch_norm
+        self.transformer, self.method = transformer, method
+        self.forwards = -1
         self.trace: list[LayerTrace] = []
         self.rules: dict[str, set[str]] = {}
         self.layers = 0
@@ -227,9 +238,10 @@ class LRPMode(TorchFunctionMode):
 
     def _push(self, module: nn.Module, _args: Any) -> None:
         if isinstance(module, torch.jit.ScriptModule):
-            raise ParameterError(f"lrp cannot see the layers of the TorchScript module {type(module).__name__}; "
+            raise ParameterError(f"{self.method} cannot see the layers of the TorchScript module {type(module).__name__}; "
                                  "explain the plain (not scripted) nn.Module")
         if not self._stack:  # a new forward pass of the model
+            self.forwards += 1
             self._names = {id(m): name for name, m in module.named_modules()}
             self._calls = 0
             self._outputs.clear()
@@ -239,6 +251,41 @@ class LRPMode(TorchFunctionMode):
     def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
         if self._stack:
             self._stack.pop()
+
+    def location(self) -> str:
+        """The dotted name of the innermost module running now ("" outside the model, "model" for its root)."""
+        if not self._stack:
+            return ""
+        return self._names.get(id(self._stack[-1]), "?") or "model"
+
+    def in_normalisation(self) -> bool:
+        """Whether a normalisation module (class name ending with ``Norm``) is running."""
+        return any(is_normalisation(module) for module in self._stack)
+
+    def record(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: list[torch.Tensor],
+               forward: int) -> None:
+        """Trace one rule call's backward (relevance per backward row at its output and summed over its inputs)."""
+        rows = relevance_out.shape[0] if relevance_out.dim() else 1
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() and t.shape[0] == rows:
+                return t.reshape(rows, -1).double().sum(1)
+            return t.double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
+
+        found = sum((per_row(t) for t in relevance_in), torch.zeros(rows, dtype=torch.float64, device=relevance_out.device))
+        self.trace.append(LayerTrace(layer, rule, per_row(relevance_out), found, torch.zeros_like(found), forward))
+
+    def per_row(self, rules: set[str]) -> torch.Tensor:
+        """Relevance kept by the traced calls of ``rules`` (output minus input), per backward row, rows
+        in the order of the forward passes (each forward's rows in its order)."""
+        rows: dict[int, torch.Tensor] = {}
+        for t in self.trace:
+            kept = (t.relevance_out - t.relevance_in).double().cpu()
+            if t.rule in rules:
+                rows[t.forward] = rows.get(t.forward, torch.zeros_like(kept)) + kept
+            else:
+                rows.setdefault(t.forward, torch.zeros_like(kept))
+        return torch.cat([rows[k] for k in sorted(rows)]) if rows else torch.zeros(0, dtype=torch.float64)
 
     # ------------------------------------------------------------ dispatch
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
@@ -258,13 +305,20 @@ class LRPMode(TorchFunctionMode):
                 return found
         if func in ACTIVATIONS:
             return self._activation(func, args, kwargs)
+        if self.transformer:
+            found = transformer_call(self, func, args, kwargs)
+            if found is not PASS:
+                return found
         result = func(*args, **kwargs)
         if func is F.pad:
             self._record_pad(result, args, kwargs)
         elif any(t.requires_grad for t in tensors_in(result)) and not _linear_call(func, args, kwargs):
-            raise ParameterError(f"lrp has no rule for {function_name(func)} on the relevance path{self._where()}; it handles "
-                                 f"{HANDLED}: softmax read-outs, products of two input-dependent tensors (attention, "
-                                 "squeeze-excitation) and other nonlinear functions are refused")
+            refused = "other nonlinear functions (custom attention included)" if self.transformer else \
+                "softmax read-outs, products of two input-dependent tensors (attention, squeeze-excitation) and other " \
+                "nonlinear functions"
+            handled = f"{HANDLED}, {TRANSFORMER_HANDLED}" if self.transformer else HANDLED
+            raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the relevance path{self._where()}; "
+                                 f"it handles {handled}: {refused} are refused")
         return result
 
     def _where(self) -> str:
@@ -282,7 +336,7 @@ class LRPMode(TorchFunctionMode):
         shown = f"{dotted or 'the model'!r} ({classes[0] if classes else 'no module'}, {kind})"
         if found is None:
             others = covering(classes, kind, is_input)
-            raise ParameterError(f"lrp: layer {shown} has no rule in composite {self.composite.name} "
+            raise ParameterError(f"{self.method}: layer {shown} has no rule in composite {self.composite.name} "
                                  f"{self.composite.describe()}; composites that cover it: {', '.join(others) or 'none'} "
                                  f"(or add {dotted!r}, {classes[0] if classes else kind!r} or {kind!r} to yours)")
         _, name, options = found
@@ -324,7 +378,7 @@ class LRPMode(TorchFunctionMode):
         with torch.no_grad():
             value = func(*args, **kwargs)
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind)
-        out = _Relevance.apply(x, value, _Step(self, layer, rule, self._pad_mask(x)))
+        out = _Relevance.apply(x, value, _Step(self, layer, rule, self._pad_mask(x), self.forwards))
         self._outputs[id(out)] = (out, x, layer, rule)
         self.layers += 1
         return out
@@ -335,7 +389,7 @@ class LRPMode(TorchFunctionMode):
         if not _path(z):
             return func(*args, **kwargs)
         if bound.get("training") or bound.get("running_mean") is None:
-            raise ParameterError(f"lrp needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
+            raise ParameterError(f"{self.method} needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
         mean, var = bound["running_mean"], bound["running_var"]
         scale = torch.rsqrt(var + bound["eps"])
         if bound.get("weight") is not None:
@@ -348,11 +402,11 @@ class LRPMode(TorchFunctionMode):
             _, x, layer, rule = record
             merged = layer.merged_with_batch_norm(scale, shift)
             self.merged += 1
-            out = _Relevance.apply(x, value, _Step(self, merged, rule, self._pad_mask(x)))
+            out = _Relevance.apply(x, value, _Step(self, merged, rule, self._pad_mask(x), self.forwards))
             self._outputs[id(out)] = (out, x, merged, rule)
             return out
         name, rule = self._rule("batch_norm", False, z)
-        out = _Relevance.apply(z, value, _Step(self, Layer.scale_shift(scale, shift, name), rule))
+        out = _Relevance.apply(z, value, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards))
         self.layers += 1
         return out
 
@@ -364,7 +418,8 @@ class LRPMode(TorchFunctionMode):
         with torch.no_grad():
             value = func(*args, **kwargs)
         rest = {k: v for k, v in kwargs.items() if k != "input"}
-        out = _Relevance.apply(x, value, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"), rule))
+        out = _Relevance.apply(x, value, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"),
+                                               rule, forward=self.forwards))
         self.layers += 1
         return out
 
@@ -374,10 +429,10 @@ class LRPMode(TorchFunctionMode):
         if not (_path(a) and _path(b)):
             return None  # a constant added: linear, its gradient is LRP-0
         if func in IN_PLACE_SUMS:
-            raise ParameterError(f"lrp cannot split an in-place sum of two relevance-carrying tensors ({function_name(func)})"
+            raise ParameterError(f"{self.method} cannot split an in-place sum of two relevance-carrying tensors ({function_name(func)})"
                                  f"{self._where()}; write x = x + y")
         if kwargs.get("alpha", 1) != 1 or len(args) > 2:
-            raise ParameterError(f"lrp: {function_name(func)} with alpha{self._where()} is not supported")
+            raise ParameterError(f"{self.method}: {function_name(func)} with alpha{self._where()} is not supported")
         ka, kb = SUMS[func]
         with torch.no_grad():
             value = func(*args, **kwargs)

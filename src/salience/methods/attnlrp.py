@@ -1,0 +1,96 @@
+"""AttnLRP (Achtibat et al. 2024): layer-wise relevance propagation through transformers, with
+rules for softmax attention, the bilinear matmuls and gated MLPs (uniform), and layer / RMS norms
+(identity on the normalisation); see :mod:`salience.methods.attnlrp_rules`. It runs in LRP's
+machinery (:class:`salience.methods.lrp_mode.LRPMode` with ``transformer=True``), as a modified
+gradient: one forward + one backward row per target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from salience.core.registry import register
+from salience.errors import ParameterError
+from salience.methods.base import Attribution, Context, as_array, position_attribution
+from salience.methods.deeplift import check_logit_targets
+from salience.methods.lrp_composites import parse_composite
+from salience.methods.lrp_mode import LRPMode
+from salience.methods.lrp_rules import STABILISER
+
+# rules of the trace whose calls keep relevance by design (not by biases or the stabiliser)
+SOFTMAX = {"softmax"}
+
+
+@register("attnlrp", aliases=("attn_lrp", "attention_lrp"), kind="gradient", cost="1 forward + 1 backward per target",
+          summary="LRP through transformers with AttnLRP's rules for softmax, attention matmuls and norms (Achtibat et al. 2024)")
+@dataclass
+class AttnLRP:
+    """AttnLRP. The relevance of the explained logit (the relevance put at the output is the logit
+    itself; logits and logit contrasts only, as ``lrp``) is propagated back to the word embeddings'
+    output (before position embeddings are added, where the model adds them) by modified gradients:
+    the relevance of an embedding value is the value times the modified gradient, and a token's
+    score is the sum over its embedding dimensions. Signed: positive = evidence for the target.
+    Units: logits. No baseline.
+
+    Rules: linear layers take the ``composite``'s rule (default ``"epsilon"``: epsilon-LRP with
+    ``eps``; a layer's bias absorbs its share of the relevance, ``b / z``); softmax AttnLRP's rule
+    ``R_in = x (R_out - s sum R_out)`` (without its bias term, as LXT); products of two
+    input-dependent tensors (Q K^T, A V, SwiGLU's gate) the epsilon rule then half to each factor
+    (uniform); LayerNorm / RMSNorm their linear part with the divisor held constant (identity on the
+    normalisation); GELU, SiLU, tanh the identity rule; residual sums (and rotary embeddings'
+    ``q cos + rot(q) sin``) split in proportion; eager attention and ``scaled_dot_product_attention``
+    alike (the latter decomposed in the backward pass). Any other nonlinear function on the path
+    (custom attention) is refused with its name and module.
+
+    Conservation: not exact by design. ``extras["conservation"]`` per target: the logit, the sum of
+    the scores, the error (sum - logit), ``softmax_kept`` (the relevance the softmax rules keep:
+    their Taylor bias terms) and ``other_kept`` (the rest: biases, constants added on the path such
+    as position and token-type embeddings, the stabilisers); ``output = sum + softmax_kept +
+    other_kept``. ``stabiliser``: e in the uniform rule's and the residual split's denominators."""
+
+    eps: float = 1e-6
+    stabiliser: float = STABILISER
+    composite: Any = "epsilon"
+    default_output: ClassVar[str] = "logit"
+
+    def attribute(self, ctx: Context) -> Attribution:
+        if self.eps < 0 or self.stabiliser < 0:
+            raise ParameterError(f"attnlrp: eps and stabiliser must be >= 0, got eps={self.eps}, stabiliser={self.stabiliser}")
+        composite = parse_composite(self.composite)
+        if composite.uses("zbox"):
+            raise ParameterError("attnlrp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
+        check_logit_targets(ctx.targets, "attnlrp")
+        x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
+        rows = []
+        with LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp") as mode:
+            for target in ctx.targets:  # one forward + backward row each (the rules' trace is per row: no vmapped backward)
+                found, gradient = ctx.model.score_inputs(ctx.encoded, x[None], target, grad=True, batch_size=ctx.batch_size)
+                assert gradient is not None
+                rows.append((found[0].detach(), gradient[0]))
+        if mode.layers == 0:
+            raise ParameterError(f"attnlrp found no linear layer on {ctx.model.name}'s gradient path (a TorchScript or compiled "
+                                 "model, or custom kernels, are not seen); explain a plain nn.Module")
+        values = torch.stack([v for v, _ in rows])
+        per_channel = x[None].to(rows[0][1]) * torch.stack([g for _, g in rows])  # (T, P, D)
+        value = values.double().cpu()
+        totals = per_channel.double().sum((-1, -2)).cpu()
+        softmax_kept = mode.per_row(SOFTMAX)
+        if softmax_kept.numel() != totals.numel():  # the rows are the targets (one input)
+            raise AssertionError(f"attnlrp traced {softmax_kept.numel()} backward rows for {totals.numel()} targets")
+        conservation = [{"output": float(o), "relevance_sum": float(s), "error": float(s - o), "softmax_kept": float(k),
+                         "other_kept": float(o - s - k)} for o, s, k in zip(value, totals, softmax_kept, strict=True)]
+        counts: dict[str, int] = {}
+        for t in mode.trace:
+            counts[t.rule] = counts.get(t.rule, 0) + 1
+        details: dict[str, object] = {"composite": composite.name, "composite_rules": composite.describe(), "epsilon": self.eps,
+                                      "stabiliser": self.stabiliser,
+                                      "rules": {kind: sorted(names) for kind, names in sorted(mode.rules.items())},
+                                      "rule_calls": dict(sorted(counts.items()))}
+        layers = [{"layer": t.layer, "rule": t.rule, "relevance_out": as_array(t.relevance_out),
+                   "relevance_in": as_array(t.relevance_in)} for t in mode.trace]
+        extras: dict[str, object] = {"conservation": conservation, "_per_channel": as_array(per_channel), "_layers": layers}
+        return position_attribution(per_channel.sum(-1), ctx, output_value=as_array(values), details=details,
+                                    extras=extras)

@@ -1,0 +1,318 @@
+"""AttnLRP's rules for transformers (Achtibat et al. 2024, "AttnLRP: Attention-Aware Layer-wise
+Relevance Propagation for Transformers"; code: LXT), as more rules of :class:`LRPMode`'s machinery.
+
+The form is LRPMode's: what flows backward at a tensor a is c with relevance R = a * c, so each
+rule below is a *modified gradient* (the relevance at an input x is x times what arrives there):
+
+- softmax s = softmax(x): ``R_in = x * (R_out - s * sum(R_out))`` (Proposition 3.1 without its
+  bias term, as LXT's ``softmax_fn``; -inf inputs from masks count as 0). Per unit of input this
+  is ``c_in = R_out - s sum(R_out)``: exactly the softmax's ordinary gradient. The rule does not
+  conserve: each call keeps ``sum(R_out) - sum(R_in)`` (the Taylor expansion's bias term), which
+  the trace records (rule ``"softmax"``);
+- a product of k >= 2 input-dependent tensors (Q K^T, A V, the SwiGLU gate ``act(g) * u``;
+  ``*``, ``matmul``, ``bmm``, ``mm``, ``einsum``): the epsilon rule on the sum of products, then the
+  uniform rule, each factor taking 1/k: ``c_f = (1/k) J_f^T (R_out / stab(p))`` with p the
+  product (Propositions 3.2 and 3.3; LXT's ``matmul_fn`` and ``mul2_fn``); conserves up to the
+  stabiliser;
+- normalisations: ``F.layer_norm`` and ``F.rms_norm`` propagate through their linear part with the
+  divisor held constant (Proposition 3.4, identity on the normalisation: for LayerNorm the
+  centring stays a linear map and the bias takes its share, for RMSNorm the whole layer passes
+  relevance unchanged); inside a module whose class name ends with ``Norm`` (``LlamaRMSNorm``,
+  ``T5LayerNorm``, ...) the statistics (``pow``, ``rsqrt``, ``sqrt``, ``var``, ``std``, ``norm``,
+  ...) are held constant, which is the same rule for norms written in Python (LXT patches their
+  ``forward`` with ``stop_gradient`` on the variance);
+- ``F.scaled_dot_product_attention``: the model's own output forward; backward through its
+  decomposition ``softmax(q k^T scale + mask) v`` (``enable_gqa`` repeats k and v per group; the
+  causal mask is the top-left one), with the two rules above. Dropout (``dropout_p > 0``) is refused.
+
+Everything else is LRPMode's: linear layers take their composite's rule (AttnLRP: epsilon, the
+bias absorbing its share), elementwise activations (GELU, SiLU, tanh) the identity rule, sums of
+two input-dependent tensors (residuals, rotary embeddings' ``q cos + rot(q) sin``) the
+proportional split, and functions linear in the input (reshapes, rotations, masks added as
+constants, scaling) their gradient. Anything else on the path is refused by the mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from salience.errors import ParameterError
+from salience.methods.deeplift_rules import tensors_in
+from salience.methods.lrp_rules import stabilise
+
+PASS = object()  # the call is not one of these rules: the mode goes on with its own
+
+SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax)
+PRODUCTS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.multiply, torch.Tensor.multiply,
+            torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
+            torch.Tensor.bmm, torch.mm, torch.Tensor.mm, torch.einsum)
+IN_PLACE_PRODUCTS = (torch.Tensor.mul_, torch.Tensor.__imul__)
+# functions of a normalisation's statistics, held constant inside a module whose class name ends with "Norm"
+STATISTICS = (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.square, torch.Tensor.square, torch.sqrt,
+              torch.Tensor.sqrt, torch.rsqrt, torch.Tensor.rsqrt, torch.reciprocal, torch.Tensor.reciprocal, torch.var,
+              torch.Tensor.var, torch.std, torch.Tensor.std, torch.var_mean, torch.std_mean, torch.norm, torch.Tensor.norm,
+              torch.linalg.vector_norm, torch.abs, torch.Tensor.abs)
+# linear in the input, not in the call classification LRPMode shares with DeepLIFT (indexing, repeats)
+LINEAR = (torch.take_along_dim, torch.Tensor.take_along_dim, torch.repeat_interleave, torch.Tensor.repeat_interleave)
+HANDLED = ("softmax (AttnLRP's rule), products of input-dependent tensors (uniform rule: attention's matmuls, gated "
+           "MLPs), layer and RMS norms (divisor held constant) and scaled_dot_product_attention")
+
+
+class Mode(Protocol):
+    """What the rules need of :class:`salience.methods.lrp_mode.LRPMode`."""
+
+    stabiliser: float
+    forwards: int
+
+    def paused(self) -> Any: ...
+
+    def location(self) -> str: ...
+
+    def in_normalisation(self) -> bool: ...
+
+    def record(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: list[torch.Tensor],
+               forward: int) -> None: ...
+
+
+@dataclass
+class Site:
+    """One rule call: its mode, the module it ran in, the rule's name, the forward pass it belongs to,
+    and whether its backward is recorded in the mode's trace."""
+
+    mode: Mode
+    layer: str
+    rule: str
+    forward: int
+    record: bool = True
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x with infinite values (masks' -inf) as 0: their relevance x * c is 0 (c is 0 there)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+class _Surrogate(torch.autograd.Function):
+    """Forward: the model's own ``value``; backward: the vector-Jacobian product of ``call`` (a
+    function of ``inputs`` equal to ``value`` up to rounding, with the rule's constants held fixed)
+    applied to ``c * weight(value)`` (``weight`` None: c)."""
+
+    @staticmethod
+    def forward(ctx: Any, site: Site, call: Callable[..., torch.Tensor], weight: Callable[[torch.Tensor], torch.Tensor] | None,
+                value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.site, ctx.call, ctx.weight = site, call, weight
+        ctx.save_for_backward(value, *inputs)
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        value, *inputs = ctx.saved_tensors
+        site: Site = ctx.site
+        leaves = [x.detach().requires_grad_(True) for x in inputs]
+        with site.mode.paused(), torch.enable_grad():
+            out = ctx.call(*leaves)
+            seed = c if ctx.weight is None else c * ctx.weight(value)
+            found = torch.autograd.grad(out, leaves, seed.to(out.dtype), allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, found, strict=True)]
+        if site.record:
+            site.mode.record(site.layer, site.rule, value * c, [_finite(x) * g for x, g in zip(inputs, grads, strict=True)],
+                             site.forward)
+        return (None, None, None, None, *grads)
+
+
+Where = tuple[str, int]  # (module, forward pass) a rule call belongs to
+
+
+def _site(mode: Mode, rule: str, where: Where | None = None) -> Site:
+    layer, forward = where if where is not None else (mode.location(), mode.forwards)
+    return Site(mode, layer, rule, forward)
+
+
+# ------------------------------------------------------------------ softmax
+def softmax_rule(mode: Mode, x: torch.Tensor, dim: int, dtype: torch.dtype | None = None,
+                 value: torch.Tensor | None = None, where: Where | None = None) -> torch.Tensor:
+    """``softmax(x, dim)`` (``value``: the model's own result, else computed) whose backward is
+    AttnLRP's softmax rule, i.e. the softmax's gradient in the per-unit form."""
+    call = partial(F.softmax, dim=dim, dtype=dtype)
+    if value is None:
+        with torch.no_grad():
+            value = call(x)
+    return _Surrogate.apply(_site(mode, "softmax", where), call, None, value, x)  # type: ignore[no-any-return]
+
+
+def _softmax_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not _on_path(x):
+        return PASS
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None:
+        raise ParameterError(f"attnlrp: softmax without dim{_at(mode)}; give dim")
+    position = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype); torch.softmax(input, dim, dtype)
+    dtype = kwargs.get("dtype", args[position] if len(args) > position else None)
+    with torch.no_grad():
+        value = func(*args, **kwargs)
+    return softmax_rule(mode, x, int(dim), dtype, value)
+
+
+# ------------------------------------------------------------------ products of input-dependent tensors
+def _substitute(values: Any, leaves: dict[int, torch.Tensor]) -> Any:
+    if isinstance(values, torch.Tensor):
+        return leaves.get(id(values), values)
+    if isinstance(values, (list, tuple)):
+        return type(values)(_substitute(v, leaves) for v in values)
+    if isinstance(values, dict):
+        return {k: _substitute(v, leaves) for k, v in values.items()}
+    return values
+
+
+def _on_path(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 where: Where | None = None) -> Any:
+    """``func(*args, **kwargs)``, a product of k >= 2 input-dependent tensors, whose backward is the
+    epsilon rule on the products' sum followed by the uniform rule (1/k of the relevance to each
+    factor). A call with fewer than two input-dependent factors is :data:`PASS` (linear)."""
+    factors = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
+    if len(factors) < 2:
+        return PASS
+    unique = list({id(t): t for t in factors}.values())
+
+    def call(*leaves: torch.Tensor) -> torch.Tensor:
+        mapping = {id(t): leaf for t, leaf in zip(unique, leaves, strict=True)}
+        return func(*_substitute(args, mapping), **_substitute(kwargs, mapping))  # type: ignore[no-any-return]
+
+    k, eps = len(factors), mode.stabiliser
+
+    def weight(p: torch.Tensor) -> torch.Tensor:
+        return p / stabilise(p, eps) / k
+
+    with torch.no_grad():
+        value = func(*args, **kwargs)
+    return _Surrogate.apply(_site(mode, "uniform", where), call, weight, value, *unique)
+
+
+# ------------------------------------------------------------------ normalisations
+def _norm_dims(shape: Any) -> tuple[int, ...]:
+    size = 1 if isinstance(shape, int) else len(shape)
+    return tuple(range(-size, 0))
+
+
+def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    names = ("input", "normalized_shape", "weight", "bias", "eps") if func is F.layer_norm else \
+        ("input", "normalized_shape", "weight", "eps")
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    x = bound["input"]
+    if not _on_path(x):
+        return PASS
+    dims, weight = _norm_dims(bound["normalized_shape"]), bound.get("weight")
+    with torch.no_grad():
+        value = func(*args, **kwargs)
+        if func is F.layer_norm:
+            eps = float(bound.get("eps", 1e-5))
+            scale = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+        else:
+            eps = bound.get("eps")
+            eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+            scale = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    centred = func is F.layer_norm
+
+    def call(leaf: torch.Tensor) -> torch.Tensor:
+        y = (leaf - leaf.mean(dims, keepdim=True) if centred else leaf) * scale
+        return y if weight is None else y * weight
+
+    return _Surrogate.apply(_site(mode, "layer_norm" if centred else "rms_norm"), call, None, value, x)
+
+
+def is_normalisation(module: nn.Module) -> bool:
+    """A module whose class (or a base class) name ends with ``Norm``: LayerNorm, LlamaRMSNorm, T5LayerNorm, ..."""
+    return any(c.__name__.endswith("Norm") for c in type(module).__mro__)
+
+
+# ------------------------------------------------------------------ scaled dot-product attention
+def attention(mode: Mode, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+              where: Where | None = None) -> torch.Tensor:
+    """``softmax(q k^T scale + mask) v`` with AttnLRP's rules on both matmuls and the softmax: the
+    decomposition of ``F.scaled_dot_product_attention`` (no dropout). ``where``: the module and
+    forward pass its rules are recorded under (default: the mode's current ones)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = _product(mode, q, k.transpose(-2, -1), where) * factor
+    length, keys = q.shape[-2], k.shape[-2]
+    if is_causal:
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return _product(mode, softmax_rule(mode, scores, -1, where=where), v, where)
+
+
+def _product(mode: Mode, a: torch.Tensor, b: torch.Tensor, where: Where | None) -> torch.Tensor:
+    found = uniform_rule(mode, torch.matmul, (a, b), {}, where)
+    return torch.matmul(a, b) if found is PASS else found  # type: ignore[no-any-return]
+
+
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    bound = {**dict(zip(_SDPA_NAMES, args, strict=False)), **kwargs}
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    path = [t for t in (q, k, v) if _on_path(t)]
+    if not path:
+        return PASS
+    if float(bound.get("dropout_p", 0.0) or 0.0) > 0.0:
+        raise ParameterError(f"attnlrp: scaled_dot_product_attention with dropout{_at(mode)}; call model.eval()")
+    with torch.no_grad():
+        value = func(*args, **kwargs)
+    mask, causal = bound.get("attn_mask"), bool(bound.get("is_causal", False))
+    scale, gqa = bound.get("scale"), bool(bound.get("enable_gqa", False))
+    on_path = [_on_path(t) for t in (q, k, v)]
+    where = (mode.location(), mode.forwards)
+
+    def call(*leaves: torch.Tensor) -> torch.Tensor:
+        given = iter(leaves)
+        qkv = [next(given) if flag else t.detach() for t, flag in zip((q, k, v), on_path, strict=True)]
+        return attention(mode, *qkv, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa, where=where)
+
+    # the decomposition's own rules record themselves: this call is not recorded (its relevance is theirs)
+    return _Surrogate.apply(Site(mode, where[0], "attention", where[1], record=False), call, None, value, *path)
+
+
+def _at(mode: Mode) -> str:
+    where = mode.location()
+    return f" (in {where})" if where else ""
+
+
+# ------------------------------------------------------------------ dispatch
+def transformer_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The result of ``func(*args, **kwargs)`` under AttnLRP's rules, or :data:`PASS` when none applies."""
+    if func is F.scaled_dot_product_attention:
+        return _sdpa(mode, func, args, kwargs)
+    if func in SOFTMAXES:
+        return _softmax_call(mode, func, args, kwargs)
+    if func is F.layer_norm or func is getattr(F, "rms_norm", None):
+        return _layer_norm(mode, func, args, kwargs)
+    if func in PRODUCTS:
+        return uniform_rule(mode, func, args, kwargs)
+    if func in IN_PLACE_PRODUCTS and sum(t.requires_grad for t in tensors_in((args, kwargs))) >= 2:
+        raise ParameterError(f"attnlrp cannot apply the uniform rule to an in-place product{_at(mode)}; write x = x * y")
+    if func in LINEAR:
+        return func(*args, **kwargs)
+    if func in STATISTICS and mode.in_normalisation():
+        result = func(*args, **kwargs)
+        return tuple(t.detach() for t in result) if isinstance(result, tuple) else result.detach()
+    return PASS
