@@ -1,6 +1,7 @@
 """The live explain page: a typed text (XSS payload included) is explained by each chosen method
 and rendered escaped, nothing is written, bad forms give 400 and cross-site posts 403, the model
-runs one request at a time (a queue of one), a full queue gives 503 and the time limit 504."""
+runs one request at a time (a queue of one), a full queue gives 503 and the time limit 504.
+Image uploads and --record: test_live_upload.py."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ from starlette.testclient import TestClient
 
 import salience
 from salience.cli import main
-from salience.errors import ParameterError
 from salience.serve import create_app
-from salience.serve.live import MAX_TEXT, MAX_WAITING, LiveModel, LiveResult
-from tiny_cnn import tiny_classifier
+from salience.serve.live import MAX_TEXT, MAX_WAITING, LiveModel, LiveOutcome, LiveResult
 
 PAYLOAD = '<script>alert("typed")</script><img src=x onerror=alert(3)>'
 
@@ -91,7 +90,7 @@ class SlowModel(LiveModel):
         time.sleep(self.seconds)
         with self.guard:
             self.running -= 1
-        return [LiveResult(m, f"<div>{len(text)}</div>", self.seconds) for m in methods]
+        return LiveOutcome([LiveResult(m, f"<div>{len(text)}</div>", self.seconds) for m in methods])
 
 
 def test_one_computation_at_a_time_and_a_full_queue_is_503(text_db):
@@ -116,9 +115,7 @@ def test_time_limit_gives_504(text_db):
     slow.close()
 
 
-def test_image_models_are_refused_and_the_cli_serves_a_live_model(text_db, toy_dir, monkeypatch, capsys):
-    with pytest.raises(ParameterError, match="image classifier"):
-        LiveModel("tiny-cnn", model=tiny_classifier())
+def test_the_cli_serves_a_live_model(text_db, toy_dir, monkeypatch, capsys):
     import uvicorn
 
     apps = []

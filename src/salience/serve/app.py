@@ -33,9 +33,10 @@ from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, pars
 from salience.serve.database import ExampleEntry, ReadOnlyStore
 from salience.serve.disagreement import rank_correlations
 from salience.serve.explanations import UnitRenderer
-from salience.serve.live import MAX_TEXT, Busy, LiveModel, TooSlow, parse_form
+from salience.serve.live import MAX_BODY, MAX_METHODS, MAX_TEXT, Busy, LiveModel, LiveOutcome, TooSlow, parse_form
 from salience.serve.pages import labels, render
 from salience.serve.runpage import ARROWS, RunData, build_run_page, run_data
+from salience.serve.upload import MAX_FORM_EXTRA, MAX_UPLOAD, parse_upload
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 REFRESH = 5.0  # seconds: a run being written is re-read at most this often (or every 2x its last read time)
@@ -187,14 +188,16 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
                                          cells))
         return _page(viewer, "example.html", title=f"example {example_id}", run=info, row=row)
 
-    def live_page(text: str = "", chosen: Sequence[str] = (), results: Any = (), message: str = "", status: int = 200) -> Any:
+    def live_page(text: str = "", chosen: Sequence[str] = (), outcome: LiveOutcome | None = None, message: str = "",
+                  status: int = 200) -> Any:
         from starlette.responses import HTMLResponse
 
         if viewer.live is None:
             raise NotFound("this server has no live model (start it with --model)")
         html = render("live.html", title=f"explain with {viewer.live.name}", database=str(viewer.database), live_model=True,
-                      live=viewer.live, text=text, chosen=list(chosen) or viewer.live.methods()[:2], results=results,
-                      message=message, max_text=MAX_TEXT)
+                      live=viewer.live, text=text, chosen=list(chosen) or viewer.live.methods()[:2],
+                      results=outcome.results if outcome else [], note=outcome.note if outcome else "", message=message,
+                      max_text=MAX_TEXT, max_upload_mb=MAX_UPLOAD // (1024 * 1024))
         return HTMLResponse(html, status_code=status)
 
     def explain_form(request: Request) -> Any:
@@ -208,22 +211,29 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
         origin = request.headers.get("origin")
         if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
             return error_page(request, 403, "a form from another site cannot use this server")
+        images = viewer.live.takes_images
+        limit = MAX_UPLOAD + MAX_FORM_EXTRA if images else MAX_BODY
         body = b""
         async for chunk in request.stream():
             body += chunk
-            if len(body) > 64 * 1024:
-                break
+            if len(body) > limit:
+                break  # the parsers refuse a body over the limit; the rest is not read
         try:
-            text, methods = parse_form(body, viewer.live.methods())
+            if images:  # the file's name is shown (escaped) above its overlays
+                value, methods, shown = parse_upload(body, request.headers.get("content-type", ""), viewer.live.methods(),
+                                                     MAX_METHODS)
+            else:  # the textarea is refilled with the typed text
+                shown, methods = parse_form(body, viewer.live.methods())
+                value = shown
         except ParameterError as error:
             return live_page(message=str(error), status=400)
         try:
-            results = await run_in_threadpool(viewer.live.explain, text, methods)
+            outcome = await run_in_threadpool(viewer.live.explain, value, methods)
         except Busy as error:
-            return live_page(text, methods, message=str(error), status=503)
+            return live_page(shown, methods, message=str(error), status=503)
         except TooSlow as error:
-            return live_page(text, methods, message=str(error), status=504)
-        return live_page(text, methods, results)
+            return live_page(shown, methods, message=str(error), status=504)
+        return live_page(shown, methods, outcome)
 
     def error_page(request: Request, status: int, message: str) -> Any:
         from starlette.responses import HTMLResponse

@@ -25,10 +25,15 @@ def add_commands(commands: Any) -> None:
                        help=f"address to bind (default {DEFAULT_HOST}, this machine only; another address exposes the pages "
                             "to the network and prints a warning)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument("--model", help="also serve a live explain page for this text classifier or causal LM "
-                                       "(zoo:minilm-sentiment, zoo:smollm2-135m, a local model directory); nothing is stored")
+    serve.add_argument("--model", help="also serve a live explain page for this model: type a text (a text classifier), a "
+                                       "prompt (a causal LM) or upload an image (an image classifier); zoo:minilm-sentiment, "
+                                       "zoo:smollm2-135m, zoo:efficientnet-lite0, a local model directory; nothing is stored "
+                                       "unless --record")
     serve.add_argument("--time-limit", type=float, default=60.0,
                        help="seconds a live request waits for its explanations (default 60)")
+    serve.add_argument("--record", action="store_true",
+                       help="with --model: write each live explanation to --db (a run named live-DATE per model and day); "
+                            "only this opens the database read-write, the pages stay read-only")
     serve.set_defaults(run=_serve)
     report = commands.add_parser("report", help="write a run's page as one self-contained HTML file")
     report.add_argument("run_id", metavar="RUN", help="run id or a unique prefix")
@@ -66,14 +71,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"warning: binding {args.host}: anyone who can reach this machine on port {args.port} can read every run in "
               f"{args.db} (no login, no TLS); use the default {DEFAULT_HOST} unless you mean it", file=sys.stderr)
     live = None
+    if args.record and not args.model:
+        raise ParameterError("--record stores live explanations: it needs --model")
     if args.model:
         from salience.serve.live import LiveModel
 
         if not args.time_limit > 0:
             raise ParameterError(f"--time-limit must be positive, not {args.time_limit}")
         live = LiveModel(args.model, time_limit=args.time_limit)
+        if args.record:
+            from salience.serve.record import Recorder
+
+            live.record = Recorder(args.db, args.model, live.kind, live.methods())
     app = create_app(args.db, allowed_hosts=None if not loopback else _hosts(args.host), live=live)
-    page = f"; live explanations of {args.model} at /explain" if live else ""
+    page = f"; live explanations of {args.model} at /explain{' (recorded)' if args.record else ''}" if live else ""
     print(f"serving {args.db} read-only at http://{_shown(args.host)}:{args.port}/{page} (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

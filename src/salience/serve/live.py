@@ -1,11 +1,13 @@
-"""The live explain page (``salience serve --model M``): type a text (a prompt for a causal LM),
-pick methods, see each explanation side by side with its cost. Nothing is written anywhere.
+"""The live explain page (``salience serve --model M``): type a text (a prompt for a causal LM) or
+upload an image (an image classifier; see :mod:`salience.serve.upload`), pick methods, see each
+explanation side by side with its cost (image overlays drawn on the server as PNG data URIs).
+Nothing is written anywhere unless the server runs with ``--record``
+(:mod:`salience.serve.record`): then each request becomes one example of the day's live run.
 
 One model, one worker thread: requests queue for it (a queue of one computation at a time; at
 most ``MAX_WAITING`` more wait, further ones get 503 at once). A request waits at most
 ``time_limit`` seconds for its explanations, then gets 504; the computation it started cannot be
 interrupted inside torch and finishes in the background (the queue moves on after it).
-Image models are refused for now (uploads are not done yet).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -43,18 +45,25 @@ class LiveResult:
     seconds: float
 
 
-class LiveModel:
-    """A loaded adapter behind a one-thread executor (the per-model queue)."""
+@dataclass(frozen=True)
+class LiveOutcome:
+    """One request's explanations and, with --record, where they were stored (or why not)."""
 
-    def __init__(self, name: str, *, time_limit: float = TIME_LIMIT, model: Any = None) -> None:
+    results: list[LiveResult] = field(default_factory=list)
+    note: str = ""
+
+
+class LiveModel:
+    """A loaded adapter behind a one-thread executor (the per-model queue); ``record``: a
+    :class:`~salience.serve.record.Recorder` that stores each request (None: nothing is stored)."""
+
+    def __init__(self, name: str, *, time_limit: float = TIME_LIMIT, model: Any = None, record: Any = None) -> None:
         if model is None:
             from salience.models.loading import load_model
 
             model = load_model(name)
         kind = getattr(model, "kind", "text classifier")
-        if kind == "image classifier":
-            raise ParameterError(f"{name} is an image classifier: the live page takes texts and prompts (image upload "
-                                 "is not done yet); serve it without --model")
+        self.record = record
         self.name = name
         self.model = model
         self.kind = kind
@@ -65,7 +74,11 @@ class LiveModel:
 
     @property
     def input_name(self) -> str:
-        return "prompt" if self.kind == "causal LM" else "text"
+        return {"causal LM": "prompt", "image classifier": "image"}.get(self.kind, "text")
+
+    @property
+    def takes_images(self) -> bool:
+        return self.kind == "image classifier"
 
     def methods(self) -> list[str]:
         """Methods offered on the form: the defaults that are registered."""
@@ -74,13 +87,14 @@ class LiveModel:
         known = {m.name for m in all_methods()}
         return [m for m in DEFAULT_METHODS if m in known]
 
-    def explain(self, text: str, methods: list[str]) -> list[LiveResult]:
-        """Queue the explanations of ``text`` by ``methods``; Busy or TooSlow when they cannot be had."""
+    def explain(self, value: Any, methods: list[str]) -> LiveOutcome:
+        """Queue the explanations of ``value`` (a text, or H x W x 3 uint8 pixels) by ``methods``;
+        Busy or TooSlow when they cannot be had."""
         with self.lock:
             if self.waiting >= MAX_WAITING + 1:
                 raise Busy(f"{self.waiting} requests are already waiting for {self.name}; try again in a moment")
             self.waiting += 1
-        future: Future[list[LiveResult]] = self.executor.submit(self._compute, text, methods)
+        future: Future[LiveOutcome] = self.executor.submit(self._compute, value, methods)
         try:
             return future.result(timeout=self.time_limit)
         except FutureTimeout:
@@ -90,27 +104,42 @@ class LiveModel:
             with self.lock:
                 self.waiting -= 1
 
-    def _compute(self, text: str, methods: list[str]) -> list[LiveResult]:
+    def _compute(self, value: Any, methods: list[str]) -> LiveOutcome:
         import warnings
+        from html import escape
 
         import salience.render  # noqa: F401  (registers the renderers)
         from salience.api import explain
         from salience.render.html import explanation_html
 
-        results = []
+        results, units = [], []
         for method in methods:
             started = time.perf_counter()
+            explanation, error = None, None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # an explanation carries its warnings; the renderer shows them
-                    explanation = explain(self.model, text, method=method, progress=False)
+                    explanation = explain(self.model, value, method=method, progress=False)
                 html = explanation_html([explanation], standalone=False)  # type: ignore[list-item]
-            except SalienceError as error:
-                from html import escape
+            except SalienceError as failure:
+                error = f"{type(failure).__name__}: {failure}"
+                html = f'<div class="failed">{escape(error)}</div>'
+            seconds = time.perf_counter() - started
+            results.append(LiveResult(method, html, seconds))
+            units.append((method, explanation, error, seconds))
+        return LiveOutcome(results, self._record(value, units))
 
-                html = f'<div class="failed">{escape(type(error).__name__)}: {escape(str(error))}</div>'
-            results.append(LiveResult(method, html, time.perf_counter() - started))
-        return results
+    def _record(self, value: Any, units: list[tuple[str, Any, str | None, float]]) -> str:
+        """With --record: store the request and say where; a failure to store is said, not raised."""
+        if self.record is None:
+            return ""
+        import sqlite3
+
+        try:
+            example_id, run_name = self.record.record(value, units)
+        except (SalienceError, sqlite3.Error, OSError) as error:
+            return f"not recorded: {str(error)[:200]}"
+        return f"recorded as example {example_id} of run {run_name}"
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
