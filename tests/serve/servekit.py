@@ -20,6 +20,7 @@ from salience.evaluate.config import RunConfig, parse_method_spec, parse_metric_
 from salience.evaluate.runner import run_evaluation  # noqa: E402
 from salience.evaluate.store import Store  # noqa: E402
 from tiny_cnn import photo, tiny_classifier  # noqa: E402
+from tiny_lm import build_model, build_tokenizer  # noqa: E402
 
 XSS = '<script>alert("xss")</script><img src=x onerror=alert(1)>'
 XSS_ID = "<b onmouseover=alert(2)>ex-xss</b>"
@@ -62,4 +63,23 @@ def build_image_db(folder: Path, name: str = "images.db") -> tuple[Path, str]:
                        metrics=(parse_metric_spec("deletion_auc"),))
     with Store(folder / name) as store:
         outcome = run_evaluation(config, store, model=tiny_classifier(), progress=False, log=lambda _: None)
+    return folder / name, outcome.run_id
+
+
+GENERATION_METHODS = ("saliency:max_new_tokens=3", "occlusion:max_new_tokens=3")
+PROMPTS = ("the film was good", f"{XSS} a b c")
+
+
+def build_generation_db(folder: Path, name: str = "generation.db") -> tuple[Path, str]:
+    """A run of the tiny Llama (float64) on two prompts (the second with the XSS payload): each
+    method explains a 3-token greedy continuation (a generation matrix with NaN for the tokens a
+    target cannot see), into ``folder / name`` (created or added to)."""
+    from salience.models.causal_lm import CausalLM
+
+    data = write_jsonl(folder / "prompts.jsonl", [{"id": f"p{i}", "text": text} for i, text in enumerate(PROMPTS)])
+    config = RunConfig(model="tiny-lm", dataset=str(data), methods=tuple(map(parse_method_spec, GENERATION_METHODS)),
+                       metrics=(parse_metric_spec("deletion_auc"),))
+    with Store(folder / name) as store:
+        outcome = run_evaluation(config, store, model=CausalLM(build_model(context=64), build_tokenizer(), name="tiny-lm"),
+                                 progress=False, log=lambda _: None)
     return folder / name, outcome.run_id

@@ -3,10 +3,12 @@
 is never run: the system browser is launched by path). Skipped when either is missing
 (`apt-get install chromium`, `pip install playwright==1.64.1`).
 
-A uvicorn server on a free loopback port serves a database holding a text run and an image run,
-with the toy classifier as live model. The browser opens the runs list, sorts the run table by
-clicking a header, filters the example browser with its form, opens an image example, runs a live
-explanation, and checks that the XSS payloads never run (no dialog opens). A screenshot of each
+A uvicorn server on a free loopback port serves a database holding a text run, an image run and a
+generation run (the tiny Llama), with the toy classifier as live model. The browser opens the runs
+list, sorts the run table by clicking a header, filters the example browser with its form, sorts a
+generation run's examples by the disagreement ρ of its two methods and opens one (its generation
+matrices), opens an image example, runs a live explanation, and checks that the XSS payloads never
+run (no dialog opens). A screenshot of each
 page is saved (under $SALIENCE_ARTIFACTS when set, else the test's temporary folder) and checked
 to be non-blank (its pixels are not one colour).
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from servekit import XSS, build_image_db, build_text_db
+from servekit import GENERATION_METHODS, XSS, build_generation_db, build_image_db, build_text_db
 
 import salience
 from salience.serve import create_app
@@ -48,6 +50,7 @@ def server(toy_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     database, text_run = build_text_db(folder, toy_dir)
     _, image_run = build_image_db(folder, database.name)
+    _, generation_run = build_generation_db(folder, database.name)
     live = LiveModel("toy", model=salience.load_model(str(toy_dir)), time_limit=30)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(database, live=live), host="127.0.0.1", port=port, log_level="warning"))
@@ -57,7 +60,7 @@ def server(toy_dir, tmp_path_factory):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started
-    yield f"http://127.0.0.1:{port}", text_run, image_run
+    yield f"http://127.0.0.1:{port}", text_run, image_run, generation_run
     server.should_exit = True
     thread.join(5)
     live.close()
@@ -92,7 +95,7 @@ def _shot(page, name: str, tmp_path: Path) -> Path:
 
 
 def test_runs_list_and_sorting_the_run_table(server, page, tmp_path):
-    base, text_run, image_run = server
+    base, text_run, image_run, _ = server
     page.goto(base + "/")
     assert page.title().startswith("runs")
     assert page.locator(f"a:has-text('{text_run}')").count() == 1 and page.locator(f"a:has-text('{image_run}')").count() == 1
@@ -112,7 +115,7 @@ def test_runs_list_and_sorting_the_run_table(server, page, tmp_path):
 
 
 def test_filtering_examples_and_the_xss_payload_stays_inert(server, page, tmp_path):
-    base, text_run, _ = server
+    base, text_run, _, _ = server
     page.goto(f"{base}/runs/{text_run}/examples?per=50")
     assert XSS in page.locator("section.example .input").first.inner_text()  # shown as text
     assert page.evaluate("document.scripts.length") == 0 and page.locator("section.example img").count() == 0
@@ -127,7 +130,7 @@ def test_filtering_examples_and_the_xss_payload_stays_inert(server, page, tmp_pa
 
 
 def test_image_example_and_live_explanation(server, page, tmp_path):
-    base, _, image_run = server
+    base, _, image_run, _ = server
     page.goto(f"{base}/runs/{image_run}/examples")
     page.click("section.example header a >> nth=0")
     assert "/example?id=" in page.url
@@ -143,4 +146,24 @@ def test_image_example_and_live_explanation(server, page, tmp_path):
     assert page.locator(".method .explanation").count() == 2
     assert XSS in page.locator("textarea[name=text]").input_value()
     _shot(page, "live", tmp_path)
+    assert page.dialogs == []
+
+
+def test_generation_run_sorted_by_disagreement_and_its_matrices(server, page, tmp_path):
+    base, _, _, generation_run = server
+    page.goto(f"{base}/runs/{generation_run}/examples")
+    page.select_option("select[name=rank_a]", GENERATION_METHODS[0])
+    page.select_option("select[name=rank_b]", GENERATION_METHODS[1])
+    page.select_option("select[name=sort]", "rho")
+    page.click("button:has-text('apply')")
+    assert "sort=rho" in page.url and "rank_a=" in page.url
+    shown = [float(t.split(" = ")[-1]) for t in page.locator("span.rho").all_inner_texts()]
+    assert len(shown) == 2 and shown == sorted(shown)
+    page.click("section.example header a >> nth=0")
+    assert "/example?id=" in page.url
+    matrices = page.locator("table.matrix")
+    assert matrices.count() == len(GENERATION_METHODS)
+    assert all(matrices.nth(i).locator("tbody tr").count() == 3 for i in range(matrices.count()))  # 3 generated tokens
+    assert page.evaluate("document.scripts.length") == 0
+    _shot(page, "generation-example", tmp_path)
     assert page.dialogs == []

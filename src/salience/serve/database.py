@@ -29,9 +29,9 @@ from salience.evaluate.store import SCHEMA_VERSION, Store, StoreError
 @dataclass(frozen=True)
 class ExampleEntry:
     """One example as the browser lists it: ``label`` as stored (index or name, None when the
-    dataset has none), the model's prediction read from the first stored explanation (None when
-    no explanation of the example is stored yet), and ``input`` as stored (a text, a pair, or an
-    image's reference)."""
+    dataset has none), the model's prediction read from the first stored explanation (a causal
+    LM's: its continuation; None when no explanation of the example is stored yet), and ``input``
+    as stored (a text, a pair, or an image's reference)."""
 
     example_id: str
     position: int
@@ -107,11 +107,14 @@ class ReadOnlyStore(Store):
 
     def example_index(self, run_id: str) -> list[ExampleEntry]:
         """Every example of the run in dataset order, with its prediction read from its first
-        stored explanation (by method name): by SQLite's JSON functions, or in Python for a
-        document SQLite's JSON parser refuses (NaN scores, e.g. a causal LM's later tokens)."""
+        stored explanation (by method name; a generation has no class prediction: its continuation
+        is shown as one): by SQLite's JSON functions, or in Python for a document SQLite's JSON
+        parser refuses (NaN scores, e.g. a causal LM's later tokens)."""
         rows = self.conn.execute("""
             SELECT e.example_id, e.position, e.input, e.label,
-                   CASE WHEN json_valid(x.explanation) THEN json_extract(x.explanation, '$.prediction.label') END AS prediction,
+                   CASE WHEN json_valid(x.explanation) THEN coalesce(json_extract(x.explanation, '$.prediction.label'),
+                                                                     json_extract(x.explanation, '$.extras.continuation'))
+                   END AS prediction,
                    CASE WHEN json_valid(x.explanation) THEN json_extract(x.explanation, '$.prediction.index') END
                        AS prediction_index,
                    CASE WHEN NOT json_valid(x.explanation) THEN x.explanation END AS raw
@@ -123,8 +126,11 @@ class ReadOnlyStore(Store):
         for r in rows:
             label, index = r["prediction"], r["prediction_index"]
             if r["raw"] is not None:
-                prediction = (json.loads(r["raw"]).get("prediction") or {})
+                document = json.loads(r["raw"])
+                prediction = document.get("prediction") or {}
                 label, index = prediction.get("label"), prediction.get("index")
+                if label is None:
+                    label = (document.get("extras") or {}).get("continuation")
             entries.append(ExampleEntry(r["example_id"], int(r["position"]), json.loads(r["input"]),
                                         json.loads(r["label"]) if r["label"] else None,
                                         None if label is None else str(label), None if index is None else int(index)))
