@@ -13,8 +13,8 @@ The whole run is read once per (run, method pair) and state of the run, in chunk
 ``CHUNK`` examples through SQLite's ``json_extract`` (only the ``scores`` member leaves SQLite, not
 the whole document; a document with NaN, which SQLite's JSON parser refuses, is read whole), and
 the per-example ρ is kept by the viewer's bounded cache. Examples in a chunk with the same
-number of entries are ranked in one vectorised call (:func:`scipy.stats.rankdata` along rows),
-which equals spearmanr per example.
+number of entries are ranked together in vectorised calls (:func:`scipy.stats.rankdata` along
+rows, at most ``ENTRIES`` entries a call), which equals spearmanr per example.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 from salience.core.explanation import decode_array
 from salience.serve.database import ReadOnlyStore
 
-CHUNK = 2000  # examples read and ranked at a time (bounds the memory of a scan)
+CHUNK = 500  # examples read from SQLite at a time (bounds the memory of a scan)
+ENTRIES = 2_000_000  # score entries ranked in one vectorised call (an image's pixel scores can be 50,000 a row)
 
 
 def spearman_rho(first: np.ndarray, second: np.ndarray) -> float | None:
@@ -87,10 +88,13 @@ def _chunk_rhos(rows: Iterable[Any]) -> dict[str, float | None]:
             continue
         a, b = _common(first, second)
         groups[a.size].append((example_id, a, b))
-    for group in groups.values():
-        rhos = _batch_rho(np.stack([g[1] for g in group]), np.stack([g[2] for g in group]))
-        for (example_id, _, _), rho in zip(group, rhos, strict=True):
-            out[example_id] = None if np.isnan(rho) else float(rho)
+    for size, group in groups.items():
+        step = max(1, ENTRIES // max(size, 1))
+        for start in range(0, len(group), step):
+            batch = group[start:start + step]
+            rhos = _batch_rho(np.stack([g[1] for g in batch]), np.stack([g[2] for g in batch]))
+            for (example_id, _, _), rho in zip(batch, rhos, strict=True):
+                out[example_id] = None if np.isnan(rho) else float(rho)
     return out
 
 
