@@ -310,7 +310,8 @@ def _measured(model: Adapter, run: Callable[[], T]) -> tuple[T, Cost]:
     result = run()
     return result, Cost(forward_passes=counter.forward_passes - before.forward_passes,
                         backward_passes=counter.backward_passes - before.backward_passes,
-                        model_calls=counter.model_calls - before.model_calls, seconds=time.perf_counter() - started)
+                        model_calls=counter.model_calls - before.model_calls, seconds=time.perf_counter() - started,
+                        cached_positions=getattr(counter, "cached_positions", 0) - getattr(before, "cached_positions", 0))
 
 
 def _total(*costs: Cost) -> Cost:
@@ -325,7 +326,8 @@ def _split(total: Cost, n: int) -> list[Cost]:
         return value // n + (1 if i < value % n else 0)
 
     return [Cost(forward_passes=part(total.forward_passes, i), backward_passes=part(total.backward_passes, i),
-                 model_calls=part(total.model_calls, i), seconds=total.seconds / n) for i in range(n)]
+                 model_calls=part(total.model_calls, i), seconds=total.seconds / n,
+                 cached_positions=part(total.cached_positions, i)) for i in range(n)]
 
 
 def _is_raw(model: Adapter, item: Any) -> bool:

@@ -51,6 +51,9 @@ class Cost:
     backward_passes: int = 0
     model_calls: int = 0
     seconds: float = 0.0
+    # token positions of forward rows taken from a key/value cache instead of recomputed (a causal LM's
+    # unchanged prefix under token replacement): the work saved, in rows x positions
+    cached_positions: int = 0
 
 
 Values = float | np.ndarray | None

@@ -28,6 +28,7 @@ class PassCounter:
     forward_passes: int = 0
     backward_passes: int = 0
     model_calls: int = 0
+    cached_positions: int = 0  # token positions of forward rows read from a key/value cache, not recomputed
 
 
 @dataclass

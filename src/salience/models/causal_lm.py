@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_chunks
 from salience.core.features import Feature, FeatureSet
 from salience.core.target import Target, check_output, read_outputs
 from salience.errors import InputError, ParameterError, TargetError
@@ -43,6 +44,7 @@ from salience.models.chat import Chat, is_messages, render_chat
 from salience.models.generation import decode_tokens, decoded_offsets, end_token_ids
 from salience.models.lm_targets import ContrastSpec, foil_ids, span_bounds, span_output, step_scores, target_positions, target_value
 from salience.models.passes import check_finite
+from salience.models.prefix_cache import cache_argument, can_reuse, first_changed, prefix_of, returned_cache
 from salience.models.tokens import TokenAdapter, words_of
 
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -66,6 +68,9 @@ class CausalLM(AttentionAccess, TokenAdapter):
         self.max_length = max_length or self._model_limit()
         self.baselines = ("zero", "delete", *(b for b in ("eos", "unk") if getattr(tokenizer, f"{b}_token_id", None) is not None))
         self.keeps_logits = _keeps_logits_per_row(model)
+        # replacement rows run only their positions from the first change on, over the unchanged prefix's
+        # key/value cache (models/prefix_cache.py); False runs every row in full
+        self.reuses_prefix = True
         self.end_ids = end_token_ids(model, tokenizer)
 
     def bytes_per_row(self, seq_len: int, *, backward: bool) -> int:
@@ -303,10 +308,56 @@ class CausalLM(AttentionAccess, TokenAdapter):
             read = torch.cat([read.clamp(min=0), torch.zeros(1, read.shape[1], dtype=read.dtype)])
         logits = self._read_logits(input_ids, attention_mask, read)  # (B', K, V)
         logits = logits[source.to(logits.device), torch.arange(len(positions), device=logits.device)[None]]  # (B, K, V)
-        logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-        ends = np.cumsum([len(group) for group in groups]).tolist()
-        return torch.stack([target_value(target, logits[:, end - len(group):end])
-                            for target, group, end in zip(targets, groups, ends)], dim=1)
+        return _target_values(logits, targets, groups)
+
+    def _score_sharing_prefix(self, encoded: Encoded, ids: torch.Tensor, targets: Sequence[Target],
+                              batch_size: int | None) -> torch.Tensor | None:
+        """Every target's output (B, T) for token rows (B, L): one forward pass of the unperturbed
+        input keeps its key/value cache; a row equal to the input takes its outputs; the others,
+        sorted by first changed position and cut into chunks that minimise the positions run plus
+        a cost per call (:func:`length_chunks`), run only the positions from their chunk's earliest
+        change on, over a copy of that cache cut to the prefix (see models/prefix_cache.py).
+        Targets before the change read the unperturbed logits. None when the model takes or
+        returns no usable cache."""
+        argument = cache_argument(self.model)
+        if argument is None or not (self.reuses_prefix and self.keeps_logits):
+            return None
+        groups = [target_positions(t) for t in targets]
+        read = torch.tensor([p - 1 for group in groups for p in group], dtype=torch.long)  # (K,)
+        length = encoded.length
+        with torch.no_grad():
+            output = self._call_model(input_ids=encoded.input_ids[None], use_cache=True, logits_to_keep=read)
+            cache = returned_cache(output)
+            if not can_reuse(cache) or output.logits.shape[1] != len(read):
+                self.reuses_prefix = False
+                return None
+            clean = output.logits  # (1, K, V)
+            values = _target_values(clean, targets, groups).double().cpu().expand(ids.shape[0], -1).clone()
+            first = first_changed(ids, encoded.input_ids)
+            changed = (first < length).nonzero()[:, 0]
+            if len(changed) == 0:
+                return values
+            order = changed[torch.argsort(length - first[changed], stable=True)]  # fewest positions to run first
+            size = choose_batch_size(length, backward=False, batch_size=batch_size)
+            pieces = length_chunks((length - first[order]).tolist(), max_tokens=size * length,
+                                   max_rows=size if batch_size is not None else MAX_ROWS_PER_CHUNK)
+
+            def run(rows: slice) -> torch.Tensor:
+                chosen = order[rows]
+                count, start = len(chosen), int(first[chosen].min())
+                late = read >= start  # the logits that the change reaches
+                logits = clean.expand(count, -1, -1).clone()
+                if start == 0:
+                    part = self._call_model(input_ids=ids[chosen], use_cache=False, logits_to_keep=read[late]).logits
+                else:
+                    part = self._call_model(input_ids=ids[chosen, start:], use_cache=True, logits_to_keep=read[late] - start,
+                                            **{argument: prefix_of(cache, start, count)}).logits
+                    self.counter.cached_positions += count * start
+                logits[:, late.to(logits.device)] = part
+                return _target_values(logits, targets, groups).double().cpu()
+
+            values[order] = map_chunks(run, pieces)
+        return values
 
     def _row_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                      targets: Sequence[Target], which: torch.Tensor) -> torch.Tensor:
@@ -352,6 +403,15 @@ class CausalLM(AttentionAccess, TokenAdapter):
                 return int(token)
         raise ParameterError(f"the tokenizer of {self.name} has neither BOS nor EOS to stand for an empty context; "
                              "use a replacement baseline instead of 'delete'")
+
+
+def _target_values(logits: torch.Tensor, targets: Sequence[Target], groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each target's output (B, T) from the logits (B, K, V) read for the targets' positions,
+    ``groups`` giving each target's positions in order (K = their total)."""
+    logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+    ends = np.cumsum([len(group) for group in groups]).tolist()
+    return torch.stack([target_value(target, logits[:, end - len(group):end])
+                        for target, group, end in zip(targets, groups, ends)], dim=1)
 
 
 def _keeps_logits_per_row(model: nn.Module) -> bool:

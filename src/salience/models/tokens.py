@@ -189,6 +189,9 @@ class TokenAdapter:
         else:
             ids = torch.where(removed, self.baseline_token_id(baseline), ids)
             mask = torch.ones(n_rows, length, dtype=torch.long)
+            shared = self._score_sharing_prefix(encoded, ids, targets, batch_size)
+            if shared is not None:
+                return shared[:, 0] if single else shared
         size = choose_batch_size(length, backward=False, batch_size=batch_size)
         # bucket by length: rows sorted by kept length, cut into chunks trimmed to their longest row
         row_lengths = mask.sum(dim=1)
@@ -209,6 +212,13 @@ class TokenAdapter:
             values = map_chunks(run, pieces)
         values = torch.empty_like(values).index_copy_(0, order, values)
         return values[:, 0] if single else values
+
+    def _score_sharing_prefix(self, encoded: Encoded, ids: torch.Tensor, targets: Sequence[Target],
+                              batch_size: int | None) -> torch.Tensor | None:
+        """Every target's output (B, T) for token rows (B, L) of ``encoded``'s length computed from
+        the unchanged prefix's key/value cache, or None where the model cannot (a bidirectional
+        model's every position sees every token: nothing to reuse)."""
+        return None
 
     # --------------------------------------------------------------- gradients
     def input_and_baseline(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,5 +52,6 @@ def describe(explanation: Explanation) -> str:
         deltas = np.abs(np.asarray(e.delta, dtype=float))
         shown = f"delta {e.delta:+.2e}" if deltas.ndim == 0 else f"max |delta| {np.nanmax(deltas):.2e}"
         parts.append(shown + (f" ({100 * relative:.2g}% of the gap)" if relative is not None else ""))
-    parts.append(f"{e.cost.forward_passes} fwd / {e.cost.backward_passes} bwd passes, {e.cost.seconds:.2f} s")
+    cached = f" ({e.cost.cached_positions} token positions from a cache)" if e.cost.cached_positions else ""
+    parts.append(f"{e.cost.forward_passes} fwd{cached} / {e.cost.backward_passes} bwd passes, {e.cost.seconds:.2f} s")
     return " | ".join(parts)

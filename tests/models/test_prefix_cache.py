@@ -1,0 +1,73 @@
+"""Replacement rows of a causal LM run over the key/value cache of their unchanged prefix
+(models/prefix_cache.py): the outputs equal full forward passes, the rows counted stay within
+occlusion's bound, and the positions taken from the cache are counted.
+
+Tolerance 1e-12: the tiny Llama computes in float64 (norms patched, see
+tests/models/test_contrast.py); a cached prefix gives the same keys and values, and only the
+shapes of the matmuls differ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import salience
+from models.test_contrast import float64_llama
+from salience.core.explanation import Explanation
+from salience.models.prefix_cache import first_changed
+from salience.render.layout import describe
+from tiny_lm import build_tokenizer
+
+PROMPT = "the capital of france is"
+CONTINUATION = " paris is a big city"
+TOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def lm() -> salience.CausalLM:
+    return salience.CausalLM(float64_llama(), build_tokenizer(), name="tiny-llama")
+
+
+def explain(lm: salience.CausalLM, reuse: bool, method: str, **params: object) -> Explanation:
+    lm.reuses_prefix = reuse
+    try:
+        return salience.explain(lm, PROMPT, method=method, continuation=CONTINUATION, baseline="unk", **params)
+    finally:
+        lm.reuses_prefix = True
+
+
+@pytest.mark.parametrize("method, params", [("occlusion", {}), ("kernel_shap", {"n_samples": 32}), ("lime", {"n_samples": 32})])
+@pytest.mark.parametrize("batch_size", [1, 3, None])
+def test_cached_prefix_gives_the_outputs_of_full_passes(lm, method, params, batch_size):
+    cached = explain(lm, True, method, batch_size=batch_size, **params)
+    full = explain(lm, False, method, batch_size=batch_size, **params)
+    np.testing.assert_allclose(cached.scores, full.scores, rtol=0, atol=TOL, equal_nan=True)
+    assert cached.cost.forward_passes <= full.cost.forward_passes
+    assert full.cost.cached_positions == 0
+
+
+def test_occlusion_rows_and_saved_positions(lm):
+    # one row per token replaced, each run from its own position when chunks hold one row, plus the input's row
+    e = explain(lm, True, "occlusion", batch_size=1)
+    encoded = lm.encode(PROMPT, continuation=CONTINUATION)
+    movable = [i for i in range(encoded.length) if not bool(encoded.special[i])]
+    assert e.cost.forward_passes == len(movable) + 1 <= encoded.length + 1  # prompt + generated + 1 at most
+    assert e.cost.cached_positions == sum(movable)  # row i reuses positions 0..i-1
+    assert f"({sum(movable)} token positions from a cache)" in describe(e)
+
+
+def test_cost_with_cached_positions_round_trips_and_old_json_loads(lm):
+    e = explain(lm, True, "occlusion", batch_size=1)
+    again = Explanation.from_json(e.to_json())
+    assert again.cost == e.cost and again.cost.cached_positions > 0
+    data = e.to_dict()
+    del data["cost"]["cached_positions"]  # written before the field existed
+    assert Explanation.from_dict(data).cost.cached_positions == 0
+
+
+def test_first_changed_position():
+    reference = torch.tensor([5, 6, 7, 8])
+    rows = torch.tensor([[5, 6, 7, 8], [0, 6, 7, 8], [5, 6, 0, 0]])
+    assert first_changed(rows, reference).tolist() == [4, 0, 2]
