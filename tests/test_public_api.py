@@ -7,8 +7,8 @@ def test_public_names_are_pinned():
     assert sorted(salience.__all__) == sorted([
         "AssetMissingError", "CausalLM", "Cost", "Explanation", "Feature", "ImageClassifier", "InputError", "ModelLoadError",
         "ModelOutputError", "ParameterError", "PatchingResult", "Prediction", "PromptClassifier", "SalienceError",
-        "SalienceWarning", "Target", "TargetError", "TextClassifier",
-        "UnknownMethodError", "ZeroShotClassifier", "__version__", "attribution_patching", "explain", "load_model", "methods",
+        "SalienceWarning", "Steering", "Target", "TargetError", "TextClassifier",
+        "UnknownMethodError", "ZeroShotClassifier", "__version__", "attribution_patching", "explain", "load_model", "methods", "steer",
     ])
     for name in salience.__all__:
         assert hasattr(salience, name)

@@ -21,6 +21,7 @@ from salience.models.prompt_classifier import PromptClassifier
 from salience.models.text import TextClassifier
 from salience.models.zero_shot import ZeroShotClassifier
 from salience.patching import PatchingResult, attribution_patching
+from salience.steering import Steering, steer
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "PromptClassifier",
     "SalienceError",
     "SalienceWarning",
+    "Steering",
     "Target",
     "TargetError",
     "TextClassifier",
@@ -50,4 +52,5 @@ __all__ = [
     "explain",
     "load_model",
     "methods",
+    "steer",
 ]
