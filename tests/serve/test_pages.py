@@ -144,6 +144,8 @@ def test_example_sort_and_range_by_metric_value(client, text_db):
     assert set(ranged) == {i for i, v in values.items() if v >= low}
     by_id = _ids(client.get(f"/runs/{run_id}/examples", params={"sort": "id", "per": 50}).text)
     assert by_id == sorted(values)
+    last_first = _ids(client.get(f"/runs/{run_id}/examples", params={"order": "desc", "per": 50}).text)
+    assert last_first == [e.example_id for e in _entries(text_db)][::-1]  # position, descending
 
 
 def test_one_example_with_every_method(client, text_db):

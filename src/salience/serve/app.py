@@ -29,7 +29,7 @@ from typing import Any
 
 from salience.errors import ParameterError
 from salience.evaluate.store import RunInfo, StoreError
-from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, parse_query
+from salience.serve.browser import SORTS, ExampleRow, NotFound, build_page, menus, parse_query
 from salience.serve.database import ExampleEntry, ReadOnlyStore
 from salience.serve.disagreement import rank_correlations
 from salience.serve.explanations import UnitRenderer
@@ -40,7 +40,7 @@ from salience.serve.upload import MAX_FORM_EXTRA, MAX_UPLOAD, parse_upload
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 REFRESH = 5.0  # seconds: a run being written is re-read at most this often (or every 2x its last read time)
-CACHED = 16  # computed things kept (per run: its index, its page data, one per method pair's ρ), least recently used dropped
+CACHED = 24  # computed things kept (per run: its index, menus, page data, one per method pair's ρ), least recently used dropped
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                                  b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
@@ -114,6 +114,10 @@ class Viewer:
         """The run's example index (id, position, label, prediction)."""
         return self._cached("index", store, run_id, lambda: store.example_index(run_id))  # type: ignore[no-any-return]
 
+    def menus(self, store: ReadOnlyStore, run_id: str) -> tuple[list[str], list[str]]:
+        """The run's labels and predictions (the example browser's menus)."""
+        return self._cached("menus", store, run_id, lambda: menus(self.index(store, run_id)))  # type: ignore[no-any-return]
+
     def data(self, store: ReadOnlyStore, info: RunInfo) -> RunData:
         """The run page's summary and curves."""
         return self._cached("data", store, info.run_id, lambda: run_data(store, info))  # type: ignore[no-any-return]
@@ -165,7 +169,8 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
             methods, metrics = labels(info.config.get("methods", [])), labels(info.config.get("metrics", []))
             query = parse_query(request.query_params, methods, metrics)
             rhos = viewer.rhos(store, info.run_id, query.rank_a, query.rank_b) if query.compares else None
-            page = build_page(store, info.run_id, viewer.index(store, info.run_id), query, metrics, viewer.renderer, rhos)
+            page = build_page(store, info.run_id, viewer.index(store, info.run_id), query, metrics, viewer.renderer, rhos,
+                              viewer.menus(store, info.run_id))
         return _page(viewer, "examples.html", title=f"examples of {info.run_id}", run=info, page=page, sorts=SORTS,
                      methods=methods, metrics=metrics, correct_value={None: "", True: "yes", False: "no"}[query.correct])
 

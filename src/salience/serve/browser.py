@@ -155,7 +155,7 @@ class ExamplePage:
 
 def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None], query: ExampleQuery,
            rhos: Mapping[str, float | None] | None = None) -> list[tuple[ExampleEntry, float | None]]:
-    """Filter and sort the index (the whole run, no explanation read): label and prediction match
+    """Filter and sort the index (the whole run in position order, no explanation read): label and prediction match
     their text exactly; ``low`` <= value <= ``high`` drops examples without a value, ``rho_below``
     those whose ρ (``rhos``) is undefined or not below it; examples without a value (or ρ) sort
     last in either order."""
@@ -177,6 +177,8 @@ def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None], 
             if rho is None or not rho < query.rho_below:
                 continue
         chosen.append((entry, value))
+    if query.sort == "position":  # the index is in position order already
+        return chosen if query.order == "asc" else chosen[::-1]
     keys: dict[str, Any] = {"position": lambda item: item[0].position, "id": lambda item: item[0].example_id,
                             "label": lambda item: label_text(item[0].label), "prediction": lambda item: item[0].prediction or ""}
     if query.sort == "value":
@@ -190,11 +192,19 @@ def select(entries: Sequence[ExampleEntry], values: Mapping[str, float | None], 
     return sorted(chosen, key=lambda item: (keys[query.sort](item), item[0].position), reverse=query.order == "desc")
 
 
+def menus(entries: Sequence[ExampleEntry]) -> tuple[list[str], list[str]]:
+    """Every label and every prediction of the run (the filter form's menus), sorted."""
+    return (sorted({label_text(e.label) for e in entries if e.label is not None}),
+            sorted({e.prediction for e in entries if e.prediction is not None}))
+
+
 def build_page(store: ReadOnlyStore, run_id: str, entries: Sequence[ExampleEntry], query: ExampleQuery,
-               metrics: Sequence[str], render: Any, rhos: Mapping[str, float | None] | None = None) -> ExamplePage:
+               metrics: Sequence[str], render: Any, rhos: Mapping[str, float | None] | None = None,
+               choices: tuple[list[str], list[str]] | None = None) -> ExamplePage:
     """One page of examples; ``render(run_id, example_id, method, unit)`` gives a unit's HTML;
-    ``rhos``: example id -> ρ of the query's method pair (when it names one). A page past the last
-    is NotFound (HTTP 404); page 1 of no match is an empty page."""
+    ``rhos``: example id -> ρ of the query's method pair (when it names one); ``choices``: the
+    run's :func:`menus` (computed here when not given). A page past the last is NotFound (HTTP
+    404); page 1 of no match is an empty page."""
     values = store.metric_values(run_id, query.method, query.metric) if query.method and query.metric else {}
     rhos = rhos or {}
     chosen = select(entries, values, query, rhos)
@@ -217,6 +227,5 @@ def build_page(store: ReadOnlyStore, run_id: str, entries: Sequence[ExampleEntry
                     cells.append((metric, "n/a" if result["value"] is None else f"{result['value']:.3f}"))
             row.explanations.append((method, render(run_id, entry, method, unit), cells))
         rows.append(row)
-    labels = sorted({label_text(e.label) for e in entries if e.label is not None})
-    predictions = sorted({e.prediction for e in entries if e.prediction is not None})
+    labels, predictions = choices if choices is not None else menus(entries)
     return ExamplePage(query, rows, len(chosen), pages, labels, predictions)

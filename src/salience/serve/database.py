@@ -59,6 +59,7 @@ class ReadOnlyStore(Store):
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.process_start = None  # this store never takes a run's writer lock
+        self.fingerprints: dict[str, tuple[float, int]] = {}
         if not self.path.is_file():
             raise StoreError(f"no results database at {self.path}")
         try:
@@ -162,7 +163,13 @@ class ReadOnlyStore(Store):
         return {(r["example_id"], r["method"], r["metric"]): dict(r) for r in rows}
 
     def fingerprint(self, run_id: str) -> tuple[float, int]:
-        """(last update time, stored units): changes whenever the run gains a unit (cache key)."""
+        """(last update time, stored units): changes whenever the run gains a unit (cache key).
+        Counted once per run and store: a store lives for one request, whose caches share it."""
+        if run_id not in self.fingerprints:
+            self.fingerprints[run_id] = self._count(run_id)
+        return self.fingerprints[run_id]
+
+    def _count(self, run_id: str) -> tuple[float, int]:
         row = self.conn.execute("SELECT updated, (SELECT COUNT(*) FROM explanations WHERE run_id = ?) AS n FROM runs "
                                 "WHERE run_id = ?", (run_id, run_id)).fetchone()
         if row is None:
