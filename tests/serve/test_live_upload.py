@@ -99,6 +99,22 @@ def test_decoded_pixels_are_the_uploaded_ones():
     assert decode_image(_png(grey)).shape == (*grey.shape, 3)  # converted to RGB
 
 
+def test_binary_files_survive_the_form_parser():
+    from salience.serve.upload import parse_upload
+
+    buffer = io.BytesIO()
+    Image.fromarray(photo(60, 80, seed=2)).save(buffer, format="JPEG", quality=70)  # binary with CR / LF bytes inside
+    jpeg = buffer.getvalue()
+    assert b"\r" in jpeg or b"\n" in jpeg
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1/explain", files={"image": ("a.jpg", jpeg, "image/jpeg")},
+                            data={"method": ["saliency", "occlusion"]})
+    pixels, methods, name = parse_upload(request.read(), request.headers["content-type"], ["saliency", "occlusion"], 4)
+    assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))  # the same bytes decoded
+    assert methods == ["saliency", "occlusion"] and name == "a.jpg"
+
+
 def _truncated_png() -> bytes:
     data = _png(photo())
     return data[: len(data) // 2]

@@ -218,11 +218,12 @@ def create_app(database: str | Path, *, allowed_hosts: Sequence[str] | None = LO
             return error_page(request, 403, "a form from another site cannot use this server")
         images = viewer.live.takes_images
         limit = MAX_UPLOAD + MAX_FORM_EXTRA if images else MAX_BODY
-        body = b""
+        received = bytearray()
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+            received += chunk
+            if len(received) > limit:
                 break  # the parsers refuse a body over the limit; the rest is not read
+        body = bytes(received)
         try:
             if images:  # the file's name is shown (escaped) above its overlays
                 value, methods, shown = parse_upload(body, request.headers.get("content-type", ""), viewer.live.methods(),
