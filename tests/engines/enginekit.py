@@ -61,9 +61,15 @@ def cli_args(config: RunConfig) -> list[str]:
 
 
 def local_reference(config: RunConfig, db: Path) -> dict[str, Any]:
-    """The local engine's run of ``config`` (its snapshot)."""
-    with Store(db) as store:
-        outcome = run_evaluation(config, store, progress=False, log=lambda _: None)
+    """The local engine's run of ``config`` (its snapshot), on one torch thread as Ray's 1-CPU actors
+    run (Ray sets their OMP_NUM_THREADS to 1), so that sums are taken in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Store(db) as store:
+            outcome = run_evaluation(config, store, progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
     return snapshot(db, outcome.run_id)
 
 
