@@ -27,6 +27,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,18 @@ class RayEngine:
                     if fatal:
                         raise ParameterError(fatal)
                     yield UnitResult.from_json(text)
+        finally:
+            if started:
+                ray.shutdown()
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Join or start Ray once for several runs (``salience bench``'s studies); shut down at the end
+        if it was started here."""
+        ray = import_ray()
+        started = connect(ray, self.address)
+        try:
+            yield
         finally:
             if started:
                 ray.shutdown()

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +142,15 @@ def _evaluate(args: argparse.Namespace) -> int:
                        metrics=tuple(parse_metric_spec(m) for m in args.metric), dataset_options=options,
                        target=args.target, output=args.output, seed=args.seed, truncate=args.truncate,
                        max_length=args.max_length)
-    return _run_and_report(config, args, args.db, args.out, args.limit, args.batch_size)
+    return _run_and_report(config, args, args.db, args.out, args.limit, args.batch_size, _engine(args))
 
 
 def _run_and_report(config: Any, args: argparse.Namespace, db: str, out: str | None, limit: int | None,
-                    batch_size: int | None) -> int:
+                    batch_size: int | None, engine: Any) -> int:
     from salience.evaluate.runner import run_evaluation
     from salience.evaluate.store import Store
 
     console, errors = _consoles(args)
-    engine = _engine(args)
 
     def log(message: str) -> None:
         errors.print(message, markup=False)
@@ -235,11 +234,13 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"no study named {missing!r}; the file has: {known}")
     db = args.db or bench.db or DEFAULT_DB
     out = args.out or bench.out
-    for study in studies:
-        limit = args.limit if args.limit is not None else study.limit
-        status = _run_and_report(study.config, args, db, out, limit, study.batch_size)
-        if status:
-            return status
+    engine = _engine(args)
+    with engine.session() if engine is not None else nullcontext():  # Ray: one instance for every study
+        for study in studies:
+            limit = args.limit if args.limit is not None else study.limit
+            status = _run_and_report(study.config, args, db, out, limit, study.batch_size, engine)
+            if status:
+                return status
     return 0
 
 
