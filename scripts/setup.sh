@@ -7,6 +7,7 @@
 # to a float32 copy of ~0.5 GB in ~/.cache/salience/smollm2-135m-instruct; Fashion-MNIST (the Debian
 # package `dataset-fashion-mnist`, a 31 MB download unpacked without root into ~/.cache/salience/fashion-mnist,
 # unless the package is installed). About 0.7 GB of disk in all.
+# The `test` extras include the `ray` extra (ray[data], pinned; about 0.25 GB more) for tests/engines.
 # Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test
 set -euo pipefail
 cd "$(dirname "$0")/.."
