@@ -225,3 +225,27 @@ def test_bad_input_is_refused_in_one_line(lm, toy):
     with pytest.raises(RuntimeError, match="caller's context"):  # raised while the recording hooks are on
         attribution_patching(lm, CLEAN, CORRUPT, backward_mode=failing, **OPTIONS)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()) == hooks
+
+
+@pytest.mark.slow
+def test_smollm2_atp_ranks_heads_as_exact_patching():
+    """SmolLM2-135M, "The capital of France is" + " Paris" vs " Rome", corrupted "... Italy is": AtP
+    orders the 270 heads as exact patching does (Spearman > 0.9; 0.998 measured) and finds its
+    largest head among its own top 3; the last block at the predicting position carries the whole
+    change (float32 model: 1e-3 of a metric change of 13)."""
+    from scipy.stats import spearmanr
+
+    try:
+        smol = salience.load_model("zoo:smollm2-135m")
+    except salience.AssetMissingError as error:
+        pytest.skip(str(error))
+    pair = ("The capital of France is", "The capital of Italy is")
+    options = {"continuation": " Paris", "contrast": " Rome"}
+    atp = attribution_patching(smol, *pair, components="heads", **options)
+    exact = attribution_patching(smol, *pair, components="heads", method="exact", **options)
+    assert spearmanr(atp.heads.ravel(), exact.heads.ravel())[0] > 0.9
+    top = np.unravel_index(np.abs(exact.heads).argmax(), exact.heads.shape)
+    assert top in [np.unravel_index(i, atp.heads.shape) for i in np.argsort(-np.abs(atp.heads), axis=None)[:3]]
+    last = attribution_patching(smol, *pair, components="residual", method="exact", **options)
+    change = last.corrupted_metric - last.clean_metric
+    assert abs(change) > 5 and abs(last.residual[-1, -2] - change) < 1e-3 * abs(change)
