@@ -1,5 +1,6 @@
-"""Command line: ``salience explain``, ``salience methods``, and the evaluation commands
-``salience evaluate``, ``salience bench`` and ``salience runs`` (see :mod:`salience.evaluate.commands`).
+"""Command line: ``salience explain``, ``salience methods``, the evaluation commands
+``salience evaluate``, ``salience bench`` and ``salience runs`` (see :mod:`salience.evaluate.commands`)
+and ``salience patch`` (:mod:`salience.patching.commands`).
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from salience.core.target import OUTPUTS
 from salience.errors import ParameterError, SalienceError
 from salience.evaluate.commands import add_commands
+from salience.patching.commands import add_commands as add_patch_commands
 from salience.serve.commands import add_commands as add_serve_commands
 
 BUNDLE_SCHEMA = "salience.explanations/1"
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_methods)
     add_commands(commands)
     add_serve_commands(commands)
+    add_patch_commands(commands)
     return parser
 
 

@@ -249,3 +249,22 @@ def test_smollm2_atp_ranks_heads_as_exact_patching():
     last = attribution_patching(smol, *pair, components="residual", method="exact", **options)
     change = last.corrupted_metric - last.clean_metric
     assert abs(change) > 5 and abs(last.residual[-1, -2] - change) < 1e-3 * abs(change)
+
+
+def test_cli_patch_prints_tables_and_writes_json_and_png(tmp_path, capsys):
+    from salience.cli import main
+
+    folder = tmp_path / "lm"
+    build_model(layers=3).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    status = main(["patch", "--model", str(folder), "--clean", CLEAN, "--corrupted", CORRUPT, "--continuation", " paris",
+                   "--contrast", " city", "--method", "exact", "--json", str(out), "--png", str(png), "--no-color"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "exact residual" in printed and "exact heads" in printed and "france" in printed
+    saved = PatchingResult.from_json(out.read_text())
+    assert saved.residual.shape == (3, 7) and saved.metric == "logit of 'paris vs city'"
+    assert (tmp_path / "p-residual.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "p-heads.png").exists()
+    assert main(["patch", "--model", str(folder), "--clean", CLEAN, "--corrupted", "the capital", "--continuation", " paris"]) == 2
+    assert "same length" in capsys.readouterr().err
