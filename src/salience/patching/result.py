@@ -67,14 +67,16 @@ class PatchingResult:
     # ------------------------------------------------------------------ views
     def grid(self, kind: str | None = None) -> tuple[str, np.ndarray, list[str]]:
         """(kind, scores (layers, columns), column labels) of ``kind`` ("residual" or "heads"; the first
-        present when None)."""
+        present when None). A residual column is labelled with its clean token, "clean→corrupted"
+        where the two inputs differ."""
         present = [k for k in ("residual", "heads") if getattr(self, k) is not None]
         chosen = kind or (present[0] if present else None)
         if chosen not in present:
             raise ParameterError(f"this result has no {chosen!r} scores; it has {', '.join(present) or 'none'}")
         values = getattr(self, chosen)
-        labels = self.tokens if chosen == "residual" else [f"h{h}" for h in range(values.shape[1])]
-        return chosen, values, labels
+        if chosen == "heads":
+            return chosen, values, [f"h{h}" for h in range(values.shape[1])]
+        return chosen, values, [a if a == b else f"{a}→{b}" for a, b in zip(self.tokens, self.corrupted_tokens)]
 
     def top(self, k: int = 5, kind: str | None = None) -> list[tuple[str, float]]:
         """The ``k`` components with the largest |score|: ("layer L, token 'x' (p)" or "layer L head h", score)."""
@@ -93,13 +95,20 @@ class PatchingResult:
                             f"corrupted {self.corrupted_metric:+.3f})", caption=self.method_note, show_lines=False)
         table.add_column("layer", justify="right")
         for label in labels:
-            table.add_column(label.replace(" ", "␣")[:8], justify="right")
+            table.add_column(label.replace(" ", "␣")[:16], justify="right")
         for layer, row in enumerate(values):
             table.add_row(str(layer), *(Text(f"{v:+.2f}", style=_style(v, largest)) for v in row))
         return table
 
     def __rich__(self) -> Table:
         return self.table()
+
+    def show(self) -> None:
+        """Print one table per component kind present to the terminal."""
+        console = Console()
+        for kind in ("residual", "heads"):
+            if getattr(self, kind) is not None:
+                console.print(self.table(kind))
 
     def to_text(self, kind: str | None = None, width: int = 160) -> str:
         """The terminal heatmap as plain text (no colour)."""
