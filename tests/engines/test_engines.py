@@ -11,7 +11,7 @@ from enginekit import FAILING, METRICS, TOTAL, cli_args, local_reference, poison
 
 from salience.cli import main
 from salience.engines.parquet_output import ParquetRun, run_to_parquet
-from salience.engines.ray_engine import EngineError, import_ray
+from salience.engines.ray_engine import EngineError, RayEngine, import_ray
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,12 @@ def test_missing_ray_is_one_line_before_any_work(study, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("error: --engine ray needs Ray Data") and err.count("\n") == 1
     assert not db.exists()
+
+
+@pytest.mark.parametrize("settings, message", [({"workers": 0}, "--workers must be at least 1, got 0"),
+                                               ({"gpus_per_worker": -1}, "--gpus-per-worker must be >= 0"),
+                                               ({"examples_per_batch": 0}, "examples per batch must be at least 1"),
+                                               ({"max_restarts": -1}, "max_restarts and max_task_retries must be >= 0")])
+def test_bad_engine_settings_are_one_line_errors(settings, message):
+    with pytest.raises(EngineError, match=message):
+        RayEngine(**settings)
