@@ -105,6 +105,10 @@ def test_exact_patching_equals_patching_by_hand(lm):
     np.testing.assert_allclose(result.residual[:, [0, 1, 2, 3, 6]], 0, atol=TOL)
     assert abs(result.corrupted_metric - result.clean_metric) > 1e-3
     assert result.cost["forward_passes"] == 2 + 3 * 7 + 3 * 4 and result.cost["backward_passes"] == 0
+    chunked = attribution_patching(lm, CLEAN, CORRUPT, method="exact", batch_size=4, **OPTIONS)  # rows counted across calls
+    assert chunked.cost["model_calls"] >= 2 + 9
+    np.testing.assert_allclose(chunked.residual, result.residual, rtol=0, atol=TOL)
+    np.testing.assert_allclose(chunked.heads, result.heads, rtol=0, atol=TOL)
 
 
 def test_atp_equals_the_gradient_estimate_written_by_hand(lm):

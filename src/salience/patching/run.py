@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from salience.core.target import Target, check_output, resolve_target
-from salience.errors import InputError, ParameterError
+from salience.errors import InputError, ModelOutputError, ParameterError
 from salience.models.components import Components, model_components
 from salience.patching.result import PatchingResult
 
@@ -101,9 +101,10 @@ class _Plan:
 
 
 @contextmanager
-def _patching(net: nn.Module, parts: Components, plan: _Plan, corrupt: _Seen, scale: float) -> Iterator[None]:
-    """Inside, the rows of successive model calls (counted from 0 across calls) are patched as
-    ``plan`` says, towards the corrupted activations."""
+def _patching(net: nn.Module, parts: Components, plan: _Plan, corrupt: _Seen, scale: float) -> Iterator[dict[str, int]]:
+    """Inside, the rows of successive model calls (counted from 0 across calls, in the order the
+    adapter sends them) are patched as ``plan`` says, towards the corrupted activations; yields the
+    running count (``"offset"``: rows seen so far)."""
     state = {"offset": 0, "rows": 0}
     heads = parts.heads
 
@@ -146,7 +147,7 @@ def _patching(net: nn.Module, parts: Components, plan: _Plan, corrupt: _Seen, sc
         handles.append(layer.register_forward_hook(lambda _m, _i, output, index=index: patch_residual(index, output)))
         handles.append(projection.register_forward_pre_hook(lambda _m, inputs, index=index: patch_heads(index, inputs)))
     try:
-        yield
+        yield state
     finally:
         for handle in handles:
             handle.remove()
@@ -265,8 +266,11 @@ def _exact(model: Any, net: nn.Module, parts: Components, encoded: Any, x: torch
     plan = _Plan(kind=torch.cat([torch.zeros(len(residual_rows), dtype=torch.long), torch.ones(len(head_rows), dtype=torch.long)]),
                  layer=torch.cat([residual_rows[:, 0], head_rows[:, 0]]), index=torch.cat([residual_rows[:, 1], head_rows[:, 1]]))
     rows = x[None].expand(len(plan.kind), *x.shape)
-    with _patching(net, parts, plan, corrupt, scale), torch.no_grad():
+    with _patching(net, parts, plan, corrupt, scale) as state, torch.no_grad():
         values, _ = model.score_inputs(encoded, rows, goal, grad=False, batch_size=batch_size)
+    if state["offset"] != len(rows):  # the plan assumes the rows reach the model once each, in order
+        raise ModelOutputError(f"{len(rows)} patched rows were sent but the model saw {state['offset']}; "
+                               "this adapter batches rows in a way exact patching cannot follow")
     change = values.double().cpu().numpy() - clean_value
     split = len(residual_rows)
     return (change[:split].reshape(layers, length) if split else None,
