@@ -7,11 +7,23 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from enginekit import FAILING, METRICS, TOTAL, cli_args, local_reference, poisoned_toy, snapshot, study_config
 
 from salience.cli import main
 from salience.engines.parquet_output import ParquetRun, run_to_parquet
 from salience.engines.ray_engine import EngineError, RayEngine, import_ray
+from salience.evaluate.runner import local_engine, run_evaluation
+from salience.evaluate.store import Store
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Local runs on one torch thread, as the reference (enginekit.local_reference): equal sums to the bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +107,17 @@ def test_missing_ray_is_one_line_before_any_work(study, tmp_path, monkeypatch, c
 def test_bad_engine_settings_are_one_line_errors(settings, message):
     with pytest.raises(EngineError, match=message):
         RayEngine(**settings)
+
+
+def test_a_unit_delivered_twice_is_stored_once(study, tmp_path):
+    config, reference = study
+
+    def twice(*args):  # an engine that, after a fault, sent its batches again
+        for unit in local_engine(*args):
+            yield unit
+            yield unit
+
+    with Store(tmp_path / "r.db") as store:
+        outcome = run_evaluation(config, store, progress=False, log=lambda _: None, engine=twice)
+    assert outcome.computed == TOTAL
+    assert snapshot(tmp_path / "r.db") == reference

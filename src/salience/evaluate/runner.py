@@ -156,13 +156,18 @@ def prepare_run(config: RunConfig, *, limit: int | None = None, model: Any = Non
 def consume(results: Iterable[UnitResult], write: Callable[[UnitResult], None], *, total: int, done: int, progress: bool,
             label: str) -> int:
     """Hand each result to ``write`` as it arrives, with a progress bar (units done, rate, time left);
-    returns how many were written. The engine's iterator is closed on every path (Ctrl-C included)."""
+    returns how many were written. A unit that arrives twice (an engine that computed a batch again
+    after a fault) is written once. The engine's iterator is closed on every path (Ctrl-C included)."""
     delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
     written = 0
+    seen: set[tuple[str, str]] = set()
     bar = _bar(total, done, progress, label)
     stream = iter(results)
     try:
         for unit in stream:
+            if (unit.example_id, unit.method) in seen:
+                continue
+            seen.add((unit.example_id, unit.method))
             write(unit)
             written += 1
             bar.set_postfix_str(f"{unit.method} on {unit.example_id}", refresh=False)
