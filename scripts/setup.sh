@@ -26,6 +26,9 @@ if [[ ",$extras," == *",test,"* ]]; then
   # Inseq, a test oracle: without its dependencies, whose metadata pulls CUDA packages; what it
   # imports is in the test extra
   python -m pip install --quiet --disable-pip-version-check --no-deps inseq==0.7.1 2>&1 | grep -v "is ignored" || true
+  # context-cite, the ContextCite oracle: without its dependencies (nltk, spaCy, datasets: its import
+  # downloads nltk data; the tests load its solver and ablation code with stand-ins for those)
+  python -m pip install --quiet --disable-pip-version-check --no-deps context-cite==0.0.4 2>&1 | grep -v "is ignored" || true
 fi
 python -c "import salience, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" 
 python -m salience.assets fetch

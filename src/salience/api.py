@@ -21,6 +21,7 @@ from salience.core.target import Target, check_output, resolve_target, resolve_t
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context
 from salience.models.base import Adapter, Encoded
+from salience.models.context_query import SourceSpec, context_prompt
 
 # what a capability a method needs is called in messages, and which model kinds have it
 CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers and causal LMs"),
@@ -44,9 +45,12 @@ def methods() -> list[MethodInfo]:
 
 def explain(
     model: Adapter,
-    inputs: Any,
+    inputs: Any = None,
     method: str = "integrated_gradients",
     *,
+    context: str | None = None,
+    query: str | None = None,
+    sources: SourceSpec | None = None,
     target: TargetSpec = None,
     output: str | None = None,
     level: str | None = None,
@@ -75,13 +79,25 @@ def explain(
     Other keywords go, by name, to the adapter's input options (``model.encode_options``, e.g.
     ``continuation``, ``max_new_tokens``), its feature options (``model.feature_options``, e.g.
     ``patch_size``) or the method (e.g. ``steps=64``, ``baseline="pad"``; or all in ``params``).
+    Causal LMs also take ``context=`` and ``query=`` instead of ``inputs`` (ContextCite's setting,
+    :mod:`salience.models.context_query`): the prompt is "Context: ... Query: ..." (through the chat
+    template when the tokenizer has one), the features are the context's ``sources``
+    (``"sentence"``, the default; ``"word"``; or ``(start, end)`` character spans of the context)
+    and, unless ``target``, ``target_span`` or ``contrast`` say otherwise, the target is the whole
+    response (``target_span="all"``).
+
     Returns one Explanation for one input, a list for a list. A list is explained input by input,
     except by a method that explains several at once (``attribute_many``: NeuroMask optimises
     ``images_per_batch`` images' masks in one model call per iteration; the CAM family, SmoothGrad
     and guided backpropagation / deconvnet run up to 8 images of one grid in shared model calls).
     """
     info = get_method(method)
-    encode_options, feature_options, method_params = _route_options(model, info, {**(params or {}), **options})
+    options = {**(params or {}), **options}
+    if context is not None or query is not None or sources is not None:
+        inputs, level, options = _context_input(model, inputs, level, target, options, context, query, sources)
+    elif inputs is None:
+        raise ParameterError("nothing to explain: give the input (or, for a causal LM, context= and query=)")
+    encode_options, feature_options, method_params = _route_options(model, info, options)
     algorithm = info.build(method_params)
     _check_capabilities(model, info)
     output = check_output(output or getattr(info.cls, "default_output", None) or getattr(model, "default_output", "probability"))
@@ -152,6 +168,26 @@ def _explain_group(settings: _Settings, items: list[Any]) -> list[Explanation]:
     else:
         runs = [_measured(model, lambda p=p: algorithm.attribute(p.ctx)) for p in prepared]
     return [_finish(settings, p, result, share) for p, (result, share) in zip(prepared, runs)]
+
+
+def _context_input(model: Adapter, inputs: Any, level: str | None, target: TargetSpec, options: dict[str, Any],
+                   context: str | None, query: str | None, sources: SourceSpec | None) -> tuple[Any, str, dict[str, Any]]:
+    """The prompt, level and options for ``context=`` / ``query=`` / ``sources=``: the context's
+    sources as span features, the whole response as the target unless one is chosen."""
+    if inputs is not None:
+        raise ParameterError("give the input either as a prompt or as context= and query=, not both")
+    if context is None:
+        raise ParameterError("query= and sources= go with a context=; give the context to attribute the response to")
+    if "target_span" not in getattr(model, "encode_options", ()) or getattr(model, "tokenizer", None) is None:
+        raise ParameterError(f"context= and query= are inputs of causal LMs, not of a {model.kind}")
+    if level not in (None, "span") or "spans" in options:
+        raise ParameterError("with context=, choose the features with sources= ('sentence', 'word' or spans of the "
+                             "context), not level= or spans=")
+    built = context_prompt(model.tokenizer, context, query, sources="sentence" if sources is None else sources)  # type: ignore[attr-defined]
+    options = {**options, "spans": [list(span) for span in built.spans]}
+    if target is None and not {"target_span", "contrast"} & set(options):
+        options["target_span"] = "all"
+    return built.prompt, "span", options
 
 
 def _is_single_input(model: Adapter, inputs: Any) -> bool:

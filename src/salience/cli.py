@@ -54,6 +54,10 @@ def _inputs(args: argparse.Namespace, model: Any) -> list[Any]:
     kind = getattr(model, "kind", "text classifier")
     given = {"--text/--pair": [*args.text, *[tuple(p) for p in args.pair]], "--image": list(args.image),
              "--prompt/--chat": [*args.prompt, *[_chat(value) for value in args.chat]]}
+    if args.context is not None or args.query is not None:  # ContextCite's input: one prompt built from them
+        if any(given.values()):
+            raise ParameterError("--context/--query build the prompt; give them or inputs (--prompt, --chat, --text, ...), not both")
+        return [None]
     wanted = {"image classifier": "--image", "causal LM": "--prompt/--chat"}.get(kind, "--text/--pair")
     for flag, values in given.items():
         if values and flag != wanted:
@@ -86,7 +90,8 @@ def _input_options(args: argparse.Namespace) -> dict[str, Any]:
     """Options for the adapter (generation, contrast, image features), only those the user set."""
     options = {"max_new_tokens": args.max_new_tokens, "continuation": args.continuation, "contrast": args.contrast,
                "patch_size": args.patch_size, "stride": args.stride, "n_segments": args.n_segments,
-               "spans": [_span(text) for text in args.span] or None}
+               "spans": [_span(text) for text in args.span] or None,
+               "context": args.context, "query": args.query, "sources": args.sources}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -225,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--chat", action="append", default=[], metavar="JSON",
                          help="causal LMs: chat messages (inline JSON or a JSON file) to which the model's chat template "
                               "is applied (repeatable)")
+    explain.add_argument("--context", help="causal LMs: a document; the prompt is 'Context: ... Query: ...' and the features "
+                                           "are its --sources (e.g. --method context_cite)")
+    explain.add_argument("--query", help="causal LMs, with --context: the question asked about it (may be empty)")
+    explain.add_argument("--sources", choices=["sentence", "word"], help="with --context: the features (default: sentence)")
     explain.add_argument("--contrast", help="causal LMs: a foil text aligned with the continuation token by token: "
                                             "explain output(token) - output(foil)")
     explain.add_argument("--patch-size", type=int, help="images, --level patch: square patch side in pixels")

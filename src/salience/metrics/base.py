@@ -93,7 +93,7 @@ def evaluate_metric(name: str, model: Any, explanation: Explanation, **params: A
 def _load_builtin_metrics() -> None:
     import importlib
 
-    for module in ("faithfulness", "plausibility", "sanity", "image", "complexity"):
+    for module in ("faithfulness", "plausibility", "sanity", "image", "complexity", "context"):
         try:
             importlib.import_module(f"salience.metrics.{module}")
         except ModuleNotFoundError as error:  # a metric family not written yet

@@ -88,7 +88,7 @@ class CausalLM(AttentionAccess, TokenAdapter):
 
     def encode(self, prompt: str | list[dict[str, str]], *, continuation: str | None = None, max_new_tokens: int | None = None,
                sample: bool = False, seed: int = 0, truncate: bool = False, contrast: ContrastSpec | None = None,
-               target_span: Sequence[int] | Sequence[Sequence[int]] | None = None, step_scores: bool | None = None,
+               target_span: Sequence[int] | Sequence[Sequence[int]] | str | None = None, step_scores: bool | None = None,
                template_tokens: bool = False) -> Encoded:
         """Tokenise ``prompt`` and either teacher-force ``continuation`` or generate ``max_new_tokens``
         tokens (default 16; greedy, or sampled with ``seed`` when ``sample``). Prompt plus new tokens
@@ -102,8 +102,8 @@ class CausalLM(AttentionAccess, TokenAdapter):
 
         ``contrast``: a foil for every continuation token (a text aligned by position, a token id or
         a list of ids): each target explains output(token) - output(foil). ``target_span``: one
-        ``(start, end)`` of continuation token indices, or a list of them: one target per span, its
-        log-probability (see :mod:`salience.models.lm_targets`). ``step_scores`` (probability,
+        ``(start, end)`` of continuation token indices, a list of them, or ``"all"`` (the whole
+        continuation): one target per span, its log-probability (see :mod:`salience.models.lm_targets`). ``step_scores`` (probability,
         entropy, surprisal of each continuation token, nats) are kept in ``extras["step_scores"]``:
         from the decoding steps when generating (no extra pass); for a given continuation only when
         ``step_scores=True`` (one counted forward row); ``False``: none."""
@@ -445,8 +445,11 @@ def _chat_extras(chat: Chat, continuation: str, template: list[int]) -> dict[str
     return {"messages": chat.messages, "segments": [*chat.segments, assistant], "template_positions": template}
 
 
-def _spans(target_span: Sequence[int] | Sequence[Sequence[int]], count: int) -> list[list[int]]:
-    """One ``(start, end)`` or a list of them, each checked against the ``count`` continuation tokens."""
+def _spans(target_span: Sequence[int] | Sequence[Sequence[int]] | str, count: int) -> list[list[int]]:
+    """One ``(start, end)`` or a list of them, each checked against the ``count`` continuation tokens;
+    ``"all"``: the whole continuation as one span."""
+    if isinstance(target_span, str) and target_span == "all":
+        return [[0, count]]
     one = isinstance(target_span, (tuple, list)) and len(target_span) == 2 and all(isinstance(v, int) for v in target_span)
     spans = [target_span] if one else list(target_span)  # type: ignore[arg-type]
     if not spans:
