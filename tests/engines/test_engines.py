@@ -121,3 +121,12 @@ def test_a_unit_delivered_twice_is_stored_once(study, tmp_path):
         outcome = run_evaluation(config, store, progress=False, log=lambda _: None, engine=twice)
     assert outcome.computed == TOTAL
     assert snapshot(tmp_path / "r.db") == reference
+
+
+def test_an_unreachable_cluster_is_one_line_before_any_work(study, tmp_path, capsys):
+    pytest.importorskip("ray")
+    config, _ = study
+    db = tmp_path / "r.db"
+    assert main([*cli_args(config), "--db", str(db), "--engine", "ray", "--address", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot reach a Ray cluster at 127.0.0.1:1: ")
+    assert not db.exists()

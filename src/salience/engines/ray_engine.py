@@ -106,6 +106,12 @@ class RayEngine:
             if started:
                 ray.shutdown()
 
+    def check(self) -> None:
+        """Before any work: Ray is installed and the cluster at ``address`` (if given) answers."""
+        import_ray()
+        if self.address is not None:
+            _probe(self.address)
+
     @contextmanager
     def session(self) -> Iterator[None]:
         """Join or start Ray once for several runs (``salience bench``'s studies); shut down at the end
@@ -161,11 +167,27 @@ def connect(ray: Any, address: str | None) -> bool:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
+    if address is not None:
+        _probe(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as error:
         raise EngineError(f"cannot reach a Ray cluster at {address}: {error}") from None
     return True
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that accepts no connection is an error at once (Ray itself
+    retries for minutes); ``auto`` and other forms are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise EngineError(f"cannot reach a Ray cluster at {address}: {error.strerror or error}") from None
 
 
 class UnitWorker:

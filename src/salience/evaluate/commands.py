@@ -184,10 +184,11 @@ def _engine(args: argparse.Namespace) -> Any:
         if given:
             raise ParameterError(f"{given[0]} goes with --engine ray")
         return None
-    from salience.engines.ray_engine import RayEngine, import_ray  # an optional leaf: imported only here
+    from salience.engines.ray_engine import RayEngine  # an optional leaf: imported only here
 
-    import_ray()  # before any work: a one-line error when Ray is not installed
-    return RayEngine(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+    engine = RayEngine(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+    engine.check()  # before any work: one line when Ray is not installed or the cluster does not answer
+    return engine
 
 
 def _run_to_parquet(config: Any, args: argparse.Namespace, engine: Any, limit: int | None, batch_size: int | None,
