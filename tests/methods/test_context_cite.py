@@ -248,7 +248,7 @@ def test_smollm2_cites_the_sentence_that_states_the_fact():
     e = salience.explain(lm, context=context, query="Who was the first director of the museum?",
                          continuation="The first director was Anna Berg.", method="context_cite", n_ablations=16)
     assert int(np.argmax(e.scores[0])) == 1, e.scores  # "Its first director was Anna Berg, ..."
-    assert e.scores[0, 1] > 5  # measured 5.8 s for this test with the model's loading, on 2 loaded cores
+    assert e.scores[0, 1] > 5  # this test: 5.8-7.8 s with the model's loading, on 2 loaded cores
 
 
 def test_rescore_refuses_a_bad_span_and_another_method(lm):
