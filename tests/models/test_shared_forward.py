@@ -60,3 +60,23 @@ def test_gradients_of_outputs_is_the_jacobian_per_row():
         values = torch.tanh(inputs @ weights)  # (3 rows, 5 targets); row b depends on inputs[b] only
         got = gradients_of_outputs(values, inputs, group)
         torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("target_span", [None, [(0, 2), (2, 5)], [(0, 3), (1, 4)]])
+def test_output_head_run_backward_once_when_targets_read_disjoint_positions(lm, monkeypatch, target_span):
+    # tokens and non-overlapping spans read disjoint positions: the head's backward is shared (models/head_split.py);
+    # overlapping spans fall back to the vmapped backward through the head. Both equal one run per target.
+    from salience.models import causal_lm
+
+    used = []
+    original = causal_lm.per_target_gradients
+    monkeypatch.setattr(causal_lm, "per_target_gradients", lambda *a, **k: used.append(1) or original(*a, **k))
+    options = {} if target_span is None else {"target_span": target_span, "output": "log_probability"}
+    together = salience.explain(lm, PROMPT, method="input_x_gradient", continuation=CONTINUATION, **options)
+    count = len(together.targets)
+    one_by_one = [{"target": [t]} for t in range(count)] if target_span is None else \
+        [{"target_span": [span], "output": "log_probability"} for span in target_span]
+    alone = np.stack([salience.explain(lm, PROMPT, method="input_x_gradient", continuation=CONTINUATION, **single).scores[0]
+                      for single in one_by_one])
+    np.testing.assert_allclose(together.scores, alone, rtol=0, atol=TOL, equal_nan=True)
+    assert bool(used) == (target_span != [(0, 3), (1, 4)])

@@ -42,6 +42,7 @@ from salience.models.attention_access import AttentionAccess
 from salience.models.base import Encoded
 from salience.models.chat import Chat, is_messages, render_chat
 from salience.models.generation import decode_tokens, decoded_offsets, end_token_ids
+from salience.models.head_split import disjoint, per_target_gradients
 from salience.models.lm_targets import ContrastSpec, foil_ids, span_bounds, span_output, step_scores, target_positions, target_value
 from salience.models.passes import check_finite
 from salience.models.prefix_cache import cache_argument, can_reuse, first_changed, prefix_of, returned_cache
@@ -309,6 +310,36 @@ class CausalLM(AttentionAccess, TokenAdapter):
         logits = self._read_logits(input_ids, attention_mask, read)  # (B', K, V)
         logits = logits[source.to(logits.device), torch.arange(len(positions), device=logits.device)[None]]  # (B, K, V)
         return _target_values(logits, targets, groups)
+
+    def _all_targets_gradient_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target],
+                                   group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass of word-embedding rows (B, L, D) for every target: outputs (B, T) and
+        their gradients (B, T, L, D). When no two targets read the same position (one per
+        generated token, spans that do not overlap), the output head runs backward once for all of
+        them (models/head_split.py); else as every token adapter does."""
+        groups = [target_positions(t) for t in targets]
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is None or not disjoint(groups):
+            return super()._all_targets_gradient_pass(encoded, embeds, targets, group)
+        chunk = embeds.to(self.device, self.dtype).detach().requires_grad_(True)
+        count, length = chunk.shape[0], encoded.length
+        ids, ones = encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long)
+        ends = np.cumsum([len(g) for g in groups]).tolist()
+
+        def columns(width: int) -> list[list[int]] | None:
+            if width == length:  # the head saw every position: a target reads the positions before its tokens
+                return [[p - 1 for p in g] for g in groups]
+            if width == ends[-1]:  # the head saw only the positions read, in the targets' order
+                return [list(range(end - len(g), end)) for g, end in zip(groups, ends)]
+            return None
+
+        with self._replaced_embeddings(chunk), torch.enable_grad():
+            found = per_target_gradients(lambda: self._outputs(ids, ones, None, None, targets), head, chunk, columns, group)
+        if found is None:
+            return super()._all_targets_gradient_pass(encoded, embeds, targets, group)
+        values, gradients = found
+        self.counter.backward_passes += count * len(targets)
+        return values.detach(), gradients.detach()
 
     def _score_sharing_prefix(self, encoded: Encoded, ids: torch.Tensor, targets: Sequence[Target],
                               batch_size: int | None) -> torch.Tensor | None:
