@@ -249,23 +249,24 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
     groups: list[tuple[str, list[Result | str]]] = []
     # occlusion: the same baseline as Captum's default (token id 0, the unk token)
-    occ = dict(baseline="unk")
-    log(f"occlusion shared ... (load {load_average()})")
-    shared_occ = salience_shared(lm, encoded, "occlusion", counter, 1, **occ)
-    log(f"  {fmt_s(shared_occ.seconds)} s")
-    occ_rows: list[Result | str] = [shared_occ]
-    if "per-target" in args.parts:
-        occ_rows.append(salience_per_target(lm, prompt, prefixes, "occlusion", counter, 1, width, **occ))
-    if "captum" in args.parts:
-        log("captum FeatureAblation forward_in_tokens=False ...")
-        occ_rows.append(try_peer(captum_ablation, lm, prompt, target_ids, counter, False))
-        if args.captum_default_targets:
-            log(f"captum FeatureAblation default (first {args.captum_default_targets} targets) ...")
-            occ_rows.append(try_peer(captum_ablation, lm, prompt, target_ids, counter, True, args.captum_default_targets))
-    if "inseq" in args.parts:
-        log("inseq occlusion ...")
-        occ_rows.append(try_peer(inseq_run, lm, prompt, encoded, "occlusion", counter, width, first=args.inseq_occlusion_targets))
-    groups.append(("occlusion", occ_rows))
+    if not args.no_occlusion:
+        occ = dict(baseline="unk")
+        log(f"occlusion shared ... (load {load_average()})")
+        shared_occ = salience_shared(lm, encoded, "occlusion", counter, 1, **occ)
+        log(f"  {fmt_s(shared_occ.seconds)} s")
+        occ_rows: list[Result | str] = [shared_occ]
+        if "per-target" in args.parts:
+            occ_rows.append(salience_per_target(lm, prompt, prefixes, "occlusion", counter, 1, width, **occ))
+        if "captum" in args.parts:
+            log("captum FeatureAblation forward_in_tokens=False ...")
+            occ_rows.append(try_peer(captum_ablation, lm, prompt, target_ids, counter, False))
+            if args.captum_default_targets:
+                log(f"captum FeatureAblation default (first {args.captum_default_targets} targets) ...")
+                occ_rows.append(try_peer(captum_ablation, lm, prompt, target_ids, counter, True, args.captum_default_targets))
+        if "inseq" in args.parts:
+            log("inseq occlusion ...")
+            occ_rows.append(try_peer(inseq_run, lm, prompt, encoded, "occlusion", counter, width, first=args.inseq_occlusion_targets))
+        groups.append(("occlusion", occ_rows))
 
     log(f"saliency ... (load {load_average()})")
     shared_sal = salience_shared(lm, encoded, "saliency", counter, args.repeats)
@@ -377,6 +378,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--captum-default-targets", type=int, default=2,
                         help="run Captum's default FeatureAblation forward (token by token, use_cached_outputs=True) on the "
                         "first N generated tokens only (default 2; 0: skip; its cost grows with N x the sequence length)")
+    parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion rows (gradient methods only)")
     parser.add_argument("--inseq-occlusion-targets", type=int,
                         help="run Inseq's occlusion on the first N generated tokens only and extrapolate its time (default: all)")
     parser.add_argument("--parts", nargs="*", default=["ig", "captum", "per-target"],
