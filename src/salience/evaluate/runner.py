@@ -31,7 +31,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from typing import Any
 
@@ -82,7 +82,9 @@ class UnitResult:
 
     def to_json(self) -> str:
         """One JSON document (details that JSON cannot hold become strings, as the store writes them)."""
-        return json.dumps({**asdict(self), "metrics": [asdict(m) for m in self.metrics]}, default=str, allow_nan=True)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict(): no deep copy of the explanation
+        data["metrics"] = [{f.name: getattr(m, f.name) for f in fields(m)} for m in self.metrics]
+        return json.dumps(data, default=str, allow_nan=True)
 
     @classmethod
     def from_json(cls, text: str) -> UnitResult:
