@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 import salience.methods  # noqa: F401  (registers the built-in methods)
-from salience.core.batching import choose_batch_size, default_memory_budget
+from salience.core.batching import choose_batch_size, default_memory_budget, parse_memory
 from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
 from salience.core.target import Target, check_output, resolve_target, resolve_targets
@@ -24,6 +26,7 @@ from salience.models.base import Adapter, Encoded
 from salience.models.context_query import SourceSpec, context_prompt
 
 # what a capability a method needs is called in messages, and which model kinds have it
+_PACKAGE = os.path.dirname(os.path.abspath(salience.methods.__file__)).rsplit(os.sep, 1)[0]  # .../salience
 CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers and causal LMs"),
                 "attention_query_rows": ("attention rows per target", "text classifiers and causal LMs"),
                 "attention_gradients": ("gradients of attention maps", "text classifiers and causal LMs"),
@@ -293,6 +296,10 @@ def _prepare_unmeasured(settings: _Settings, item: Any, prediction: Any = None) 
         backward = info.kind in ("gradient", "path", "optimisation", "cam")
         per_row = model.bytes_per_row(encoded.length, backward=backward)
         batch_size = choose_batch_size(encoded.length, backward=backward, max_memory=max_memory, bytes_per_row=per_row)
+        if settings.max_memory is not None and per_row > parse_memory(max_memory):
+            warnings.warn(f"max_memory={max_memory} is below the estimated {per_row / 2 ** 20:.0f} MiB of one "
+                          f"{'forward + backward' if backward else 'forward'} row of {encoded.length} positions; running "
+                          "one row at a time, which may exceed the budget", SalienceWarning, stacklevel=_user_frame())
     ctx = Context(model, encoded, targets, features, available, batch_size, settings.seed, input_gradient)
     return _Prepared(item, ctx, prediction, level, squeeze, encode_options, Cost())
 
@@ -307,7 +314,7 @@ def _finish(settings: _Settings, prepared: _Prepared, result: Attribution, share
     if getattr(encoded, "truncated", False):
         notes.append(f"the input was truncated to the model's limit of {getattr(model, 'max_length', '?')} tokens")
     for note in notes:
-        warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=5)  # the caller of explain()
+        warnings.warn(f"{info.name}: {note}", SalienceWarning, stacklevel=_user_frame())
     # the parameters as given (shallow: asdict would deep-copy a module passed as ``layer``)
     given = {f.name: getattr(settings.algorithm, f.name) for f in dataclasses.fields(settings.algorithm)}
     params = {**given, "level": prepared.level, "seed": settings.seed,
@@ -336,6 +343,16 @@ def _finish(settings: _Settings, prepared: _Prepared, result: Attribution, share
         kind=getattr(model, "explanation_kind", "text"),
         extras=extras,
     )
+
+
+def _user_frame() -> int:
+    """The ``stacklevel`` that attributes a warning raised by the caller of this function to the
+    first frame outside the salience package (the user's call of :func:`explain`), however deep
+    the call chain inside it."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _measured(model: Adapter, run: Callable[[], T]) -> tuple[T, Cost]:

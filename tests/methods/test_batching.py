@@ -63,6 +63,14 @@ def test_memory_budget_limits_chunk_rows():
     assert choose_batch_size(512, backward=True, batch_size=7, max_memory="2GB", bytes_per_row=1) == 7
 
 
+def test_a_budget_below_one_row_is_said(toy):
+    said = r"max_memory=1KB is below the estimated \d+ MiB of one forward \+ backward row"
+    with pytest.warns(salience.SalienceWarning, match=said) as seen:
+        e = salience.explain(toy, TOY_TEXT, method="saliency", max_memory="1KB")
+    assert seen[0].filename == __file__  # attributed to the caller of explain()
+    assert e.cost.model_calls >= 1
+
+
 def test_memory_estimate_follows_the_attention_kernel(toy):
     """Eager attention keeps heads x T x T maps per layer (quadratic in T); SDPA keeps none (linear)."""
     config = toy.model.config
