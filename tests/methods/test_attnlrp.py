@@ -379,3 +379,16 @@ def test_refusals(toy):
         salience.explain(toy, TEXT, method="attnlrp", eps=-1.0)
     with pytest.raises(ParameterError, match="lrp has no rule for .*softmax"):  # plain LRP still refuses attention
         salience.explain(toy, TEXT, method="lrp", composite="epsilon")
+
+
+@pytest.mark.slow
+def test_zoo_minilm_sentiment_one_sentence():
+    """The float32 zoo classifier (sdpa attention, biases, position embeddings): finite scores, the
+    bookkeeping closes (logit = sum + softmax_kept + other_kept, 1e-9 absolute on sums of float32
+    values added in float64) and the softmax keeps a real share (not asserted small: see docs)."""
+    model = salience.load_model("zoo:minilm-sentiment")
+    e = salience.explain(model, "Woefully pretentious.", method="attnlrp")
+    assert np.isfinite(np.asarray(e.scores)).all()
+    (row,) = e.extras["conservation"]
+    assert row["output"] == pytest.approx(row["relevance_sum"] + row["softmax_kept"] + row["other_kept"], abs=1e-9)
+    assert e.params["rule_calls"]["softmax"] == 6 and e.params["rule_calls"]["layer_norm"] == 13
