@@ -34,7 +34,7 @@ from toy import explain_probability
 # the tiny CNN has no ReLU: guided_backprop and the like refuse it (tests/methods/test_guided.py runs them on a ReLU CNN);
 # DeepLIFT and LRP explain logits, not the probability read here (test_deeplift.py and test_lrp.py run them;
 # their batching on images: test_logit_only_methods_batched_equal_unbatched below)
-LOGIT_ONLY = ("deeplift", "deeplift_shap", "lrp")
+LOGIT_ONLY = ("deeplift", "deeplift_shap", "lrp", "attnlrp")
 ALL = [info.name for info in salience.methods()
        if info.kind != "attention"
        and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", *LOGIT_ONLY}]
@@ -98,7 +98,7 @@ def test_batched_equals_unbatched(model, image, method):
 
 @pytest.mark.parametrize("method", LOGIT_ONLY)
 def test_logit_only_methods_batched_equal_unbatched(model, image, method):
-    options = {"composite": "epsilon"} if method == "lrp" else {}  # the tiny CNN's Tanh/Softplus: no z^B bounds needed
+    options = {"composite": "epsilon"} if "lrp" in method else {}  # the tiny CNN's Tanh/Softplus: no z^B bounds needed
     one = salience.explain(model, image, method=method, output="logit", batch_size=1, **options)
     many = salience.explain(model, image, method=method, output="logit", batch_size=64, **options)
     np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)  # float64; summation order only

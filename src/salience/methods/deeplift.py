@@ -53,11 +53,12 @@ class _Found:
 
 
 def check_logit_targets(targets: Sequence[Target], method: str) -> None:
-    """DeepLIFT follows the network up to its logits: a softmax read-out has no Rescale rule."""
+    """DeepLIFT and the LRP family follow the network up to its logits: a softmax read-out has no
+    rule of theirs."""
     other = sorted({t.output for t in targets} - {"logit"})
     if other:
         raise ParameterError(f"{method} explains logits (and logit contrasts); output={other[0]!r} puts a softmax after "
-                             "them, which has no DeepLIFT rule; use output='logit'")
+                             "them, which has no rule in this method; use output='logit'")
 
 
 def rescale_pairs(ctx: Context, pairs: list[_Pair], *, eps: float, method: str, paired: bool) -> list[_Found]:
