@@ -188,7 +188,7 @@ INSEQ_METHODS = {"occlusion": "occlusion", "saliency": "saliency", "input_x_grad
 
 
 def inseq_run(lm: salience.CausalLM, prompt: str, encoded: Any, method: str, counter: RowCounter, width: int,
-              first: int | None = None, **params: Any) -> Result:
+              first: int | None = None, repeats: int = 1, **params: Any) -> Result:
     """Inseq's ``attribute`` on the given continuation (its default attributed function: each
     generated token's probability; baseline where one is used: the unk token's embedding, as
     Salience's ``baseline="unk"``); one attribution step per generated token. Per-token scores:
@@ -203,13 +203,17 @@ def inseq_run(lm: salience.CausalLM, prompt: str, encoded: Any, method: str, cou
     wrapped = inseq.load_model(lm.model, INSEQ_METHODS[method], tokenizer=lm.tokenizer)
     name = f"Inseq {method}" + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
     result = Result(name)
-    seconds, out, rows = timed(lambda: wrapped.attribute(prompt, generated_texts=text, show_progress=False, **params), counter)
+    runs = []
+    for _ in range(repeats):
+        seconds, out, rows = timed(lambda: wrapped.attribute(prompt, generated_texts=text, show_progress=False, **params), counter)
+        runs.append(seconds)
+    seconds = median(runs)
     attributions = out.sequence_attributions[0].target_attributions.double()  # (positions, targets[, dims])
     scores = (attributions.sum(-1) if attributions.dim() == 3 else attributions).numpy().T
     scores = scores[:, scores.shape[1] - (start + targets):]  # drop a start token Salience does not score
     result.scores = np.full((targets, width), np.nan)
     result.scores[:, : scores.shape[1]] = scores
-    result.runs, result.rows = [seconds], rows
+    result.runs, result.rows = runs, rows
     if targets < len(ids):
         done = sum(start + t for t in range(targets))
         every = sum(start + t for t in range(len(ids)))
@@ -275,12 +279,12 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         sal_rows.append(salience_per_target(lm, prompt, prefixes, "saliency", counter, args.repeats, width))
     if "inseq" in args.parts:
         log("inseq saliency ...")
-        sal_rows.append(try_peer(inseq_run, lm, prompt, encoded, "saliency", counter, width))
+        sal_rows.append(try_peer(inseq_run, lm, prompt, encoded, "saliency", counter, width, repeats=args.repeats))
     groups.append(("saliency", sal_rows))
     if "inseq" in args.parts:
         log(f"input x gradient ... (load {load_average()})")
         ixg_rows: list[Result | str] = [salience_shared(lm, encoded, "input_x_gradient", counter, args.repeats)]
-        ixg_rows.append(try_peer(inseq_run, lm, prompt, encoded, "input_x_gradient", counter, width))
+        ixg_rows.append(try_peer(inseq_run, lm, prompt, encoded, "input_x_gradient", counter, width, repeats=args.repeats))
         groups.append(("input_x_gradient", ixg_rows))
 
     if "ig" in args.parts:
