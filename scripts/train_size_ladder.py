@@ -273,6 +273,7 @@ def cmd_baseline(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     pred = classifier_logits(model, tokenize(tokenizer, split["test"]), tokenizer.pad_token_id).argmax(-1)
     record = {"name": "zoo:minilm-sentiment", "test": accuracy_record((pred == labels_of(split["test"])).numpy()),
               "test_predictions": "".join(map(str, pred.tolist())), "command": command(argv)}
+    ladder.ladder_dir().mkdir(parents=True, exist_ok=True)
     (ladder.ladder_dir() / "minilm_sentiment_test.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"zoo:minilm-sentiment: test {record['test']}")
 

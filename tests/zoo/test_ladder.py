@@ -132,3 +132,9 @@ def test_built_ladder_model_reproduces_its_record(layers: int) -> None:
         predicted = "".join(map(str, model(**enc).logits.argmax(-1).tolist()))
     assert predicted == record["test_predictions"][:100]  # the written weights are the measured ones
     assert record["test"]["accuracy"] > 0.7
+
+
+def test_missing_head_names_the_script(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ladder, "HEAD_WEIGHTS_PATH", tmp_path / "absent.safetensors")
+    with pytest.raises(ModelLoadError, match=r"run `python scripts/train_size_ladder.py smollm2-head`"):
+        ladder.build_smollm2_sentiment_head()
