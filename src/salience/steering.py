@@ -66,7 +66,8 @@ class Steering:
     were made. ``alpha``: the default strength of :meth:`applied`. ``norms[l]``: mean per-token
     hidden-state norm at layer l over the training prompts (a scale for alpha); ``magnitudes[l]``:
     the norm of the mean difference before normalisation. ``picks``: per training prompt, the
-    positive and negative tokens GrAInS chose (empty for ``mean_difference``)."""
+    positive and negative tokens GrAInS chose and the attribution's completeness delta (summed over
+    the continuation's tokens; logit units), empty for ``mean_difference``."""
 
     directions: dict[int, np.ndarray] = field(repr=False)
     alpha: float
@@ -246,7 +247,9 @@ def _grains_tokens(lm: CausalLM, prompt: str, good: str, bad: str, top_k: int, i
         return [{"position": int(prompt_features[i][1].tokens[0]), "token": prompt_features[i][1].text,
                  "score": float(summed[i])} for i in chosen]
 
-    return {"prompt": prompt, "positive": listed(order[:top_k]), "negative": listed(order[::-1][:top_k])}
+    delta = None if explanation.delta is None else float(np.sum(explanation.delta))
+    return {"prompt": prompt, "positive": listed(order[:top_k]), "negative": listed(order[::-1][:top_k]),
+            "completeness_delta": delta}
 
 
 def _sequence(lm: CausalLM, prompt: str, continuation: str) -> tuple[torch.Tensor, int]:
