@@ -26,7 +26,8 @@ def add_commands(commands: Any) -> None:
     patch.add_argument("--target", help="class index or label (classifiers), or the continuation token's index")
     patch.add_argument("--output", choices=list(OUTPUTS), help="the metric's output kind (default: logit with --contrast, "
                                                                "else log_probability for causal LMs, log_odds for classifiers)")
-    patch.add_argument("--method", choices=list(METHODS), default="atp", help="atp (estimate, default) or exact")
+    patch.add_argument("--method", choices=list(METHODS), default="atp", help="atp (gradient estimate, default), relp (AtP with AttnLRP's "
+                                                                             "modified gradient; logit metrics) or exact")
     patch.add_argument("--components", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)} (default both)")
     patch.add_argument("--scale", type=float, default=1.0, help="patch part-way: a_clean + scale (a_corrupt - a_clean)")
     patch.add_argument("--json", help="write the result as JSON")

@@ -14,6 +14,11 @@ replaces its clean value by a_clean + scale (a_corrupt - a_clean) in an otherwis
   backward (under ``backward_mode()`` when given, e.g. a relevance rule's modified gradient) and
   one corrupted forward, for every component at once. Exact where m is linear in a; the error is
   O(scale^2).
+- ``method="relp"`` (relevance patching, Jafari et al. 2025): AtP with dm/da replaced by the LRP
+  propagation coefficient of a, i.e. the gradient of the backward pass run inside AttnLRP's
+  :class:`salience.methods.lrp_mode.LRPMode` (``transformer=True``; composite ``"epsilon"`` with
+  ``eps`` by default): scale (a_corrupt - a_clean) . c_LRP(a). Same cost as AtP. The metric must be
+  a logit or logit difference (the rules stop at the logits).
 
 Both are in units of the metric: > 0 where patching the component raises m (towards the corrupted
 run's value when m(corrupted) > m(clean)). Head scores are summed over positions (the head is
@@ -38,8 +43,9 @@ from salience.models.components import Components, model_components
 from salience.patching.result import PatchingResult
 
 KINDS = ("residual", "heads")
-METHODS = ("atp", "exact")
+METHODS = ("atp", "exact", "relp")
 NOTES = {"atp": "attribution patching: scale (a_corrupt - a_clean) . dm/da at the clean run (first-order estimate)",
+         "relp": "relevance patching: scale (a_corrupt - a_clean) . (AttnLRP's modified gradient of m at a, clean run)",
          "exact": "activation patching: m(clean run, component patched) - m(clean run)"}
 BackwardMode = Callable[[], AbstractContextManager[Any]]
 
@@ -188,7 +194,7 @@ def _components(kinds: Sequence[str] | str) -> tuple[str, ...]:
 def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any = None, output: str | None = None,
                          components: Sequence[str] | str = KINDS, method: str = "atp", scale: float = 1.0,
                          backward_mode: BackwardMode | None = None, batch_size: int | None = None,
-                         **encode_options: Any) -> PatchingResult:
+                         eps: float = 1e-6, composite: Any = "epsilon", **encode_options: Any) -> PatchingResult:
     """Score the components of ``model`` (residual stream per layer x position, attention heads per
     layer x head) by how much patching each from the ``corrupted`` run into the ``clean`` run changes
     the metric: estimated by AtP (``method="atp"``) or measured (``"exact"``); see the module docstring.
@@ -201,10 +207,13 @@ def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any 
     position predicting it), else the model's ``default_output`` or ``"log_probability"`` (a causal
     LM's log p of the token; a classifier's class log-odds). ``scale`` (0, 1] patches part-way
     (a_clean + scale (a_corrupt - a_clean)). ``backward_mode`` (AtP only): a factory of a context
-    manager entered around the clean forward + backward pass."""
+    manager entered around the clean forward + backward pass. ``method="relp"``: AtP whose backward
+    runs under ``LRPMode(composite, eps=eps, transformer=True)`` (``eps``, ``composite``: AttnLRP's;
+    ``backward_mode`` must then be left out); its metric must be a logit."""
     kinds = _components(components)
     if method not in METHODS:
-        raise ParameterError(f"unknown patching method {method!r}; choose 'atp' (estimate) or 'exact' (activation patching)")
+        raise ParameterError(f"unknown patching method {method!r}; choose 'atp' (estimate), 'relp' (LRP estimate) "
+                             "or 'exact' (activation patching)")
     if not 0 < scale <= 1:
         raise ParameterError(f"scale must be in (0, 1], got {scale}")
     net, model_type = getattr(model, "model", None), getattr(model, "model_type", None)
@@ -215,12 +224,14 @@ def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any 
     chosen = output or ("logit" if encode_options.get("contrast") is not None else getattr(model, "default_output", "log_probability"))
     clean_encoded, corrupt_encoded = _encode_pair(model, clean, corrupted, encode_options)
     goal = _target(model, clean_encoded, target, check_output(chosen))
+    if method == "relp":
+        backward_mode = _relevance_mode(goal, backward_mode, eps, composite)
     before, started = dict(vars(model.counter)), time.perf_counter()
     x_clean, _ = model.input_and_baseline(clean_encoded, "zero")
     x_corrupt, _ = model.input_and_baseline(corrupt_encoded, "zero")
     with _recording(parts, grad=False) as corrupt, torch.no_grad():
         corrupt_value, _ = model.score_inputs(corrupt_encoded, x_corrupt[None], goal, grad=False)
-    if method == "atp":
+    if method in ("atp", "relp"):
         with _recording(parts, grad=True) as seen, (backward_mode() if backward_mode is not None else nullcontext()):
             clean_value, _ = model.score_inputs(clean_encoded, x_clean[None], goal, grad=True)
         residual, heads = _estimate(seen, corrupt, parts.heads, scale)
@@ -237,6 +248,23 @@ def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any 
         tokens=list(clean_encoded.tokens), corrupted_tokens=list(corrupt_encoded.tokens), layers=parts.layer_names,
         residual=residual if "residual" in kinds else None, heads=heads if "heads" in kinds else None, cost=cost,
         method_note=NOTES[method])
+
+
+def _relevance_mode(goal: Target, backward_mode: BackwardMode | None, eps: float, composite: Any) -> BackwardMode:
+    """RelP's backward mode: AttnLRP's rules (LRPMode with ``transformer=True``)."""
+    from salience.methods.deeplift import check_logit_targets
+    from salience.methods.lrp_composites import parse_composite
+    from salience.methods.lrp_mode import LRPMode
+
+    if backward_mode is not None:
+        raise ParameterError("method='relp' sets its own backward mode (AttnLRP's rules); leave backward_mode out")
+    if eps < 0:
+        raise ParameterError(f"relp: eps must be >= 0, got {eps}")
+    check_logit_targets([goal], "relp")
+    rules = parse_composite(composite)
+    if rules.uses("zbox"):
+        raise ParameterError("relp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
+    return lambda: LRPMode(rules, eps=eps, transformer=True, method="relp")
 
 
 def _estimate(seen: _Seen, corrupt: _Seen, heads: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
