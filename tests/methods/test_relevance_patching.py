@@ -118,3 +118,20 @@ def test_relp_refuses_probabilities_and_leaves_nothing_behind(lm, monkeypatch): 
     assert (len(torch_module._global_forward_pre_hooks), len(torch_module._global_forward_hooks)) == hooks_before
     assert not _get_current_function_mode_stack()
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in lm.model.modules())
+
+
+def test_relp_equals_atp_where_the_path_to_the_metric_is_linear(lm, monkeypatch):  # noqa: F811
+    """With the final RMSNorm made a fixed scaling (weight * x), the last block's output reaches the
+    logit difference through linear maps only (the norm's scaling, the bias-free lm_head). There
+    epsilon-LRP with eps = 0 propagates c_in = W^T c_out, the gradient, so RelP's last-layer
+    residual scores equal AtP's to 1e-12 (float64 round-off; the metric is one logit, since a logit
+    difference goes through the sum rule, whose stabiliser 1e-6 moves it by ~4e-8 relative); the earlier layers cross attention and
+    SwiGLU, where the rules differ from the gradient."""
+    norm = lm.model.model.norm
+    monkeypatch.setattr(norm, "forward", lambda hidden: norm.weight * hidden)
+    options = {"continuation": " paris", "output": "logit"}  # one logit: no difference for the sum rule to stabilise
+    relp = attribution_patching(lm, CLEAN, CORRUPT, method="relp", eps=0.0, components="residual", **options)
+    atp = attribution_patching(lm, CLEAN, CORRUPT, components="residual", **options)
+    np.testing.assert_allclose(relp.residual[-1], atp.residual[-1], rtol=1e-12, atol=1e-12)
+    assert np.abs(atp.residual[-1]).max() > 1e-3  # not trivially zero
+    assert np.abs(relp.residual[:-1] - atp.residual[:-1]).max() > 1e-6
