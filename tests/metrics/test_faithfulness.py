@@ -236,3 +236,13 @@ def test_toy_mismatched_features_raise(toy):
         evaluate_metric("sufficiency", toy, dataclasses.replace(e, input="the film was superb"))
     with pytest.raises(MetricError):  # token-level features on a word-level explanation
         evaluate_metric("sufficiency", toy, dataclasses.replace(e, level="token"))
+
+
+def test_a_generation_is_refused_with_a_clear_message():
+    # faithfulness metrics read one class probability; a causal LM's generation has one target per token
+    from tiny_lm import build_model, build_tokenizer
+
+    lm = salience.CausalLM(build_model(), build_tokenizer(), name="tiny-llama")
+    e = salience.explain(lm, "the capital of france is", method="occlusion", continuation=" paris")
+    with pytest.raises(MetricError, match="does not take a causal LM's generation yet"):
+        evaluate_metric("deletion_auc", lm, e)

@@ -49,6 +49,9 @@ def encode_checked(model: Any, explanation: Explanation) -> Encoded:
     give the encoded image they explained (:func:`salience.metrics.image_input.image_encoded`)."""
     if explanation.kind == "image":
         return image_encoded(model, explanation, "this metric")  # type: ignore[no-any-return]
+    if explanation.kind == "generation":
+        raise MetricError("this faithfulness metric reads one class probability p(y|x); it does not take a causal LM's "
+                          "generation yet (top_k_drop and linear_datamodeling_score do, as do the complexity metrics)")
     encoded: Encoded = model.encode(explanation.input, truncate=explanation.truncated)
     if encoded.features(explanation.level) != list(explanation.features):
         raise MetricError(
