@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the completeness warning of a fixed 16-step rule (reported below)
             shared_ig = salience_shared(lm, encoded, "integrated_gradients", counter, 1, **ig)
-            log(f"  {fmt_s(shared_ig.seconds)} s; IG per target ...")
+            log(f"  {fmt_s(shared_ig.seconds)} s")
             ig_rows: list[Result | str] = [shared_ig]
             if "per-target" in args.parts:
                 ig_rows.append(salience_per_target(lm, prompt, prefixes, "integrated_gradients", counter, 1, width, **ig))

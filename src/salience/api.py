@@ -26,7 +26,7 @@ from salience.models.base import Adapter, Encoded
 from salience.models.context_query import SourceSpec, context_prompt
 
 # what a capability a method needs is called in messages, and which model kinds have it
-_PACKAGE = os.path.dirname(os.path.abspath(salience.methods.__file__)).rsplit(os.sep, 1)[0]  # .../salience
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../salience/: this module's package
 CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers and causal LMs"),
                 "attention_query_rows": ("attention rows per target", "text classifiers and causal LMs"),
                 "attention_gradients": ("gradients of attention maps", "text classifiers and causal LMs"),

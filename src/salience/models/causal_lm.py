@@ -27,7 +27,7 @@ Conventions:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -311,20 +311,16 @@ class CausalLM(AttentionAccess, TokenAdapter):
         logits = logits[source.to(logits.device), torch.arange(len(positions), device=logits.device)[None]]  # (B, K, V)
         return _target_values(logits, targets, groups)
 
-    def _all_targets_gradient_pass(self, encoded: Encoded, embeds: torch.Tensor, targets: Sequence[Target],
-                                   group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass of word-embedding rows (B, L, D) for every target: outputs (B, T) and
-        their gradients (B, T, L, D). When no two targets read the same position (one per
-        generated token, spans that do not overlap), the output head runs backward once for all of
-        them (models/head_split.py); else as every token adapter does."""
+    def _gradients_of_targets(self, outputs: Callable[[], torch.Tensor], inputs: torch.Tensor, targets: Sequence[Target],
+                              group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As every token adapter, except when no two targets read the same position (one per
+        generated token, spans that do not overlap): then the output head runs backward once for
+        all of them (models/head_split.py)."""
         groups = [target_positions(t) for t in targets]
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if head is None or not disjoint(groups):
-            return super()._all_targets_gradient_pass(encoded, embeds, targets, group)
-        chunk = embeds.to(self.device, self.dtype).detach().requires_grad_(True)
-        count, length = chunk.shape[0], encoded.length
-        ids, ones = encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long)
-        ends = np.cumsum([len(g) for g in groups]).tolist()
+            return super()._gradients_of_targets(outputs, inputs, targets, group)
+        length, ends = inputs.shape[1], np.cumsum([len(g) for g in groups]).tolist()
 
         def columns(width: int) -> list[list[int]] | None:
             if width == length:  # the head saw every position: a target reads the positions before its tokens
@@ -333,13 +329,8 @@ class CausalLM(AttentionAccess, TokenAdapter):
                 return [list(range(end - len(g), end)) for g, end in zip(groups, ends)]
             return None
 
-        with self._replaced_embeddings(chunk), torch.enable_grad():
-            found = per_target_gradients(lambda: self._outputs(ids, ones, None, None, targets), head, chunk, columns, group)
-        if found is None:
-            return super()._all_targets_gradient_pass(encoded, embeds, targets, group)
-        values, gradients = found
-        self.counter.backward_passes += count * len(targets)
-        return values.detach(), gradients.detach()
+        found = per_target_gradients(outputs, head, inputs, columns, group)
+        return found if found is not None else super()._gradients_of_targets(outputs, inputs, targets, group)
 
     def _score_sharing_prefix(self, encoded: Encoded, ids: torch.Tensor, targets: Sequence[Target],
                               batch_size: int | None) -> torch.Tensor | None:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from salience.models.passes import grouped_backward
+
 
 @contextmanager
 def cut_at_input(head: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -65,13 +67,11 @@ def per_target_gradients(outputs: Callable[[], torch.Tensor], head: nn.Module, i
     if targets is None:
         return None
     (at_head,) = torch.autograd.grad(values.sum(), leaf)  # each column feeds one target
-    parts = []
-    for start in range(0, len(targets), group):
-        stop = min(len(targets), start + group)
-        cotangents = torch.zeros(stop - start, *at_head.shape, dtype=at_head.dtype, device=at_head.device)
+
+    def masked(start: int, stop: int) -> torch.Tensor:  # target t's cotangent: its own columns of at_head
+        chosen = torch.zeros(stop - start, *at_head.shape, dtype=at_head.dtype, device=at_head.device)
         for row, index in enumerate(targets[start:stop]):
-            cotangents[row][:, index] = at_head[:, index]
-        (part,) = torch.autograd.grad(hidden, inputs, grad_outputs=cotangents, is_grads_batched=True,
-                                      retain_graph=stop < len(targets))
-        parts.append(part)
-    return values, torch.cat(parts).transpose(0, 1)
+            chosen[row][:, index] = at_head[:, index]
+        return chosen
+
+    return values, grouped_backward(hidden, inputs, len(targets), group, masked)

@@ -99,16 +99,26 @@ def _score_pairs(model: nn.Module, run: RowPass, rows: torch.Tensor, size: int, 
 
 def gradients_of_outputs(values: torch.Tensor, inputs: torch.Tensor, group: int) -> torch.Tensor:
     """d values[:, t] / d inputs for every target t: (B, T, ...) from outputs ``values`` (B, T) of a
-    forward pass over ``inputs`` (B, ...). The backward is vmapped over at most ``group`` targets at
-    a time (``is_grads_batched``), the forward graph kept between groups: T backward rows for one
-    forward pass. Row b's outputs depend on row b only, so one-hot cotangents per target give each
-    row's own gradient."""
-    count = values.shape[1]
+    forward pass over ``inputs`` (B, ...), by :func:`grouped_backward` with one-hot cotangents. Row
+    b's outputs depend on row b only, so one-hot cotangents per target give each row's own gradient."""
+    def one_hot(start: int, stop: int) -> torch.Tensor:
+        picks = torch.zeros(stop - start, *values.shape, dtype=values.dtype, device=values.device)
+        picks[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+        return picks
+
+    return grouped_backward(values, inputs, values.shape[1], group, one_hot)
+
+
+def grouped_backward(outputs: torch.Tensor, inputs: torch.Tensor, count: int, group: int,
+                     cotangents: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Gradients (B, count, ...) w.r.t. ``inputs`` (B, ...) of ``count`` targets read from
+    ``outputs``: the backward is vmapped (``is_grads_batched``) over at most ``group`` targets at a
+    time, ``cotangents(start, stop)`` giving the targets' cotangents (stop - start, *outputs.shape),
+    the forward graph kept between groups: ``count`` backward rows for one forward pass."""
     parts = []
     for start in range(0, count, group):
         stop = min(count, start + group)
-        picks = torch.zeros(stop - start, *values.shape, dtype=values.dtype, device=values.device)
-        picks[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
-        (part,) = torch.autograd.grad(values, inputs, grad_outputs=picks, is_grads_batched=True, retain_graph=stop < count)
+        (part,) = torch.autograd.grad(outputs, inputs, grad_outputs=cotangents(start, stop), is_grads_batched=True,
+                                      retain_graph=stop < count)
         parts.append(part)  # (G, B, ...)
     return torch.cat(parts).transpose(0, 1)

@@ -10,7 +10,7 @@ reads the explained outputs (:meth:`TokenAdapter._outputs`).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -279,10 +279,17 @@ class TokenAdapter:
         with self._replaced_embeddings(chunk), torch.enable_grad():
             ids, ones = encoded.input_ids.expand(count, length), torch.ones(count, length, dtype=torch.long)
             row_types = None if types is None else types.expand(count, length)
-            values = self._outputs(ids, ones, row_types, None, targets)
-            gradients = gradients_of_outputs(values, chunk, group)
+            values, gradients = self._gradients_of_targets(lambda: self._outputs(ids, ones, row_types, None, targets),
+                                                           chunk, targets, group)
         self.counter.backward_passes += count * len(targets)
         return values.detach(), gradients.detach()
+
+    def _gradients_of_targets(self, outputs: Callable[[], torch.Tensor], inputs: torch.Tensor, targets: Sequence[Target],
+                              group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every target's output (B, T) from ``outputs()`` (one forward pass over ``inputs``) and its
+        gradient w.r.t. ``inputs`` (B, T, ...): a backward vmapped over ``group`` targets at a time."""
+        values = outputs()
+        return values, gradients_of_outputs(values, inputs, group)
 
     @contextmanager
     def _replaced_embeddings(self, embeds: torch.Tensor) -> Iterator[None]:
