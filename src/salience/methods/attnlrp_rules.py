@@ -46,8 +46,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from salience.errors import ParameterError
-from salience.methods.deeplift_rules import tensors_in
 from salience.methods.lrp_rules import stabilise
+from salience.methods.rules import tensors_in
 
 PASS = object()  # the call is not one of these rules: the mode goes on with its own
 

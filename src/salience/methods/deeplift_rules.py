@@ -11,8 +11,9 @@ Two passes run inside one mode:
    input instead of ``g * f'(x)``; where ``|x - x_ref| < eps`` the ordinary derivative is used (as
    Captum). Max pooling uses Captum's rule (the output change split between the input's and the
    reference's maxima). Every other function on the gradient path must be linear (affine) in the
-   input: a whitelist (convolutions, linear layers, sums, reshapes, pooling by averages, batch norm
-   and dropout in eval mode, products with at most one input-dependent factor, ...). Anything else
+   input: a whitelist (:func:`salience.methods.rules.is_linear_call`: convolutions, linear layers,
+   sums, reshapes, pooling by averages, batch norm and dropout in eval mode, products with at most
+   one input-dependent factor, ...). Anything else
    (softmax, layer norm, a product of two input-dependent tensors, an unknown function) is refused
    with a one-line error naming it: DeepLIFT would be silently wrong there.
 
@@ -24,8 +25,7 @@ chunking of the rows works. Not seen: code that does not go through Python torch
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,106 +35,23 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError
+from salience.methods.rules import (
+    ELEMENTWISE,
+    PRODUCTS,
+    QUOTIENTS,
+    bound_arguments,
+    function_name,
+    is_inplace,
+    is_linear_call,
+    on_path,
+)
 
 # ------------------------------------------------------------------ what the mode knows
-# elementwise units y = f(x): the Rescale rule applies to each
-_ELEMENTWISE_NAMES = ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "elu", "elu_", "selu", "celu", "leaky_relu",
-                      "leaky_relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus", "gelu", "silu", "mish",
-                      "hardswish", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink")
-# linear (affine) in every tensor argument
-_LINEAR_NAMES = (
-    "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_", "subtract",
-    "neg", "__neg__", "negative", "__pos__", "positive", "sum", "mean", "cumsum", "cat", "concat", "concatenate",
-    "stack", "hstack", "vstack", "reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "permute",
-    "transpose", "transpose_", "swapaxes", "movedim", "t", "contiguous", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_",
-    "expand", "expand_as", "broadcast_to", "repeat", "tile", "__getitem__", "gather", "index_select", "narrow", "select",
-    "split", "chunk", "unbind", "tensor_split", "roll", "flip", "clone", "copy_", "to", "type", "float", "double", "half",
-    "requires_grad_", "detach", "pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
-    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "fold", "where", "masked_fill", "diagonal",
-)
-# linear when at most one tensor argument depends on the input (weights are frozen while scoring)
-_PRODUCT_NAMES = ("mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply", "matmul", "__matmul__", "__rmatmul__",
-                  "mm", "bmm", "mv", "dot", "outer", "einsum", "addmm", "baddbmm", "addmv", "linear", "bilinear",
-                  "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-# linear when the divisor does not depend on the input
-_QUOTIENT_NAMES = ("div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide")
-# linear in eval mode only (argument ``training`` False)
-_EVAL_ONLY_NAMES = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-                    "batch_norm")
 _MAX_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
-
-
-def _functions(names: Iterable[str]) -> dict[Callable[..., Any], str]:
-    """Every torch function, ``torch.nn.functional`` function or Tensor method of these names -> name."""
-    found: dict[Callable[..., Any], str] = {}
-    for name in names:
-        for owner, prefix in ((torch, "torch."), (F, "torch.nn.functional."), (torch.Tensor, "Tensor."),
-                              (torch._C._nn, "torch._C._nn.")):
-            func = getattr(owner, name, None)
-            if callable(func):
-                found.setdefault(func, prefix + name)
-    return found
-
-
-ELEMENTWISE = _functions(_ELEMENTWISE_NAMES)
-LINEAR = _functions(_LINEAR_NAMES)
-PRODUCTS = _functions(_PRODUCT_NAMES)
-QUOTIENTS = _functions(_QUOTIENT_NAMES)
-EVAL_ONLY = _functions(_EVAL_ONLY_NAMES)
 SAME_UNITS = "the model's forward pass must run the same nonlinear units for the input and the reference"
 HANDLED_UNITS = "ReLU, ReLU6, Hardtanh, LeakyReLU, ELU, SELU, CELU, GELU, SiLU, Mish, Sigmoid, Tanh, Softplus, " \
                 "Hardswish, Hardsigmoid, LogSigmoid, Softsign, Tanhshrink, max pooling"
 
-
-def function_name(func: Callable[..., Any]) -> str:
-    """A readable name of a torch function as the mode sees it."""
-    for table in (ELEMENTWISE, LINEAR, PRODUCTS, QUOTIENTS, EVAL_ONLY):
-        if func in table:
-            return table[func]
-    module = getattr(func, "__module__", None) or ""
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return f"{module}.{name}" if module and not name.startswith(module) else name
-
-
-def tensors_in(values: Any) -> Iterable[torch.Tensor]:
-    """Every tensor in ``values`` (nested lists, tuples and dicts)."""
-    if isinstance(values, torch.Tensor):
-        yield values
-    elif isinstance(values, (list, tuple)):
-        for value in values:
-            yield from tensors_in(value)
-    elif isinstance(values, dict):
-        for value in values.values():
-            yield from tensors_in(value)
-
-
-def _on_path(values: Any) -> bool:
-    return any(t.requires_grad for t in tensors_in(values))
-
-
-def _bound(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments by name (empty when the signature cannot be read, e.g. a builtin)."""
-    try:
-        return dict(inspect.signature(func).bind(*args, **kwargs).arguments)
-    except (TypeError, ValueError):
-        return {}
-
-
-def is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a call is linear in its input-dependent tensors: a linear function, a product or
-    quotient with at most one input-dependent factor (none in the divisor), dropout in eval mode."""
-    if func in LINEAR:
-        return True
-    if func in PRODUCTS:
-        return sum(t.requires_grad for t in tensors_in((args, kwargs))) <= 1
-    if func in QUOTIENTS:
-        divisor = args[1] if len(args) > 1 else kwargs.get("other")
-        return not _on_path(divisor)
-    if func in EVAL_ONLY:
-        bound = _bound(func, args, kwargs)
-        return bound.get("training", True) is False
-    return False
 
 
 # ------------------------------------------------------------------ the rules' backward passes
@@ -147,12 +64,6 @@ def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor,
         return args[0], lambda t: ((t, *args[1:]), kwargs)
     key = "input" if "input" in kwargs else "self"
     return kwargs[key], lambda t: (args, {**kwargs, key: t})
-
-
-def is_inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a call writes its result into its input (``relu_``, ``inplace=True``)."""
-    name = getattr(func, "__name__", "")
-    return name.endswith("_") and not name.endswith("__") or bool(_bound(func, args, kwargs).get("inplace", False))
 
 
 class _Rescale(torch.autograd.Function):
@@ -275,7 +186,7 @@ class RescaleMode(TorchFunctionMode):
         if func in ELEMENTWISE or func in _MAX_POOLS:
             return self._unit(func, args, kwargs)
         result = func(*args, **kwargs)
-        if self.reference_of_row is not None and torch.is_grad_enabled() and _on_path(result) \
+        if self.reference_of_row is not None and torch.is_grad_enabled() and on_path(result) \
                 and not is_linear_call(func, args, kwargs):
             # raised after the pass (:meth:`finish`): a TypeError inside a Tensor operator would become NotImplemented
             why = "a product of two input-dependent tensors" if func in PRODUCTS or func in QUOTIENTS else \
@@ -289,7 +200,7 @@ class RescaleMode(TorchFunctionMode):
     def _unit(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x, rebuild = _split(args, kwargs)
         dims = _MAX_POOLS.get(func)
-        if dims is not None and _bound(func, args, kwargs).get("return_indices", False):
+        if dims is not None and bound_arguments(func, args, kwargs).get("return_indices", False):
             raise ParameterError(f"{self.method} cannot follow a max pooling that returns its indices")
         if dims is not None:
             def pool(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

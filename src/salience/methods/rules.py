@@ -22,11 +22,18 @@ or CUDA kernels, ``torch.compile``-d graphs) and ReLUs written another way (``x.
 ``torch.maximum(x, 0)``, ``x * (x > 0)``). Such a unit keeps its ordinary derivative.
 :attr:`RuleMode.applied` counts the handled calls that were on a gradient path, so a method can
 refuse a model where its rule changed nothing.
+
+The second half holds the function tables shared by the propagation methods (DeepLIFT's
+:mod:`salience.methods.deeplift_rules`, LRP's :mod:`salience.methods.lrp_mode`, AttnLRP's
+:mod:`salience.methods.attnlrp_rules`): which torch functions are elementwise units, which are
+linear in their input-dependent tensors (:func:`is_linear_call`), readable names of torch functions
+for errors, and small helpers on a call's arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -183,3 +190,108 @@ def relu_rules(rule: ClampRule) -> RuleMode:
     """``with relu_rules(guided_rule) as mode:`` -- every ReLU-family unit of the forward passes run
     inside back-propagates by ``rule``; ``mode.applied`` counts those on a gradient path."""
     return RuleMode(relu_handlers(rule))
+
+
+# ------------------------------------------------------------------ which torch functions are which
+# (shared by the propagation methods: DeepLIFT's RescaleMode, LRP's LRPMode, AttnLRP's rules)
+# elementwise units y = f(x) (DeepLIFT's Rescale rule, LRP's identity rule)
+_ELEMENTWISE_NAMES = ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "elu", "elu_", "selu", "celu", "leaky_relu",
+                      "leaky_relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus", "gelu", "silu", "mish",
+                      "hardswish", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink")
+# linear (affine) in every tensor argument
+_LINEAR_NAMES = (
+    "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_", "subtract",
+    "neg", "__neg__", "negative", "__pos__", "positive", "sum", "mean", "cumsum", "cat", "concat", "concatenate",
+    "stack", "hstack", "vstack", "reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "permute",
+    "transpose", "transpose_", "swapaxes", "movedim", "t", "contiguous", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_",
+    "expand", "expand_as", "broadcast_to", "repeat", "tile", "__getitem__", "gather", "index_select", "narrow", "select",
+    "split", "chunk", "unbind", "tensor_split", "roll", "flip", "clone", "copy_", "to", "type", "float", "double", "half",
+    "requires_grad_", "detach", "pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "fold", "where", "masked_fill", "diagonal",
+)
+# linear when at most one tensor argument depends on the input (weights are frozen while scoring)
+_PRODUCT_NAMES = ("mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply", "matmul", "__matmul__", "__rmatmul__",
+                  "mm", "bmm", "mv", "dot", "outer", "einsum", "addmm", "baddbmm", "addmv", "linear", "bilinear",
+                  "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+# linear when the divisor does not depend on the input
+_QUOTIENT_NAMES = ("div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide")
+# linear in eval mode only (argument ``training`` False)
+_EVAL_ONLY_NAMES = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+                    "batch_norm")
+
+
+def _functions(names: Iterable[str]) -> dict[Callable[..., Any], str]:
+    """Every torch function, ``torch.nn.functional`` function or Tensor method of these names -> name."""
+    found: dict[Callable[..., Any], str] = {}
+    for name in names:
+        for owner, prefix in ((torch, "torch."), (F, "torch.nn.functional."), (torch.Tensor, "Tensor."),
+                              (torch._C._nn, "torch._C._nn.")):
+            func = getattr(owner, name, None)
+            if callable(func):
+                found.setdefault(func, prefix + name)
+    return found
+
+
+ELEMENTWISE = _functions(_ELEMENTWISE_NAMES)
+LINEAR = _functions(_LINEAR_NAMES)
+PRODUCTS = _functions(_PRODUCT_NAMES)
+QUOTIENTS = _functions(_QUOTIENT_NAMES)
+EVAL_ONLY = _functions(_EVAL_ONLY_NAMES)
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """A readable name of a torch function as a mode sees it (``torch.nn.functional.layer_norm``)."""
+    for table in (ELEMENTWISE, LINEAR, PRODUCTS, QUOTIENTS, EVAL_ONLY):
+        if func in table:
+            return table[func]
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return f"{module}.{name}" if module and not name.startswith(module) else name
+
+
+def tensors_in(values: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in ``values`` (nested lists, tuples and dicts)."""
+    if isinstance(values, torch.Tensor):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            yield from tensors_in(value)
+    elif isinstance(values, dict):
+        for value in values.values():
+            yield from tensors_in(value)
+
+
+def on_path(values: Any) -> bool:
+    """Whether any tensor in ``values`` requires a gradient (is on the gradient path)."""
+    return any(t.requires_grad for t in tensors_in(values))
+
+
+def bound_arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (empty when the signature cannot be read, e.g. a builtin)."""
+    try:
+        return dict(inspect.signature(func).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return {}
+
+
+def is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call is linear in its input-dependent tensors: a linear function, a product or
+    quotient with at most one input-dependent factor (none in the divisor), dropout in eval mode."""
+    if func in LINEAR:
+        return True
+    if func in PRODUCTS:
+        return sum(t.requires_grad for t in tensors_in((args, kwargs))) <= 1
+    if func in QUOTIENTS:
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        return not on_path(divisor)
+    if func in EVAL_ONLY:
+        bound = bound_arguments(func, args, kwargs)
+        return bound.get("training", True) is False
+    return False
+
+
+def is_inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call writes its result into its input (``relu_``, ``inplace=True``)."""
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or bool(bound_arguments(func, args, kwargs).get("inplace", False))
