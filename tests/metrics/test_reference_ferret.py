@@ -333,8 +333,8 @@ def test_ferret_re_tokenises_after_deleting_a_subword(toy):
 
 def test_ferret_auprc_ties_negative_scores_at_zero(toy):
     # only_pos sets every negative score to 0, so the negatives tie at the bottom of ferret's
-    # ranking; Salience's auprc_trapezoid (rank_by="score") keeps their order. Marked words with
-    # negative scores, in the opposite order of the unmarked negatives, make the two differ.
+    # ranking; Salience's auprc_trapezoid (rank_by="score") keeps their order. A marked word with
+    # the highest negative score ("dull") makes the two differ.
     text = "the film was good and the plot was dull"
     tokens = [f.text for f in toy.encode(text).features("token")]
     rationale = [0, *(int(t in POSITIVE + NEGATIVE) for t in tokens), 0]  # "good", "dull"
@@ -378,3 +378,7 @@ def test_salience_defaults_are_not_ferrets(toy):
     aligned = evaluate_metric("aopc_comprehensiveness", toy, e, bins=aligned_bins(scores)).value
     assert aligned == pytest.approx(expected, abs=TOL)
     assert abs(default - expected) > 1e-3
+    # token F1: Salience's default k is the number of marked tokens (3 here), ranked by |score|
+    ours = evaluate_metric("token_f1", toy, e, rationale=rationale[1:-1])
+    assert ours.details["k"] == sum(rationale) == 3
+    assert ours.value != pytest.approx(ferret_token_f1(with_special(scores), rationale), abs=1e-3)
