@@ -239,10 +239,12 @@ def test_toy_mismatched_features_raise(toy):
 
 
 def test_a_generation_is_refused_with_a_clear_message():
-    # faithfulness metrics read one class probability; a causal LM's generation has one target per token
+    # log-odds and the correlation metrics read one class probability; a causal LM's generation has one target per
+    # token (comprehensiveness, sufficiency, AOPC and the curves score it: tests/metrics/test_generation_faithfulness.py)
     from tiny_lm import build_model, build_tokenizer
 
     lm = salience.CausalLM(build_model(), build_tokenizer(), name="tiny-llama")
     e = salience.explain(lm, "the capital of france is", method="occlusion", continuation=" paris")
-    with pytest.raises(MetricError, match="does not take a causal LM's generation yet"):
-        evaluate_metric("deletion_auc", lm, e)
+    for metric in ("log_odds", "loo_kendall_tau", "faithfulness_correlation"):
+        with pytest.raises(MetricError, match="does not take a causal LM's generation"):
+            evaluate_metric(metric, lm, e)

@@ -12,11 +12,18 @@ sequence; ``"mask"`` (the default of log-odds), ``"pad"`` or ``"unk"`` replace t
 pixels take the values of an image baseline (``"mean"``, 0 in the normalised space, by default;
 ``"black"``, ``"blur[:SIGMA]"``, ``"noise[:SEED]"`` or a (C, H, W) tensor); insertion starts from
 ``"blur:5"`` (RISE). Image explanations are scored on the encoded input they explained.
+
+A causal LM's generation (T targets, a (T, F) score matrix) is scored target by target: comprehensiveness,
+sufficiency, their AOPC and the deletion / insertion curves rank, for each generated token, the
+prompt features that can influence it by that token's row (``context="preceding"``: also the
+generated tokens before it), remove them as above, and read the probability of that token under
+teacher forcing of the original continuation (:mod:`salience.metrics.generation_faithfulness`);
+the value is the mean over targets, the per-target values are in ``details["per_target"]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +33,7 @@ from salience.core.explanation import Explanation
 from salience.core.target import Target
 from salience.errors import ParameterError
 from salience.metrics.base import MetricError, MetricResult, register_metric
+from salience.metrics.generation_faithfulness import candidates, score_matrix, target_probabilities, teacher_forced
 from salience.metrics.image_input import image_encoded
 from salience.models.base import Encoded
 
@@ -49,9 +57,7 @@ def encode_checked(model: Any, explanation: Explanation) -> Encoded:
     give the encoded image they explained (:func:`salience.metrics.image_input.image_encoded`)."""
     if explanation.kind == "image":
         return image_encoded(model, explanation, "this metric")  # type: ignore[no-any-return]
-    if explanation.kind == "generation":
-        raise MetricError("this faithfulness metric reads one class probability p(y|x); it does not take a causal LM's "
-                          "generation yet (top_k_drop and linear_datamodeling_score do, as do the complexity metrics)")
+    refuse_generation(explanation)
     encoded: Encoded = model.encode(explanation.input, truncate=explanation.truncated)
     if encoded.features(explanation.level) != list(explanation.features):
         raise MetricError(
@@ -59,6 +65,14 @@ def encode_checked(model: Any, explanation: Explanation) -> Encoded:
             f"encodes for {describe(explanation)} (another model, tokenizer or truncation?)"
         )
     return encoded
+
+
+def refuse_generation(explanation: Explanation) -> None:
+    """Raise :class:`MetricError` for a causal LM's generation (for metrics that read one class probability)."""
+    if explanation.kind == "generation":
+        raise MetricError("this metric reads one class probability p(y|x); it does not take a causal LM's generation "
+                          "(comprehensiveness, sufficiency, their AOPC, deletion_auc, insertion_auc, top_k_drop, "
+                          "linear_datamodeling_score and the complexity metrics do)")
 
 
 def probability_target(explanation: Explanation) -> Target:
@@ -83,7 +97,13 @@ def check_baseline(model: Any, explanation: Explanation, baseline: Any, text_def
                    image_default: str = IMAGE_REMOVAL) -> str:
     """The removal baseline's recorded name: ``baseline``, or when None the default of the
     explanation's kind. Images ask the adapter (a one-line error lists the image baselines; a tensor
-    is kept by the adapter under its name); text refuses ``zero`` (a gradient baseline)."""
+    is kept by the adapter under its name); text refuses ``zero`` (a gradient baseline). A causal
+    LM's generation: the adapter's own choice, ``delete`` where it can delete (else its first
+    baseline), and any removal it can build (``zero``, the zero embedding, included)."""
+    if explanation.kind == "generation":
+        known = tuple(getattr(model, "baselines", ()))
+        chosen = baseline if baseline is not None else ("delete" if "delete" in known or not known else known[0])
+        return str(model.check_baseline(chosen, perturbation=True))
     if baseline is None:
         baseline = image_default if explanation.kind == "image" else text_default
     if explanation.kind == "image":
@@ -124,75 +144,145 @@ def _need_features(explanation: Explanation, metric: str) -> int:
 
 
 # ------------------------------------------------------------------ ERASER
+Removal = tuple[np.ndarray, dict[float, np.ndarray], dict[float, np.ndarray]]
+
+
 def _removal_at(model: Any, explanation: Explanation, fractions: Sequence[float], baseline: str, batch_size: int | None,
-                *, sufficiency: bool, metric: str) -> tuple[float, dict[float, int], dict[int, float]]:
-    """p(y|x) and, for each distinct k of ``fractions``, p(y|x without the top k) (comprehensiveness)
-    or p(y|only the top k) (sufficiency)."""
+                *, sufficiency: bool, metric: str, context: str | None) -> Removal:
+    """Per target (T,): p(y|x) and, for each fraction, k and p(y|x without the top k)
+    (comprehensiveness) or p(y|only the top k) (sufficiency); a classifier has T = 1."""
+    if explanation.kind == "generation":
+        return _generation_removal_at(model, explanation, fractions, baseline, batch_size, sufficiency=sufficiency,
+                                      context=context or "prompt")
+    _no_context(context, metric)
     n = _need_features(explanation, metric)
     order = ranking(explanation.scores)
     ks = {f: top_k(f, n) for f in fractions}
     distinct = sorted(set(ks.values()))
     keep = _keep_rows(n, [order[:k] for k in distinct], kept=sufficiency)
     _, probs = _probabilities(model, explanation, keep, baseline, batch_size)
-    return float(probs[0]), ks, {k: float(p) for k, p in zip(distinct, probs[1:], strict=True)}
+    removed = {k: float(p) for k, p in zip(distinct, probs[1:], strict=True)}
+    return np.array([probs[0]]), {f: np.array([k]) for f, k in ks.items()}, {f: np.array([removed[k]]) for f, k in ks.items()}
+
+
+def _generation_removal_at(model: Any, explanation: Explanation, fractions: Sequence[float], baseline: str,
+                           batch_size: int | None, *, sufficiency: bool, context: str) -> Removal:
+    """:func:`_removal_at` for a generation: target t ranks its candidates (its row's scores) and
+    k = max(1, round(fraction * its number of candidates)); sufficiency keeps only the top k of the
+    candidates (every other feature is kept)."""
+    encoded, sets, keeps, counts = _generation_rows(
+        model, explanation, context, lambda n: sorted({top_k(f, n) for f in fractions}), keep_only=sufficiency)
+    ks = {f: np.array([top_k(f, len(chosen)) for chosen in sets]) for f in fractions}
+    full, values = target_probabilities(model, explanation, encoded, keeps, baseline, batch_size)
+    perturbed = {f: np.array([values[t][list(counts[t]).index(ks[f][t])] for t in range(len(sets))]) for f in fractions}
+    return full, ks, perturbed
+
+
+def _generation_rows(model: Any, explanation: Explanation, context: str, counts_of: Callable[[int], Sequence[int]], *,
+                     keep_only: bool) -> tuple[Encoded, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The teacher-forced sequence, each target's candidates, and its kept-feature rows: for each m
+    of ``counts_of(its number of candidates)``, its top m candidates removed or (``keep_only``) the
+    only candidates kept; features that are not candidates are always kept."""
+    what = describe(explanation)
+    encoded = teacher_forced(model, explanation, what)
+    sets = candidates(model, explanation, encoded, context, what)
+    scores = score_matrix(explanation)
+    keeps, counts = [], []
+    for t, chosen in enumerate(sets):
+        order = chosen[ranking(scores[t, chosen])]
+        points = np.asarray(counts_of(len(chosen)), dtype=np.int64)
+        rows = np.ones((len(points), len(explanation.features)), dtype=bool)
+        for row, m in enumerate(points):
+            if keep_only:
+                rows[row, chosen] = False
+                rows[row, order[:m]] = True
+            else:
+                rows[row, order[:m]] = False
+        keeps.append(rows)
+        counts.append(points)
+    return encoded, sets, keeps, counts
+
+
+def _no_context(context: str | None, metric: str) -> None:
+    if context is not None:
+        raise ParameterError(f"{metric}: context applies to a causal LM's generation only")
+
+
+def _per_target(explanation: Explanation, values: np.ndarray) -> Any:
+    """A classifier's one value as a number (as before generations were scored), a generation's as a list."""
+    if explanation.kind == "generation":
+        return [v.item() for v in np.asarray(values)]
+    return np.asarray(values)[0].item()
+
+
+def _eraser(model: Any, explanation: Explanation, fraction: float, baseline: Any, batch_size: int | None,
+            context: str | None, *, sufficiency: bool, name: str) -> MetricResult:
+    baseline = check_baseline(model, explanation, baseline, "delete")
+    full, ks, perturbed = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=sufficiency,
+                                      metric=name, context=context)
+    drops = full - perturbed[fraction]
+    details = {"k": _per_target(explanation, ks[fraction]), "fraction": fraction, "p_full": _per_target(explanation, full),
+               "p_perturbed": _per_target(explanation, perturbed[fraction]), "baseline": baseline}
+    if explanation.kind == "generation":
+        details.update(per_target=drops.tolist(), context=context or "prompt")
+    return MetricResult(name, float(np.mean(drops)), not sufficiency, details)
 
 
 @register_metric("comprehensiveness", higher_is_better=True, summary="p(y|x) - p(y|x without the top-k features) (ERASER)")
 def comprehensiveness(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: Any = None,
-                      batch_size: int | None = None) -> MetricResult:
+                      batch_size: int | None = None, context: str | None = None) -> MetricResult:
     """ERASER comprehensiveness (DeYoung et al., 2020): ``p(y|x) - p(y|x without the top-k)``, the top
     ``k = max(1, round(fraction * F))`` features by signed score. Higher is better: the features
-    ranked first carried the prediction. 2 forward passes."""
-    baseline = check_baseline(model, explanation, baseline, "delete")
-    full, ks, removed = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=False,
-                                    metric="comprehensiveness")
-    k = ks[fraction]
-    return MetricResult("comprehensiveness", full - removed[k], True,
-                        {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": removed[k], "baseline": baseline})
+    ranked first carried the prediction. 2 forward passes. A generation: the mean over its targets
+    of ``p(y_t|x) - p(y_t|x without target t's top k)``, y_t teacher-forced (``context``: which
+    features a target ranks, ``"prompt"`` or ``"preceding"``); at most 1 + T forward rows."""
+    return _eraser(model, explanation, fraction, baseline, batch_size, context, sufficiency=False, name="comprehensiveness")
 
 
 @register_metric("sufficiency", higher_is_better=False, summary="p(y|x) - p(y|only the top-k features) (ERASER)")
 def sufficiency(model: Any, explanation: Explanation, *, fraction: float = 0.2, baseline: Any = None,
-                batch_size: int | None = None) -> MetricResult:
+                batch_size: int | None = None, context: str | None = None) -> MetricResult:
     """ERASER sufficiency (DeYoung et al., 2020): ``p(y|x) - p(y|only the top-k kept)``. Lower is
     better: the top features alone nearly reproduce the prediction (negative when they are more
-    convincing than the whole input). 2 forward passes."""
-    baseline = check_baseline(model, explanation, baseline, "delete")
-    full, ks, kept = _removal_at(model, explanation, [fraction], baseline, batch_size, sufficiency=True, metric="sufficiency")
-    k = ks[fraction]
-    return MetricResult("sufficiency", full - kept[k], False,
-                        {"k": k, "fraction": fraction, "p_full": full, "p_perturbed": kept[k], "baseline": baseline})
+    convincing than the whole input). 2 forward passes. A generation: the mean over its targets,
+    only target t's top k of its candidates kept (other features untouched); at most 1 + T rows."""
+    return _eraser(model, explanation, fraction, baseline, batch_size, context, sufficiency=True, name="sufficiency")
 
 
 def _aopc(model: Any, explanation: Explanation, bins: Sequence[float], baseline: Any, batch_size: int | None,
-          *, sufficiency: bool, name: str) -> MetricResult:
+          context: str | None, *, sufficiency: bool, name: str) -> MetricResult:
     baseline = check_baseline(model, explanation, baseline, "delete")
     bins = tuple(float(b) for b in bins)
     if not bins:
         raise ParameterError(f"{name}: bins must not be empty")
-    full, ks, perturbed = _removal_at(model, explanation, bins, baseline, batch_size, sufficiency=sufficiency, metric=name)
-    per_bin = {b: full - perturbed[ks[b]] for b in bins}
-    details = {"bins": list(bins), "values": [per_bin[b] for b in bins], "k": [ks[b] for b in bins], "p_full": full,
-               "baseline": baseline}
-    return MetricResult(name, float(np.mean(list(per_bin.values()))), not sufficiency, details)
+    full, ks, perturbed = _removal_at(model, explanation, bins, baseline, batch_size, sufficiency=sufficiency, metric=name,
+                                      context=context)
+    drops = np.stack([full - perturbed[b] for b in bins])  # (bins, T)
+    per_bin = drops.mean(axis=1)
+    details = {"bins": list(bins), "values": per_bin.tolist(), "k": [_per_target(explanation, ks[b]) for b in bins],
+               "p_full": _per_target(explanation, full), "baseline": baseline}
+    if explanation.kind == "generation":
+        details.update(per_target=drops.mean(axis=0).tolist(), context=context or "prompt")
+    return MetricResult(name, float(np.mean(per_bin)), not sufficiency, details)
 
 
 @register_metric("aopc_comprehensiveness", higher_is_better=True,
                  summary="comprehensiveness averaged over the top 1, 5, 10, 20, 50 % (ERASER AOPC)")
 def aopc_comprehensiveness(model: Any, explanation: Explanation, *, bins: Sequence[float] = AOPC_BINS,
-                           baseline: Any = None, batch_size: int | None = None) -> MetricResult:
+                           baseline: Any = None, batch_size: int | None = None, context: str | None = None) -> MetricResult:
     """ERASER's AOPC comprehensiveness: the mean over ``bins`` (fractions of the features) of
-    comprehensiveness. Higher is better. 1 + (distinct k over the bins) forward passes."""
-    return _aopc(model, explanation, bins, baseline, batch_size, sufficiency=False, name="aopc_comprehensiveness")
+    comprehensiveness. Higher is better. 1 + (distinct k over the bins) forward passes (a
+    generation: the mean over targets, at most 1 + T x distinct k rows)."""
+    return _aopc(model, explanation, bins, baseline, batch_size, context, sufficiency=False, name="aopc_comprehensiveness")
 
 
 @register_metric("aopc_sufficiency", higher_is_better=False,
                  summary="sufficiency averaged over the top 1, 5, 10, 20, 50 % (ERASER AOPC)")
 def aopc_sufficiency(model: Any, explanation: Explanation, *, bins: Sequence[float] = AOPC_BINS,
-                     baseline: Any = None, batch_size: int | None = None) -> MetricResult:
+                     baseline: Any = None, batch_size: int | None = None, context: str | None = None) -> MetricResult:
     """ERASER's AOPC sufficiency: the mean over ``bins`` of sufficiency. Lower is better.
-    1 + (distinct k over the bins) forward passes."""
-    return _aopc(model, explanation, bins, baseline, batch_size, sufficiency=True, name="aopc_sufficiency")
+    1 + (distinct k over the bins) forward passes (a generation: as AOPC comprehensiveness)."""
+    return _aopc(model, explanation, bins, baseline, batch_size, context, sufficiency=True, name="aopc_sufficiency")
 
 
 # ------------------------------------------------------------------ log-odds
@@ -203,6 +293,7 @@ def log_odds(model: Any, explanation: Explanation, *, fraction: float = 0.2, bas
     ``log(p(y|x with the top-k replaced by the baseline) / p(y|x))``. Lower (more negative) is
     better. Both probabilities are floored at ``1e-12`` before the logarithm, so a probability that
     underflows to 0 gives a large finite value instead of -inf. 2 forward passes."""
+    refuse_generation(explanation)
     baseline = check_baseline(model, explanation, baseline, "mask")
     n = _need_features(explanation, "log_odds")
     k = top_k(fraction, n)
@@ -242,8 +333,12 @@ def trapezoid(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: int | None, step: int | None,
-           baseline: Any, batch_size: int | None, name: str) -> MetricResult:
+           baseline: Any, batch_size: int | None, name: str, context: str | None) -> MetricResult:
     baseline = check_baseline(model, explanation, baseline, "delete", IMAGE_INSERTION if insertion else IMAGE_REMOVAL)
+    if explanation.kind == "generation":
+        return _generation_curve(model, explanation, insertion=insertion, max_steps=max_steps, step=step, baseline=baseline,
+                                 batch_size=batch_size, name=name, context=context or "prompt")
+    _no_context(context, name)
     n = _need_features(explanation, name)
     order = ranking(explanation.scores)
     counts = curve_counts(n, max_steps, step=step)
@@ -261,10 +356,26 @@ def _curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: 
                          "baseline": baseline})
 
 
+def _generation_curve(model: Any, explanation: Explanation, *, insertion: bool, max_steps: int | None, step: int | None,
+                      baseline: str, batch_size: int | None, name: str, context: str) -> MetricResult:
+    """:func:`_curve` for a generation: one curve per target over its own candidates (F_t of them,
+    x = counts / F_t; insertion starts with every candidate removed), the area the mean of theirs."""
+    encoded, sets, keeps, counts = _generation_rows(
+        model, explanation, context, lambda n: curve_counts(n, max_steps, step=step), keep_only=insertion)
+    _, curves = target_probabilities(model, explanation, encoded, keeps, baseline, batch_size)
+    xs = [points / len(chosen) for points, chosen in zip(counts, sets, strict=True)]
+    areas = np.array([trapezoid(x, y) for x, y in zip(xs, curves, strict=True)])
+    return MetricResult(name, float(np.mean(areas)), insertion,
+                        {"x": [x.tolist() for x in xs], "y": [y.tolist() for y in curves],
+                         "counts": [points.tolist() for points in counts], "per_target": areas.tolist(),
+                         "baseline": baseline, "context": context})
+
+
 @register_metric("deletion_auc", higher_is_better=False,
                  summary="area under p(y) as top-ranked features are removed one by one")
 def deletion_auc(model: Any, explanation: Explanation, *, max_steps: int | None = None, step: int | None = None,
-                 baseline: Any = None, batch_size: int | None = None) -> MetricResult:
+                 baseline: Any = None, batch_size: int | None = None,
+                 context: str | None = None) -> MetricResult:
     """Deletion curve (Petsiuk et al., 2018, RISE; for text as in Enguehard, 2023): starting from x,
     remove features (pixels at pixel level, or patches, superpixels, words) in ranked order; the
     target probability against the fraction of features removed (0 to 1); value = trapezoid area.
@@ -273,19 +384,20 @@ def deletion_auc(model: Any, explanation: Explanation, *, max_steps: int | None 
     one every ``step`` features. ``details["x"]``, ``details["y"]`` hold the curve.
     Forward passes: the number of points, min(F, max_steps) + 1 or ceil(F / step) + 1."""
     return _curve(model, explanation, insertion=False, max_steps=max_steps, step=step, baseline=baseline,
-                  batch_size=batch_size, name="deletion_auc")
+                  batch_size=batch_size, name="deletion_auc", context=context)
 
 
 @register_metric("insertion_auc", higher_is_better=True,
                  summary="area under p(y) as top-ranked features are added back one by one")
 def insertion_auc(model: Any, explanation: Explanation, *, max_steps: int | None = None, step: int | None = None,
-                  baseline: Any = None, batch_size: int | None = None) -> MetricResult:
+                  baseline: Any = None, batch_size: int | None = None,
+                  context: str | None = None) -> MetricResult:
     """Insertion curve (Petsiuk et al., 2018): starting from the input with every feature removed
     (text: ``delete``; images: a blurred copy, ``blur:5``, as RISE), put features back in ranked
     order; value = trapezoid area of the target probability against the fraction inserted. Higher is
     better. Points and passes as :func:`deletion_auc`."""
     return _curve(model, explanation, insertion=True, max_steps=max_steps, step=step, baseline=baseline,
-                  batch_size=batch_size, name="insertion_auc")
+                  batch_size=batch_size, name="insertion_auc", context=context)
 
 
 # ------------------------------------------------------------------ leave-one-out correlation
@@ -310,6 +422,7 @@ def loo_kendall_tau(model: Any, explanation: Explanation, *, baseline: Any = Non
     """Kendall's tau-b between the explanation's scores and the leave-one-out scores
     ``p(y|x) - p(y|x without feature i)`` (the same removal as ``baseline``). Higher is better (1:
     same order as the model's own single-feature drops). F + 1 forward passes."""
+    refuse_generation(explanation)
     baseline = check_baseline(model, explanation, baseline, "delete")
     n = _need_features(explanation, "loo_kendall_tau")
     if n < 2:
@@ -359,6 +472,7 @@ def faithfulness_correlation(model: Any, explanation: Explanation, *, n_runs: in
     model's own drops; -1: signs flipped). Seeded by ``seed``. ``n_runs`` + 1 forward passes.
     Quantus's "black" is the input's minimum value; here it is the preprocessing's black image.
     """
+    refuse_generation(explanation)
     n = _need_features(explanation, "faithfulness_correlation")
     if n < 2:
         raise MetricError(f"faithfulness_correlation needs at least 2 features; {describe(explanation)} has {n}")
