@@ -170,6 +170,8 @@ def _generation_removal_at(model: Any, explanation: Explanation, fractions: Sequ
     """:func:`_removal_at` for a generation: target t ranks its candidates (its row's scores) and
     k = max(1, round(fraction * its number of candidates)); sufficiency keeps only the top k of the
     candidates (every other feature is kept)."""
+    for fraction in fractions:  # checked before any model pass
+        top_k(fraction, 1)
     encoded, sets, keeps, counts = _generation_rows(
         model, explanation, context, lambda n: sorted({top_k(f, n) for f in fractions}), keep_only=sufficiency)
     ks = {f: np.array([top_k(f, len(chosen)) for chosen in sets]) for f in fractions}
