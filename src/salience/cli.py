@@ -20,6 +20,7 @@ from salience.errors import ParameterError, SalienceError
 from salience.evaluate.commands import add_commands
 from salience.patching.commands import add_commands as add_patch_commands
 from salience.serve.commands import add_commands as add_serve_commands
+from salience.steering_commands import add_commands as add_steer_commands
 
 BUNDLE_SCHEMA = "salience.explanations/1"
 
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(commands)
     add_serve_commands(commands)
     add_patch_commands(commands)
+    add_steer_commands(commands)
     return parser
 
 
