@@ -1,0 +1,378 @@
+"""IG on a causal LM at equal per-feature error: Salience against Inseq on SmolLM2-135M.
+
+The generation benchmark (benchmarks/lm.py) compares IG at equal *steps*; this script compares it
+at equal *accuracy*. Input: the prompt of lm.py (test-split movie sentences cut to
+``--prompt-tokens``, default 32) and its greedy continuation of ``--new-tokens`` (default 16);
+features: the prompt's and the continuation's tokens; explained output: each generated token's
+probability (Inseq's default attributed function), baseline: the unk token's embedding at every
+position (Inseq's default; Salience's ``baseline="unk"``).
+
+Reference (computed by neither library): for every target the straight-path integral from the
+baseline embeddings to the input embeddings by composite Gauss-Legendre, ``--ref-panels`` equal
+panels of 8 nodes, the model in its own dtype (float32) and the weighted sums in float64. Each
+target is its own scalar (one backward per target per batch of path points), independent of
+Salience's path code; the baseline embeddings come from Salience's adapter (the definition of the
+baseline, not of the integral). Its nodes coincide with neither side's rule.
+
+Error of a run: for each target row t, max over its features f of |s_tf - ref_tf| divided by
+max_f |ref_tf| (features after the target's position are not defined for it and left out); the
+run's error is the worst row (max over t). The mean over rows is reported beside it. A setting
+passes when its error is at most ``--target`` (default 0.01, 1 % of the row's largest |score|).
+
+Settings searched (each error from one run; errors are deterministic):
+
+- Salience, fixed Gauss-Legendre ``steps`` on a ladder (the same rule as Inseq's n_steps, so the
+  same errors up to float32 rounding): up the ladder 16, 32, 64, ... from the smallest, the first
+  value that passes (the error of a fixed rule is not monotone in the steps here, so no bisection;
+  every value tried is reported);
+- Salience, adaptive (``steps=None``): ``tolerance`` from the tightest of ``--tolerances`` up,
+  the loosest that still passes (looser tolerances spend fewer gradients);
+- Inseq ``integrated_gradients`` (Captum's IG, Gauss-Legendre), ``n_steps`` on the same ladder,
+  starting at Salience's fixed-steps answer (the same rule), then down while it passes or up while
+  it fails.
+
+The passing settings are then timed ``--repeats`` times each (median; the first, error-measuring
+run is one of them), interleaved so that a busy moment on the shared machine falls on all.
+
+    OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py            # writes benchmarks/RESULTS-lm-ig-error.md
+    OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py --quick    # 8-token prompt, 2 new tokens (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    RowCounter,
+    Rows,
+    command_line,
+    fmt_s,
+    header,
+    load_average,
+    log,
+    median,
+    run_and_write,
+    table,
+    timed,
+)
+from lm import build_input, inseq_run  # noqa: E402
+
+import salience  # noqa: E402
+
+PACKAGES = ("salience", "torch", "transformers", "captum", "inseq", "numpy")
+LADDER = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Trial:
+    """One setting of one implementation: its scores, error against the reference and timed runs."""
+
+    library: str  # "Salience" or "Inseq"
+    kind: str  # "fixed" or "adaptive"
+    setting: float  # steps (fixed) or tolerance (adaptive)
+    run: Callable[[], tuple[np.ndarray, int]] = field(repr=False)
+    scores: np.ndarray | None = None
+    steps: int = 0  # gradients per target actually used
+    error: float = float("nan")  # worst row
+    mean_error: float = float("nan")
+    rows: Rows = field(default_factory=Rows)
+    runs: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        if self.library == "Inseq":
+            return f"Inseq integrated_gradients n_steps={int(self.setting)}"
+        if self.kind == "fixed":
+            return f"Salience ig steps={int(self.setting)} (gausslegendre)"
+        return f"Salience ig adaptive tolerance={self.setting:g}"
+
+    @property
+    def seconds(self) -> float | None:
+        return median(self.runs) if self.runs else None
+
+
+# ------------------------------------------------------------------------------------ reference
+def gauss_legendre_panels(panels: int, nodes: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes in [0, 1] and weights (summing to 1) of composite Gauss-Legendre: ``panels`` equal panels."""
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    alphas = np.concatenate([(p + (x + 1) / 2) / panels for p in range(panels)])
+    weights = np.concatenate([w / 2 / panels for _ in range(panels)])
+    return alphas, weights
+
+
+def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | None) -> tuple[np.ndarray, float]:
+    """IG matrix (T, L) of each generated token's probability by composite Gauss-Legendre (one
+    panel = one batch of 8 path points, one backward per target), float64 sums; and its seconds."""
+    if cache is not None and cache.is_file():
+        saved = np.load(cache)
+        if saved["ids"].tolist() == encoded.input_ids.tolist() and int(saved["panels"]) == panels:
+            log(f"reference read from {cache}")
+            return saved["scores"], float(saved["seconds"])
+    started = time.perf_counter()
+    start = int(encoded.extras["prompt_length"])
+    ids = encoded.input_ids
+    length, targets = len(ids), len(ids) - start
+    x, x0 = lm.input_and_baseline(encoded, "unk")
+    direction = (x - x0).detach()
+    alphas, weights = gauss_legendre_panels(panels)
+    total = torch.zeros(targets, length, dtype=torch.float64)
+    positions = torch.arange(start - 1, length - 1)  # logits at p predict token p + 1
+    wanted = ids[start:].to(lm.device)
+    for panel in range(panels):
+        a = torch.as_tensor(alphas[panel * 8:(panel + 1) * 8], dtype=x.dtype, device=x.device)
+        w = torch.as_tensor(weights[panel * 8:(panel + 1) * 8], dtype=torch.float64)
+        points = (x0[None] + a[:, None, None] * direction[None]).detach().requires_grad_(True)
+        logits = lm.model(inputs_embeds=points, use_cache=False).logits[:, positions]  # (8, T, V)
+        probs = torch.softmax(logits.float(), -1).gather(-1, wanted[None, :, None].expand(len(a), -1, 1))[..., 0]
+        for t in range(targets):
+            (grad,) = torch.autograd.grad(probs[:, t].sum(), points, retain_graph=t < targets - 1)
+            projected = (grad.double() * direction.double()[None]).sum(-1).cpu()  # (8, L)
+            total[t] += w @ projected
+        log(f"  reference panel {panel + 1}/{panels} ({time.perf_counter() - started:.0f} s)")
+    scores = total.numpy()
+    for t in range(targets):  # positions at or after the target's own are not its features
+        scores[t, start + t:] = np.nan
+    seconds = time.perf_counter() - started
+    if cache is not None:
+        np.savez(cache, ids=encoded.input_ids.numpy(), panels=panels, scores=scores, seconds=seconds)
+    return scores, seconds
+
+
+def row_errors(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per target row: max |scores - ref| over the row's defined features / max |ref| of the row."""
+    out = []
+    for s, r in zip(scores, ref):
+        both = ~np.isnan(r)
+        if np.isnan(s[both]).any():
+            raise RuntimeError("a run left a defined feature without a score")
+        out.append(np.abs(s[both] - r[both]).max() / max(np.abs(r[both]).max(), 1e-300))
+    return np.asarray(out)
+
+
+# ------------------------------------------------------------------------------------ the sides
+def salience_trial(lm: salience.CausalLM, encoded: Any, kind: str, setting: float) -> Trial:
+    params: dict[str, Any] = {"steps": int(setting)} if kind == "fixed" else {"tolerance": setting}
+
+    def run() -> tuple[np.ndarray, int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # completeness / max_steps warnings: the error is measured instead
+            e = salience.explain(lm, encoded, "integrated_gradients", output="probability", baseline="unk", **params)
+        return np.asarray(e.scores, dtype=np.float64), int(e.params.get("steps_used") or params.get("steps") or 0)
+
+    return Trial("Salience", kind, setting, run)
+
+
+def inseq_trial(lm: salience.CausalLM, prompt: str, encoded: Any, counter: RowCounter, width: int, steps: int) -> Trial:
+    def run() -> tuple[np.ndarray, int]:
+        result = inseq_run(lm, prompt, encoded, "integrated_gradients", counter, width, n_steps=steps,
+                           internal_batch_size=steps)
+        assert result.scores is not None
+        return result.scores, steps
+
+    return Trial("Inseq", "fixed", steps, run)
+
+
+def measure(trial: Trial, ref: np.ndarray, counter: RowCounter) -> Trial:
+    """The first run: scores, steps, error, rows and its seconds."""
+    seconds, (scores, steps), rows = timed(trial.run, counter)
+    trial.scores, trial.steps, trial.rows = scores, steps, rows
+    errors = row_errors(scores[:, : ref.shape[1]], ref)
+    trial.error, trial.mean_error = float(errors.max()), float(errors.mean())
+    trial.runs.append(seconds)
+    log(f"  {trial.label}: {trial.steps} gradients, error {trial.error:.2e} (mean {trial.mean_error:.2e}), "
+        f"{fmt_s(seconds)} s (load {load_average()})")
+    return trial
+
+
+def search_ladder(make: Callable[[int], Trial], ladder: list[int], first: int, target: float, ref: np.ndarray,
+                  counter: RowCounter, tried: list[Trial]) -> Trial | None:
+    """The cheapest ladder value whose error <= target, assuming the error falls with the steps:
+    from ``first`` down while it passes, or up until it passes."""
+    by_steps: dict[int, Trial] = {}
+
+    def at(index: int) -> Trial:
+        if ladder[index] not in by_steps:
+            by_steps[ladder[index]] = measure(make(ladder[index]), ref, counter)
+            tried.append(by_steps[ladder[index]])
+        return by_steps[ladder[index]]
+
+    index = ladder.index(first)
+    if at(index).error <= target:
+        while index > 0 and at(index - 1).error <= target:
+            index -= 1
+        return at(index)
+    while index + 1 < len(ladder):
+        index += 1
+        if at(index).error <= target:
+            return at(index)
+    return None
+
+
+def scan_ladder(make: Callable[[int], Trial], ladder: list[int], target: float, ref: np.ndarray, counter: RowCounter,
+                tried: list[Trial]) -> Trial | None:
+    """Up the ladder from its smallest value: the first value whose error <= target. (On this
+    model the error of a fixed rule does not fall monotonically with the steps: narrow peaks of the
+    integrand are hit or missed by the nodes, so bisection would be wrong.)"""
+    for steps in ladder:
+        trial = measure(make(steps), ref, counter)
+        tried.append(trial)
+        if trial.error <= target:
+            return trial
+    return None
+
+
+# ----------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    lm = salience.load_model("zoo:smollm2-135m")
+    base = getattr(lm.model, lm.model.base_model_prefix)
+    counter = RowCounter(base)
+    prompt, encoded, _prefixes, _seconds, _rows = build_input(lm, args.prompt_tokens, args.new_tokens, counter)
+    P, L = int(encoded.extras["prompt_length"]), encoded.length
+    log(f"prompt {P} tokens, continuation {L - P} tokens: {encoded.extras['continuation']!r} (load {load_average()})")
+    short = lm.encode("The capital of France is", continuation=" Paris.")
+    salience.explain(lm, short, "saliency")  # warm-up, not timed
+
+    log(f"reference: {args.ref_panels} panels x 8 nodes ...")
+    ref, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache)
+    ladder = [s for s in LADDER if s <= args.max_steps]
+    found: dict[str, Trial | None] = {"fixed": None, "adaptive": None, "inseq": None}
+    started, load_start = time.perf_counter(), load_average()
+
+    def checkpoint() -> None:  # the results so far, rewritten after every run (a long run may be cut short)
+        summary, body = report(args, prompt, encoded, ref, ref_seconds, tried, **found)
+        lines = header("IG at equal per-feature error, SmolLM2-135M: Salience vs Inseq (PARTIAL: run in progress)",
+                       command_line("lm_ig_error.py", sys.argv[1:]), started, PACKAGES, load_start)
+        args.output.write_text("\n".join([*lines, "## Key numbers so far", *summary, "", *body, ""]), encoding="utf-8")
+
+    tried: list[Trial] = Checkpointed(checkpoint)
+    log("Salience fixed steps ...")
+    found["fixed"] = scan_ladder(lambda k: salience_trial(lm, encoded, "fixed", k), ladder, args.target, ref, counter, tried)
+    if not args.no_inseq:
+        log("Inseq ...")
+        first = int(found["fixed"].setting) if found["fixed"] is not None else ladder[-1]
+        found["inseq"] = search_ladder(lambda k: inseq_trial(lm, prompt, encoded, counter, L, k), ladder, first, args.target,
+                                       ref, counter, tried)
+    log("Salience adaptive ...")
+    for tolerance in sorted(args.tolerances):  # from the tightest: the loosest that still passes is the cheapest
+        trial = measure(salience_trial(lm, encoded, "adaptive", tolerance), ref, counter)
+        tried.append(trial)
+        if trial.error > args.target:
+            break
+        found["adaptive"] = trial
+
+    chosen = [t for t in found.values() if t is not None]
+    for round_ in range(1, args.repeats):
+        for trial in chosen if round_ % 2 else chosen[::-1]:
+            seconds, _result, _rows = timed(trial.run, counter)
+            trial.runs.append(seconds)
+        checkpoint()
+        log(f"  timing round {round_ + 1}/{args.repeats} done (load {load_average()})")
+
+    return report(args, prompt, encoded, ref, ref_seconds, tried, **found)
+
+
+class Checkpointed(list):  # type: ignore[type-arg]
+    """A list of trials that calls ``checkpoint`` after each append."""
+
+    def __init__(self, checkpoint: Callable[[], None]) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self.checkpoint()
+
+
+def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: np.ndarray, ref_seconds: float, tried: list[Trial],
+           fixed: Trial | None, adaptive: Trial | None, inseq: Trial | None) -> tuple[list[str], list[str]]:
+    P, L = int(encoded.extras["prompt_length"]), encoded.length
+    target = f"{args.target:g}"
+    summary: list[str] = []
+
+    def line(trial: Trial | None, what: str) -> str:
+        if trial is None:
+            return f"- {what}: no setting tried reached error <= {target}"
+        return (f"- {what}: {trial.label}, {trial.steps} gradients per target, error {trial.error:.1e}, "
+                f"median {fmt_s(trial.seconds)} s of {len(trial.runs)}")
+
+    summary += [line(inseq, "Inseq, cheapest passing"), line(fixed, "Salience fixed steps, cheapest passing"),
+                line(adaptive, "Salience adaptive, loosest passing tolerance")]
+    for mine in (fixed, adaptive):
+        if inseq is not None and mine is not None and inseq.seconds and mine.seconds:
+            summary.append(f"- at error <= {target}: {mine.label} is {inseq.seconds / mine.seconds:.2f}x faster than "
+                           f"{inseq.label} (median seconds, the same run)")
+    completeness = np.nansum(ref, axis=1)
+    body = ["## Input and reference", "",
+            f"- zoo:smollm2-135m; prompt {P} tokens (lm.py's: test-split movie sentences cut at a word boundary): {prompt!r}",
+            f"- continuation: {L - P} tokens generated greedily: {encoded.extras['continuation']!r}",
+            f"- output: each generated token's probability; baseline: the unk token's embedding at every position; "
+            f"features: the {L} tokens (those at or after a target's position left out of its row)",
+            f"- reference: composite Gauss-Legendre, {args.ref_panels} panels x 8 = {8 * args.ref_panels} gradients per "
+            f"target, float64 sums, {ref_seconds:.0f} s; row sums (F(x) - F(baseline) when exact) range "
+            f"{np.min(completeness):.3g} to {np.max(completeness):.3g}",
+            f"- error of a run: per target row, max_f |s - ref| / max_f |ref|; the run's error is the worst row (the mean "
+            f"over rows is shown beside it); target: <= {target}", "",
+            "## Every setting tried", "",
+            "Rows: counted by a forward hook on the base model (fwd rows / of which took part in a backward). Seconds: "
+            "the median of the runs listed (the first run measured the error; the passing settings were rerun, "
+            "interleaved).", ""]
+    head = ["implementation", "gradients per target", "error (worst row)", "mean row error", "passes", "fwd / bwd rows",
+            "runs", "median s"]
+    rows = [[t.label, t.steps, f"{t.error:.1e}", f"{t.mean_error:.1e}", "yes" if t.error <= args.target else "no",
+             f"{t.rows.forward} / {t.rows.backward}", len(t.runs), fmt_s(t.seconds)] for t in tried]
+    body += table(head, rows)
+    best = min(tried, key=lambda t: t.error)
+    agree = [t for t in tried if t.error <= 0.1 * args.target]
+    body += ["", f"Check of the reference: the most accurate run tried ({best.label}) is within {best.error:.1e} of it; "
+             f"{len(agree)} run(s) of {len(tried)} are within a tenth of the target (independent rules converging on it)."]
+    return summary, body
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="IG at equal per-feature error: Salience vs Inseq on SmolLM2-135M.")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 8-token prompt, 2 new tokens, 2 panels, 1 repeat")
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--ref-panels", type=int, help="reference panels of 8 Gauss-Legendre nodes (default 32: 256 nodes)")
+    parser.add_argument("--target", type=float, default=0.01, help="largest allowed error (fraction of a row's max |score|)")
+    parser.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02, 0.05],
+                        help="Salience adaptive tolerances, tried from the tightest until one fails")
+    parser.add_argument("--max-steps", type=int, default=256, help="largest fixed-step count on the ladder")
+    parser.add_argument("--repeats", type=int, help="timed runs of each passing setting (default 3)")
+    parser.add_argument("--no-inseq", action="store_true")
+    parser.add_argument("--cache", type=Path, help="an .npz file keeping the reference between runs")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    args.prompt_tokens = args.prompt_tokens or (8 if args.quick else 32)
+    args.new_tokens = args.new_tokens or (2 if args.quick else 16)
+    args.ref_panels = args.ref_panels or (2 if args.quick else 32)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.output = args.output or HERE / ("RESULTS-lm-ig-error-quick.md" if args.quick else "RESULTS-lm-ig-error.md")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    run_and_write("IG at equal per-feature error, SmolLM2-135M: Salience vs Inseq", "lm_ig_error.py", argv, PACKAGES,
+                  args.output, lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
