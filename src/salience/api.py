@@ -31,7 +31,10 @@ CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers and causa
                 "attention_query_rows": ("attention rows per target", "text classifiers and causal LMs"),
                 "attention_gradients": ("gradients of attention maps", "text classifiers and causal LMs"),
                 "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)"),
-                "pixel_grid": ("a pixel grid", "image classifiers")}
+                "pixel_grid": ("a pixel grid", "image classifiers"),
+                "score_replaced": ("outputs and ranks of inputs with tokens replaced by given tokens",
+                                   "text classifiers and causal LMs"),
+                "replacement_ids": ("a vocabulary to draw replacement tokens from", "text classifiers and causal LMs")}
 TargetSpec = int | str | Sequence[int | str] | None
 GROUP_SIZE = 8  # inputs per attribute_many call when the method does not say
 T = TypeVar("T")

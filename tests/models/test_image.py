@@ -35,9 +35,10 @@ from toy import explain_probability
 # DeepLIFT and LRP explain logits, not the probability read here (test_deeplift.py and test_lrp.py run them;
 # their batching on images: test_logit_only_methods_batched_equal_unbatched below)
 LOGIT_ONLY = ("deeplift", "deeplift_shap", "lrp", "attnlrp")
+TOKEN_ONLY = ("reagent",)  # replaces tokens by vocabulary tokens: refused on images (tests/methods/test_reagent.py)
 ALL = [info.name for info in salience.methods()
        if info.kind != "attention"
-       and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", *LOGIT_ONLY}]
+       and info.name not in {"guided_backprop", "deconvnet", "guided_gradcam", *LOGIT_ONLY, *TOKEN_ONLY}]
 # small settings; perturbation and per-feature methods on 4 x 4 patches (16 features)
 PARAMS = {
     "smoothgrad": {"n_samples": 5},

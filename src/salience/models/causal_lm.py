@@ -404,6 +404,38 @@ class CausalLM(AttentionAccess, TokenAdapter):
             values = values.index_put((mine,), target_value(targets[t], logits[mine, :len(groups[t])]))
         return values
 
+    def _values_and_ranks(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None, targets: list[Target],
+                          which: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and ranks of the targets (B, T), or of row b's target ``which[b]`` (B,), from one model
+        call that reads only the logits needed, on rows cut after the last position read (the logits at
+        ``p - 1`` do not see the tokens from ``p`` on). A span's rank is its worst token's."""
+        groups = [target_positions(t) for t in targets]
+        tokens = [list(t.span) if t.span is not None else [t.index] for t in targets]
+        per_row = [list(range(len(targets)))] * len(ids) if which is None else [[t] for t in which.tolist()]
+        width = max(len([p for t in row for p in groups[t]]) for row in per_row)
+        # each row's positions (targets in order, padded with its last): read at p - 1, ranked for the token at p
+        flat = [[(p, k) for t in row for p, k in zip(groups[t], tokens[t])] for row in per_row]
+        flat = [row + [row[-1]] * (width - len(row)) for row in flat]
+        read = torch.tensor([[p - 1 for p, _ in row] for row in flat])
+        token = torch.tensor([[k for _, k in row] for row in flat])
+        end = int(read.max()) + 1
+        logits = self._read_logits(ids[:, :end], torch.ones_like(ids[:, :end]), read)  # (B, width, V)
+        logits = check_finite(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        token = token.to(logits.device)
+        rank = (logits > logits.gather(2, token[..., None])).sum(dim=-1)  # (B, width)
+        if which is None:
+            ends = np.cumsum([len(g) for g in groups]).tolist()
+            ranks = torch.stack([rank[:, e - len(g):e].amax(dim=1) for g, e in zip(groups, ends)], dim=1)
+            return _target_values(logits, targets, groups), ranks
+        values = torch.empty(len(ids), dtype=logits.dtype, device=logits.device)
+        ranks_of = torch.empty(len(ids), dtype=rank.dtype, device=logits.device)
+        for t in which.unique().tolist():
+            mine = (which == t).nonzero()[:, 0].to(logits.device)
+            n = len(groups[t])
+            values[mine] = target_value(targets[t], logits[mine, :n])
+            ranks_of[mine] = rank[mine, :n].amax(dim=1)
+        return values, ranks_of
+
     def _read_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, V) at positions ``read`` (B, K) of each row, from one model call."""
         if self.keeps_logits:

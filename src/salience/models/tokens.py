@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from salience.core.aggregate import WORD_PATTERN  # one word rule for word features and aggregation
-from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_chunks
+from salience.core.batching import MAX_ROWS_PER_CHUNK, choose_batch_size, length_chunks, map_batches, map_chunks
 from salience.core.features import Feature, FeatureSet, as_feature_set
-from salience.core.target import Target
+from salience.core.target import Target, read_outputs
 from salience.errors import ParameterError
 from salience.models.arch import word_embedding_module
 from salience.models.base import Encoded, PassCounter
@@ -219,6 +219,56 @@ class TokenAdapter:
         the unchanged prefix's key/value cache, or None where the model cannot (a bidirectional
         model's every position sees every token: nothing to reuse)."""
         return None
+
+    # ----------------------------------------------------- replaced tokens (ReAGent)
+    def replacement_ids(self) -> torch.Tensor:
+        """Token ids a replaced token may take, ascending: the tokenizer's vocabulary (capped by the
+        embedding rows) without its special tokens, the unknown token included."""
+        size = min(len(self.tokenizer), int(self.embedding_layer.weight.shape[0]))  # type: ignore[union-attr]
+        special = set(self.tokenizer.all_special_ids)
+        return torch.tensor([i for i in range(size) if i not in special], dtype=torch.long)
+
+    def score_replaced(self, encoded: Encoded, replaced: torch.Tensor, ids: torch.Tensor, targets: Sequence[Target],
+                       batch_size: int | None = None, *, which: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and ranks for rows of the input with tokens replaced by given ids: at positions where
+        ``replaced`` (B, L) is True the token is ``ids`` (B, L) there. A target's rank is the number of
+        the model's outputs at the position it reads (a classifier's classes, a causal LM's vocabulary)
+        whose logit is strictly greater than its own: 0 for the top prediction (a span: its worst
+        token's; a contrast: its token's, not the foil's). Returns (B, T) outputs and ranks (float64),
+        or with ``which`` (B,) target indices, (B,) each: row b read for target ``which[b]`` only."""
+        replaced, ids = torch.as_tensor(replaced, dtype=torch.bool), torch.as_tensor(ids, dtype=torch.long)
+        if replaced.dim() != 2 or replaced.shape != ids.shape or replaced.shape[1] != encoded.length:
+            raise ParameterError(f"replacement rows must be (rows, {encoded.length}) masks and ids of one shape, "
+                                 f"got {tuple(replaced.shape)} and {tuple(ids.shape)}")
+        rows = torch.where(replaced, ids, encoded.input_ids[None])
+        types = None if encoded.token_type_ids is None else encoded.token_type_ids.expand_as(rows)
+        chosen = None if which is None else torch.as_tensor(which, dtype=torch.long)
+        if len(rows) == 0:
+            empty = torch.zeros((0,) if chosen is not None else (0, len(targets)), dtype=torch.float64)
+            return empty, empty.clone()
+
+        def run(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            values, ranks = self._values_and_ranks(rows[part], None if types is None else types[part], list(targets),
+                                                   None if chosen is None else chosen[part])
+            return values.double().cpu(), ranks.double().cpu()
+
+        with torch.no_grad():
+            return map_batches(run, len(rows), choose_batch_size(encoded.length, backward=False, batch_size=batch_size))
+
+    def _values_and_ranks(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None, targets: list[Target],
+                          which: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call on (B, L) token rows: every target's output and rank (B, T), or row b's for
+        target ``which[b]`` (B,). Here for a model whose output is one row of class logits (``labels``);
+        a causal LM overrides it."""
+        classes = [Target(c, label, "logit") for c, label in enumerate(self.labels)]  # type: ignore[attr-defined]
+        logits = self._outputs(ids, torch.ones_like(ids), token_type_ids, None, classes)  # (B, C)
+        values = read_outputs(logits, targets)
+        index = torch.tensor([t.index for t in targets], device=logits.device)
+        ranks = (logits[:, None, :] > logits[:, index][:, :, None]).sum(dim=-1)
+        if which is None:
+            return values, ranks
+        pick = which[:, None].to(logits.device)
+        return values.gather(1, pick)[:, 0], ranks.gather(1, pick)[:, 0]
 
     # --------------------------------------------------------------- gradients
     def input_and_baseline(self, encoded: Encoded, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
