@@ -18,6 +18,7 @@ from typing import Any
 from salience.core.target import OUTPUTS
 from salience.errors import ParameterError, SalienceError
 from salience.evaluate.commands import add_commands
+from salience.models.prompt_options import parse_labels_option, parse_template_option
 from salience.patching.commands import add_commands as add_patch_commands
 from salience.serve.commands import add_commands as add_serve_commands
 from salience.steering_commands import add_commands as add_steer_commands
@@ -158,39 +159,7 @@ def _prompt_classifier(model: Any, template: str | None, labels: str | None) -> 
         raise ParameterError("--prompt-template and --labels go together (a causal LM as a zero-shot classifier)")
     if getattr(model, "kind", None) != "causal LM":
         raise ParameterError(f"--prompt-template needs a causal LM as --model, and {model.name} is a {model.kind}")
-    parsed: Any = _parsed_json(template, "[") if template.lstrip().startswith("[") else _unescape(template)
-    return salience.PromptClassifier(model, parsed, _label_map(labels))
-
-
-def _unescape(text: str) -> str:
-    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
-
-
-def _parsed_json(text: str, opening: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ParameterError(f"{text[:40]!r} starts with {opening!r} but is not valid JSON: {error.msg}") from error
-
-
-def _label_map(text: str) -> dict[str, str]:
-    """``negative= negative,positive= positive`` (what the shell leaves of negative=" negative",...),
-    a JSON object, or bare names (verbalised with a leading space)."""
-    if text.lstrip().startswith("{"):
-        parsed = _parsed_json(text, "{")
-        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
-            raise ParameterError("--labels as JSON is an object of label name -> verbalisation text")
-        return {str(k): v for k, v in parsed.items()}
-    labels: dict[str, str] = {}
-    for item in text.split(","):
-        name, sep, verbalisation = item.partition("=")
-        name = name.strip()
-        if not name:
-            raise ParameterError(f"--labels {text!r} has an empty label name; write NAME=VERBALISATION,...")
-        if name in labels:
-            raise ParameterError(f"--labels names {name!r} twice")
-        labels[name] = verbalisation if sep else f" {name}"
-    return labels
+    return salience.PromptClassifier(model, parse_template_option(template), parse_labels_option(labels))
 
 
 def _png(explanations: Sequence[Any], path: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from salience.errors import ParameterError, SalienceError, UnknownMethodError
 from salience.evaluate.config import RunConfig
-from salience.evaluate.runner import Unit, UnitResult, compute_unit
+from salience.evaluate.runner import Unit, UnitResult, compute_unit, load_run_model
 
 INSTALL_HINT = 'pip install "salience[ray]"'
 FORWARDED_ENV = ("SALIENCE_", "HF_", "TRANSFORMERS_")  # driver settings the actors see (offline flags, caches, test hooks)
@@ -194,12 +194,10 @@ class UnitWorker:
     """A Ray Data callable class: one per actor, holding the model (loaded once)."""
 
     def __init__(self, config: RunConfig, batch_size: int | None, device: str | None) -> None:
-        from salience.models.loading import load_model
-
         self.config = config
         self.specs = {spec.label: spec for spec in config.methods}
         self.batch_size = batch_size
-        self.model = load_model(config.model, max_length=config.max_length, device=device)
+        self.model = load_run_model(config, device=device)
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
         trace = os.environ.get(TRACE_ENV)
         self.trace = Path(trace) / f"{os.getpid()}.batch" if trace else None

@@ -36,7 +36,7 @@ from salience.errors import ParameterError, SalienceError
 TARGETS = ("predicted", "label")
 DATASET_OPTIONS = ("split", "lexicon_threshold", "n", "seed")
 STUDY_KEYS = ("name", "model", "dataset", "dataset_options", "methods", "metrics", "limit", "target", "output", "seed",
-              "truncate", "max_length", "batch_size")
+              "truncate", "max_length", "batch_size", "prompt_template", "labels")
 
 
 class ConfigError(SalienceError, ValueError):
@@ -166,6 +166,10 @@ class RunConfig:
     truncate: bool = False
     max_length: int | None = None
     name: str | None = None  # a study's name (display only)
+    # a causal LM as a zero-shot classifier (salience.PromptClassifier): the template with {text}
+    # (a string or chat messages) and the labels (name -> verbalisation); both or neither
+    prompt_template: str | tuple[dict[str, str], ...] | None = None
+    labels: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -182,6 +186,8 @@ class RunConfig:
         unknown = set(self.dataset_options) - set(DATASET_OPTIONS)
         if unknown:
             raise ConfigError(f"unknown dataset option {sorted(unknown)[0]!r}; known: {', '.join(DATASET_OPTIONS)}")
+        if (self.prompt_template is None) != (self.labels is None):
+            raise ConfigError("'prompt_template' and 'labels' go together (a causal LM as a zero-shot classifier)")
 
     def identity(self, fingerprint: str) -> dict[str, Any]:
         """The part of the configuration that decides the values: the model's and the dataset's
@@ -197,7 +203,14 @@ class RunConfig:
             "seed": self.seed,
             "truncate": self.truncate,
             "max_length": self.max_length,
-        }
+        } | self._prompt_identity()
+
+    def _prompt_identity(self) -> dict[str, Any]:
+        """The prompt classifier's template and labels; absent without one, so that the ids of runs
+        on plain classifiers stay what they were."""
+        if self.prompt_template is None:
+            return {}
+        return {"prompt_template": self.prompt_template, "labels": self.labels}
 
     def run_id(self, fingerprint: str) -> str:
         """16 hex digits of the SHA-256 of :meth:`identity` (canonical JSON)."""
@@ -214,7 +227,8 @@ class RunConfig:
 def model_fingerprint(name: str) -> str:
     """What identifies a model's weights: the SHA-256 of a local folder's weight, config and
     vocabulary files; of a zoo model's weights (the ``.safetensors`` shipped in ``salience/zoo``
-    under the model's name, e.g. ``minilm_sentiment.safetensors``, or EfficientNet-Lite0's asset);
+    under the model's name, e.g. ``minilm_sentiment.safetensors``, EfficientNet-Lite0's asset, or
+    a size-ladder MiniLM's weights in the user's cache);
     the task version of ``zoo:planted``; else (a hub id, a zoo model not installed) the name."""
     weights = _zoo_weights(name)
     if weights is not None:
@@ -246,6 +260,14 @@ def _zoo_weights(name: str) -> Path | None:
             return efficientnet_lite0_weights_path()
         except SalienceError:
             return None  # loading the model will say what is missing
+    from salience.models.loading import LADDER_ZOO
+
+    layers = LADDER_ZOO.get(name.removeprefix("zoo:"))
+    if layers:  # a MiniLM rung of the size ladder, trained into the user's cache
+        from salience.zoo.minilm_ladder import ladder_weights_path
+
+        cached = ladder_weights_path(layers)
+        return cached if cached.is_file() else None
     import salience.zoo
 
     shipped = Path(salience.zoo.__file__).with_name(name.removeprefix("zoo:").replace("-", "_") + ".safetensors")
@@ -328,6 +350,22 @@ def _parse(file: Path, text: str) -> dict[str, Any]:
     return data
 
 
+def _prompt_template(value: Any) -> str | tuple[dict[str, str], ...] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return tuple(dict(m) for m in value)
+    raise ConfigError("'prompt_template' must be a string with {text} or a list of chat messages (tables)")
+
+
+def _labels(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError("'labels' must be a table of label name = verbalisation, e.g. { negative = \" negative\" }")
+    return dict(value)
+
+
 def _study(raw: dict[str, Any]) -> Study:
     unknown = set(raw) - set(STUDY_KEYS)
     if unknown:
@@ -350,6 +388,8 @@ def _study(raw: dict[str, Any]) -> Study:
         truncate=bool(raw.get("truncate", False)),
         max_length=raw.get("max_length"),
         name=raw["name"],
+        prompt_template=_prompt_template(raw.get("prompt_template")),
+        labels=_labels(raw.get("labels")),
     )
     limit = raw.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):

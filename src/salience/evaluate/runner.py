@@ -136,14 +136,28 @@ class PreparedRun:
         return [(e.id, i, e.stored_input, e.label, e.rationale, e.box) for i, e in enumerate(self.dataset.examples)]
 
 
+def load_run_model(config: RunConfig, *, device: str | None = None) -> Any:
+    """The run's model: ``config.model`` loaded, wrapped in a :class:`~salience.PromptClassifier`
+    when the run has a prompt template and labels."""
+    from salience.models.loading import load_model
+    from salience.models.prompt_classifier import PromptClassifier
+
+    model = load_model(config.model, max_length=config.max_length, device=device)
+    if config.prompt_template is None or config.labels is None:
+        return model
+    if getattr(model, "kind", None) != "causal LM":
+        raise ParameterError(f"a prompt template needs a causal LM, and {config.model} is a {model.kind}")
+    template = config.prompt_template if isinstance(config.prompt_template, str) else list(config.prompt_template)
+    return PromptClassifier(model, template, config.labels)
+
+
 def prepare_run(config: RunConfig, *, limit: int | None = None, model: Any = None, skip_invalid: bool = False,
                 log: Callable[[str], None] = print) -> PreparedRun:
     """Load the model (unless given) and the dataset, and refuse, before any work, what cannot succeed."""
     from salience.metrics.base import get_metric
-    from salience.models.loading import load_model
 
     if model is None:
-        model = load_model(config.model, max_length=config.max_length)
+        model = load_run_model(config)
     options = dict(config.dataset_options)
     dataset = load_dataset(config.dataset, model, limit=limit, skip_invalid=skip_invalid, truncate=config.truncate, **options)
     if dataset.skipped:
