@@ -56,6 +56,9 @@ PRODUCTS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rm
             torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
             torch.Tensor.bmm, torch.mm, torch.Tensor.mm, torch.einsum)
 IN_PLACE_PRODUCTS = (torch.Tensor.mul_, torch.Tensor.__imul__)
+# products whose vector-Jacobian product is written out (two factors, positional, in this order)
+MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.mm, torch.Tensor.mm)
+MULS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.multiply, torch.Tensor.multiply)
 # functions of a normalisation's statistics, held constant inside a module whose class name ends with "Norm"
 STATISTICS = (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.square, torch.Tensor.square, torch.sqrt,
               torch.Tensor.sqrt, torch.rsqrt, torch.Tensor.rsqrt, torch.reciprocal, torch.Tensor.reciprocal, torch.var,
@@ -97,18 +100,23 @@ class Site:
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
     """x with infinite values (masks' -inf) as 0: their relevance x * c is 0 (c is 0 there)."""
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# (seed, the call's value, its inputs) -> the vector-Jacobian product of the call for each input
+VJP = Callable[..., list[torch.Tensor]]
 
 
 class _Surrogate(torch.autograd.Function):
     """Forward: the model's own ``value``; backward: the vector-Jacobian product of ``call`` (a
     function of ``inputs`` equal to ``value`` up to rounding, with the rule's constants held fixed)
-    applied to ``c * weight(value)`` (``weight`` None: c)."""
+    applied to ``c * weight(value)`` (``weight`` None: c). ``vjp``: that product written out (no
+    forward pass of ``call`` in the backward); None: by autograd through ``call``."""
 
     @staticmethod
-    def forward(ctx: Any, site: Site, call: Callable[..., torch.Tensor], weight: Callable[[torch.Tensor], torch.Tensor] | None,
-                value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        ctx.site, ctx.call, ctx.weight = site, call, weight
+    def forward(ctx: Any, site: Site, call: Callable[..., torch.Tensor], vjp: VJP | None,
+                weight: Callable[[torch.Tensor], torch.Tensor] | None, value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.site, ctx.call, ctx.vjp, ctx.weight = site, call, vjp, weight
         ctx.save_for_backward(value, *inputs)
         return value.clone()
 
@@ -117,16 +125,20 @@ class _Surrogate(torch.autograd.Function):
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         value, *inputs = ctx.saved_tensors
         site: Site = ctx.site
-        leaves = [x.detach().requires_grad_(True) for x in inputs]
-        with site.mode.paused(), torch.enable_grad():
-            out = ctx.call(*leaves)
-            seed = c if ctx.weight is None else c * ctx.weight(value)
-            found = torch.autograd.grad(out, leaves, seed.to(out.dtype), allow_unused=True)
+        seed = c if ctx.weight is None else c * ctx.weight(value)
+        if ctx.vjp is not None:
+            with site.mode.paused():
+                found = ctx.vjp(seed.to(value.dtype), value, *inputs)
+        else:
+            leaves = [x.detach().requires_grad_(True) for x in inputs]
+            with site.mode.paused(), torch.enable_grad():
+                out = ctx.call(*leaves)
+                found = torch.autograd.grad(out, leaves, seed.to(out.dtype), allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, found, strict=True)]
         if site.record:
             site.mode.record(site.layer, site.rule, value * c, [_finite(x) * g for x, g in zip(inputs, grads, strict=True)],
                              site.forward)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 Where = tuple[str, int]  # (module, forward pass) a rule call belongs to
@@ -146,7 +158,11 @@ def softmax_rule(mode: Mode, x: torch.Tensor, dim: int, dtype: torch.dtype | Non
     if value is None:
         with torch.no_grad():
             value = call(x)
-    return _Surrogate.apply(_site(mode, "softmax", where), call, None, value, x)  # type: ignore[no-any-return]
+
+    def vjp(seed: torch.Tensor, s: torch.Tensor, _x: torch.Tensor) -> list[torch.Tensor]:
+        return [s * (seed - (seed * s).sum(dim, keepdim=True))]  # softmax's backward at its output s
+
+    return _Surrogate.apply(_site(mode, "softmax", where), call, vjp, None, value, x)  # type: ignore[no-any-return]
 
 
 def _softmax_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -199,7 +215,24 @@ def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kw
 
     with torch.no_grad():
         value = func(*args, **kwargs)
-    return _Surrogate.apply(_site(mode, "uniform", where), call, weight, value, *unique)
+    vjp = None
+    if len(unique) == 2 and len(factors) == 2 and len(args) == 2 and not kwargs and args[0] is unique[0] \
+            and args[1] is unique[1]:
+        if func in MATMULS and min(args[0].dim(), args[1].dim()) >= 2:
+            vjp = _matmul_vjp
+        elif func in MULS:
+            vjp = _mul_vjp
+    return _Surrogate.apply(_site(mode, "uniform", where), call, vjp, weight, value, *unique)
+
+
+def _matmul_vjp(seed: torch.Tensor, _value: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """a @ b (both at least 2-d, batch dimensions broadcast)."""
+    return [seed.matmul(b.transpose(-1, -2)).sum_to_size(a.shape), a.transpose(-1, -2).matmul(seed).sum_to_size(b.shape)]
+
+
+def _mul_vjp(seed: torch.Tensor, _value: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """a * b (broadcast)."""
+    return [(seed * b).sum_to_size(a.shape), (seed * a).sum_to_size(b.shape)]
 
 
 # ------------------------------------------------------------------ normalisations
@@ -231,7 +264,11 @@ def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwa
         y = (leaf - leaf.mean(dims, keepdim=True) if centred else leaf) * scale
         return y if weight is None else y * weight
 
-    return _Surrogate.apply(_site(mode, "layer_norm" if centred else "rms_norm"), call, None, value, x)
+    def vjp(seed: torch.Tensor, _value: torch.Tensor, _x: torch.Tensor) -> list[torch.Tensor]:
+        g = (seed if weight is None else seed * weight) * scale
+        return [g - g.mean(dims, keepdim=True) if centred else g]  # centring's Jacobian is symmetric
+
+    return _Surrogate.apply(_site(mode, "layer_norm" if centred else "rms_norm"), call, vjp, None, value, x)
 
 
 def is_normalisation(module: nn.Module) -> bool:
@@ -289,7 +326,7 @@ def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
         return attention(mode, *qkv, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa, where=where)
 
     # the decomposition's own rules record themselves: this call is not recorded (its relevance is theirs)
-    return _Surrogate.apply(Site(mode, where[0], "attention", where[1], record=False), call, None, value, *path)
+    return _Surrogate.apply(Site(mode, where[0], "attention", where[1], record=False), call, None, None, value, *path)
 
 
 def _at(mode: Mode) -> str:

@@ -116,15 +116,28 @@ class _Step:
             return self.rule.relevance(self.layer, x, r, self.mask)
         return self.rule.relevance(self.layer, x, r)
 
+    def coefficients(self, x: torch.Tensor, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        """c with R_in = x * c, for the rules that put relevance on inputs in that form (epsilon,
+        gamma, alpha-beta: none on an input equal to 0); None for the others. ``z``: the layer's output."""
+        found = getattr(self.rule, "coefficients", None)
+        return None if found is None else found(self.layer, x, r, z)  # type: ignore[no-any-return]
+
+
+def _per_row(t: torch.Tensor) -> torch.Tensor:
+    """The sum over every dimension but the first (no copy of a non-contiguous tensor)."""
+    return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
+
 
 class _Relevance(torch.autograd.Function):
-    """Forward: the layer's own output ``value``; backward: the rule's relevance, per unit of input."""
+    """Forward: the layer's own output ``compute()`` (the model's call, run here without gradients);
+    backward: the rule's relevance, per unit of input."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, value: torch.Tensor, step: _Step) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, step: _Step, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        value = compute()
         ctx.save_for_backward(x, value)
         ctx.step = step
-        return value.clone()
+        return value.clone()  # the saved value stays as it is if a later in-place call (ReLU(inplace=True)) changes the output
 
     @staticmethod
     @once_differentiable
@@ -133,44 +146,55 @@ class _Relevance(torch.autograd.Function):
         step: _Step = ctx.step
         r_out = z * c
         with step.mode.paused():
-            r_in = step.relevance(x, r_out)
-        zero = x == 0
-        c_in = torch.where(zero, torch.zeros_like(r_in), r_in / torch.where(zero, torch.ones_like(x), x))
-        lost = torch.where(zero, r_in, torch.zeros_like(r_in))
-        step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, r_out.flatten(1).sum(1), r_in.flatten(1).sum(1),
-                                          lost.flatten(1).sum(1), step.forward))
+            coefficients = step.coefficients(x, r_out, z)
+            if coefficients is None:
+                r_in = step.relevance(x, r_out)
+        if coefficients is not None:  # R_in = x * c: nothing on inputs equal to 0 (c set to 0 there: |sign(x)|)
+            c_in = coefficients * x.sign().abs()
+            found, lost = _per_row(x * c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
+        else:
+            zero = x == 0
+            c_in = torch.where(zero, 0.0, r_in / torch.where(zero, 1.0, x))
+            found, lost = _per_row(r_in), _per_row(torch.where(zero, r_in, 0.0))
+        step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, _per_row(r_out), found, lost, step.forward))
         return c_in, None, None
 
 
 class _Pass(torch.autograd.Function):
     """An elementwise activation y = f(x) (in place when it was) passing relevance through:
-    c_in = c y / x (0 where x = 0)."""
+    c_in = c y / x (0 where x = 0). ``relu``: y = 0 for x <= 0 (the ReLU family), so the zeros come
+    from ReLU's own backward kernel; otherwise by arithmetic (no boolean mask: faster on the CPU)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool, relu: bool) -> torch.Tensor:
         saved = x.detach().clone() if inplace else x.detach()
         y = call()
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(saved, y)
+        ctx.relu = relu
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, y = ctx.saved_tensors
-        zero = x == 0
-        return torch.where(zero, torch.zeros_like(c), c * y / torch.where(zero, torch.ones_like(x), x)), None, None
+        if ctx.relu:
+            return torch.ops.aten.threshold_backward((c * y).div_(x), x, 0), None, None, None
+        kept = x.sign().abs()  # 0 where x = 0, else 1
+        return (c * y).div_(x + (1 - kept)).mul_(kept), None, None, None
 
 
 class _Split(torch.autograd.Function):
     """z = ka a + kb b (the call's own value); backward: each summand gets R (k t) / stab(z)."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, value: torch.Tensor, ka: float, kb: float, eps: float) -> torch.Tensor:
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, compute: Callable[[], torch.Tensor], ka: float, kb: float,
+                eps: float) -> torch.Tensor:
+        value = compute()
         ctx.save_for_backward(value)
         ctx.shapes, ctx.k, ctx.eps = (a.shape, b.shape), (ka, kb), eps
-        return value.clone()
+        return value.clone()  # as _Relevance's
 
     @staticmethod
     @once_differentiable
@@ -374,10 +398,8 @@ class LRPMode(TorchFunctionMode):
         is_input = self._calls == 0
         self._calls += 1
         name, rule = self._rule(kind, is_input, x)
-        with torch.no_grad():
-            value = func(*args, **kwargs)
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind)
-        out = _Relevance.apply(x, value, _Step(self, layer, rule, self._pad_mask(x), self.forwards))
+        out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
         self._outputs[id(out)] = (out, x, layer, rule)
         self.layers += 1
         return out
@@ -394,18 +416,17 @@ class LRPMode(TorchFunctionMode):
         if bound.get("weight") is not None:
             scale = scale * bound["weight"]
         shift = -mean * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
-        with torch.no_grad():
-            value = func(*args, **kwargs)
+        compute = partial(func, *args, **kwargs)
         record = self._outputs.get(id(z))
         if self.merge_batch_norm and record is not None and record[0] is z:
             _, x, layer, rule = record
             merged = layer.merged_with_batch_norm(scale, shift)
             self.merged += 1
-            out = _Relevance.apply(x, value, _Step(self, merged, rule, self._pad_mask(x), self.forwards))
+            out = _Relevance.apply(x, _Step(self, merged, rule, self._pad_mask(x, rule), self.forwards), compute)
             self._outputs[id(out)] = (out, x, merged, rule)
             return out
         name, rule = self._rule("batch_norm", False, z)
-        out = _Relevance.apply(z, value, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards))
+        out = _Relevance.apply(z, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards), compute)
         self.layers += 1
         return out
 
@@ -414,11 +435,9 @@ class LRPMode(TorchFunctionMode):
         if not _path(x):
             return func(*args, **kwargs)
         name, rule = self._rule("avg_pool", False, x)
-        with torch.no_grad():
-            value = func(*args, **kwargs)
         rest = {k: v for k, v in kwargs.items() if k != "input"}
-        out = _Relevance.apply(x, value, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"),
-                                               rule, forward=self.forwards))
+        out = _Relevance.apply(x, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"),
+                                        rule, forward=self.forwards), partial(func, *args, **kwargs))
         self.layers += 1
         return out
 
@@ -433,9 +452,7 @@ class LRPMode(TorchFunctionMode):
         if kwargs.get("alpha", 1) != 1 or len(args) > 2:
             raise ParameterError(f"{self.method}: {function_name(func)} with alpha{self._where()} is not supported")
         ka, kb = SUMS[func]
-        with torch.no_grad():
-            value = func(*args, **kwargs)
-        return _Split.apply(a, b, value, ka, kb, self.stabiliser)
+        return _Split.apply(a, b, partial(func, *args, **kwargs), ka, kb, self.stabiliser)
 
     def _activation(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs.get("input", kwargs.get("self"))
@@ -443,10 +460,11 @@ class LRPMode(TorchFunctionMode):
             return func(*args, **kwargs)
         reader = RELU_FAMILY.get(func)
         if reader is not None:
-            inplace = reader(args, kwargs)[1]
+            unit, inplace = reader(args, kwargs)
+            relu = unit.low == 0.0
         else:
-            inplace = is_inplace(func, args, kwargs)
-        return _Pass.apply(x, partial(func, *args, **kwargs), inplace)
+            inplace, relu = is_inplace(func, args, kwargs), False
+        return _Pass.apply(x, partial(func, *args, **kwargs), inplace, relu)
 
     # ------------------------------------------------------------ padding seen by z^B
     def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -456,11 +474,11 @@ class LRPMode(TorchFunctionMode):
         if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
             self._pads[id(result)] = (result, partial(F.pad, pad=bound["pad"], mode="constant", value=0.0), source.shape)
 
-    def _pad_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """1 on the input's own values, 0 on zero padding added just before this layer (z^B bounds hold
-        only where there is an input)."""
+    def _pad_mask(self, x: torch.Tensor, rule: Rule) -> torch.Tensor | None:
+        """For z^B: 1 on the input's own values, 0 on zero padding added just before this layer (z^B
+        bounds hold only where there is an input). None for other rules."""
         record = self._pads.get(id(x))
-        if record is None or record[0] is not x:
+        if not isinstance(rule, ZBox) or record is None or record[0] is not x:
             return None
         _, pad, shape = record
         with torch.no_grad():

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from salience.errors import ParameterError
 
@@ -42,6 +43,10 @@ STABILISER = 1e-6  # the denominators' stabiliser of every rule but epsilon (zen
 def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps sign(z)`` with sign(0) = +1; a denominator still 0 (eps = 0) is replaced by 1 (the
     relevance there is 0: it is the layer's output times what flows back)."""
+    if eps > 0 and torch.tensor(eps, dtype=z.dtype).item() > 0:
+        # |z + eps sign(z)| >= eps > 0 everywhere (eps representable in z's dtype). Arithmetic, not a
+        # boolean mask (several times faster on the CPU); z = -0.0 takes -eps, where z's relevance is 0
+        return torch.full_like(z, eps).copysign_(z).add_(z)
     found = z + eps * torch.where(z >= 0, 1.0, -1.0).to(z)
     return torch.where(found == 0, torch.ones_like(found), found)
 
@@ -92,8 +97,45 @@ class Layer:
         return self.weight, self.bias
 
 
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = (1, 0, 1, 1)
+
+
+def _conv_options(layer: Layer, like: torch.Tensor) -> tuple[list[int], list[int], list[int], int, int] | None:
+    """(stride, padding, dilation, groups, spatial dims) of a batched F.conv*d call with numeric
+    padding (or "valid"), else None."""
+    dims = _CONVS.get(layer.func)
+    if dims is None or like.dim() != dims + 2 or len(layer.rest) > len(_CONV_ARGUMENTS):
+        return None
+    given = dict(zip(_CONV_ARGUMENTS, layer.rest, strict=False))
+    if set(layer.options) - set(_CONV_ARGUMENTS) or set(given) & set(layer.options):
+        return None
+    given.update(layer.options)
+    stride, padding, dilation, groups = (given.get(n, d) for n, d in zip(_CONV_ARGUMENTS, _CONV_DEFAULTS, strict=True))
+    if isinstance(padding, str):
+        if padding != "valid":
+            return None
+        padding = 0
+
+    def expand(value: Any) -> list[int]:
+        return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
+
+    return expand(stride), expand(padding), expand(dilation), int(groups), dims
+
+
 def _back(layer: Layer, like: torch.Tensor, weight: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
-    """``J(weight)^T s``: the vector-Jacobian product of x -> layer(x; weight, no bias) at any x."""
+    """``J(weight)^T s``: the vector-Jacobian product of x -> layer(x; weight, no bias) at any x.
+    Dense and convolution layers take it directly (``s W``; the convolution's input gradient, no
+    forward pass); other layers by autograd through a forward pass at x = 0."""
+    if weight is not None and layer.func is F.linear:
+        return s.matmul(weight)
+    conv = _conv_options(layer, like) if weight is not None else None
+    if conv is not None:
+        stride, padding, dilation, groups, dims = conv
+        grad, _, _ = torch.ops.aten.convolution_backward(s, like, weight, None, stride, padding, dilation, False,
+                                                         [0] * dims, groups, [True, False, False])
+        return grad  # type: ignore[no-any-return]
     leaf = torch.zeros_like(like).requires_grad_(True)
     with torch.enable_grad():
         z = layer(leaf, weight, None)
@@ -104,6 +146,16 @@ def _back(layer: Layer, like: torch.Tensor, weight: torch.Tensor | None, s: torc
 def _out(layer: Layer, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     with torch.no_grad():
         return layer(x, weight, bias)
+
+
+def _has_negatives(x: torch.Tensor) -> bool:
+    return x.numel() > 0 and bool(x.min() < 0)
+
+
+def _by_sign(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``up`` where x > 0, ``down`` where x < 0 (either at 0, where x times it is 0), by arithmetic."""
+    h = (x.sign() + 1) * 0.5
+    return up * h + down * (1 - h)
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -138,14 +190,19 @@ class Epsilon:
     name: str = "epsilon"
 
     def relevance(self, layer: Layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return x * self.coefficients(layer, x, r)
+
+    def coefficients(self, layer: Layer, x: torch.Tensor, r: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """c with relevance R_in = x * c. ``z``: the layer's output at x when known (the forward's)."""
         if layer.weight is None:
             leaf = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                z = layer(leaf)
-                (grad,) = torch.autograd.grad(z, leaf, r / stabilise(z.detach(), self.eps))
-            return x * grad
-        z = _out(layer, x, layer.weight, layer.bias)
-        return x * _back(layer, x, layer.weight, r / stabilise(z, self.eps))
+                out = layer(leaf)
+                (grad,) = torch.autograd.grad(out, leaf, r / stabilise(out.detach(), self.eps))
+            return grad
+        if z is None:
+            z = _out(layer, x, layer.weight, layer.bias)
+        return _back(layer, x, layer.weight, r / stabilise(z, self.eps))
 
     def describe(self) -> dict[str, Any]:
         return {"rule": self.name, "epsilon": self.eps}
@@ -160,20 +217,31 @@ class Gamma:
     name: str = "gamma"
 
     def relevance(self, layer: Layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return x * self.coefficients(layer, x, r)
+
+    def coefficients(self, layer: Layer, x: torch.Tensor, r: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """c with R_in = x * c (x+ * up + x- * down = x * (up where x > 0, else down)). ``z``: the
+        layer's output at x when known. Without negative inputs the x- terms (0) are skipped."""
         w, b = layer.weights(self.name)
         g = self.gamma
         w_up, w_down = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
         b_up = None if b is None else b + g * b.clamp(min=0)
         b_down = None if b is None else b + g * b.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        z = _out(layer, x, w, b)
-        z_p = _out(layer, xp, w_up, b_up) + _out(layer, xn, w_down, None)
-        z_n = _out(layer, xp, w_down, b_down) + _out(layer, xn, w_up, None)
+        if z is None:
+            z = _out(layer, x, w, b)
+        negative = _has_negatives(x)
+        xp = x.clamp(min=0) if negative else x
+        z_p, z_n = _out(layer, xp, w_up, b_up), _out(layer, xp, w_down, b_down)
+        if negative:
+            xn = x.clamp(max=0)
+            z_p, z_n = z_p + _out(layer, xn, w_down, None), z_n + _out(layer, xn, w_up, None)
         s_p = (z > 0).to(r) * r / stabilise(z_p, self.stab)
         s_n = (z < 0).to(r) * r / stabilise(z_n, self.stab)
         up = _back(layer, x, w_up, s_p) + _back(layer, x, w_down, s_n)
+        if not negative:
+            return up
         down = _back(layer, x, w_down, s_p) + _back(layer, x, w_up, s_n)
-        return xp * up + xn * down
+        return _by_sign(x, up, down)
 
     def describe(self) -> dict[str, Any]:
         return {"rule": self.name, "gamma": self.gamma}
@@ -194,15 +262,29 @@ class AlphaBeta:
                                  f"beta={self.beta}")
 
     def relevance(self, layer: Layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return x * self.coefficients(layer, x, r)
+
+    def coefficients(self, layer: Layer, x: torch.Tensor, r: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """c with R_in = x * c (as Gamma's; ``z`` is not needed). Without negative inputs (after a
+        ReLU) the x- terms (0) are skipped: one forward and one backward convolution for z+."""
         w, b = layer.weights(self.name)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        s_p = r / stabilise(_out(layer, xp, wp, _pos(b)) + _out(layer, xn, wn, None), self.stab)
-        found = self.alpha * (xp * _back(layer, x, wp, s_p) + xn * _back(layer, x, wn, s_p))
+        negative = _has_negatives(x)
+        xp = x.clamp(min=0) if negative else x
+        xn = x.clamp(max=0) if negative else None
+        z_p = _out(layer, xp, wp, _pos(b))
+        s_p = r / stabilise(z_p if xn is None else z_p + _out(layer, xn, wn, None), self.stab)
+        if self.alpha != 1.0:
+            s_p = self.alpha * s_p
+        up = _back(layer, x, wp, s_p)
+        down = _back(layer, x, wn, s_p) if xn is not None else None
         if self.beta:
-            s_n = r / stabilise(_out(layer, xp, wn, _neg(b)) + _out(layer, xn, wp, None), self.stab)
-            found = found - self.beta * (xp * _back(layer, x, wn, s_n) + xn * _back(layer, x, wp, s_n))
-        return found
+            z_n = _out(layer, xp, wn, _neg(b))
+            s_n = self.beta * r / stabilise(z_n if xn is None else z_n + _out(layer, xn, wp, None), self.stab)
+            up = up - _back(layer, x, wn, s_n)
+            if down is not None:
+                down = down - _back(layer, x, wp, s_n)
+        return up if down is None else _by_sign(x, up, down)
 
     def describe(self) -> dict[str, Any]:
         return {"rule": self.name, "alpha": self.alpha, "beta": self.beta}
