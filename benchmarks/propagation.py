@@ -512,9 +512,10 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             "forward and forward + backward times. Rows: counted by a forward hook on the model (the same for every "
             "implementation; a backward row is one whose output took part in a backward pass).", ""]
     for name in args.cases:
+        start = load_average()
         found, lines = CASES[name](args)
         summary += found
-        body += lines
+        body += [*lines[:-1], f"Load average (1 / 5 / 15 min) at this case's start: {start}; at its end: {load_average()}.", ""]
     return summary, body
 
 
