@@ -17,7 +17,7 @@ from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import parse_composite
-from salience.methods.lrp_mode import LRPMode
+from salience.methods.lrp_mode import LRPMode, run_with_copies_if_needed
 from salience.methods.lrp_rules import STABILISER
 
 # rules of the trace whose calls keep relevance by design (not by biases or the stabiliser)
@@ -64,12 +64,18 @@ class AttnLRP:
             raise ParameterError("attnlrp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
         check_logit_targets(ctx.targets, "attnlrp")
         x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
-        rows = []
-        with LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp") as mode:
-            for target in ctx.targets:  # one forward + backward row each (the rules' trace is per row: no vmapped backward)
-                found, gradient = ctx.model.score_inputs(ctx.encoded, x[None], target, grad=True, batch_size=ctx.batch_size)
-                assert gradient is not None
-                rows.append((found[0].detach(), gradient[0]))
+
+        def run(copy_outputs: bool) -> tuple[LRPMode, list[tuple[torch.Tensor, torch.Tensor]]]:
+            rows = []
+            with LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp",
+                         copy_outputs=copy_outputs) as mode:
+                for target in ctx.targets:  # one forward + backward row each (the rules' trace is per row: no vmapped backward)
+                    found, gradient = ctx.model.score_inputs(ctx.encoded, x[None], target, grad=True, batch_size=ctx.batch_size)
+                    assert gradient is not None
+                    rows.append((found[0].detach(), gradient[0]))
+            return mode, rows
+
+        mode, rows = run_with_copies_if_needed(run)
         if mode.layers == 0:
             raise ParameterError(f"attnlrp found no linear layer on {ctx.model.name}'s gradient path (a TorchScript or compiled "
                                  "model, or custom kernels, are not seen); explain a plain nn.Module")

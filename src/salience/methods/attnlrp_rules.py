@@ -75,6 +75,7 @@ class Mode(Protocol):
 
     stabiliser: float
     forwards: int
+    copy_outputs: bool
 
     def paused(self) -> Any: ...
 
@@ -118,7 +119,7 @@ class _Surrogate(torch.autograd.Function):
                 weight: Callable[[torch.Tensor], torch.Tensor] | None, value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.site, ctx.call, ctx.vjp, ctx.weight = site, call, vjp, weight
         ctx.save_for_backward(value, *inputs)
-        return value.clone()
+        return value.clone() if site.mode.copy_outputs else value  # as LRPMode's rules
 
     @staticmethod
     @once_differentiable

@@ -18,7 +18,7 @@ from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import parse_composite
-from salience.methods.lrp_mode import LRPMode
+from salience.methods.lrp_mode import LRPMode, run_with_copies_if_needed
 from salience.methods.lrp_rules import STABILISER
 from salience.methods.sharing import SharedInputs
 
@@ -87,10 +87,15 @@ class LRP(SharedInputs):
         bounds = self._bounds(contexts, rows) if composite.uses("zbox") else None
         targets = [ctx.targets[0] for ctx in contexts] if paired else first.targets
         options = {"paired": True} if paired else {}
-        with LRPMode(composite, eps=self.eps, gamma=self.gamma, bounds=bounds, merge_batch_norm=self.merge_batch_norm,
-                     stabiliser=self.stabiliser) as mode:
-            values, gradients = first.model.score_inputs(first.encoded, rows, targets, grad=True, batch_size=first.batch_size,
-                                                         **options)
+
+        def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor | None]:
+            with LRPMode(composite, eps=self.eps, gamma=self.gamma, bounds=bounds, merge_batch_norm=self.merge_batch_norm,
+                         stabiliser=self.stabiliser, copy_outputs=copy_outputs) as mode:
+                found = first.model.score_inputs(first.encoded, rows, targets, grad=True, batch_size=first.batch_size,
+                                                 **options)
+            return mode, *found
+
+        mode, values, gradients = run_with_copies_if_needed(run)
         if mode.layers == 0:
             raise ParameterError(f"lrp found no convolution or linear layer on {first.model.name}'s gradient path (a TorchScript "
                                  "or compiled model, or custom kernels, are not seen); explain a plain nn.Module")

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,21 @@ class _Step:
         return None if found is None else found(self.layer, x, r, z)  # type: ignore[no-any-return]
 
 
+IN_PLACE_ERROR = "modified by an inplace operation"
+T = TypeVar("T")
+
+
+def run_with_copies_if_needed(run: Callable[[bool], T]) -> T:
+    """``run(copy_outputs=False)``; if the model changed a rule's output in place (autograd's version
+    check fails in the backward), ``run(copy_outputs=True)`` from the start."""
+    try:
+        return run(False)
+    except RuntimeError as error:
+        if IN_PLACE_ERROR not in str(error):
+            raise
+    return run(True)
+
+
 def _per_row(t: torch.Tensor) -> torch.Tensor:
     """The sum over every dimension but the first (no copy of a non-contiguous tensor)."""
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
@@ -137,7 +152,9 @@ class _Relevance(torch.autograd.Function):
         value = compute()
         ctx.save_for_backward(x, value)
         ctx.step = step
-        return value.clone()  # the saved value stays as it is if a later in-place call (ReLU(inplace=True)) changes the output
+        # a copy keeps the saved value as it is if a later in-place call (ReLU(inplace=True)) changes the
+        # output; without it such a call makes the backward fail (autograd's version check)
+        return value.clone() if step.mode.copy_outputs else value
 
     @staticmethod
     @once_differentiable
@@ -190,11 +207,11 @@ class _Split(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, compute: Callable[[], torch.Tensor], ka: float, kb: float,
-                eps: float) -> torch.Tensor:
+                eps: float, copy: bool) -> torch.Tensor:
         value = compute()
         ctx.save_for_backward(value)
         ctx.shapes, ctx.k, ctx.eps = (a.shape, b.shape), (ka, kb), eps
-        return value.clone()  # as _Relevance's
+        return value.clone() if copy else value  # as _Relevance's
 
     @staticmethod
     @once_differentiable
@@ -202,7 +219,7 @@ class _Split(torch.autograd.Function):
         (z,) = ctx.saved_tensors
         share = c * z / stabilise(z, ctx.eps)
         (sa, sb), (ka, kb) = ctx.shapes, ctx.k
-        return (ka * share).sum_to_size(sa), (kb * share).sum_to_size(sb), None, None, None, None
+        return (ka * share).sum_to_size(sa), (kb * share).sum_to_size(sb), None, None, None, None, None
 
 
 class LRPMode(TorchFunctionMode):
@@ -211,12 +228,17 @@ class LRPMode(TorchFunctionMode):
     high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
     layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged;
     ``forwards``: forward passes of the model begun. ``transformer``: AttnLRP's rules too;
-    ``method``: the name errors give."""
+    ``method``: the name errors give. ``copy_outputs``: the rules' outputs are copies of the values
+    their backward keeps (safe when the model changes an output in place); False saves a copy per
+    rule call, and a model that changes an output in place then fails in the backward with
+    autograd's "modified by an inplace operation" error (see :func:`run_with_copies_if_needed`)."""
 
     def __init__(self, composite: Composite, *, eps: float = 1e-6, gamma: float = 0.25,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None, merge_batch_norm: bool = True,
-                 stabiliser: float = STABILISER, transformer: bool = False, method: str = "lrp") -> None:
+                 stabiliser: float = STABILISER, transformer: bool = False, method: str = "lrp",
+                 copy_outputs: bool = True) -> None:
         super().__init__()
+        self.copy_outputs = copy_outputs
         self.composite, self.eps, self.gamma, self.stabiliser = composite, eps, gamma, stabiliser
         self.bounds, self.merge_batch_norm = bounds, merge_batch_norm
         self.transformer, self.method = transformer, method
@@ -452,7 +474,7 @@ class LRPMode(TorchFunctionMode):
         if kwargs.get("alpha", 1) != 1 or len(args) > 2:
             raise ParameterError(f"{self.method}: {function_name(func)} with alpha{self._where()} is not supported")
         ka, kb = SUMS[func]
-        return _Split.apply(a, b, partial(func, *args, **kwargs), ka, kb, self.stabiliser)
+        return _Split.apply(a, b, partial(func, *args, **kwargs), ka, kb, self.stabiliser, self.copy_outputs)
 
     def _activation(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs.get("input", kwargs.get("self"))

@@ -1,0 +1,203 @@
+"""The shortcuts LRP and AttnLRP take for speed, each against the general computation it replaces:
+vector-Jacobian products of dense and convolution layers written out (against autograd through a
+forward pass), the rules' coefficients c (R_in = x * c) against their relevance, the arithmetic
+stabiliser against z + e sign(z), AttnLRP's written-out softmax / product / norm backward passes
+against autograd through the same calls, and the run without copied outputs (falling back to
+copies when the model changes an output in place). Float64; tolerances 1e-12 (the same arithmetic
+in another order: rounding ~1e-16 relative on O(1) values)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import salience
+from salience.methods import attnlrp_rules
+from salience.methods.lrp_mode import IN_PLACE_ERROR, run_with_copies_if_needed
+from salience.methods.lrp_rules import AlphaBeta, Epsilon, Gamma, Layer, _back, stabilise
+from salience.models.image import ImageClassifier
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def _autograd_vjp(layer: Layer, like: torch.Tensor, weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    leaf = torch.zeros_like(like).requires_grad_(True)
+    (grad,) = torch.autograd.grad(layer(leaf, weight, None), leaf, s)
+    return grad
+
+
+CONVS = [  # (func, input shape, weight shape, positional rest, keyword options)
+    (F.conv2d, (2, 4, 9, 8), (6, 4, 3, 3), (), {}),
+    (F.conv2d, (1, 4, 9, 8), (6, 4, 3, 2), (2, 1), {}),  # stride 2, padding 1: the last input row unused
+    (F.conv2d, (1, 4, 10, 10), (4, 1, 3, 3), (), {"stride": 2, "padding": (1, 0), "groups": 4}),  # depthwise
+    (F.conv2d, (1, 4, 10, 10), (8, 2, 3, 3), (1, "valid", 2, 2), {}),  # dilation 2, groups 2
+    (F.conv1d, (2, 3, 11), (5, 3, 4), (3,), {}),
+    (F.conv3d, (1, 2, 5, 6, 4), (3, 2, 2, 3, 2), (), {"padding": 1}),
+    (F.conv2d, (1, 4, 9, 8), (6, 4, 3, 3), (), {"padding": "same"}),  # not written out: autograd
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONVS)))
+def test_convolution_vjp_written_out(case):
+    func, x_shape, w_shape, rest, options = CONVS[case]
+    g = torch.Generator().manual_seed(case)
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+    layer = Layer(func, w, None, rest, options, kind="conv")
+    s = torch.randn(layer(x, w, None).shape, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(_back(layer, x, w, s).numpy(), _autograd_vjp(layer, x, w, s).numpy(), **TOL)
+
+
+def test_dense_vjp_written_out():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    layer = Layer(F.linear, w, None)
+    s = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(_back(layer, x, w, s).numpy(), _autograd_vjp(layer, x, w, s).numpy(), **TOL)
+
+
+@pytest.mark.parametrize("negatives", [True, False])
+@pytest.mark.parametrize("rule", [Epsilon(1e-3), Gamma(0.25), AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0)])
+def test_coefficients_times_input_are_the_relevance(rule, negatives):
+    """c with R_in = x * c, given the forward's z or not, equals the rule's relevance; without
+    negative inputs the x- terms are skipped."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
+    x = x if negatives else x.clamp(min=0)
+    w, b = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    layer = Layer(F.conv2d, w, b, (1, 1), kind="conv")
+    z = layer(x, w, b)
+    r = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    relevance = rule.relevance(layer, x, r)
+    np.testing.assert_allclose((x * rule.coefficients(layer, x, r)).numpy(), relevance.numpy(), **TOL)
+    np.testing.assert_allclose((x * rule.coefficients(layer, x, r, z)).numpy(), relevance.numpy(), **TOL)
+
+
+def test_stabiliser():
+    z = torch.tensor([-2.0, -1e-9, 0.0, 1e-9, 3.0], dtype=torch.float64)
+    expected = z + 1e-6 * torch.where(z >= 0, 1.0, -1.0).to(z)
+    np.testing.assert_array_equal(stabilise(z, 1e-6).numpy(), expected.numpy())
+    np.testing.assert_array_equal(stabilise(z, 0.0).numpy(), torch.where(z == 0, 1.0, z).numpy())  # 0 -> 1
+
+
+class _Mode:
+    """Enough of LRPMode for a rule's backward outside a model."""
+
+    stabiliser, forwards, copy_outputs = 1e-6, 0, True
+
+    def __init__(self) -> None:
+        self.trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def paused(self):  # noqa: ANN201
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def location(self) -> str:
+        return "layer"
+
+    def in_normalisation(self) -> bool:
+        return False
+
+    def record(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: list[torch.Tensor], forward: int) -> None:
+        self.trace.append((rule, relevance_out.sum(), sum(t.sum() for t in relevance_in)))
+
+
+def _both_ways(build, inputs: list[torch.Tensor], seed: torch.Tensor, monkeypatch) -> None:  # noqa: ANN001
+    """The gradient of ``build(mode, *leaves)`` for ``seed``, with the rule's written-out VJP and
+    with it removed (autograd through the rule's call): equal."""
+    found = []
+    original = attnlrp_rules._Surrogate.forward
+    given: list[bool] = []
+
+    def seen(ctx, site, call, vjp, weight, value, *xs):  # noqa: ANN001, ANN202
+        given.append(vjp is not None)
+        return original(ctx, site, call, vjp, weight, value, *xs)
+
+    def without_vjp(ctx, site, call, vjp, weight, value, *xs):  # noqa: ANN001, ANN202
+        return original(ctx, site, call, None, weight, value, *xs)
+
+    for written_out in (True, False):
+        monkeypatch.setattr(attnlrp_rules._Surrogate, "forward", staticmethod(seen if written_out else without_vjp))
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        out = build(_Mode(), *leaves)
+        found.append([g.numpy() for g in torch.autograd.grad(out, leaves, seed)])
+    assert given == [True]  # the rule's call had its VJP written out
+    for a, b in zip(*found, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_softmax_rule_vjp(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    _both_ways(lambda mode, t: attnlrp_rules.softmax_rule(mode, t, -1), [x], torch.randn(2, 3, 5, generator=g,
+                                                                                                 dtype=torch.float64), monkeypatch)
+
+
+@pytest.mark.parametrize("func", [torch.matmul, torch.mul])
+def test_uniform_rule_vjp(func, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 1, 4, 3, generator=g, dtype=torch.float64)  # broadcast over dimension 1
+    b = torch.randn(3, 3, 3, generator=g, dtype=torch.float64) if func is torch.matmul else \
+        torch.randn(3, 4, 3, generator=g, dtype=torch.float64)
+    seed = torch.randn(func(a, b).shape, generator=g, dtype=torch.float64)
+    _both_ways(lambda mode, p, q: attnlrp_rules.uniform_rule(mode, func, (p, q), {}), [a, b], seed, monkeypatch)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_norm_rule_vjp(norm, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, generator=g, dtype=torch.float64)
+    if norm == "layer":
+        func, args = F.layer_norm, ((6,),)
+        kwargs = {"weight": weight, "bias": torch.randn(6, generator=g, dtype=torch.float64), "eps": 1e-5}
+    else:
+        func, args, kwargs = F.rms_norm, ((6,),), {"weight": weight, "eps": 1e-6}
+    seed = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    _both_ways(lambda mode, t: attnlrp_rules._layer_norm(mode, func, (t, *args), kwargs), [x], seed, monkeypatch)
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+def test_in_place_change_of_an_output_falls_back_to_copies():
+    """The conv's output is changed in place by ReLU(inplace=True): without copies the backward
+    fails, and the method reruns with copies, giving the map of the same network without in-place."""
+    torch.manual_seed(0)
+    net = _InPlace().double().eval()
+    calls: list[bool] = []
+
+    def run(copy_outputs: bool) -> torch.Tensor:
+        calls.append(copy_outputs)
+        from salience.methods.lrp_composites import parse_composite
+        from salience.methods.lrp_mode import LRPMode
+
+        x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+        with LRPMode(parse_composite("epsilon"), copy_outputs=copy_outputs):
+            (grad,) = torch.autograd.grad(net(x)[0, 1], x)
+        return grad
+
+    run_with_copies_if_needed(run)
+    assert calls == [False, True]
+    with pytest.raises(RuntimeError, match=IN_PLACE_ERROR):
+        run(False)
+    plain = _InPlace().double().eval()
+    plain.load_state_dict(net.state_dict())
+    plain.relu = nn.ReLU()
+    image = torch.rand(3, 8, 8, dtype=torch.float64)
+
+    def explain(model: nn.Module) -> np.ndarray:
+        clf = ImageClassifier(model, labels=list("abc"), input_shape=(3, 8, 8))
+        return np.asarray(salience.explain(clf, image, method="lrp", composite="epsilon", target=1).scores)
+
+    np.testing.assert_allclose(explain(net), explain(plain), **TOL)
