@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import salience
 from salience.datasets.movie_snippets import split_movie_snippets
-from salience.errors import ModelLoadError, ParameterError
+from salience.errors import AssetMissingError, ModelLoadError, ParameterError
 from salience.models.loading import ZOO, load_model
 from salience.zoo import minilm_ladder as ladder
 from tiny_lm import build_model, build_tokenizer
@@ -138,3 +138,23 @@ def test_missing_head_names_the_script(tmp_path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ladder, "HEAD_WEIGHTS_PATH", tmp_path / "absent.safetensors")
     with pytest.raises(ModelLoadError, match=r"run `python scripts/train_size_ladder.py smollm2-head`"):
         ladder.build_smollm2_sentiment_head()
+
+
+def test_shipped_smollm2_head_reproduces_its_record() -> None:
+    """The committed head (2 x 576) on SmolLM2's frozen body gives the recorded test predictions in
+    padded batches (they were measured on unpadded, cached features)."""
+    try:
+        adapter = load_model("zoo:smollm2-sentiment-head")
+    except AssetMissingError as error:
+        pytest.skip(f"SmolLM2 is not installed here: {error}")
+    record = ladder.load_head_metadata()
+    model, tokenizer = adapter.model, adapter.tokenizer
+    assert type(model).__name__ == "LlamaForSequenceClassification" and not model.training
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    test = split_movie_snippets(seed=record["seed"])["test"][:16]
+    with torch.no_grad():
+        enc = tokenizer([s.text for s in test], padding=True, return_tensors="pt")
+        predicted = "".join(map(str, model(**enc).logits.argmax(-1).tolist()))
+    assert predicted == record["test_predictions"][:16]
+    assert adapter.predict(adapter.encode(test[0].text)).index == int(record["test_predictions"][0])
+    assert record["test"]["accuracy"] > 0.8
