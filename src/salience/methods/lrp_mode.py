@@ -53,7 +53,7 @@ from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
 from salience.methods.attnlrp_rules import PASS, is_normalisation, transformer_call
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
-from salience.methods.rules import ELEMENTWISE, RELU_FAMILY, function_name, is_inplace, is_linear_call, tensors_in
+from salience.methods.rules import ELEMENTWISE, LINEAR, RELU_FAMILY, function_name, is_inplace, is_linear_call, tensors_in
 
 LAYERS: dict[Callable[..., Any], str] = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
 AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -350,6 +350,8 @@ class LRPMode(TorchFunctionMode):
                 return found
         if func in ACTIVATIONS:
             return self._activation(func, args, kwargs)
+        if func in LINEAR and func is not F.pad:  # reshapes, indexing, constants added: their gradient (no check needed)
+            return func(*args, **kwargs)
         if self.transformer:
             found = transformer_call(self, func, args, kwargs)
             if found is not PASS:

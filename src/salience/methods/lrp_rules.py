@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Protocol
 
 import torch
@@ -40,10 +41,16 @@ from salience.errors import ParameterError
 STABILISER = 1e-6  # the denominators' stabiliser of every rule but epsilon (zennit's default)
 
 
+@lru_cache(maxsize=64)
+def _representable(eps: float, dtype: torch.dtype) -> bool:
+    """Whether eps is not 0 in ``dtype``."""
+    return torch.tensor(eps, dtype=dtype).item() > 0
+
+
 def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps sign(z)`` with sign(0) = +1; a denominator still 0 (eps = 0) is replaced by 1 (the
     relevance there is 0: it is the layer's output times what flows back)."""
-    if eps > 0 and torch.tensor(eps, dtype=z.dtype).item() > 0:
+    if eps > 0 and _representable(eps, z.dtype):
         # |z + eps sign(z)| >= eps > 0 everywhere (eps representable in z's dtype). Arithmetic, not a
         # boolean mask (several times faster on the CPU); z = -0.0 takes -eps, where z's relevance is 0
         return torch.full_like(z, eps).copysign_(z).add_(z)
