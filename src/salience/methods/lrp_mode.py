@@ -167,7 +167,7 @@ class _Relevance(torch.autograd.Function):
             if coefficients is None:
                 r_in = step.relevance(x, r_out)
         if coefficients is not None:  # R_in = x * c: nothing on inputs equal to 0 (c set to 0 there: |sign(x)|)
-            c_in = coefficients * x.sign().abs()
+            c_in = coefficients.mul_(x.sign().abs_())  # the rules return a fresh tensor: changed in place
             found, lost = _per_row(x * c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
         else:
             zero = x == 0
