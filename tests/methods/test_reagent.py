@@ -266,6 +266,14 @@ def test_an_image_classifier_is_refused_in_one_line():
     assert "\n" not in str(raised.value)
 
 
+def test_the_cli_runs_it(toy_dir, capsys):
+    from salience.cli import main
+
+    assert main(["explain", "--model", str(toy_dir), "--text", "the plot was awful", "--method", "reagent",
+                 "--param", "num_probes=4"]) == 0
+    assert "reagent" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ a real model
 def test_smollm2_runs_a_few_steps():
     lm = salience.load_model("zoo:smollm2-135m")
