@@ -75,13 +75,15 @@ def inseq_rationalizer(model, tokenizer, vocabulary: torch.Tensor, params: dict)
             return vocabulary[(uniform * len(vocabulary)).long()]
 
     sampler = UniformSampler()
+    keep_ratio = params.get("keep_ratio")
+    keep_top_n = 0 if keep_ratio is not None else params["keep_top_n"]  # Inseq: keep_ratio is used when keep_top_n is 0
     stopping = TopKStoppingConditionEvaluator(model=model, sampler=sampler, top_k=params["stopping_condition_top_k"],
-                                              keep_top_n=params["keep_top_n"], keep_ratio=None, invert_keep=False)
+                                              keep_top_n=keep_top_n, keep_ratio=keep_ratio, invert_keep=False)
     evaluator = DeltaProbImportanceScoreEvaluator(
         model=model, tokenizer=tokenizer, token_replacer=UniformTokenReplacer(sampler=sampler, ratio=params["replacing_ratio"]),
         stopping_condition_evaluator=stopping, max_steps=params["max_probe_steps"])
     return AggregateRationalizer(importance_score_evaluator=evaluator, batch_size=params["num_probes"], overlap_threshold=0,
-                                 overlap_strict_pos=True, keep_top_n=params["keep_top_n"], keep_ratio=None)
+                                 overlap_strict_pos=True, keep_top_n=keep_top_n, keep_ratio=keep_ratio)
 
 
 def inseq_scores(lm, ids: torch.Tensor, position: int, params: dict) -> tuple[np.ndarray, int]:
@@ -91,13 +93,16 @@ def inseq_scores(lm, ids: torch.Tensor, position: int, params: dict) -> tuple[np
     return rationalizer.mean_importance_score.double().numpy(), rationalizer.importance_score_evaluator.num_steps
 
 
-def test_one_target_equals_inseq_with_the_same_seed(lm_no_bos):
+@pytest.mark.parametrize("keep", [{}, {"keep_ratio": 0.2}])
+def test_one_target_equals_inseq_with_the_same_seed(lm_no_bos, keep):
     """With one target, token features and no special token, Salience draws what Inseq draws from
-    the global generator seeded alike: the same initial scores, masks and replacement tokens."""
-    e = explain(lm_no_bos, target=1, seed=7, **ORACLE)  # the second generated token
+    the global generator seeded alike: the same initial scores, masks and replacement tokens. Also
+    with keep_ratio (ceil(0.2 x 13) = 3 features kept)."""
+    params = {**ORACLE, **keep}
+    e = explain(lm_no_bos, target=1, seed=7, **params)  # the second generated token
     ids, position = sequence_ids(lm_no_bos), e.targets[0].position
     torch.manual_seed(7)
-    theirs, steps = inseq_scores(lm_no_bos, ids, position, ORACLE)
+    theirs, steps = inseq_scores(lm_no_bos, ids, position, params)
     ours = e.scores[0, :position]
     assert steps == e.params["steps"][0] >= 5, steps  # several probe steps: the stopping rule is exercised
     assert np.isnan(e.scores[0, position:]).all() and abs(ours.sum() - 1) < 1e-12
@@ -240,6 +245,22 @@ def test_score_replaced_matches_plain_forward_calls(lm, toy):
     value, rank = toy.score_replaced(text, torch.zeros(1, text.length, dtype=torch.bool),
                                      torch.zeros(1, text.length, dtype=torch.long), [target])
     assert abs(float(value[0, 0]) - prediction.probabilities[1 - prediction.index]) < 1e-12 and rank[0, 0] == 1
+
+
+@pytest.mark.filterwarnings("ignore:reagent:UserWarning")  # the teacher-forced span may not stop in 5 steps
+def test_a_span_target_reads_its_probability_and_its_worst_rank(lm):
+    encoded = lm.encode(PROMPT, continuation=CONTINUATION, target_span=(1, 3))
+    (span,) = lm.resolve_targets(encoded, None, None, "probability")
+    replaced = torch.zeros(1, encoded.length, dtype=torch.bool)
+    value, rank = lm.score_replaced(encoded, replaced, torch.zeros_like(encoded.input_ids)[None], [span])
+    with torch.no_grad():
+        logits = lm.model(input_ids=encoded.input_ids[None]).logits[0].double()
+    at = [span.position - 1 + k for k in range(2)]
+    log_p = torch.log_softmax(logits[at], -1)[[0, 1], list(span.span)]
+    assert abs(float(value[0, 0]) - float(log_p.sum().exp())) < 1e-12
+    assert rank[0, 0] == max(int((logits[p] > logits[p, k]).sum()) for p, k in zip(at, span.span))
+    e = salience.explain(lm, PROMPT, method="reagent", continuation=CONTINUATION, target_span=(1, 3), max_probe_steps=5)
+    assert e.scores.shape[0] == 1 and abs(np.nansum(e.scores[0]) - 1) < 1e-12
 
 
 # ------------------------------------------------------------------ bad input
