@@ -199,6 +199,9 @@ def test_generation_api_and_words(lm):
     assert e.scores.shape == (3, len(e.features)) and e.params["replacements"].startswith("uniform")
     sums = np.nansum(e.scores, axis=1)
     np.testing.assert_allclose(sums, 1.0, atol=1e-12)
+    back = salience.Explanation.from_json(e.to_json())  # the details recorded are JSON-ready
+    np.testing.assert_array_equal(back.scores, e.scores)
+    assert back.params["steps"] == e.params["steps"]
     words = salience.explain(lm, "the capital of france is unbelievable", method="reagent", level="word", max_new_tokens=2)
     texts = [f.text for f in words.features]
     assert texts[5] == "unbelievable" and len(words.features[5].tokens) == 3  # its tokens replaced together
