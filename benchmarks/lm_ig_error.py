@@ -37,6 +37,7 @@ run is one of them), interleaved so that a busy moment on the shared machine fal
 
     OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py            # writes benchmarks/RESULTS-lm-ig-error.md
     OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py --quick    # 8-token prompt, 2 new tokens (smoke test)
+    OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py --new-tokens 4 --zoom 3 --output /tmp/zoom.md   # one target's integrand
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class Trial:
     run: Callable[[], tuple[np.ndarray, int]] = field(repr=False)
     scores: np.ndarray | None = None
     steps: int = 0  # gradients per target actually used
+    row_errors: list[float] = field(default_factory=list)
+    completeness: float = float("nan")  # worst row: |sum of scores - (F(x) - F(baseline))| / |F(x) - F(baseline)|
     error: float = float("nan")  # worst row
     mean_error: float = float("nan")
     rows: Rows = field(default_factory=Rows)
@@ -152,6 +155,22 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
     return scores, seconds
 
 
+def gaps(lm: salience.CausalLM, encoded: Any) -> np.ndarray:
+    """F_t(input) - F_t(baseline) for every target t (two forward rows): what each row of an exact
+    IG sums to."""
+    start, ids = int(encoded.extras["prompt_length"]), encoded.input_ids
+    x, x0 = lm.input_and_baseline(encoded, "unk")
+    with torch.no_grad():
+        logits = lm.model(inputs_embeds=torch.stack([x0, x]), use_cache=False).logits[:, start - 1:-1]
+    probs = torch.softmax(logits.double(), -1).gather(-1, ids[start:].to(logits.device)[None, :, None].expand(2, -1, 1))[..., 0]
+    return (probs[1] - probs[0]).cpu().numpy()
+
+
+def completeness(scores: np.ndarray, gap: np.ndarray) -> float:
+    """Worst row: |sum of the row's scores - gap| / |gap|."""
+    return float(np.max(np.abs(np.nansum(scores, axis=1) - gap) / np.maximum(np.abs(gap), 1e-300)))
+
+
 def row_errors(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Per target row: max |scores - ref| over the row's defined features / max |ref| of the row."""
     out = []
@@ -186,19 +205,28 @@ def inseq_trial(lm: salience.CausalLM, prompt: str, encoded: Any, counter: RowCo
     return Trial("Inseq", "fixed", steps, run)
 
 
-def measure(trial: Trial, ref: np.ndarray, counter: RowCounter) -> Trial:
+@dataclass
+class Ref:
+    """The reference matrix (T, L), NaN where a feature is not a target's, and F(x) - F(baseline) (T,)."""
+
+    scores: np.ndarray
+    gap: np.ndarray
+
+
+def measure(trial: Trial, ref: Ref, counter: RowCounter) -> Trial:
     """The first run: scores, steps, error, rows and its seconds."""
     seconds, (scores, steps), rows = timed(trial.run, counter)
     trial.scores, trial.steps, trial.rows = scores, steps, rows
-    errors = row_errors(scores[:, : ref.shape[1]], ref)
-    trial.error, trial.mean_error = float(errors.max()), float(errors.mean())
+    errors = row_errors(scores[:, : ref.scores.shape[1]], ref.scores)
+    trial.error, trial.mean_error, trial.row_errors = float(errors.max()), float(errors.mean()), errors.tolist()
+    trial.completeness = completeness(scores[:, : ref.scores.shape[1]], ref.gap)
     trial.runs.append(seconds)
     log(f"  {trial.label}: {trial.steps} gradients, error {trial.error:.2e} (mean {trial.mean_error:.2e}), "
         f"{fmt_s(seconds)} s (load {load_average()})")
     return trial
 
 
-def search_up(make: Callable[[int], Trial], ladder: list[int], first: int, target: float, ref: np.ndarray,
+def search_up(make: Callable[[int], Trial], ladder: list[int], first: int, target: float, ref: Ref,
               counter: RowCounter, tried: list[Trial]) -> Trial | None:
     """From ``first`` up the ladder: the first value whose error <= target. (The values below
     ``first`` are not run: Salience's fixed steps, the same Gauss-Legendre rule, failed there.)"""
@@ -210,7 +238,7 @@ def search_up(make: Callable[[int], Trial], ladder: list[int], first: int, targe
     return None
 
 
-def scan_ladder(make: Callable[[int], Trial], ladder: list[int], target: float, ref: np.ndarray, counter: RowCounter,
+def scan_ladder(make: Callable[[int], Trial], ladder: list[int], target: float, ref: Ref, counter: RowCounter,
                 tried: list[Trial]) -> Trial | None:
     """Up the ladder from its smallest value: the first value whose error <= target. (On this
     model the error of a fixed rule does not fall monotonically with the steps: narrow peaks of the
@@ -223,6 +251,35 @@ def scan_ladder(make: Callable[[int], Trial], ladder: list[int], target: float, 
     return None
 
 
+def zoom(lm: salience.CausalLM, encoded: Any, target: int, levels: int = 3, points: int = 42) -> list[str]:
+    """Where the integrand dF_t/dx . (x - x') of one target changes fastest: ``points`` gradients on
+    [0, 1], then on the two cells around the largest change between neighbouring points, ``levels``
+    times. A smooth integrand's largest change shrinks in proportion to the spacing; a spike's does not."""
+    start, ids = int(encoded.extras["prompt_length"]), encoded.input_ids
+    x, x0 = lm.input_and_baseline(encoded, "unk")
+    direction = (x - x0).detach()
+    lines, low, high = [], 0.0, 1.0
+    for _ in range(levels):
+        alphas = torch.linspace(low, high, points, dtype=x.dtype, device=x.device)
+        values = []
+        for chunk in alphas.split(21):
+            path = (x0[None] + chunk[:, None, None] * direction[None]).detach().requires_grad_(True)
+            logits = lm.model(inputs_embeds=path, use_cache=False).logits[:, start - 1 + target]
+            (grad,) = torch.autograd.grad(torch.softmax(logits.double(), -1)[:, ids[start + target]].sum(), path)
+            values.append((grad.double() * direction.double()[None]).sum(-1).cpu())
+        integrand = torch.cat(values).numpy()  # (points, L)
+        change = np.abs(np.diff(integrand, axis=0))
+        j = int(change.max(1).argmax())
+        f = int(change[j].argmax())
+        spacing = (high - low) / (points - 1)
+        lines.append(f"- [{low:.5f}, {high:.5f}], spacing {spacing:.2e}: largest change {change[j, f]:.3g} (feature {f}: "
+                     f"{integrand[j, f]:.3g} -> {integrand[j + 1, f]:.3g}) between a = {alphas[j].item():.5f} and "
+                     f"{alphas[j + 1].item():.5f}; median change {np.median(change.max(1)):.3g}; max |integrand| "
+                     f"{np.abs(integrand).max():.3g}")
+        low, high = alphas[j].item() - spacing, alphas[j + 1].item() + spacing
+    return lines
+
+
 # ----------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     lm = salience.load_model("zoo:smollm2-135m")
@@ -231,11 +288,15 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     prompt, encoded, _prefixes, _seconds, _rows = build_input(lm, args.prompt_tokens, args.new_tokens, counter)
     P, L = int(encoded.extras["prompt_length"]), encoded.length
     log(f"prompt {P} tokens, continuation {L - P} tokens: {encoded.extras['continuation']!r} (load {load_average()})")
+    if args.zoom is not None:
+        return [f"- zoom on target {args.zoom} ({lm.tokenizer.decode(encoded.input_ids[P + args.zoom:P + args.zoom + 1])!r}):"], \
+            zoom(lm, encoded, args.zoom)
     short = lm.encode("The capital of France is", continuation=" Paris.")
     salience.explain(lm, short, "saliency")  # warm-up, not timed
 
     log(f"reference: {args.ref_panels} panels x 8 nodes ...")
-    ref, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache)
+    ref_scores, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache)
+    ref = Ref(ref_scores, gaps(lm, encoded))
     ladder = [s for s in LADDER if s <= args.max_steps]
     found: dict[str, Trial | None] = {"fixed": None, "adaptive": None, "inseq": None}
     started, load_start = time.perf_counter(), load_average()
@@ -289,7 +350,7 @@ class Checkpointed(list):  # type: ignore[type-arg]
         self.checkpoint()
 
 
-def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: np.ndarray, ref_seconds: float, tried: list[Trial],
+def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: Ref, ref_seconds: float, tried: list[Trial],
            fixed: Trial | None, adaptive: Trial | None, inseq: Trial | None) -> tuple[list[str], list[str]]:
     P, L = int(encoded.extras["prompt_length"]), encoded.length
     target = f"{args.target:g}"
@@ -307,24 +368,26 @@ def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: np.ndarray,
         if inseq is not None and mine is not None and inseq.seconds and mine.seconds:
             summary.append(f"- at error <= {target}: {mine.label} is {inseq.seconds / mine.seconds:.2f}x faster than "
                            f"{inseq.label} (median seconds, the same run)")
-    completeness = np.nansum(ref, axis=1)
     body = ["## Input and reference", "",
             f"- zoo:smollm2-135m; prompt {P} tokens (lm.py's: test-split movie sentences cut at a word boundary): {prompt!r}",
             f"- continuation: {L - P} tokens generated greedily: {encoded.extras['continuation']!r}",
             f"- output: each generated token's probability; baseline: the unk token's embedding at every position; "
             f"features: the {L} tokens (those at or after a target's position left out of its row)",
             f"- reference: composite Gauss-Legendre, {args.ref_panels} panels x 8 = {8 * args.ref_panels} gradients per "
-            f"target, float64 sums, {ref_seconds:.0f} s; row sums (F(x) - F(baseline) when exact) range "
-            f"{np.min(completeness):.3g} to {np.max(completeness):.3g}",
+            f"target, float64 sums, {ref_seconds:.0f} s; F(x) - F(baseline) per target: "
+            f"{', '.join(f'{g:.3g}' for g in ref.gap)}; the reference's completeness error per row (|row sum - gap| / "
+            f"|gap|): {', '.join(f'{c:.1e}' for c in np.abs(np.nansum(ref.scores, 1) - ref.gap) / np.abs(ref.gap))}",
             f"- error of a run: per target row, max_f |s - ref| / max_f |ref|; the run's error is the worst row (the mean "
             f"over rows is shown beside it); target: <= {target}", "",
             "## Every setting tried", "",
             "Rows: counted by a forward hook on the base model (fwd rows / of which took part in a backward). Seconds: "
             "the median of the runs listed (the first run measured the error; the passing settings were rerun, "
             "interleaved).", ""]
-    head = ["implementation", "gradients per target", "error (worst row)", "mean row error", "passes", "fwd / bwd rows",
-            "runs", "median s"]
-    rows = [[t.label, t.steps, f"{t.error:.1e}", f"{t.mean_error:.1e}", "yes" if t.error <= args.target else "no",
+    head = ["implementation", "gradients per target", "error (worst row)", "mean row error", "error per row",
+            "completeness error (worst row)", "passes", "fwd / bwd rows", "runs", "median s"]
+    rows = [[t.label, t.steps, f"{t.error:.1e}", f"{t.mean_error:.1e}", " ".join(f"{e:.1e}" for e in t.row_errors),
+             f"{t.completeness:.1e}",
+             "yes" if t.error <= args.target else "no",
              f"{t.rows.forward} / {t.rows.backward}", len(t.runs), fmt_s(t.seconds)] for t in tried]
     body += table(head, rows)
     best = min(tried, key=lambda t: t.error)
@@ -346,6 +409,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=256, help="largest fixed-step count on the ladder")
     parser.add_argument("--repeats", type=int, help="timed runs of each passing setting (default 3)")
     parser.add_argument("--no-inseq", action="store_true")
+    parser.add_argument("--zoom", type=int, metavar="T", help="only print where target T's integrand changes fastest (see zoom)")
     parser.add_argument("--cache", type=Path, help="an .npz file keeping the reference between runs")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
