@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from typing import Any
 
 from salience.errors import ParameterError, SalienceError, UnknownMethodError
 from salience.evaluate.config import RunConfig
+from salience.evaluate.datasets import Example
 from salience.evaluate.runner import Unit, UnitResult, compute_unit, load_run_model
 
 INSTALL_HINT = 'pip install "salience[ray]"'
@@ -140,7 +140,7 @@ class RayEngine:
         for example, spec in pending:
             examples.setdefault(example.id, example)
             methods.setdefault(example.id, []).append(spec.label)
-        rows = [{"example": pickle.dumps(examples[eid]), "methods": json.dumps(labels)} for eid, labels in methods.items()]
+        rows = [{"example": examples[eid].to_json(), "methods": json.dumps(labels)} for eid, labels in methods.items()]
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         blocks = -(-len(rows) // self.examples_per_batch)  # one block a batch: a task is one batch, retried alone
         source = ray.data.from_items(rows, override_num_blocks=blocks)
@@ -203,12 +203,12 @@ class UnitWorker:
         self.trace = Path(trace) / f"{os.getpid()}.batch" if trace else None
 
     def __call__(self, batch: Any) -> dict[str, list[str]]:
-        """One batch of examples (pandas: ``example`` pickled, ``methods`` a JSON list of labels) ->
+        """One batch of examples (pandas: ``example`` as JSON, ``methods`` a JSON list of labels) ->
         one row per unit."""
         import time
 
         out: dict[str, list[str]] = {"example_id": [], "method": [], "unit": [], "fatal": []}
-        examples = [pickle.loads(blob) for blob in batch["example"]]
+        examples = [Example.from_json(text) for text in batch["example"]]
         if self.trace is not None:
             self.trace.write_text(json.dumps([e.id for e in examples]))
         for example, labels in zip(examples, batch["methods"]):

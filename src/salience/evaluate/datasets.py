@@ -27,12 +27,15 @@ An image example has no rationale; it may have a ``box`` around the object inste
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from salience.errors import SalienceError
 from salience.models.tokens import WORD_PATTERN
@@ -72,6 +75,34 @@ class Example:
     line: int | None = None
     box: Box | None = None
     reference: str | None = None
+
+    def to_json(self) -> str:
+        """The example as JSON, to send it to another process without pickle (a uint8 image array as
+        base64 with its shape; a pair as a list; the other fields as they are)."""
+        data = asdict(self)
+        value = self.input
+        if isinstance(value, np.ndarray):
+            if value.dtype != np.uint8:
+                raise DatasetError(f"example {self.id}: only uint8 image arrays are sent as JSON, got {value.dtype}")
+            data["input"] = {"uint8": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode("ascii"),
+                             "shape": list(value.shape)}
+        elif isinstance(value, tuple):
+            data["input"] = {"pair": list(value)}
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Example:
+        """The inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        value = data["input"]
+        if isinstance(value, dict) and "uint8" in value:
+            data["input"] = np.frombuffer(base64.b64decode(value["uint8"]), dtype=np.uint8).reshape(value["shape"]).copy()
+        elif isinstance(value, dict) and "pair" in value:
+            data["input"] = tuple(value["pair"])
+        for key in ("rationale", "box"):
+            if data[key] is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
 
     @property
     def stored_input(self) -> Any:
