@@ -335,6 +335,9 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         checkpoint()
         log(f"  timing round {round_ + 1}/{args.repeats} done (load {load_average()})")
 
+    if args.save_scores is not None:
+        np.savez(args.save_scores, reference=ref.scores, gap=ref.gap, ids=encoded.input_ids.numpy(),
+                 **{t.label: t.scores for t in tried if t.scores is not None})
     return report(args, prompt, encoded, ref, ref_seconds, tried, **found)
 
 
@@ -411,6 +414,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-inseq", action="store_true")
     parser.add_argument("--zoom", type=int, metavar="T", help="only print where target T's integrand changes fastest (see zoom)")
     parser.add_argument("--cache", type=Path, help="an .npz file keeping the reference between runs")
+    parser.add_argument("--save-scores", type=Path, help="an .npz file for the reference's and every run's scores")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (8 if args.quick else 32)
