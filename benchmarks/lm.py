@@ -272,20 +272,21 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             occ_rows.append(try_peer(inseq_run, lm, prompt, encoded, "occlusion", counter, width, first=args.inseq_occlusion_targets))
         groups.append(("occlusion", occ_rows))
 
-    log(f"saliency ... (load {load_average()})")
-    shared_sal = salience_shared(lm, encoded, "saliency", counter, args.repeats)
-    sal_rows: list[Result | str] = [shared_sal]
-    if "per-target" in args.parts:
-        sal_rows.append(salience_per_target(lm, prompt, prefixes, "saliency", counter, args.repeats, width))
-    if "inseq" in args.parts:
-        log("inseq saliency ...")
-        sal_rows.append(try_peer(inseq_run, lm, prompt, encoded, "saliency", counter, width, repeats=args.repeats))
-    groups.append(("saliency", sal_rows))
-    if "inseq" in args.parts:
-        log(f"input x gradient ... (load {load_average()})")
-        ixg_rows: list[Result | str] = [salience_shared(lm, encoded, "input_x_gradient", counter, args.repeats)]
-        ixg_rows.append(try_peer(inseq_run, lm, prompt, encoded, "input_x_gradient", counter, width, repeats=args.repeats))
-        groups.append(("input_x_gradient", ixg_rows))
+    if not args.no_gradients:
+        log(f"saliency ... (load {load_average()})")
+        shared_sal = salience_shared(lm, encoded, "saliency", counter, args.repeats)
+        sal_rows: list[Result | str] = [shared_sal]
+        if "per-target" in args.parts:
+            sal_rows.append(salience_per_target(lm, prompt, prefixes, "saliency", counter, args.repeats, width))
+        if "inseq" in args.parts:
+            log("inseq saliency ...")
+            sal_rows.append(try_peer(inseq_run, lm, prompt, encoded, "saliency", counter, width, repeats=args.repeats))
+        groups.append(("saliency", sal_rows))
+        if "inseq" in args.parts:
+            log(f"input x gradient ... (load {load_average()})")
+            ixg_rows: list[Result | str] = [salience_shared(lm, encoded, "input_x_gradient", counter, args.repeats)]
+            ixg_rows.append(try_peer(inseq_run, lm, prompt, encoded, "input_x_gradient", counter, width, repeats=args.repeats))
+            groups.append(("input_x_gradient", ixg_rows))
 
     if "ig" in args.parts:
         ig = dict(steps=args.steps, baseline="unk")  # the unk embedding: the baseline of Inseq and of Captum (token id 0)
@@ -383,11 +384,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="run Captum's default FeatureAblation forward (token by token, use_cached_outputs=True) on the "
                         "first N generated tokens only (default 2; 0: skip; its cost grows with N x the sequence length)")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion rows (gradient methods only)")
+    parser.add_argument("--no-gradients", action="store_true",
+                        help="skip the saliency and input x gradient rows (occlusion, or IG, only)")
     parser.add_argument("--inseq-occlusion-targets", type=int,
                         help="run Inseq's occlusion on the first N generated tokens only and extrapolate its time (default: all)")
     parser.add_argument("--parts", nargs="*", default=["ig", "captum", "per-target"],
                         choices=["ig", "captum", "inseq", "per-target"],
-                        help="optional parts (Salience's shared occlusion and saliency always run; per-target: Salience run "
+                        help="optional parts (Salience's shared occlusion and saliency run unless --no-occlusion / "
+                        "--no-gradients; per-target: Salience run "
                         "once per generated token)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
