@@ -49,6 +49,20 @@ METHODS: dict[str, dict[str, object]] = {
 FRACTIONS = (0.1, 0.3, 0.5)
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, object]]:
+    """``name`` or ``name:key=value,key=value`` (values as JSON where they parse, else text); the
+    row is labelled with the whole spec."""
+    name, _, options = spec.partition(":")
+    params: dict[str, object] = {}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return spec, {"_method": name, **params}
+
+
 def prompts(limit: int, max_words: int) -> list[tuple[str, str]]:
     """(snippet id, prompt) for the first ``limit`` test sentences of at most ``max_words`` words."""
     chosen = [s for s in split_movie_snippets()["test"] if len(s.text.split()) <= max_words][:limit]
@@ -58,8 +72,10 @@ def prompts(limit: int, max_words: int) -> list[tuple[str, str]]:
 def scores_of(lm: salience.CausalLM, prompt: str, method: str, params: dict[str, object], new_tokens: int
               ) -> tuple[salience.Explanation, float]:
     start = time.perf_counter()
-    explanation = salience.explain(lm, prompt, method=method, max_new_tokens=new_tokens, output="logit", level="token",
-                                   **params)
+    options = dict(params)
+    name = str(options.pop("_method", method))
+    explanation = salience.explain(lm, prompt, method=name, max_new_tokens=new_tokens, output="logit", level="token",
+                                   **options)
     return explanation, time.perf_counter() - start
 
 
@@ -86,7 +102,12 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=18)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--output", default="results/study_generation_faithfulness.json")
+    parser.add_argument("--method", action="append", metavar="NAME[:KEY=VALUE]",
+                        help="run these methods instead of the four of the study (repeatable), e.g. occlusion:baseline=delete")
     args = parser.parse_args()
+    if args.method:
+        METHODS.clear()
+        METHODS.update(parse_method(m) for m in args.method)
     load_start = os.getloadavg()
     started = time.perf_counter()
     lm = salience.load_model("zoo:smollm2-135m")
@@ -133,7 +154,7 @@ def report(rows: list[dict[str, object]], chosen: list[tuple[str, str]], args: a
         table.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.1f} |")
     paired = ["| AttnLRP minus | " + " | ".join(c.replace("comprehensiveness@", "compr. ") for c in columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
-    for other in methods[1:]:
+    for other in [m for m in methods if m != "attnlrp"] if "attnlrp" in methods else []:
         cells = []
         for column in columns:
             a = {r["id"]: float(r[column]) for r in rows if r["method"] == "attnlrp"}  # type: ignore[arg-type]
