@@ -18,7 +18,7 @@ other round; medians. Salience's times are whole ``explain()`` calls (its predic
 included). See benchmarks/README.md.
 
     flock /tmp/salience-cpu.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/propagation.py
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/propagation.py --quick    # 1 round, 8-token LM prompt + 4 tokens
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/propagation.py --quick    # 1 round, 16-token LM prompt + 4 tokens
 """
 
 from __future__ import annotations
@@ -521,7 +521,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LRP / AttnLRP / DeepLIFT against their pass limit and Captum.")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 8-token LM prompt + 4 tokens")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 16-token LM prompt + 4 tokens")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick 1)")
     parser.add_argument("--sentence", type=int, default=0, help="movie-snippets test sentence (default 0)")
