@@ -18,7 +18,7 @@ from typing import Any
 from salience.core.target import OUTPUTS
 from salience.errors import ParameterError, SalienceError
 from salience.evaluate.commands import add_commands
-from salience.models.prompt_options import parse_labels_option, parse_template_option
+from salience.models.prompt_options import parse_prompt_options
 from salience.patching.commands import add_commands as add_patch_commands
 from salience.serve.commands import add_commands as add_serve_commands
 from salience.steering_commands import add_commands as add_steer_commands
@@ -116,8 +116,9 @@ def _explain(args: argparse.Namespace) -> int:
     if args.zero_shot:
         labels = [label.strip() for label in args.zero_shot.split(",") if label.strip()]
         model = salience.ZeroShotClassifier(model, labels, template=args.template)
-    if args.prompt_template is not None or args.labels is not None:
-        model = _prompt_classifier(model, args.prompt_template, args.labels)
+    template, labels = parse_prompt_options(args.prompt_template, args.labels)
+    if template is not None and labels is not None:
+        model = _prompt_classifier(model, template, labels)
     inputs = _inputs(args, model)
     explanations: list[salience.Explanation] = []
     for name in method_names:
@@ -149,17 +150,15 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_classifier(model: Any, template: str | None, labels: str | None) -> Any:
+def _prompt_classifier(model: Any, template: Any, labels: dict[str, str]) -> Any:
     """``--prompt-template`` (a text with {text}, backslash escapes \\n \\t read; or a JSON list of chat
     messages) and ``--labels`` (NAME=VERBALISATION,... or a JSON object; a bare NAME is verbalised
-    as ' NAME') turn the --model causal LM into a :class:`~salience.PromptClassifier`."""
+    as ' NAME'), parsed, turn the --model causal LM into a :class:`~salience.PromptClassifier`."""
     import salience
 
-    if template is None or labels is None:
-        raise ParameterError("--prompt-template and --labels go together (a causal LM as a zero-shot classifier)")
     if getattr(model, "kind", None) != "causal LM":
         raise ParameterError(f"--prompt-template needs a causal LM as --model, and {model.name} is a {model.kind}")
-    return salience.PromptClassifier(model, parse_template_option(template), parse_labels_option(labels))
+    return salience.PromptClassifier(model, template, labels)
 
 
 def _png(explanations: Sequence[Any], path: str) -> None:

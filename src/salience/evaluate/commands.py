@@ -139,19 +139,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from salience.errors import ParameterError
-    from salience.evaluate.config import RunConfig, parse_method_spec, parse_metric_spec
-    from salience.models.prompt_options import parse_labels_option, parse_template_option
+    from salience.evaluate.config import RunConfig, parse_method_spec, parse_metric_spec, prompt_template_value
+    from salience.models.prompt_options import parse_prompt_options
 
-    if (args.prompt_template is None) != (args.labels is None):
-        raise ParameterError("--prompt-template and --labels go together (a causal LM as a zero-shot classifier)")
-    template = None if args.prompt_template is None else parse_template_option(args.prompt_template)
+    template, labels = parse_prompt_options(args.prompt_template, args.labels)
     options = {k: v for k, v in (("split", args.split), ("lexicon_threshold", args.lexicon_threshold)) if v is not None}
     config = RunConfig(model=args.model, dataset=args.dataset, methods=tuple(parse_method_spec(m) for m in args.method),
                        metrics=tuple(parse_metric_spec(m) for m in args.metric), dataset_options=options,
                        target=args.target, output=args.output, seed=args.seed, truncate=args.truncate,
-                       max_length=args.max_length, prompt_template=template if isinstance(template, str | None) else tuple(template),
-                       labels=None if args.labels is None else parse_labels_option(args.labels))
+                       max_length=args.max_length, prompt_template=prompt_template_value(template), labels=labels)
     return _run_and_report(config, args, args.db, args.out, args.limit, args.batch_size, _engine(args))
 
 

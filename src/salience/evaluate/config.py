@@ -350,7 +350,8 @@ def _parse(file: Path, text: str) -> dict[str, Any]:
     return data
 
 
-def _prompt_template(value: Any) -> str | tuple[dict[str, str], ...] | None:
+def prompt_template_value(value: Any) -> str | tuple[dict[str, str], ...] | None:
+    """A prompt template as a run keeps it: a string, or the chat messages as a tuple of dicts."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) for m in value):
@@ -388,7 +389,7 @@ def _study(raw: dict[str, Any]) -> Study:
         truncate=bool(raw.get("truncate", False)),
         max_length=raw.get("max_length"),
         name=raw["name"],
-        prompt_template=_prompt_template(raw.get("prompt_template")),
+        prompt_template=prompt_template_value(raw.get("prompt_template")),
         labels=_labels(raw.get("labels")),
     )
     limit = raw.get("limit")

@@ -147,8 +147,7 @@ def load_run_model(config: RunConfig, *, device: str | None = None) -> Any:
         return model
     if getattr(model, "kind", None) != "causal LM":
         raise ParameterError(f"a prompt template needs a causal LM, and {config.model} is a {model.kind}")
-    template = config.prompt_template if isinstance(config.prompt_template, str) else list(config.prompt_template)
-    return PromptClassifier(model, template, config.labels)
+    return PromptClassifier(model, config.prompt_template, config.labels)
 
 
 def prepare_run(config: RunConfig, *, limit: int | None = None, model: Any = None, skip_invalid: bool = False,

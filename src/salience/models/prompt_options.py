@@ -9,6 +9,16 @@ from typing import Any
 from salience.errors import ParameterError
 
 
+def parse_prompt_options(template: str | None, labels: str | None) -> tuple[Any, dict[str, str] | None]:
+    """``--prompt-template`` and ``--labels`` parsed: (None, None) when neither is given; one without
+    the other is an error."""
+    if template is None and labels is None:
+        return None, None
+    if template is None or labels is None:
+        raise ParameterError("--prompt-template and --labels go together (a causal LM as a zero-shot classifier)")
+    return parse_template_option(template), parse_labels_option(labels)
+
+
 def parse_template_option(text: str) -> Any:
     """A template with ``{text}`` (backslash escapes ``\\n`` and ``\\t`` read) or, when it starts with
     ``[``, a JSON list of chat messages."""
