@@ -9,7 +9,11 @@ Sub-commands (run each long one under ``flock /tmp/salience-cpu.lock``):
   accuracy, training stops early after ``--patience`` epochs without improvement. Writes
   ``~/.cache/salience/ladder/minilm_l{k}_sentiment.safetensors`` (float32, every parameter) and
   ``.json`` (record: accuracies with bootstrap 95 % intervals, the test predictions, history). The
-  test split is read once, at the end, through the public loader ``build_minilm_ladder(k)``.
+  test split is read once, at the end, through the loader ``build_cached_ladder(k)``.
+* ``pack --layers 6``: pack a trained rung into the package as an int8 difference from
+  all-MiniLM-L6-v2 (``src/salience/zoo/minilm_l{k}_sentiment.safetensors`` + ``.json``: the training
+  record, the packing error and the rebuilt model's test accuracy and predictions, measured through
+  the public loader ``build_minilm_ladder(k)``).
 * ``smollm2-head``: SmolLM2-135M-Instruct body frozen; the final hidden state of each sentence's
   last token is computed once (cached in ``ladder/smollm2_features.pt``); a linear head (2 x 576, no
   bias) is fitted by L-BFGS on L2-regularised cross-entropy, the L2 strength chosen on validation.
@@ -23,6 +27,7 @@ Sub-commands (run each long one under ``flock /tmp/salience-cpu.lock``):
     flock /tmp/salience-cpu.lock python scripts/train_size_ladder.py smollm2-head
     flock /tmp/salience-cpu.lock python scripts/train_size_ladder.py baseline
     flock /tmp/salience-cpu.lock python scripts/train_size_ladder.py zero-shot --n 400
+    python scripts/train_size_ladder.py pack --layers 6
     python scripts/train_size_ladder.py table
 """
 
@@ -201,7 +206,7 @@ def train_minilm(layers: int, args: argparse.Namespace, argv: Sequence[str] | No
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
     # the one look at "test", through the public loader
-    model, tokenizer = ladder.build_minilm_ladder(layers)
+    model, tokenizer = ladder.build_cached_ladder(layers)
     test_ids = tokenize(tokenizer, split["test"])
     val_logits = classifier_logits(model, ids["validation"], pad_id)
     val_acc = float((val_logits.argmax(-1) == labels["validation"]).float().mean())
@@ -261,6 +266,44 @@ def cmd_minilm(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         else:
             run = args
         train_minilm(layers, run, argv)
+
+
+# ---------------------------------------------------------------------------------------- pack
+def cmd_pack(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    from safetensors.torch import load_file
+
+    from salience.assets import minilm_base_path
+    from salience.zoo.weight_delta import FORMAT, decode_delta, encode_delta
+
+    seed_everything(args.seed, args.threads)
+    split = get_split(args)
+    for layers in args.layers:
+        record = json.loads(ladder.ladder_metadata_path(layers).read_text())
+        tuned = load_file(ladder.ladder_weights_path(layers))
+        base = {f"bert.{n}": t for n, t in load_file(minilm_base_path() / "model.safetensors").items()}
+        packed = encode_delta(tuned, base)
+        out = ladder.shipped_delta_path(layers)
+        save_file(packed, str(out), metadata={"format": FORMAT})
+        rebuilt = decode_delta(load_file(out), base)
+        error = max(float((rebuilt[n] - t.float()).abs().max()) for n, t in tuned.items())
+        model, tokenizer = ladder.build_minilm_ladder(layers)  # the public loader reads the packed file
+        logits = classifier_logits(model, tokenize(tokenizer, split["test"]), tokenizer.pad_token_id)
+        pred = logits.argmax(-1)
+        float32_pred = torch.tensor([int(c) for c in record["test_predictions"]])
+        record["shipped"] = {
+            "file": out.name, "format": FORMAT, "bytes": out.stat().st_size,
+            "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+            "packed_from_sha256": record["weights_sha256"],
+            "max_abs_weight_error": error,
+            "test": accuracy_record((pred == labels_of(split["test"])).numpy()),
+            "test_predictions": "".join(map(str, pred.tolist())),
+            "test_predictions_changed_by_packing": int((pred != float32_pred[:len(pred)]).sum()),
+            "command": command(argv),
+        }
+        ladder.shipped_metadata_path(layers).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        log(f"minilm-l{layers}: packed {out.stat().st_size / 1e6:.1f} MB (max weight error {error:.1e}); "
+            f"test {record['shipped']['test']}, {record['shipped']['test_predictions_changed_by_packing']} "
+            f"predictions changed by packing")
 
 
 # ---------------------------------------------------------------------------------------- baseline
@@ -484,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--l2", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
     p.add_argument("--estimate-batches", type=int, default=0)
+    p = sub.add_parser("pack", help="ship a trained rung as an int8 difference from all-MiniLM-L6-v2")
+    p.add_argument("--layers", type=int, nargs="+", default=[6], choices=ladder.LADDER_LAYERS)
     sub.add_parser("baseline", help="zoo:minilm-sentiment on the test split")
     p = sub.add_parser("zero-shot", help="SmolLM2-135M-Instruct through PromptClassifier")
     p.add_argument("--n", type=int, default=0, help="a seeded sample of n per set (0: all)")
@@ -492,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("table", help="print the accuracy table from the records")
     args = parser.parse_args(argv)
     {"minilm": cmd_minilm, "smollm2-head": cmd_smollm2_head, "baseline": cmd_baseline,
-     "zero-shot": cmd_zero_shot, "table": cmd_table}[args.command](args, argv)
+     "zero-shot": cmd_zero_shot, "table": cmd_table, "pack": cmd_pack}[args.command](args, argv)
     return 0
 
 

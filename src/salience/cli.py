@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     explain = commands.add_parser("explain", help="explain a model's prediction on texts, images or prompts")
     explain.add_argument("--model", required=True,
-                         help="zoo:minilm-sentiment, zoo:efficientnet-lite0, zoo:smollm2-135m, a local model directory, or a hub id")
+                         help="zoo:minilm-l6-sentiment, zoo:efficientnet-lite0, zoo:smollm2-135m, a local model directory, or a hub id")
     explain.add_argument("--text", action="append", default=[], help="a text to explain (repeatable)")
     explain.add_argument("--pair", nargs=2, action="append", default=[], metavar=("PREMISE", "HYPOTHESIS"),
                          help="a text pair to explain (repeatable)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from salience.errors import ParameterError, UnknownMethodError
 from salience.evaluate.config import ConfigError, RunConfig, load_bench_file, parse_method_spec, parse_metric_spec
+from salience.zoo.minilm_ladder import shipped_delta_path
 
 STUDY = Path(__file__).parents[2] / "docs" / "studies" / "sig_minilm.toml"
 
@@ -65,6 +67,8 @@ def test_model_identity_is_its_files(toy_dir, tmp_path):
     (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-1] + b"\0")
     assert config.run_id("fp") != moved.run_id("fp")
     assert model_fingerprint("zoo:minilm-sentiment").startswith("zoo:minilm-sentiment/sha256-")
+    shipped = hashlib.sha256(shipped_delta_path(6).read_bytes()).hexdigest()[:16]  # not the cache's float32 file
+    assert model_fingerprint("zoo:minilm-l6-sentiment") == f"zoo:minilm-l6-sentiment/sha256-{shipped}"
     assert model_fingerprint("org/some-hub-model") == "org/some-hub-model"
 
 
@@ -72,7 +76,7 @@ def test_shipped_study_file_parses():
     bench = load_bench_file(STUDY)
     assert bench.db == "results/sig_minilm.db"
     minilm, planted = bench.studies
-    assert minilm.config.model == "zoo:minilm-sentiment" and minilm.limit == 500
+    assert minilm.config.model == "zoo:minilm-l6-sentiment" and minilm.limit == 500
     labels = [s.label for s in minilm.config.methods]
     assert {"IG", "SIG (mask)", "SIG (pad)", "saliency", "LIME", "KernelSHAP", "occlusion (delete)", "GradientSHAP"} <= set(labels)
     assert {s.name for s in minilm.config.metrics} >= {"log_odds", "comprehensiveness", "sufficiency", "token_f1", "auprc"}

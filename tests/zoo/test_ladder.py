@@ -113,6 +113,8 @@ def test_missing_ladder_weights_name_the_script(tmp_path, monkeypatch: pytest.Mo
 
 def _record(layers: int) -> dict:
     path = ladder.ladder_metadata_path(layers)
+    if ladder.shipped_delta_path(layers).is_file():
+        pytest.skip(f"zoo:minilm-l{layers}-sentiment ships in the package (checked by the shipped-model test)")
     if not ladder.ladder_weights_path(layers).is_file() or not path.is_file():
         pytest.skip(f"zoo:minilm-l{layers}-sentiment is not built on this machine "
                     f"(python scripts/train_size_ladder.py minilm --layers {layers})")
@@ -132,6 +134,26 @@ def test_built_ladder_model_reproduces_its_record(layers: int) -> None:
         predicted = "".join(map(str, model(**enc).logits.argmax(-1).tolist()))
     assert predicted == record["test_predictions"][:100]  # the written weights are the measured ones
     assert record["test"]["accuracy"] > 0.7
+
+
+def test_shipped_l6_reproduces_its_record() -> None:
+    """The zoo default, rebuilt from its int8 weight difference and the MiniLM asset, gives the test
+    predictions recorded when it was packed (which equal the float32 model's on all 2,000)."""
+    try:
+        adapter = load_model("zoo:minilm-l6-sentiment")
+    except AssetMissingError as error:
+        pytest.skip(f"the MiniLM asset is not installed here: {error}")
+    record = json.loads(ladder.shipped_metadata_path(6).read_text())
+    shipped = record["shipped"]
+    assert shipped["test_predictions_changed_by_packing"] == 0 and shipped["test"]["accuracy"] > 0.85
+    model, tokenizer = adapter.model, adapter.tokenizer
+    assert len(model.bert.encoder.layer) == 6 and not model.training
+    assert sum(p.numel() for p in model.parameters()) == record["n_parameters"]
+    test = split_movie_snippets(seed=record["seed"])["test"][:64]
+    with torch.no_grad():
+        enc = tokenizer([s.text for s in test], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        predicted = "".join(map(str, model(**enc).logits.argmax(-1).tolist()))
+    assert predicted == shipped["test_predictions"][:64]
 
 
 def test_missing_head_names_the_script(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,7 @@ def add_commands(commands: Any) -> None:
                                                "the results in a database and print a summary. Running the same command "
                                                "again resumes an interrupted run.")
     evaluate.add_argument("--model", required=True,
-                          help="zoo:minilm-sentiment, zoo:planted, zoo:efficientnet-lite0, another zoo model, or a local "
+                          help="zoo:minilm-l6-sentiment, zoo:planted, zoo:efficientnet-lite0, another zoo model, or a local "
                                "model directory")
     evaluate.add_argument("--dataset", required=True,
                           help="texts: movie-snippets, planted, or a .jsonl file; images: imagenet-photos (8 photos with "

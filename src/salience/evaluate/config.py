@@ -15,7 +15,7 @@ JSON where they parse as JSON, else strings), or tables ``{name, label, params}`
     out = "results/my-study"            # optional; one sub-folder per study
     [[study]]
     name = "minilm"
-    model = "zoo:minilm-sentiment"
+    model = "zoo:minilm-l6-sentiment"
     dataset = "movie-snippets"
     limit = 500
     dataset_options = { split = "test", lexicon_threshold = 1.5 }
@@ -227,8 +227,8 @@ class RunConfig:
 def model_fingerprint(name: str) -> str:
     """What identifies a model's weights: the SHA-256 of a local folder's weight, config and
     vocabulary files; of a zoo model's weights (the ``.safetensors`` shipped in ``salience/zoo``
-    under the model's name, e.g. ``minilm_sentiment.safetensors``, EfficientNet-Lite0's asset, or
-    a size-ladder MiniLM's weights in the user's cache);
+    under the model's name, e.g. ``minilm_sentiment.safetensors``, EfficientNet-Lite0's asset, or,
+    for a size-ladder MiniLM that does not ship, its weights in the user's cache);
     the task version of ``zoo:planted``; else (a hub id, a zoo model not installed) the name."""
     weights = _zoo_weights(name)
     if weights is not None:
@@ -260,18 +260,19 @@ def _zoo_weights(name: str) -> Path | None:
             return efficientnet_lite0_weights_path()
         except SalienceError:
             return None  # loading the model will say what is missing
+    import salience.zoo
     from salience.models.loading import LADDER_ZOO
 
+    shipped = Path(salience.zoo.__file__).with_name(name.removeprefix("zoo:").replace("-", "_") + ".safetensors")
+    if shipped.is_file():
+        return shipped
     layers = LADDER_ZOO.get(name.removeprefix("zoo:"))
     if layers:  # a MiniLM rung of the size ladder, trained into the user's cache
         from salience.zoo.minilm_ladder import ladder_weights_path
 
         cached = ladder_weights_path(layers)
         return cached if cached.is_file() else None
-    import salience.zoo
-
-    shipped = Path(salience.zoo.__file__).with_name(name.removeprefix("zoo:").replace("-", "_") + ".safetensors")
-    return shipped if shipped.is_file() else None
+    return None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ def add_commands(commands: Any) -> None:
                                 description="Attribution patching (AtP, the gradient estimate: 2 forward + 1 backward) or "
                                             "exact activation patching (one forward row per component) of the residual "
                                             "stream (layer x position) and the attention heads (layer x head).")
-    patch.add_argument("--model", required=True, help="zoo:smollm2-135m, zoo:minilm-sentiment, a local model directory or a hub id")
+    patch.add_argument("--model", required=True, help="zoo:smollm2-135m, zoo:minilm-l6-sentiment, a local model directory or a hub id")
     patch.add_argument("--clean", required=True, help="the clean input (a prompt or a text)")
     patch.add_argument("--corrupted", required=True, help="the corrupted input, of the same token length")
     patch.add_argument("--continuation", help="causal LMs: the target token (the metric reads its output)")

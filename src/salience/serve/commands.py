@@ -26,7 +26,7 @@ def add_commands(commands: Any) -> None:
                             "to the network and prints a warning)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--model", help="also serve a live explain page for this model: type a text (a text classifier), a "
-                                       "prompt (a causal LM) or upload an image (an image classifier); zoo:minilm-sentiment, "
+                                       "prompt (a causal LM) or upload an image (an image classifier); zoo:minilm-l6-sentiment, "
                                        "zoo:smollm2-135m, zoo:efficientnet-lite0, a local model directory; nothing is stored "
                                        "unless --record")
     serve.add_argument("--time-limit", type=float, default=60.0,

@@ -4,10 +4,12 @@
   (:func:`cut_to_layers`), then fine-tuned *in full* (embeddings, the k layers, pooler and a new
   classifier) on the ``"train"`` split of
   :func:`salience.datasets.movie_snippets.split_movie_snippets` (epoch chosen on ``"validation"``,
-  ``"test"`` held out). Their weights (36-90 MB each in float32, 114 MB for the three even in
-  float16) are too big to ship: ``scripts/train_size_ladder.py minilm`` writes them to
-  ``cache_dir()/ladder/`` with a JSON training record, and :func:`build_minilm_ladder` raises a
-  one-line :class:`ModelLoadError` naming that command while they are missing.
+  ``"test"`` held out). ``scripts/train_size_ladder.py minilm`` writes their float32 weights
+  (62-91 MB each) to ``cache_dir()/ladder/`` with a JSON training record. The 6-layer model, the
+  zoo's default text classifier, also ships in the package, packed by ``... pack --layers 6`` as
+  an int8 difference from all-MiniLM-L6-v2 (16 MB, :mod:`salience.zoo.weight_delta`); the 2- and
+  4-layer models load from the cache, and :func:`build_minilm_ladder` raises a one-line
+  :class:`ModelLoadError` naming the training command while they are missing.
 * ``zoo:smollm2-sentiment-head``: SmolLM2-135M-Instruct (``zoo:smollm2-135m``) with its body
   frozen and a linear head (2 x 576, no bias) on the final (normed) hidden state of the *last*
   token of the text, i.e. a ``LlamaForSequenceClassification`` (the last token is the only one
@@ -99,8 +101,23 @@ def build_cut_base(layers: int) -> tuple[BertForSequenceClassification, PreTrain
     return cut_to_layers(model, layers), tokenizer
 
 
+def shipped_delta_path(layers: int) -> Path:
+    """Where the k-layer model ships inside the package as an int8 difference from all-MiniLM-L6-v2
+    (:mod:`salience.zoo.weight_delta`); only the 6-layer model (the zoo default) ships."""
+    return Path(__file__).with_name(f"minilm_l{layers}_sentiment.safetensors")
+
+
+def shipped_metadata_path(layers: int) -> Path:
+    """The training record of a shipped rung, with the packing check (accuracy of the rebuilt weights)."""
+    return Path(__file__).with_name(f"minilm_l{layers}_sentiment.json")
+
+
 def build_minilm_ladder(layers: int) -> tuple[BertForSequenceClassification, PreTrainedTokenizerBase]:
     """Load ``zoo:minilm-l{layers}-sentiment`` (eval mode) and the MiniLM tokenizer.
+
+    A rung that ships in the package (the 6-layer model) is rebuilt from its int8 weight
+    difference and the all-MiniLM-L6-v2 asset; the others are read from the training script's
+    float32 output in the user's cache.
 
     Raises:
         ParameterError: ``layers`` is not 2, 4 or 6.
@@ -108,22 +125,43 @@ def build_minilm_ladder(layers: int) -> tuple[BertForSequenceClassification, Pre
             command that builds them) or do not fit the model.
         AssetMissingError: the MiniLM package is not installed.
     """
-    from transformers import AutoTokenizer
+    from salience.zoo.weight_delta import decode_delta
 
+    _check_layers(layers)
+    shipped = shipped_delta_path(layers)
+    if shipped.is_file():
+        base = {f"bert.{name}": tensor for name, tensor in load_file(minilm_base_path() / "model.safetensors").items()}
+        return _ladder_classifier(layers, decode_delta(load_file(shipped), base), shipped.name)
+    return build_cached_ladder(layers)
+
+
+def build_cached_ladder(layers: int) -> tuple[BertForSequenceClassification, PreTrainedTokenizerBase]:
+    """Load the k-layer model from the training script's float32 weights in the cache (what
+    ``scripts/train_size_ladder.py minilm`` wrote; the shipped 6-layer model is packed from it).
+
+    Raises:
+        ModelLoadError: the weights are not built on this machine (the message names the command).
+    """
     _check_layers(layers)
     path = ladder_weights_path(layers)
     if not path.is_file():
         raise ModelLoadError(f"zoo:minilm-l{layers}-sentiment is not built on this machine (no {path}): "
                              f"run `python {TRAIN_SCRIPT} minilm --layers {layers}` (about 10-30 min on 2 cores)")
+    return _ladder_classifier(layers, load_file(path), path.name)
+
+
+def _ladder_classifier(layers: int, state: dict[str, torch.Tensor],
+                       source: str) -> tuple[BertForSequenceClassification, PreTrainedTokenizerBase]:
+    from transformers import AutoTokenizer
+
     base = minilm_base_path()
     config = BertConfig.from_pretrained(base, num_labels=2, id2label=dict(ID2LABEL), label2id=dict(LABEL2ID),
                                         num_hidden_layers=layers, local_files_only=True)
     model = BertForSequenceClassification(config)
-    state = load_file(path)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise ModelLoadError(f"{path.name} does not fit a {layers}-layer MiniLM classifier "
+        raise ModelLoadError(f"{source} does not fit a {layers}-layer MiniLM classifier "
                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     model.eval()
     return model, AutoTokenizer.from_pretrained(base, use_fast=True, local_files_only=True)
