@@ -282,6 +282,9 @@ def test_equals_lxt_rules_written_out(monkeypatch):
                               output="logit", continuation=continuation)
     a, b = np.asarray(ours.token_scores), np.asarray(theirs.token_scores)
     assert a.shape == b.shape == (5, 11) and np.abs(b).max() > 0.1
+    # the 5 targets share one forward pass and run backward one by one (their rules' trace per backward)
+    assert (ours.cost.forward_passes, ours.cost.backward_passes) == (1, 5)
+    assert len(ours.extras["conservation"]) == 5
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 

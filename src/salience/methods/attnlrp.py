@@ -2,7 +2,8 @@
 rules for softmax attention, the bilinear matmuls and gated MLPs (uniform), and layer / RMS norms
 (identity on the normalisation); see :mod:`salience.methods.attnlrp_rules`. It runs in LRP's
 machinery (:class:`salience.methods.lrp_mode.LRPMode` with ``transformer=True``), as a modified
-gradient: one forward + one backward row per target.
+gradient: one backward row per target, and one forward pass for all the targets where the adapter
+shares it (a causal LM's generated tokens), else one per target.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import parse_composite
 from salience.methods.lrp_mode import LRPMode, run_with_copies_if_needed
 from salience.methods.lrp_rules import STABILISER
+from salience.models.passes import one_target_per_backward
 
 # rules of the trace whose calls keep relevance by design (not by biases or the stabiliser)
 SOFTMAX = {"softmax"}
 
 
-@register("attnlrp", aliases=("attn_lrp", "attention_lrp"), kind="gradient", cost="1 forward + 1 backward per target",
+@register("attnlrp", aliases=("attn_lrp", "attention_lrp"), kind="gradient",
+          cost="1 backward per target; 1 forward for all the tokens of a generation, else 1 per target",
           summary="LRP through transformers with AttnLRP's rules for softmax, attention matmuls and norms (Achtibat et al. 2024)")
 @dataclass
 class AttnLRP:
@@ -65,22 +68,21 @@ class AttnLRP:
         check_logit_targets(ctx.targets, "attnlrp")
         x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
 
-        def run(copy_outputs: bool) -> tuple[LRPMode, list[tuple[torch.Tensor, torch.Tensor]]]:
-            rows = []
+        def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor]:
             with LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp",
-                         copy_outputs=copy_outputs) as mode:
-                for target in ctx.targets:  # one forward + backward row each (the rules' trace is per row: no vmapped backward)
-                    found, gradient = ctx.model.score_inputs(ctx.encoded, x[None], target, grad=True, batch_size=ctx.batch_size)
-                    assert gradient is not None
-                    rows.append((found[0].detach(), gradient[0]))
-            return mode, rows
+                         copy_outputs=copy_outputs) as mode, one_target_per_backward(mode.next_backward_row):
+                # one forward pass for every target where the adapter shares it (a causal LM's generated
+                # tokens), then one plain backward per target (the rules trace each backward: no vmap)
+                found, gradients = ctx.model.score_inputs(ctx.encoded, x[None], list(ctx.targets), grad=True,
+                                                          batch_size=ctx.batch_size)
+            assert gradients is not None
+            return mode, found[0].detach(), gradients[0]
 
-        mode, rows = run_with_copies_if_needed(run)
+        mode, values, gradients = run_with_copies_if_needed(run)
         if mode.layers == 0:
             raise ParameterError(f"attnlrp found no linear layer on {ctx.model.name}'s gradient path (a TorchScript or compiled "
                                  "model, or custom kernels, are not seen); explain a plain nn.Module")
-        values = torch.stack([v for v, _ in rows])
-        per_channel = x[None].to(rows[0][1]) * torch.stack([g for _, g in rows])  # (T, P, D)
+        per_channel = x[None].to(gradients) * gradients  # (T, P, D)
         value = values.double().cpu()
         totals = per_channel.double().sum((-1, -2)).cpu()
         softmax_kept = mode.per_row(SOFTMAX)

@@ -93,7 +93,9 @@ def _linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
 class LayerTrace:
     """One rule layer's backward call: relevance at its output and input summed per backward row,
     the part of the input's relevance put on inputs equal to 0 (not representable: lost), and
-    the forward pass (0, 1, ... in the order they ran) whose rows these are."""
+    the forward pass (0, 1, ... in the order they ran) whose rows these are, and, when one forward
+    pass serves several targets that run backward one by one, the backward pass (0, 1, ...; None
+    for a backward shared by the targets, such as the output head's)."""
 
     layer: str
     rule: str
@@ -101,6 +103,7 @@ class LayerTrace:
     relevance_in: torch.Tensor
     lost: torch.Tensor
     forward: int = 0
+    backward: int | None = None
 
 
 @dataclass
@@ -173,7 +176,8 @@ class _Relevance(torch.autograd.Function):
             zero = x == 0
             c_in = torch.where(zero, 0.0, r_in / torch.where(zero, 1.0, x))
             found, lost = _per_row(r_in), _per_row(torch.where(zero, r_in, 0.0))
-        step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, _per_row(r_out), found, lost, step.forward))
+        step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, _per_row(r_out), found, lost, step.forward,
+                                          step.mode.backward_row))
         return c_in, None, None
 
 
@@ -243,6 +247,7 @@ class LRPMode(TorchFunctionMode):
         self.bounds, self.merge_batch_norm = bounds, merge_batch_norm
         self.transformer, self.method = transformer, method
         self.forwards = -1
+        self.backward_row: int | None = None  # set by next_backward_row
         self.trace: list[LayerTrace] = []
         self.rules: dict[str, set[str]] = {}
         self.layers = 0
@@ -318,18 +323,29 @@ class LRPMode(TorchFunctionMode):
             return t.double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
 
         found = sum((per_row(t) for t in relevance_in), torch.zeros(rows, dtype=torch.float64, device=relevance_out.device))
-        self.trace.append(LayerTrace(layer, rule, per_row(relevance_out), found, torch.zeros_like(found), forward))
+        self.trace.append(LayerTrace(layer, rule, per_row(relevance_out), found, torch.zeros_like(found), forward,
+                                     self.backward_row))
+
+    def next_backward_row(self) -> None:
+        """Mark the start of the next target's own backward pass (see
+        :func:`salience.models.passes.one_target_per_backward`): the trace keys its calls by it."""
+        self.backward_row = 0 if self.backward_row is None else self.backward_row + 1
 
     def per_row(self, rules: set[str]) -> torch.Tensor:
         """Relevance kept by the traced calls of ``rules`` (output minus input), per backward row, rows
-        in the order of the forward passes (each forward's rows in its order)."""
+        in the order of the forward passes (each forward's rows in its order), or of the backward
+        passes when targets ran backward one by one (calls of a backward they shared left out)."""
+        by_backward = any(t.backward is not None for t in self.trace)
         rows: dict[int, torch.Tensor] = {}
         for t in self.trace:
+            key = t.backward if by_backward else t.forward
+            if key is None:
+                continue
             kept = (t.relevance_out - t.relevance_in).double().cpu()
             if t.rule in rules:
-                rows[t.forward] = rows.get(t.forward, torch.zeros_like(kept)) + kept
+                rows[key] = rows.get(key, torch.zeros_like(kept)) + kept
             else:
-                rows.setdefault(t.forward, torch.zeros_like(kept))
+                rows.setdefault(key, torch.zeros_like(kept))
         return torch.cat([rows[k] for k in sorted(rows)]) if rows else torch.zeros(0, dtype=torch.float64)
 
     # ------------------------------------------------------------ dispatch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -20,6 +21,21 @@ RowPass = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torc
 # (rows (B, ...), group) -> every target's output (B, T) and its gradient w.r.t. the row (B, T, ...),
 # from ONE forward pass of the B rows; the backward runs vmapped over at most ``group`` targets at once
 SharedForwardPass = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# set by one_target_per_backward: called before each target's own backward pass
+_ONE_TARGET_PER_BACKWARD: ContextVar[Callable[[], None] | None] = ContextVar("one_target_per_backward", default=None)
+
+
+@contextmanager
+def one_target_per_backward(before_each: Callable[[], None]) -> Iterator[None]:
+    """Inside: a shared forward pass's targets run backward one after the other (the graph kept
+    between them) instead of vmapped together, ``before_each()`` called before each target's
+    backward. For backward rules that cannot run under vmap or that record each backward pass (LRP's
+    trace): the same count of backward rows, from one forward pass."""
+    token = _ONE_TARGET_PER_BACKWARD.set(before_each)
+    try:
+        yield
+    finally:
+        _ONE_TARGET_PER_BACKWARD.reset(token)
 
 
 def as_targets(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
@@ -114,7 +130,17 @@ def grouped_backward(outputs: torch.Tensor, inputs: torch.Tensor, count: int, gr
     """Gradients (B, count, ...) w.r.t. ``inputs`` (B, ...) of ``count`` targets read from
     ``outputs``: the backward is vmapped (``is_grads_batched``) over at most ``group`` targets at a
     time, ``cotangents(start, stop)`` giving the targets' cotangents (stop - start, *outputs.shape),
-    the forward graph kept between groups: ``count`` backward rows for one forward pass."""
+    the forward graph kept between groups: ``count`` backward rows for one forward pass. Inside
+    :func:`one_target_per_backward`: one plain backward per target instead."""
+    before_each = _ONE_TARGET_PER_BACKWARD.get()
+    if before_each is not None:
+        rows = []
+        for index in range(count):
+            before_each()
+            (row,) = torch.autograd.grad(outputs, inputs, grad_outputs=cotangents(index, index + 1)[0],
+                                         retain_graph=index < count - 1)
+            rows.append(row)
+        return torch.stack(rows, dim=1)
     parts = []
     for start in range(0, count, group):
         stop = min(count, start + group)
