@@ -94,8 +94,9 @@ def split_movie_snippets(seed: int = 0) -> dict[str, list[Snippet]]:
 
     The snippets are sorted by numeric id and permuted with ``numpy.random.default_rng(seed)``;
     the first 2,000 are ``"test"``, the next 1,000 ``"validation"``, the rest (7,568) ``"train"``.
-    With the default seed, ``"test"`` is held out from the training of ``zoo:minilm-sentiment``
-    (``"validation"`` picked its epoch): evaluations of that model must use ``"test"`` only.
+    With the default seed, ``"test"`` is held out from the training of the zoo sentiment models
+    (``zoo:minilm-l6-sentiment``, ``zoo:minilm-sentiment``, the size ladder; ``"validation"``
+    picked their epochs): evaluations of those models must use ``"test"`` only.
     """
     snippets = sorted(load_movie_snippets(), key=lambda s: int(s.id))
     order = np.random.default_rng(seed).permutation(len(snippets))

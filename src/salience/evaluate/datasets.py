@@ -8,7 +8,7 @@ single punctuation marks), so it lines up with the features of a word-level expl
 (or graded, >= 0) where a reference exists and ``None`` where none does.
 
 * ``movie-snippets``: Rotten Tomatoes sentences with human valence ratings, the held-out ``"test"``
-  split by default (disjoint from ``zoo:minilm-sentiment``'s training data). The rationale marks the
+  split by default (disjoint from the zoo sentiment models' training data). The rationale marks the
   sentence's *lexicon sentiment words*: words whose mean human valence in the VADER lexicon has
   magnitude >= ``lexicon_threshold`` (default 1.5), matched in lower case. This is a judgement of
   which words carry sentiment *out of context*, not an annotation of each sentence; see
