@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from salience.evaluate.config import load_bench_file
+from salience.evaluate.config import load_bench_file, model_fingerprint
 from salience.evaluate.store import Store
 from salience.evaluate.summary import bootstrap_ci
 
@@ -51,9 +51,13 @@ def load_runs(db: Path) -> list[ModelRun]:
     bench = load_bench_file(STUDY_FILE)
     out = []
     with Store(db) as store:
-        by_name = {run.name: run for run in store.runs()}
+        runs = store.runs()  # newest first
         for study in bench.studies:
-            run = by_name.get(study.config.name)
+            # the newest run of this study on the model's weights as they are now (a retrained or
+            # repacked model is a new run; older runs of the same name stay in the database)
+            weights = model_fingerprint(study.config.model)
+            run = next((r for r in runs if r.name == study.config.name
+                        and r.config.get("identity", {}).get("model") == weights), None)
             if run is None:
                 continue
             labels = {e["example_id"]: e["label"] for e in store.examples(run.run_id)}
