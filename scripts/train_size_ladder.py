@@ -273,7 +273,7 @@ def cmd_pack(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     from safetensors.torch import load_file
 
     from salience.assets import minilm_base_path
-    from salience.zoo.weight_delta import FORMAT, decode_delta, encode_delta
+    from salience.zoo.weight_delta import FORMAT, base_checksums, decode_delta, encode_delta
 
     seed_everything(args.seed, args.threads)
     split = get_split(args)
@@ -284,8 +284,11 @@ def cmd_pack(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         packed = encode_delta(tuned, base)
         out = ladder.shipped_delta_path(layers)
         save_file(packed, str(out), metadata={"format": FORMAT})
-        rebuilt = decode_delta(load_file(out), base)
+        checksums = base_checksums(packed, base)
+        rebuilt = decode_delta(load_file(out), base, checksums)
         error = max(float((rebuilt[n] - t.float()).abs().max()) for n, t in tuned.items())
+        record["shipped"] = {"base_checksums": checksums}  # read by the public loader below
+        ladder.shipped_metadata_path(layers).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         model, tokenizer = ladder.build_minilm_ladder(layers)  # the public loader reads the packed file
         logits = classifier_logits(model, tokenize(tokenizer, split["test"]), tokenizer.pad_token_id)
         pred = logits.argmax(-1)
@@ -298,6 +301,7 @@ def cmd_pack(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
             "test": accuracy_record((pred == labels_of(split["test"])).numpy()),
             "test_predictions": "".join(map(str, pred.tolist())),
             "test_predictions_changed_by_packing": int((pred != float32_pred[:len(pred)]).sum()),
+            "base_checksums": checksums,
             "command": command(argv),
         }
         ladder.shipped_metadata_path(layers).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -146,6 +146,7 @@ def test_shipped_l6_reproduces_its_record() -> None:
     record = json.loads(ladder.shipped_metadata_path(6).read_text())
     shipped = record["shipped"]
     assert shipped["test_predictions_changed_by_packing"] == 0 and shipped["test"]["accuracy"] > 0.85
+    assert len(shipped["base_checksums"]) > 30  # the loader checks the MiniLM asset against them
     model, tokenizer = adapter.model, adapter.tokenizer
     assert len(model.bert.encoder.layer) == 6 and not model.training
     assert sum(p.numel() for p in model.parameters()) == record["n_parameters"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salience.errors import ModelLoadError
-from salience.zoo.weight_delta import UNCHANGED_ROW_TOLERANCE, decode_delta, encode_delta
+from salience.zoo.weight_delta import UNCHANGED_ROW_TOLERANCE, base_checksums, decode_delta, encode_delta
 
 
 def fine_tuned_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -59,3 +59,14 @@ def test_decoding_refuses_a_delta_that_does_not_fit() -> None:
         decode_delta(packed, {**base, "dense.weight": torch.randn(5, 3)})
     with pytest.raises(ModelLoadError, match="the weight delta of emb.weight is incomplete"):
         decode_delta({k: v for k, v in packed.items() if k != "emb.weight.q_scale"}, base)
+
+
+def test_decoding_checks_the_base_it_was_made_against() -> None:
+    tuned, base = fine_tuned_pair()
+    packed = encode_delta(tuned, base)
+    checksums = base_checksums(packed, base)
+    assert sorted(checksums) == ["dense.weight", "emb.weight"]  # the tensors rebuilt from the base
+    torch.testing.assert_close(decode_delta(packed, base, checksums)["dense.weight"], decode_delta(packed, base)["dense.weight"])
+    other = {**base, "emb.weight": base["emb.weight"] * 1.001}  # another version of the pretrained model
+    with pytest.raises(ModelLoadError, match=r"the base weights differ from those the delta was made against \(emb.weight"):
+        decode_delta(packed, other, checksums)

@@ -131,7 +131,9 @@ def build_minilm_ladder(layers: int) -> tuple[BertForSequenceClassification, Pre
     shipped = shipped_delta_path(layers)
     if shipped.is_file():
         base = {f"bert.{name}": tensor for name, tensor in load_file(minilm_base_path() / "model.safetensors").items()}
-        return _ladder_classifier(layers, decode_delta(load_file(shipped), base), shipped.name)
+        record = json.loads(shipped_metadata_path(layers).read_text(encoding="utf-8"))
+        checksums = record.get("shipped", {}).get("base_checksums")
+        return _ladder_classifier(layers, decode_delta(load_file(shipped), base, checksums), shipped.name)
     return build_cached_ladder(layers)
 
 

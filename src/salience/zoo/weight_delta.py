@@ -59,13 +59,29 @@ def encode_delta(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Ten
     return packed
 
 
-def decode_delta(packed: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def base_checksums(packed: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The float64 sum of |w| of every base tensor the delta ``packed`` is applied to: recorded
+    when packing, checked when decoding (a different base would rebuild a different model)."""
+    names = sorted({key.rsplit(".", 1)[0] for key in packed if key.endswith(".q")})
+    return {name: float(base[name].double().abs().sum()) for name in names if name in base}
+
+
+def decode_delta(packed: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+                 checksums: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Rebuild the fine-tuned float32 state dict from :func:`encode_delta`'s tensors and ``base``.
 
+    ``checksums``: :func:`base_checksums` of the base the delta was made against; each must match
+    to 1e-9 (relative), else the base is another model's.
+
     Raises:
-        ModelLoadError: a quantised tensor's base is missing or has another shape, or a part of an
-            entry is missing.
+        ModelLoadError: a quantised tensor's base is missing, has another shape or fails its
+            checksum, or a part of an entry is missing.
     """
+    for name, expected in (checksums or {}).items():
+        found = base_checksums({f"{name}.q": torch.empty(0)}, base).get(name)
+        if found is None or abs(found - expected) > 1e-9 * max(abs(expected), 1.0):
+            raise ModelLoadError(f"the base weights differ from those the delta was made against ({name}: sum |w| "
+                                 f"{found} instead of {expected}); install the pinned base model")
     state: dict[str, torch.Tensor] = {}
     names = {key.rsplit(".", 1)[0] for key in packed}
     for name in sorted(names):
