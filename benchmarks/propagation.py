@@ -489,8 +489,9 @@ def lm_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
              f"- continuation: {count} tokens generated greedily by Salience (not timed): {encoded.extras['continuation']!r}; "
              "every generated token is a target (its logit at the position before it)",
              "- Salience's gradient methods take every target from one forward pass and one backward vmapped over the "
-             "targets (the output head's backward split per position); AttnLRP runs one forward + one backward per target "
-             "(its rules keep a per-pass trace), i.e. the last limit's passes",
+             "targets (the output head's backward split per position); AttnLRP takes one forward pass for all targets too, "
+             "then one plain backward per target with the graph kept (its rules trace each backward pass, which cannot "
+             "run under vmap), i.e. the passes of the 'plain 1 forward + N backwards' limit",
              "- Captum has no LRP rules for transformer layers (softmax attention, RMSNorm, rotary embeddings): no Captum "
              "row for this model"]
     if check:
