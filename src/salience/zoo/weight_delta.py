@@ -3,9 +3,9 @@
 A model fine-tuned in full changes every weight by ~1-3 % (AdamW, a few hundred steps), so its
 difference from the base quantises well: :func:`encode_delta` stores, per 2-D tensor,
 
-* ``<name>.decay``: one float32 scale ``s`` applied to the whole base tensor (AdamW's weight decay
-  shrinks every row by the same factor, also rows that never received a gradient, such as the
-  embeddings of words absent from the training set);
+* ``<name>.decay``: one float32 scale ``s``, the median of ``tuned / base``, applied to the whole
+  base tensor (AdamW's weight decay shrinks every row by the same factor, also rows that never
+  received a gradient, such as the embeddings of words absent from the training set);
 * ``<name>.rows`` (int32), ``<name>.q`` (int8, rows x columns), ``<name>.q_scale`` (float32 per
   row): the residual ``tuned - s * base`` of the rows it is not negligible in, quantised per row
   symmetrically (``q = round(residual / q_scale)``, ``q_scale = max|residual row| / 127``).
