@@ -14,7 +14,7 @@ import torch
 
 import salience
 from models.test_contrast import float64_llama
-from salience.models.passes import gradients_of_outputs
+from salience.models.passes import gradients_of_outputs, one_target_per_backward
 from tiny_lm import build_tokenizer
 
 PROMPT = "the capital of france is"
@@ -60,6 +60,13 @@ def test_gradients_of_outputs_is_the_jacobian_per_row():
         values = torch.tanh(inputs @ weights)  # (3 rows, 5 targets); row b depends on inputs[b] only
         got = gradients_of_outputs(values, inputs, group)
         torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    # one plain backward per target (AttnLRP's way: its rules trace each backward), the graph kept
+    starts: list[int] = []
+    values = torch.tanh(inputs @ weights)
+    with one_target_per_backward(lambda: starts.append(len(starts))):
+        got = gradients_of_outputs(values, inputs, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    assert starts == [0, 1, 2, 3, 4]  # called before each of the 5 targets' backward
 
 
 @pytest.mark.parametrize("target_span", [None, [(0, 2), (2, 5)], [(0, 3), (1, 4)]])
