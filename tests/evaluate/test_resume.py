@@ -69,10 +69,14 @@ def test_interrupted_run_resumes_to_the_same_rows(setup, tmp_path, capsys, how):
         while _stored_units(db) < 2:
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.05)
+        # stopped, the first writer stays alive and mid-run however long the checks below take (on a
+        # busy machine the run could otherwise finish before the signal arrives)
+        process.send_signal(signal.SIGSTOP)
         assert main(argv) == 2  # a second writer on the same run, while the first is alive
         refused = capsys.readouterr().err
         assert refused.startswith("error: run ") and f"being written by another process (pid {process.pid}" in refused
-        process.send_signal(how)
+        process.send_signal(how)  # delivered when the process continues (SIGKILL: at once)
+        process.send_signal(signal.SIGCONT)
         _, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
