@@ -62,8 +62,11 @@ def test_interrupted_run_resumes_to_the_same_rows(setup, tmp_path, capsys, how):
     db = tmp_path / "r.db"
     argv = _argv(toy_dir, data, db)
     env = {**os.environ, "SALIENCE_EVAL_UNIT_DELAY": "0.3", "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child: a test run started in the background of a script
+    # (`cmd &`) ignores SIGINT, children inherit that, and Python then installs no ctrl-c handler
     process = subprocess.Popen([sys.executable, "-m", "salience.cli", *argv], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while _stored_units(db) < 2:
