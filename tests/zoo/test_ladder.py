@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from salience.models.loading import ZOO, load_model
 from salience.zoo import minilm_ladder as ladder
 from tiny_lm import build_model, build_tokenizer
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 TIGHT = 1e-12  # float64, the same operations in the same order: only summation-order rounding
 
 
@@ -155,6 +158,32 @@ def test_shipped_l6_reproduces_its_record() -> None:
         enc = tokenizer([s.text for s in test], padding=True, truncation=True, max_length=128, return_tensors="pt")
         predicted = "".join(map(str, model(**enc).logits.argmax(-1).tolist()))
     assert predicted == shipped["test_predictions"][:64]
+
+
+@pytest.mark.slow  # 2,000 sentences through the 6-layer model: about 30 s on 2 cores
+def test_shipped_l6_held_out_accuracy_is_what_the_readme_states() -> None:
+    """Recompute the default's held-out accuracy from the shipped weights (not from the record) on all
+    2,000 test sentences, and compare it with the README and the record."""
+    try:
+        adapter = load_model("zoo:minilm-l6-sentiment")
+    except AssetMissingError as error:
+        pytest.skip(f"the MiniLM asset is not installed here: {error}")
+    model, tokenizer = adapter.model, adapter.tokenizer
+    test = split_movie_snippets(seed=0)["test"]
+    labels = torch.tensor([s.label for s in test])
+    predicted = []
+    with torch.no_grad():
+        for start in range(0, len(test), 64):
+            enc = tokenizer([s.text for s in test[start:start + 64]], truncation=True, max_length=128, padding=True,
+                            return_tensors="pt")
+            predicted.append(model(**enc).logits.argmax(-1))
+    accuracy = round(float((torch.cat(predicted) == labels).float().mean()), 4)  # a multiple of 0.0005: exact
+    section = README.read_text().split("**`zoo:minilm-l6-sentiment`**", 1)[-1]
+    stated = re.search(r"Held-out test accuracy \*\*([0-9.]+)\*\* on ([0-9,]+) sentences", section)
+    assert stated is not None, "the README no longer states the default's held-out accuracy in the expected words"
+    assert int(stated.group(2).replace(",", "")) == len(test) == 2000
+    shipped = json.loads(ladder.shipped_metadata_path(6).read_text())["shipped"]
+    assert accuracy == float(stated.group(1)) == shipped["test"]["accuracy"]
 
 
 def test_missing_head_names_the_script(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
