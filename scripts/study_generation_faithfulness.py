@@ -36,6 +36,7 @@ import numpy as np
 
 import salience
 from salience.datasets.movie_snippets import split_movie_snippets
+from salience.evaluate.config import parse_method_spec
 from salience.evaluate.summary import bootstrap_ci
 from salience.metrics import evaluate_metric
 
@@ -47,20 +48,6 @@ METHODS: dict[str, dict[str, object]] = {
     "occlusion": {},
 }
 FRACTIONS = (0.1, 0.3, 0.5)
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, object]]:
-    """``name`` or ``name:key=value,key=value`` (values as JSON where they parse, else text); the
-    row is labelled with the whole spec."""
-    name, _, options = spec.partition(":")
-    params: dict[str, object] = {}
-    for option in filter(None, options.split(",")):
-        key, _, value = option.partition("=")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return spec, {"_method": name, **params}
 
 
 def prompts(limit: int, max_words: int) -> list[tuple[str, str]]:
@@ -107,7 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.method:
         METHODS.clear()
-        METHODS.update(parse_method(m) for m in args.method)
+        # the project's method specs (checked against the registry); the row keeps the spec's label
+        METHODS.update({spec.label: {"_method": spec.name, **spec.params} for spec in map(parse_method_spec, args.method)})
     load_start = os.getloadavg()
     started = time.perf_counter()
     lm = salience.load_model("zoo:smollm2-135m")

@@ -205,7 +205,7 @@ def train_minilm(layers: int, args: argparse.Namespace, argv: Sequence[str] | No
     save_file(state, str(path), metadata={"format": "pt"})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
-    # the one look at "test", through the public loader
+    # the one look at "test", through the loader of the written weights
     model, tokenizer = ladder.build_cached_ladder(layers)
     test_ids = tokenize(tokenizer, split["test"])
     val_logits = classifier_logits(model, ids["validation"], pad_id)
@@ -272,7 +272,7 @@ def cmd_minilm(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 def cmd_pack(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     from safetensors.torch import load_file
 
-    from salience.assets import minilm_base_path
+    from salience.zoo.minilm_sentiment import minilm_base_state
     from salience.zoo.weight_delta import FORMAT, base_checksums, decode_delta, encode_delta
 
     seed_everything(args.seed, args.threads)
@@ -280,7 +280,7 @@ def cmd_pack(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     for layers in args.layers:
         record = json.loads(ladder.ladder_metadata_path(layers).read_text())
         tuned = load_file(ladder.ladder_weights_path(layers))
-        base = {f"bert.{n}": t for n, t in load_file(minilm_base_path() / "model.safetensors").items()}
+        base = minilm_base_state()
         packed = encode_delta(tuned, base)
         out = ladder.shipped_delta_path(layers)
         save_file(packed, str(out), metadata={"format": FORMAT})

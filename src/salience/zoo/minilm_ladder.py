@@ -40,7 +40,7 @@ from transformers import (
 
 from salience.assets import cache_dir, minilm_base_path
 from salience.errors import ModelLoadError, ParameterError
-from salience.zoo.minilm_sentiment import ID2LABEL, LABEL2ID, build_base_classifier
+from salience.zoo.minilm_sentiment import ID2LABEL, LABEL2ID, build_base_classifier, minilm_base_state
 
 LADDER_LAYERS = (2, 4, 6)
 TRAIN_SCRIPT = "scripts/train_size_ladder.py"
@@ -130,7 +130,7 @@ def build_minilm_ladder(layers: int) -> tuple[BertForSequenceClassification, Pre
     _check_layers(layers)
     shipped = shipped_delta_path(layers)
     if shipped.is_file():
-        base = {f"bert.{name}": tensor for name, tensor in load_file(minilm_base_path() / "model.safetensors").items()}
+        base = minilm_base_state()
         record = json.loads(shipped_metadata_path(layers).read_text(encoding="utf-8"))
         checksums = record.get("shipped", {}).get("base_checksums")
         return _ladder_classifier(layers, decode_delta(load_file(shipped), base, checksums), shipped.name)

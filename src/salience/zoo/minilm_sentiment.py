@@ -33,6 +33,17 @@ def load_metadata() -> dict[str, Any]:
     return json.loads(METADATA_PATH.read_text(encoding="utf-8"))
 
 
+def minilm_base_state() -> dict[str, torch.Tensor]:
+    """All-MiniLM-L6-v2's parameters named as in ``BertForSequenceClassification`` (``bert.`` +
+    the asset's name; the ``position_ids`` buffer left out).
+
+    Raises:
+        AssetMissingError: the MiniLM package is not installed.
+    """
+    return {f"bert.{name}": tensor for name, tensor in load_file(minilm_base_path() / "model.safetensors").items()
+            if name != "embeddings.position_ids"}  # a buffer, not a parameter
+
+
 def build_base_classifier() -> tuple[BertForSequenceClassification, PreTrainedTokenizerBase]:
     """Build the classifier from the MiniLM base only: pretrained encoder and pooler, random head.
 
@@ -48,12 +59,7 @@ def build_base_classifier() -> tuple[BertForSequenceClassification, PreTrainedTo
         base, num_labels=2, id2label=dict(ID2LABEL), label2id=dict(LABEL2ID), local_files_only=True
     )
     model = BertForSequenceClassification(config)
-    base_weights = {
-        f"bert.{name}": tensor
-        for name, tensor in load_file(base / "model.safetensors").items()
-        if name != "embeddings.position_ids"  # a buffer, not a parameter
-    }
-    result = model.load_state_dict(base_weights, strict=False)
+    result = model.load_state_dict(minilm_base_state(), strict=False)
     missing = sorted(set(result.missing_keys) - {"classifier.weight", "classifier.bias"})
     if missing or result.unexpected_keys:
         raise ModelLoadError(
