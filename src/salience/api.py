@@ -278,11 +278,18 @@ def _prepare_unmeasured(settings: _Settings, item: Any, prediction: Any = None) 
     encode_options = _encode_options(settings)
     encoded = _encode(settings, item)
     squeeze = _one_class_target(model, target)
-    input_gradient = None
+    input_gradient, state = None, None
     if squeeze and getattr(settings.algorithm, "uses_input_gradient", False) and hasattr(model, "predict_with_input_gradient"):
-        # one forward + backward gives the prediction, the target and the gradient at the input
-        prediction, resolved, value, gradient = model.predict_with_input_gradient(  # type: ignore[attr-defined]
-            encoded, lambda predicted: resolve_target(target, model.labels, predicted, output))  # type: ignore[arg-type]
+        # one forward + backward gives the prediction, the target and the gradient at the input (a
+        # method's own pass, such as LRP's, gives its modified gradient and what it recorded)
+        def resolve(predicted: Any) -> Any:
+            return resolve_target(target, model.labels, predicted, output)  # type: ignore[arg-type]
+
+        own = getattr(settings.algorithm, "input_gradient_pass", None)
+        if callable(own):
+            prediction, resolved, value, gradient, state = own(model, encoded, resolve)
+        else:
+            prediction, resolved, value, gradient = model.predict_with_input_gradient(encoded, resolve)  # type: ignore[attr-defined]
         targets = [resolved]
         input_gradient = (value.reshape(1), gradient[None])
     else:
@@ -303,7 +310,7 @@ def _prepare_unmeasured(settings: _Settings, item: Any, prediction: Any = None) 
             warnings.warn(f"max_memory={max_memory} is below the estimated {per_row / 2 ** 20:.0f} MiB of one "
                           f"{'forward + backward' if backward else 'forward'} row of {encoded.length} positions; running "
                           "one row at a time, which may exceed the budget", SalienceWarning, stacklevel=_user_frame())
-    ctx = Context(model, encoded, targets, features, available, batch_size, settings.seed, input_gradient)
+    ctx = Context(model, encoded, targets, features, available, batch_size, settings.seed, input_gradient, state)
     return _Prepared(item, ctx, prediction, level, squeeze, encode_options, Cost())
 
 

@@ -299,6 +299,24 @@ def test_eager_equals_sdpa_on_the_tiny_llama():
     assert runs[0].params["rule_calls"] == runs[1].params["rule_calls"]
 
 
+def test_classifier_prediction_pass_in_attnlrp_mode(toy_dir):
+    """One class of a classifier explained: the prediction pass itself runs in AttnLRP mode (1
+    forward + 1 backward in all) and gives the scores, conservation and rule trace of AttnLRP's own
+    pass after a plain prediction (target="all" takes that path), to 1e-12."""
+    model = salience.load_model(str(toy_dir))
+    model.model.double()
+    every = salience.explain(model, TEXT, method="attnlrp", target="all")
+    for target in [None, 1]:  # None: the predicted class
+        one = salience.explain(model, TEXT, method="attnlrp", **({} if target is None else {"target": target}))
+        k = int(one.targets[0].index)
+        assert k == (every.prediction.index if target is None else target)
+        assert (one.cost.forward_passes, one.cost.backward_passes) == (1, 1)
+        np.testing.assert_allclose(np.asarray(one.scores), np.asarray(every.scores)[k], rtol=1e-12, atol=1e-12)
+        for key in ("output", "relevance_sum", "softmax_kept", "other_kept"):
+            assert one.extras["conservation"][0][key] == pytest.approx(every.extras["conservation"][k][key], abs=1e-12)
+        assert one.params["rule_calls"] == {rule: n // 2 for rule, n in every.params["rule_calls"].items()}  # 2 targets there
+
+
 def test_batched_equals_unbatched(toy):
     """Several inputs in one call, several targets in one call and batch_size=1: equal to one
     input and one target at a time (1e-12)."""

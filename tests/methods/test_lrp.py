@@ -290,6 +290,34 @@ def test_in_place_activations_and_modules_used_twice():
     np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus", "epsilon_alpha2_beta1"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_prediction_pass_in_lrp_mode_equals_a_pass_of_its_own(composite, inplace):
+    """One class explained: the prediction pass itself runs in LRP mode (1 forward + 1 backward in
+    all), and gives the same scores, conservation and layer trace as LRP's own pass after a plain
+    prediction (target="all" takes that path), to 1e-12 (the same arithmetic). An in-place
+    activation makes it redo the pass with copies, as LRP's own pass does."""
+    torch.manual_seed(5)
+    model = classifier(Twice(inplace=inplace).double().eval() if inplace else tiny_residual_cnn(shift=True))
+    x = image() * 8
+    every = salience.explain(model, x, method="lrp", composite=composite, target="all")
+    for target in [None, 2]:  # None: the predicted class
+        one = salience.explain(model, x, method="lrp", composite=composite, **({} if target is None else {"target": target}))
+        k = int(one.targets[0].index)
+        assert k == (every.prediction.index if target is None else target)
+        assert one.prediction.index == every.prediction.index
+        np.testing.assert_allclose(one.prediction.probabilities, every.prediction.probabilities, rtol=1e-12)
+        # the in-place model's first try fails in its backward and is redone: one forward more
+        assert (one.cost.forward_passes, one.cost.backward_passes) == (2 if inplace else 1, 1)
+        np.testing.assert_allclose(np.asarray(one.scores), np.asarray(every.scores)[k], rtol=1e-12, atol=1e-12)
+        for key in ("output", "relevance_sum", "error"):
+            assert one.extras["conservation"][0][key] == pytest.approx(every.extras["conservation"][k][key], abs=1e-12)
+        ours, theirs = one.extras["_layers"], every.extras["_layers"]
+        assert [t["layer"] for t in ours] == [t["layer"] for t in theirs]
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(a["relevance_in"], np.asarray(b["relevance_in"])[k:k + 1], rtol=1e-12, atol=1e-12)
+
+
 def test_refusals():
     model = classifier(tiny_residual_cnn())
     scripted = ImageClassifier(torch.jit.script(tiny_residual_cnn()), labels=["a", "b", "c"], input_shape=(3, 8, 8))

@@ -17,8 +17,8 @@ from salience.core.registry import register
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.deeplift import check_logit_targets
-from salience.methods.lrp_composites import parse_composite
-from salience.methods.lrp_mode import LRPMode, run_with_copies_if_needed
+from salience.methods.lrp_composites import Composite, parse_composite
+from salience.methods.lrp_mode import LRPMode, predict_in_mode, run_with_copies_if_needed
 from salience.methods.lrp_rules import STABILISER
 from salience.models.passes import one_target_per_backward
 
@@ -59,26 +59,45 @@ class AttnLRP:
     composite: Any = "epsilon"
     default_output: ClassVar[str] = "logit"
 
-    def attribute(self, ctx: Context) -> Attribution:
+    uses_input_gradient: ClassVar[bool] = True  # a classifier's prediction pass is AttnLRP's own (input_gradient_pass)
+
+    def input_gradient_pass(self, model: Any, encoded: Any, resolve: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor, object]:
+        """A classifier's prediction pass run in AttnLRP mode (one forward + one backward for the
+        prediction, its target's logit and the relevance per unit of embedding); the mode (its
+        trace) goes to :meth:`attribute`."""
+        composite = self._composite()
+        return predict_in_mode(model, encoded, resolve, "attnlrp", lambda copy: self._mode(composite, copy))
+
+    def _composite(self) -> Composite:
         if self.eps < 0 or self.stabiliser < 0:
             raise ParameterError(f"attnlrp: eps and stabiliser must be >= 0, got eps={self.eps}, stabiliser={self.stabiliser}")
         composite = parse_composite(self.composite)
         if composite.uses("zbox"):
             raise ParameterError("attnlrp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
-        check_logit_targets(ctx.targets, "attnlrp")
+        return composite
+
+    def _mode(self, composite: Composite, copy_outputs: bool) -> LRPMode:
+        return LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp",
+                       copy_outputs=copy_outputs)
+
+    def attribute(self, ctx: Context) -> Attribution:
+        composite = self._composite()
         x, _ = ctx.model.input_and_baseline(ctx.encoded, "zero")
+        if isinstance(ctx.input_gradient_state, LRPMode) and ctx.input_gradient is not None:
+            mode, (values, gradients) = ctx.input_gradient_state, ctx.input_gradient  # the prediction pass was ours
+        else:
+            check_logit_targets(ctx.targets, "attnlrp")
 
-        def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor]:
-            with LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp",
-                         copy_outputs=copy_outputs) as mode, one_target_per_backward(mode.next_backward_row):
-                # one forward pass for every target where the adapter shares it (a causal LM's generated
-                # tokens), then one plain backward per target (the rules trace each backward: no vmap)
-                found, gradients = ctx.model.score_inputs(ctx.encoded, x[None], list(ctx.targets), grad=True,
-                                                          batch_size=ctx.batch_size)
-            assert gradients is not None
-            return mode, found[0].detach(), gradients[0]
+            def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor]:
+                with self._mode(composite, copy_outputs) as mode, one_target_per_backward(mode.next_backward_row):
+                    # one forward pass for every target where the adapter shares it (a causal LM's generated
+                    # tokens), then one plain backward per target (the rules trace each backward: no vmap)
+                    found, gradients = ctx.model.score_inputs(ctx.encoded, x[None], list(ctx.targets), grad=True,
+                                                              batch_size=ctx.batch_size)
+                assert gradients is not None
+                return mode, found[0].detach(), gradients[0]
 
-        mode, values, gradients = run_with_copies_if_needed(run)
+            mode, values, gradients = run_with_copies_if_needed(run)
         if mode.layers == 0:
             raise ParameterError(f"attnlrp found no linear layer on {ctx.model.name}'s gradient path (a TorchScript or compiled "
                                  "model, or custom kernels, are not seen); explain a plain nn.Module")

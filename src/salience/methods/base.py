@@ -22,7 +22,8 @@ class Context:
     which features can influence which target (``available``, (T, F) bool), the chunk size (None:
     the batching utility decides), the seed of any randomness and, for methods that set
     ``uses_input_gradient``, the outputs (T,) and gradients (T, P, C) at the input when the
-    prediction pass already computed them."""
+    prediction pass already computed them (``input_gradient_state``: what a method's own
+    ``input_gradient_pass`` recorded during that pass, e.g. LRP's trace)."""
 
     model: Adapter
     encoded: object
@@ -32,6 +33,7 @@ class Context:
     batch_size: int | None = None
     seed: int = 0
     input_gradient: tuple[torch.Tensor, torch.Tensor] | None = None
+    input_gradient_state: object = None
 
     def generator(self) -> torch.Generator:
         """A torch generator seeded with ``seed`` (CPU, so results do not depend on the device)."""

@@ -17,12 +17,21 @@ from salience.core.registry import register
 from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.deeplift import check_logit_targets
-from salience.methods.lrp_composites import parse_composite
-from salience.methods.lrp_mode import LRPMode, run_with_copies_if_needed
+from salience.methods.lrp_composites import Composite, parse_composite
+from salience.methods.lrp_mode import LRPMode, predict_in_mode, run_with_copies_if_needed
 from salience.methods.lrp_rules import STABILISER
 from salience.methods.sharing import SharedInputs
 
 OUTPUT_RELEVANCE = ("logit", "one")
+
+
+@dataclass
+class _Recorded:
+    """What LRP's own prediction pass leaves for :meth:`LRP.attribute`."""
+
+    mode: LRPMode
+    composite: Composite
+    bounds: tuple[torch.Tensor, torch.Tensor] | None
 LOST_WARNING = 1e-6  # relative share of relevance on zero-valued inputs that is worth a warning
 
 
@@ -67,39 +76,62 @@ class LRP(SharedInputs):
     stabiliser: float = STABILISER
     default_output: ClassVar[str] = "logit"
 
+    uses_input_gradient: ClassVar[bool] = True  # the prediction pass is LRP's own (input_gradient_pass)
+
     def attribute(self, ctx: Context) -> Attribution:
         return self._run([ctx], paired=False)[0]
 
     def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
         return self._run(contexts, paired=True)
 
-    def _run(self, contexts: list[Context], *, paired: bool) -> list[Attribution]:
+    def input_gradient_pass(self, model: Any, encoded: Any, resolve: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor, object]:
+        """The prediction pass run in LRP mode (one forward + one backward for the prediction, its
+        target's logit and the relevance per unit of input); the state goes to :meth:`attribute`."""
+        composite = self._composite()
+        inputs = model.input_and_baseline(encoded, "zero")[0]
+        bounds = self._bounds([encoded], inputs[None]) if composite.uses("zbox") else None
+        *found, mode = predict_in_mode(model, encoded, resolve, "lrp", lambda copy: self._mode(composite, bounds, copy))
+        return (*found, _Recorded(mode, composite, bounds))  # type: ignore[return-value]
+
+    def _composite(self) -> Composite:
         if self.output_relevance not in OUTPUT_RELEVANCE:
             raise ParameterError(f"lrp: output_relevance must be one of {', '.join(OUTPUT_RELEVANCE)}, got {self.output_relevance!r}")
         if self.eps < 0 or self.gamma < 0:
             raise ParameterError(f"lrp: eps and gamma must be >= 0, got eps={self.eps}, gamma={self.gamma}")
-        composite = parse_composite(self.composite)
-        for ctx in contexts:
-            check_logit_targets(ctx.targets, "lrp")
+        return parse_composite(self.composite)
+
+    def _mode(self, composite: Composite, bounds: tuple[torch.Tensor, torch.Tensor] | None, copy_outputs: bool) -> LRPMode:
+        return LRPMode(composite, eps=self.eps, gamma=self.gamma, bounds=bounds, merge_batch_norm=self.merge_batch_norm,
+                       stabiliser=self.stabiliser, copy_outputs=copy_outputs)
+
+    def _run(self, contexts: list[Context], *, paired: bool) -> list[Attribution]:
         first = contexts[0]
         inputs = [ctx.model.input_and_baseline(ctx.encoded, "zero")[0] for ctx in contexts]
-        rows = torch.stack(inputs)
-        bounds = self._bounds(contexts, rows) if composite.uses("zbox") else None
-        targets = [ctx.targets[0] for ctx in contexts] if paired else first.targets
-        options = {"paired": True} if paired else {}
+        recorded = first.input_gradient_state
+        if not paired and isinstance(recorded, _Recorded) and first.input_gradient is not None:
+            mode, composite, bounds = recorded.mode, recorded.composite, recorded.bounds  # the prediction pass was LRP's
+            values, gradients = (t[None] for t in first.input_gradient)  # (T,), (T, P, C) -> one input's (1, T), (1, T, P, C)
+        else:
+            composite = self._composite()
+            for ctx in contexts:
+                check_logit_targets(ctx.targets, "lrp")
+            rows = torch.stack(inputs)
+            bounds = self._bounds([ctx.encoded for ctx in contexts], rows) if composite.uses("zbox") else None
+            targets = [ctx.targets[0] for ctx in contexts] if paired else first.targets
+            options = {"paired": True} if paired else {}
 
-        def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor | None]:
-            with LRPMode(composite, eps=self.eps, gamma=self.gamma, bounds=bounds, merge_batch_norm=self.merge_batch_norm,
-                         stabiliser=self.stabiliser, copy_outputs=copy_outputs) as mode:
-                found = first.model.score_inputs(first.encoded, rows, targets, grad=True, batch_size=first.batch_size,
-                                                 **options)
-            return mode, *found
+            def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor | None]:
+                with self._mode(composite, bounds, copy_outputs) as mode:
+                    found = first.model.score_inputs(first.encoded, rows, targets, grad=True, batch_size=first.batch_size,
+                                                     **options)
+                return mode, *found
 
-        mode, values, gradients = run_with_copies_if_needed(run)
+            mode, values, found_gradients = run_with_copies_if_needed(run)
+            assert found_gradients is not None
+            gradients = found_gradients
         if mode.layers == 0:
             raise ParameterError(f"lrp found no convolution or linear layer on {first.model.name}'s gradient path (a TorchScript "
                                  "or compiled model, or custom kernels, are not seen); explain a plain nn.Module")
-        assert gradients is not None
         if paired:  # (N,), (N, P, C) -> per context (1,), (1, P, C)
             values, gradients = values[:, None], gradients[:, None]
         details: dict[str, object] = {
@@ -133,14 +165,14 @@ class LRP(SharedInputs):
                                                 extras=extras, warnings=warnings))
         return results
 
-    def _bounds(self, contexts: Sequence[Context], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bounds(self, encoded: Sequence[Any], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (low, high) of the input for z^B: given, else the inputs' black and white
         levels (their per-channel min and max when there are none), widened to hold the inputs."""
         channels = rows.shape[-1]
         lows, highs = [], []
-        for ctx in contexts:
-            levels = getattr(ctx.encoded, "levels", None)
-            pixels = getattr(ctx.encoded, "pixels", None)
+        for item in encoded:
+            levels = getattr(item, "levels", None)
+            pixels = getattr(item, "pixels", None)
             if levels is not None and isinstance(pixels, torch.Tensor):
                 low, high = levels.value_range(pixels)
                 lows.append(low.reshape(channels, -1).amin(1))

@@ -34,7 +34,6 @@ are not seen).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,9 +50,19 @@ from torch.overrides import TorchFunctionMode
 from salience.errors import ParameterError
 from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
 from salience.methods.attnlrp_rules import PASS, is_normalisation, transformer_call
+from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
-from salience.methods.rules import ELEMENTWISE, LINEAR, RELU_FAMILY, function_name, is_inplace, is_linear_call, tensors_in
+from salience.methods.rules import (
+    ELEMENTWISE,
+    LINEAR,
+    RELU_FAMILY,
+    bound_arguments,
+    function_name,
+    is_inplace,
+    is_linear_call,
+    tensors_in,
+)
 
 LAYERS: dict[Callable[..., Any], str] = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
 AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -72,15 +81,6 @@ HANDLED = ("convolutions and linear layers (by the composite's rules), batch nor
 
 def _path(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
-
-
-def _bind(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return {}
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def _linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -139,6 +139,28 @@ def run_with_copies_if_needed(run: Callable[[bool], T]) -> T:
         if IN_PLACE_ERROR not in str(error):
             raise
     return run(True)
+
+
+def predict_in_mode(model: Any, encoded: Any, resolve: Callable[[Any], Any], method: str,
+                    make_mode: Callable[[bool], LRPMode]) -> tuple[Any, Any, torch.Tensor, torch.Tensor, LRPMode]:
+    """The adapter's prediction pass (``predict_with_input_gradient``: one forward + one backward)
+    run inside ``make_mode(copy_outputs)``: the prediction, the target ``resolve`` picks (refused
+    unless a logit, before the backward), its logit and the modified gradient at the input, and the
+    mode with its trace. What the method would otherwise compute with a prediction pass and then
+    a pass of its own."""
+
+    def checked(prediction: Any) -> Any:
+        target = resolve(prediction)
+        check_logit_targets([target], method)
+        return target
+
+    def run(copy_outputs: bool) -> tuple[LRPMode, tuple[Any, Any, torch.Tensor, torch.Tensor]]:
+        with make_mode(copy_outputs) as mode:
+            found = model.predict_with_input_gradient(encoded, checked)
+        return mode, found
+
+    mode, (prediction, target, value, gradient) = run_with_copies_if_needed(run)
+    return prediction, target, value, gradient, mode
 
 
 def _per_row(t: torch.Tensor) -> torch.Tensor:
@@ -445,7 +467,7 @@ class LRPMode(TorchFunctionMode):
         return out
 
     def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        bound = _bind(func, args, kwargs)
+        bound = bound_arguments(func, args, kwargs, defaults=True)
         z = bound.get("input")
         if not _path(z):
             return func(*args, **kwargs)
@@ -508,8 +530,9 @@ class LRPMode(TorchFunctionMode):
 
     # ------------------------------------------------------------ padding seen by z^B
     def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = _bind(F.pad, args, kwargs) or {"input": args[0], "pad": args[1] if len(args) > 1 else kwargs.get("pad"),
-                                               "mode": args[2] if len(args) > 2 else kwargs.get("mode", "constant")}
+        bound = bound_arguments(F.pad, args, kwargs, defaults=True) or {
+            "input": args[0], "pad": args[1] if len(args) > 1 else kwargs.get("pad"),
+            "mode": args[2] if len(args) > 2 else kwargs.get("mode", "constant")}
         source = bound.get("input")
         if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
             self._pads[id(result)] = (result, partial(F.pad, pad=bound["pad"], mode="constant", value=0.0), source.shape)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -267,12 +267,32 @@ def on_path(values: Any) -> bool:
     return any(t.requires_grad for t in tensors_in(values))
 
 
-def bound_arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments by name (empty when the signature cannot be read, e.g. a builtin)."""
+@lru_cache(maxsize=1024)
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        return dict(inspect.signature(func).bind(*args, **kwargs).arguments)
+        return inspect.signature(func)
     except (TypeError, ValueError):
+        return None
+
+
+def bound_arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                    defaults: bool = False) -> dict[str, Any]:
+    """The call's arguments by name, with the parameters' defaults when ``defaults`` (empty when the
+    signature cannot be read, e.g. a builtin). Each function's signature is read once (reading it
+    costs more than many a tensor operation on the rules' hot path)."""
+    try:
+        signature = _signature(func)
+    except TypeError:  # an unhashable callable
+        signature = _signature.__wrapped__(func)
+    if signature is None:
         return {}
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return {}
+    if defaults:
+        bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
