@@ -16,7 +16,7 @@ from torch import nn
 
 import salience
 from salience.methods import attnlrp_rules
-from salience.methods.lrp_mode import IN_PLACE_ERROR, run_with_copies_if_needed
+from salience.methods.lrp_mode import IN_PLACE_ERROR, LRPMode, run_with_copies_if_needed
 from salience.methods.lrp_rules import AlphaBeta, Epsilon, Gamma, Layer, _back, stabilise
 from salience.models.image import ImageClassifier
 
@@ -201,3 +201,55 @@ def test_in_place_change_of_an_output_falls_back_to_copies():
         return np.asarray(salience.explain(clf, image, method="lrp", composite="epsilon", target=1).scores)
 
     np.testing.assert_allclose(explain(net), explain(plain), **TOL)
+
+
+class _ReluThenConv(nn.Module):
+    """Conv - ReLU - two convs on its output padded with zeros: one as it is (known non-negative),
+    one minus a constant, subtracted in place or not (negative values: to be checked)."""
+
+    def __init__(self, shift_in_place: bool) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 3), nn.Conv2d(4, 3, 3)
+        self.shift_in_place = shift_in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        known = self.c2(F.pad(y, (1, 1, 1, 1)))
+        shifted = F.pad(y, (1, 1, 1, 1))
+        if self.shift_in_place:
+            shifted -= 0.5
+        else:
+            shifted = shifted - 0.5
+        return self.c3(shifted).mean((2, 3)) + known.mean((2, 3))
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box"])
+def test_relu_outputs_known_nonnegative_and_forgotten_once_changed_in_place(composite, monkeypatch):
+    """z+, alpha-beta and gamma skip the sign check of an input the forward pass saw come out of a
+    ReLU (or its zero padding); one changed in place since (a constant subtracted: negative values)
+    is checked again, so the in-place model equals the same model written without it (1e-12)."""
+    checked: list[bool] = []
+    real = torch.Tensor.min
+
+    def counting(self: torch.Tensor, *args, **kwargs):
+        checked.append(True)
+        return real(self, *args, **kwargs)
+
+    torch.manual_seed(3)
+    in_place, plain = _ReluThenConv(True).double().eval(), _ReluThenConv(False).double().eval()
+    plain.load_state_dict(in_place.state_dict())
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    options = dict(method="lrp", composite={"input": "epsilon", "conv": composite.removeprefix("epsilon_")
+                                            .replace("plus", "zplus").replace("gamma_box", "gamma")}, target="all")
+    monkeypatch.setattr(torch.Tensor, "min", counting)
+    a = salience.explain(ImageClassifier(in_place, labels=list("abc"), input_shape=(3, 8, 8)), x, **options)
+    checks_in_place = len(checked)
+    b = salience.explain(ImageClassifier(plain, labels=list("abc"), input_shape=(3, 8, 8)), x, **options)
+    np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), **TOL)
+    assert checks_in_place == len(checked) - checks_in_place  # c3's shifted input checked in both
+    # without what the forward pass saw, c2's padded ReLU output is checked too
+    monkeypatch.setattr(LRPMode, "_known_nonnegative", lambda self, x: False)
+    before = len(checked)
+    c = salience.explain(ImageClassifier(plain, labels=list("abc"), input_shape=(3, 8, 8)), x, **options)
+    assert len(checked) - before > checks_in_place
+    np.testing.assert_allclose(np.asarray(c.scores), np.asarray(b.scores), **TOL)

@@ -54,7 +54,7 @@ def prediction_from_logits(logits: torch.Tensor, labels: Sequence[str]) -> Predi
     """The prediction of one row of logits (C,): the argmax class, its label, the softmax (float64)."""
     probabilities = torch.softmax(logits.detach().double().cpu(), dim=-1)
     index = int(probabilities.argmax())
-    return Prediction(index, labels[index], tuple(float(p) for p in probabilities))
+    return Prediction(index, labels[index], tuple(probabilities.tolist()))  # Python floats, converted at once
 
 
 def check_output(output: str) -> str:

@@ -280,6 +280,8 @@ class LRPMode(TorchFunctionMode):
         self._calls = 0  # linear layers seen in this forward pass
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor, Layer, Rule]] = {}
         self._pads: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
+        # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
+        self._nonnegative: dict[int, tuple[torch.Tensor, int]] = {}
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------ entering and leaving
@@ -318,6 +320,7 @@ class LRPMode(TorchFunctionMode):
             self._calls = 0
             self._outputs.clear()
             self._pads.clear()
+            self._nonnegative.clear()
         self._stack.append(module)
 
     def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
@@ -460,7 +463,7 @@ class LRPMode(TorchFunctionMode):
         is_input = self._calls == 0
         self._calls += 1
         name, rule = self._rule(kind, is_input, x)
-        layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind)
+        layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
         out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
         self._outputs[id(out)] = (out, x, layer, rule)
         self.layers += 1
@@ -526,7 +529,16 @@ class LRPMode(TorchFunctionMode):
             relu = unit.low == 0.0
         else:
             inplace, relu = is_inplace(func, args, kwargs), False
-        return _Pass.apply(x, partial(func, *args, **kwargs), inplace, relu)
+        out = _Pass.apply(x, partial(func, *args, **kwargs), inplace, relu)
+        if relu:
+            self._nonnegative[id(out)] = (out, out._version)
+        return out
+
+    def _known_nonnegative(self, x: torch.Tensor) -> bool:
+        """Whether x is a ReLU's output (or its zero padding) in this forward pass, unchanged since
+        (an in-place call would have raised its version counter)."""
+        known = self._nonnegative.get(id(x))
+        return known is not None and known[0] is x and x._version == known[1]
 
     # ------------------------------------------------------------ padding seen by z^B
     def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -536,6 +548,8 @@ class LRPMode(TorchFunctionMode):
         source = bound.get("input")
         if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
             self._pads[id(result)] = (result, partial(F.pad, pad=bound["pad"], mode="constant", value=0.0), source.shape)
+            if self._known_nonnegative(source) and not bound.get("value"):  # zeros added to a ReLU's output
+                self._nonnegative[id(result)] = (result, result._version)
 
     def _pad_mask(self, x: torch.Tensor, rule: Rule) -> torch.Tensor | None:
         """For z^B: 1 on the input's own values, 0 on zero padding added just before this layer (z^B

@@ -78,6 +78,7 @@ class Layer:
     options: dict[str, Any] = field(default_factory=dict)
     name: str = "?"
     kind: str = "linear"
+    nonnegative_input: bool = False  # known from the forward pass (a ReLU's output): the rules skip checking x's sign
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight is None:
@@ -155,8 +156,8 @@ def _out(layer: Layer, x: torch.Tensor, weight: torch.Tensor | None, bias: torch
         return layer(x, weight, bias)
 
 
-def _has_negatives(x: torch.Tensor) -> bool:
-    return x.numel() > 0 and bool(x.min() < 0)
+def _has_negatives(layer: Layer, x: torch.Tensor) -> bool:
+    return not layer.nonnegative_input and x.numel() > 0 and bool(x.min() < 0)
 
 
 def _by_sign(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class Gamma:
         b_down = None if b is None else b + g * b.clamp(max=0)
         if z is None:
             z = _out(layer, x, w, b)
-        negative = _has_negatives(x)
+        negative = _has_negatives(layer, x)
         xp = x.clamp(min=0) if negative else x
         z_p, z_n = _out(layer, xp, w_up, b_up), _out(layer, xp, w_down, b_down)
         if negative:
@@ -276,7 +277,7 @@ class AlphaBeta:
         ReLU) the x- terms (0) are skipped: one forward and one backward convolution for z+."""
         w, b = layer.weights(self.name)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        negative = _has_negatives(x)
+        negative = _has_negatives(layer, x)
         xp = x.clamp(min=0) if negative else x
         xn = x.clamp(max=0) if negative else None
         z_p = _out(layer, xp, wp, _pos(b))
