@@ -163,6 +163,15 @@ def predict_in_mode(model: Any, encoded: Any, resolve: Callable[[Any], Any], met
     return prediction, target, value, gradient, mode
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The sum of a * b over every dimension but the first, as a batched dot product (no product
+    tensor; about twice as fast as multiplying and summing on the CPU)."""
+    if a.dim() < 2:
+        return a * b
+    rows = a.shape[0]
+    return torch.matmul(a.reshape(rows, 1, -1), b.reshape(rows, -1, 1)).reshape(rows)
+
+
 def _per_row(t: torch.Tensor) -> torch.Tensor:
     """The sum over every dimension but the first (no copy of a non-contiguous tensor)."""
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
@@ -191,9 +200,10 @@ class _Relevance(torch.autograd.Function):
             coefficients = step.coefficients(x, r_out, z)
             if coefficients is None:
                 r_in = step.relevance(x, r_out)
-        if coefficients is not None:  # R_in = x * c: nothing on inputs equal to 0 (c set to 0 there: |sign(x)|)
+        if coefficients is not None:  # R_in = x * c: nothing on inputs equal to 0 (c set to 0 there: |sign(x)|,
+            # arithmetic: faster than a boolean mask on the CPU)
             c_in = coefficients.mul_(x.sign().abs_())  # the rules return a fresh tensor: changed in place
-            found, lost = _per_row(x * c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
+            found, lost = _row_dot(x, c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
         else:
             zero = x == 0
             c_in = torch.where(zero, 0.0, r_in / torch.where(zero, 1.0, x))
