@@ -318,6 +318,18 @@ def test_prediction_pass_in_lrp_mode_equals_a_pass_of_its_own(composite, inplace
             np.testing.assert_allclose(a["relevance_in"], np.asarray(b["relevance_in"])[k:k + 1], rtol=1e-12, atol=1e-12)
 
 
+def test_several_images_each_in_one_pass():
+    """Several images, one class each: each image's prediction pass is its LRP pass (1 forward + 1
+    backward per image, nothing run again together) and gives what that image alone gives (1e-12)."""
+    model = classifier(tiny_residual_cnn(shift=True))
+    images = [image(1), image(2), image(3)]
+    together = salience.explain(model, images, method="lrp")
+    for x, e in zip(images, together, strict=True):
+        alone = salience.explain(model, x, method="lrp")
+        np.testing.assert_allclose(np.asarray(e.scores), np.asarray(alone.scores), rtol=1e-12, atol=1e-12)
+        assert (e.cost.forward_passes, e.cost.backward_passes) == (1, 1)
+
+
 def test_refusals():
     model = classifier(tiny_residual_cnn())
     scripted = ImageClassifier(torch.jit.script(tiny_residual_cnn()), labels=["a", "b", "c"], input_shape=(3, 8, 8))

@@ -82,6 +82,8 @@ class LRP(SharedInputs):
         return self._run([ctx], paired=False)[0]
 
     def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
+        if all(isinstance(ctx.input_gradient_state, _Recorded) for ctx in contexts):  # each prediction pass was LRP's
+            return [self._run([ctx], paired=False)[0] for ctx in contexts]
         return self._run(contexts, paired=True)
 
     def input_gradient_pass(self, model: Any, encoded: Any, resolve: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor, object]:
