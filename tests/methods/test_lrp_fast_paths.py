@@ -102,8 +102,9 @@ class _Mode:
     def in_normalisation(self) -> bool:
         return False
 
-    def record(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: list[torch.Tensor], forward: int) -> None:
-        self.trace.append((rule, relevance_out.sum(), sum(t.sum() for t in relevance_in)))
+    def record(self, layer: str, rule: str, relevance_out: tuple[torch.Tensor, torch.Tensor],
+               relevance_in: list[tuple[torch.Tensor, torch.Tensor]], forward: int) -> None:
+        self.trace.append((rule, (relevance_out[0] * relevance_out[1]).sum(), sum((a * c).sum() for a, c in relevance_in)))
 
 
 def _both_ways(build, inputs: list[torch.Tensor], seed: torch.Tensor, monkeypatch) -> None:  # noqa: ANN001

@@ -83,8 +83,8 @@ class Mode(Protocol):
 
     def in_normalisation(self) -> bool: ...
 
-    def record(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: list[torch.Tensor],
-               forward: int) -> None: ...
+    def record(self, layer: str, rule: str, relevance_out: tuple[torch.Tensor, torch.Tensor],
+               relevance_in: list[tuple[torch.Tensor, torch.Tensor]], forward: int) -> None: ...
 
 
 @dataclass
@@ -97,11 +97,6 @@ class Site:
     rule: str
     forward: int
     record: bool = True
-
-
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """x with infinite values (masks' -inf) as 0: their relevance x * c is 0 (c is 0 there)."""
-    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # (seed, the call's value, its inputs) -> the vector-Jacobian product of the call for each input
@@ -137,7 +132,7 @@ class _Surrogate(torch.autograd.Function):
                 found = torch.autograd.grad(out, leaves, seed.to(out.dtype), allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, found, strict=True)]
         if site.record:
-            site.mode.record(site.layer, site.rule, value * c, [_finite(x) * g for x, g in zip(inputs, grads, strict=True)],
+            site.mode.record(site.layer, site.rule, (value, c), list(zip(inputs, grads, strict=True)),
                              site.forward)
         return (None, None, None, None, None, *grads)
 

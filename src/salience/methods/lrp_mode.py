@@ -347,18 +347,29 @@ class LRPMode(TorchFunctionMode):
         """Whether a normalisation module (class name ending with ``Norm``) is running."""
         return any(is_normalisation(module) for module in self._stack)
 
-    def record(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: list[torch.Tensor],
-               forward: int) -> None:
-        """Trace one rule call's backward (relevance per backward row at its output and summed over its inputs)."""
-        rows = relevance_out.shape[0] if relevance_out.dim() else 1
+    def record(self, layer: str, rule: str, relevance_out: tuple[torch.Tensor, torch.Tensor],
+               relevance_in: list[tuple[torch.Tensor, torch.Tensor]], forward: int) -> None:
+        """Trace one rule call's backward: the relevance per backward row at its output and summed
+        over its inputs, each given as (value, relevance per unit c) with R = value * c, summed as
+        dot products (no R tensor: attention's (heads, L, L) ones are large) in the tensors' dtype;
+        infinite values (attention masks' -inf, where c is 0) count as 0."""
+        value = relevance_out[0]
+        rows = value.shape[0] if value.dim() else 1
 
-        def per_row(t: torch.Tensor) -> torch.Tensor:
-            if t.dim() and t.shape[0] == rows:
-                return t.reshape(rows, -1).double().sum(1)
-            return t.double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
+        def per_row(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            if a.dtype != c.dtype:  # e.g. a softmax computed in float32 for a half-precision model
+                common = torch.promote_types(a.dtype, c.dtype)
+                a, c = a.to(common), c.to(common)
+            if a.dim() and a.shape == c.shape and a.shape[0] == rows:
+                found = _row_dot(a, c)
+                if not bool(torch.isfinite(found).all()):  # infinite values (masks' -inf) have c = 0: their R is 0
+                    found = _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
+                return found.double()
+            a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+            return (a * c).double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
 
-        found = sum((per_row(t) for t in relevance_in), torch.zeros(rows, dtype=torch.float64, device=relevance_out.device))
-        self.trace.append(LayerTrace(layer, rule, per_row(relevance_out), found, torch.zeros_like(found), forward,
+        found = sum((per_row(a, c) for a, c in relevance_in), torch.zeros(rows, dtype=torch.float64, device=value.device))
+        self.trace.append(LayerTrace(layer, rule, per_row(*relevance_out), found, torch.zeros_like(found), forward,
                                      self.backward_row))
 
     def next_backward_row(self) -> None:
