@@ -23,6 +23,7 @@ from salience.methods.lrp_rules import STABILISER
 from salience.methods.sharing import SharedInputs
 
 OUTPUT_RELEVANCE = ("logit", "one")
+LOST_WARNING = 1e-6  # relative share of relevance on zero-valued inputs that is worth a warning
 
 
 @dataclass
@@ -32,7 +33,6 @@ class _Recorded:
     mode: LRPMode
     composite: Composite
     bounds: tuple[torch.Tensor, torch.Tensor] | None
-LOST_WARNING = 1e-6  # relative share of relevance on zero-valued inputs that is worth a warning
 
 
 def _channel_values(value: Any, channels: int, name: str, like: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
         # |z + eps sign(z)| >= eps > 0 everywhere (eps representable in z's dtype). Arithmetic, not a
         # boolean mask (several times faster on the CPU), two passes over z; z = -0.0 takes -eps,
         # where z's relevance is 0
-        return torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z).add_(z)
+        return torch.copysign(torch.full((), eps, dtype=z.dtype, device=z.device), z).add_(z)
     found = z + eps * torch.where(z >= 0, 1.0, -1.0).to(z)
     return torch.where(found == 0, torch.ones_like(found), found)
 
