@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -75,6 +75,17 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
+T = TypeVar("T")
+
+
+def synchronized(result: T) -> T:
+    """``result`` once the GPU (if any) has finished the work queued for it (a plain torch call
+    returns before its kernels have run; Salience's explain() returns numpy arrays, synchronised)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result
+
+
 def run_rounds(impls: list[Impl], counter: RowCounter, repeats: int, scores: Callable[[Impl, Any], np.ndarray | None]) -> None:
     """One untimed call of each (an error is recorded and the implementation dropped), then
     ``repeats`` interleaved rounds (order reversed every other round)."""
@@ -94,7 +105,7 @@ def run_rounds(impls: list[Impl], counter: RowCounter, repeats: int, scores: Cal
         for impl in live if round_ % 2 == 0 else live[::-1]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                seconds, result, rows = timed(impl.fn, impl.counter or counter)
+                seconds, result, rows = timed(lambda fn=impl.fn: synchronized(fn()), impl.counter or counter)
             impl.runs.append(seconds)
             impl.rows = rows
             if isinstance(result, salience.Explanation):
@@ -182,6 +193,7 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from skimage import data
 
     clf = salience.load_model("zoo:efficientnet-lite0")
+    clf.model.to(args.device)
     net = clf.model
     encoded = clf.encode(data.chelsea())
     prediction = clf.predict(encoded)
@@ -189,7 +201,7 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     x = encoded.pixels[None].to(clf.device, clf.dtype)
     height, width = encoded.grid
     _, x0s = clf.input_and_baseline(encoded, "black")
-    x0 = x0s.T.reshape(1, -1, height, width).contiguous()
+    x0 = x0s.T.reshape(1, -1, height, width).contiguous().to(x.device)
     twin = untangled(net)
     with torch.no_grad():
         same = float((twin(x) - net(x)).abs().max())
@@ -238,7 +250,7 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         if isinstance(result, salience.Explanation):
             return model_grid_scores(result)
         if isinstance(result, torch.Tensor) and impl.kind == "captum":
-            return result.detach().double().sum(1)[0].numpy()
+            return result.detach().double().sum(1)[0].cpu().numpy()
         return None
 
     log(f"image case ... (load {load_average()})")
@@ -528,6 +540,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sentence", type=int, default=0, help="movie-snippets test sentence (default 0)")
     parser.add_argument("--prompt-tokens", type=int)
     parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--device", default="cpu", help="where the image case runs (cpu, cuda); the text and LM cases "
+                        "run on the CPU")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 5)
