@@ -64,6 +64,8 @@ for method, kw in [("occlusion", {"baseline": "unk"}), ("saliency", {}), ("input
     print(f"{method:22s} max|{sys.argv[1]}-cpu| / max|cpu| = {np.abs(x[both] - y[both]).max() / np.abs(x[both]).max():.2e}")
 PY
 
+[ -n "${GPU_LM_CHECK_ONLY:-}" ] && exit 0  # the check alone (GPU_LM_CHECK_ONLY=1)
+
 # 2. the benchmark at three sizes
 lm() {  # lm SECONDS NAME ARGS...
   local limit=$1 name=$2; shift 2
