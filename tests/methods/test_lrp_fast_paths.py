@@ -254,3 +254,28 @@ def test_relu_outputs_known_nonnegative_and_forgotten_once_changed_in_place(comp
     c = salience.explain(ImageClassifier(plain, labels=list("abc"), input_shape=(3, 8, 8)), x, **options)
     assert len(checked) - before > checks_in_place
     np.testing.assert_allclose(np.asarray(c.scores), np.asarray(b.scores), **TOL)
+
+
+def test_bound_arguments_reads_each_signature_once_and_takes_any_callable():
+    """The rules name a call's arguments with one cached signature per function; defaults are added
+    on request; an unhashable callable (not cacheable) and a builtin without a signature still work."""
+    from salience.methods.rules import _signature, bound_arguments
+
+    def pad_like(input, pad, mode="constant", value=None):  # noqa: A002, ANN001, ANN202 - F.pad's names
+        return input
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, x, scale=2.0):  # noqa: ANN001, ANN204
+            return x * scale
+
+    _signature.cache_clear()
+    x = torch.zeros(2)
+    assert bound_arguments(pad_like, (x, (1, 1)), {}) == {"input": x, "pad": (1, 1)}
+    assert bound_arguments(pad_like, (x, (1, 1)), {}, defaults=True) == {"input": x, "pad": (1, 1), "mode": "constant",
+                                                                          "value": None}
+    assert _signature.cache_info().misses == 1 and _signature.cache_info().hits == 1
+    assert bound_arguments(Unhashable(), (x,), {}, defaults=True) == {"x": x, "scale": 2.0}
+    assert bound_arguments(pad_like, (x,), {"bad": 1}) == {}  # arguments that do not bind: nothing named
+    assert bound_arguments(torch.add, (x, x), {}) == {}  # a builtin without a readable signature
