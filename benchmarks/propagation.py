@@ -341,7 +341,8 @@ def text_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
     clf = salience.load_model("zoo:minilm-sentiment")
     model = clf.model
-    sentence = split_movie_snippets()["test"][args.sentence].text
+    test = split_movie_snippets()["test"]
+    sentence = " ".join(s.text for s in test[args.sentence:args.sentence + args.sentences])
     encoded = clf.encode(sentence)
     prediction = clf.predict(encoded)
     target = int(prediction.index)
@@ -393,7 +394,9 @@ def text_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     counter.close()
     fwd, both = impls[0].seconds, impls[1].seconds
     lines = per_case_table(impls, fwd, both, {"Salience attnlrp": ("Captum LayerDeepLift (word embeddings)", False)})
-    notes = [f"- input: movie-snippets test sentence {args.sentence} ({ids.shape[1]} tokens with [CLS] and [SEP]): "
+    last = args.sentence + args.sentences - 1
+    which = f"sentence {args.sentence}" if args.sentences == 1 else f"sentences {args.sentence}-{last}, joined"
+    notes = [f"- input: movie-snippets test {which} ({ids.shape[1]} tokens with [CLS] and [SEP]): "
              f"{sentence!r}; target: the predicted class {prediction.label!r}, its logit explained; token level",
              "- no map is compared: Salience's DeepLIFT refuses the model (layer norm and softmax have no Rescale rule), "
              "and Captum's LayerDeepLift computes something else than AttnLRP (its Rescale rule on the nn.Softmax "
@@ -538,6 +541,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick 1)")
     parser.add_argument("--sentence", type=int, default=0, help="movie-snippets test sentence (default 0)")
+    parser.add_argument("--sentences", type=int, default=1,
+                        help="the text case joins this many test sentences from --sentence on (default 1: a longer input "
+                        "shows how the rules' cost grows with length)")
     parser.add_argument("--prompt-tokens", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--device", default="cpu", help="where the image case runs (cpu, cuda); the text and LM cases "
