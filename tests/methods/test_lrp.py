@@ -330,6 +330,19 @@ def test_several_images_each_in_one_pass():
         assert (e.cost.forward_passes, e.cost.backward_passes) == (1, 1)
 
 
+def test_several_images_with_their_own_bounds_as_alone():
+    """Several images with a one-element target list (not one class: LRP's shared pass) whose z^B
+    bounds come from the images themselves (no black and white levels: each image's own minimum
+    and maximum): each gets what it gets alone (1e-12), not bounds taken over the group."""
+    model = classifier(tiny_residual_cnn(shift=True))
+    images = [image(1), image(2) * 3.0]  # different per-channel ranges
+    together = salience.explain(model, images, method="lrp", target=[1])
+    for x, e in zip(images, together, strict=True):
+        alone = salience.explain(model, x, method="lrp", target=[1])
+        np.testing.assert_allclose(np.asarray(e.scores), np.asarray(alone.scores), rtol=1e-12, atol=1e-12)
+        assert e.params["bounds"] == alone.params["bounds"]
+
+
 def test_refusals():
     model = classifier(tiny_residual_cnn())
     scripted = ImageClassifier(torch.jit.script(tiny_residual_cnn()), labels=["a", "b", "c"], input_shape=(3, 8, 8))

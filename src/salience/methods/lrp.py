@@ -82,9 +82,18 @@ class LRP(SharedInputs):
         return self._run([ctx], paired=False)[0]
 
     def attribute_together(self, contexts: list[Context]) -> list[Attribution]:
-        if all(isinstance(ctx.input_gradient_state, _Recorded) for ctx in contexts):  # each prediction pass was LRP's
+        if all(isinstance(ctx.input_gradient_state, _Recorded) for ctx in contexts) or self._own_bounds(contexts):
+            # each prediction pass was LRP's; or z^B's default bounds differ between the images, and
+            # one shared pass would take them over the whole group (an image's map would depend on the others)
             return [self._run([ctx], paired=False)[0] for ctx in contexts]
         return self._run(contexts, paired=True)
+
+    def _own_bounds(self, contexts: list[Context]) -> bool:
+        """Whether z^B takes its bounds from the inputs and they are not the same for every context."""
+        if self.low is not None or self.high is not None or not parse_composite(self.composite).uses("zbox"):
+            return False
+        found = [self._bounds([ctx.encoded], ctx.model.input_and_baseline(ctx.encoded, "zero")[0][None]) for ctx in contexts]
+        return any(not (torch.equal(low, found[0][0]) and torch.equal(high, found[0][1])) for low, high in found[1:])
 
     def input_gradient_pass(self, model: Any, encoded: Any, resolve: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor, object]:
         """The prediction pass run in LRP mode (one forward + one backward for the prediction, its
