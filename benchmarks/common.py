@@ -78,10 +78,15 @@ class RowCounter:
 
 # ---------------------------------------------------------------------------------------- timing
 def timed(fn: Callable[[], Any], counter: RowCounter | None = None) -> tuple[float, Any, Rows]:
-    """Seconds of one call of ``fn``, its result and the rows ``counter`` saw during it."""
+    """Seconds of one call of ``fn`` (on a GPU, until the work it queued has finished: a plain torch
+    call returns before its kernels run), its result and the rows ``counter`` saw during it."""
+    import torch
+
     before = counter.snapshot() if counter else Rows()
     started = time.perf_counter()
     result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return seconds, result, (counter.snapshot() - before) if counter else Rows()
 

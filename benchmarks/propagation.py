@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -75,17 +75,6 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
-T = TypeVar("T")
-
-
-def synchronized(result: T) -> T:
-    """``result`` once the GPU (if any) has finished the work queued for it (a plain torch call
-    returns before its kernels have run; Salience's explain() returns numpy arrays, synchronised)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result
-
-
 def run_rounds(impls: list[Impl], counter: RowCounter, repeats: int, scores: Callable[[Impl, Any], np.ndarray | None]) -> None:
     """One untimed call of each (an error is recorded and the implementation dropped), then
     ``repeats`` interleaved rounds (order reversed every other round)."""
@@ -105,7 +94,7 @@ def run_rounds(impls: list[Impl], counter: RowCounter, repeats: int, scores: Cal
         for impl in live if round_ % 2 == 0 else live[::-1]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                seconds, result, rows = timed(lambda fn=impl.fn: synchronized(fn()), impl.counter or counter)
+                seconds, result, rows = timed(impl.fn, impl.counter or counter)
             impl.runs.append(seconds)
             impl.rows = rows
             if isinstance(result, salience.Explanation):
