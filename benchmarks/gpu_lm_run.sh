@@ -6,6 +6,7 @@
 # 1. a check: every method on a short input on cuda against the same on the CPU (max difference);
 # 2. benchmarks/lm.py --device cuda at 32+16 (every part), 128+64 and 512+64 (Inseq; at 512 the
 #    gradient methods only), each into $OUT/RESULTS-lm-gpu-*.md; logs in $OUT/*.log.
+# GPU_LM_CHECK_ONLY=1 stops after the check.
 # Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
 #   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
 set -uo pipefail
