@@ -161,6 +161,46 @@ def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "inf_mask", "zero_mask", "gqa",
+                                  "unbatched"])
+def test_sdpa_written_out_backward_equals_the_decomposition_by_autograd(case):
+    """sdpa's backward written out (q, k, v all on the path) gives the gradients and the trace (rules in
+    order, relevance per row at each rule's output and inputs) of autograd through the decomposition's
+    rules (1e-12: the same arithmetic in another order)."""
+    q, k, v, r = rand(2, 4, 3, 5), rand(2, 4, 6, 5, seed=1), rand(2, 4, 6, 5, seed=2), rand(2, 4, 3, 5, seed=3)
+    options: dict = {}
+    if case == "causal":
+        options = {"is_causal": True}
+    elif case == "bool_mask":
+        options = {"attn_mask": rand(3, 6, seed=4) > -0.5}
+    elif case == "float_mask":
+        options = {"attn_mask": rand(3, 6, seed=4)}
+    elif case == "inf_mask":
+        options = {"attn_mask": torch.where(rand(3, 6, seed=4) > -0.5, rand(3, 6, seed=5), float("-inf"))}
+    elif case == "zero_mask":  # as a BERT without padding passes it
+        options = {"attn_mask": torch.zeros(2, 1, 3, 6, dtype=torch.float64)}
+    elif case == "gqa":
+        k, v, options = k[:, :2], v[:, :2], {"enable_gqa": True}
+    elif case == "unbatched":
+        q, k, v, r = q[0], k[0], v[0], r[0]
+
+    def run(call) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]:
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with mode() as m:
+            y = call(m, *leaves)
+            grads = torch.autograd.grad(y, leaves, r / y.detach())
+        return [g.numpy() for g in grads], [(t.rule, t.relevance_out.numpy(), t.relevance_in.numpy()) for t in m.trace]
+
+    decomposed = run(lambda m, a, b, c: attention(m, a, b, c, **options))  # by autograd through its rules
+    written = run(lambda m, a, b, c: F.scaled_dot_product_attention(a, b, c, **options))
+    for ours, theirs in zip(written[0], decomposed[0], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert [t[0] for t in written[1]] == [t[0] for t in decomposed[1]] == ["uniform", "softmax", "uniform"]
+    for ours, theirs in zip(written[1], decomposed[1], strict=True):
+        np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------- tiny models
 def _rms_in_input_dtype(self: LlamaRMSNorm, hidden: torch.Tensor) -> torch.Tensor:
     return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))

@@ -21,9 +21,11 @@ rule below is a *modified gradient* (the relevance at an input x is x times what
   ``T5LayerNorm``, ...) the statistics (``pow``, ``rsqrt``, ``sqrt``, ``var``, ``std``, ``norm``,
   ...) are held constant, which is the same rule for norms written in Python (LXT patches their
   ``forward`` with ``stop_gradient`` on the variance);
-- ``F.scaled_dot_product_attention``: the model's own output forward; backward through its
-  decomposition ``softmax(q k^T scale + mask) v`` (``enable_gqa`` repeats k and v per group; the
-  causal mask is the top-left one), with the two rules above. Dropout (``dropout_p > 0``) is refused.
+- ``F.scaled_dot_product_attention``: the model's own output forward; backward by the two rules
+  above on its decomposition ``softmax(q k^T scale + mask) v`` (``enable_gqa`` repeats k and v per
+  group; the causal mask is the top-left one), written out where q, k and v are all on the path
+  (:func:`_attention_vjp`), else by autograd through the decomposition. Dropout (``dropout_p > 0``)
+  is refused.
 
 Everything else is LRPMode's: linear layers take their composite's rule (AttnLRP: epsilon, the
 bias absorbing its share), elementwise activations (GELU, SiLU, tanh) the identity rule, sums of
@@ -85,6 +87,11 @@ class Mode(Protocol):
 
     def record(self, layer: str, rule: str, relevance_out: tuple[torch.Tensor, torch.Tensor],
                relevance_in: list[tuple[torch.Tensor, torch.Tensor]], forward: int) -> None: ...
+
+    def record_sums(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: torch.Tensor,
+                    forward: int) -> None: ...
+
+    def relevance_per_row(self, a: torch.Tensor, c: torch.Tensor, rows: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -279,18 +286,94 @@ def attention(mode: Mode, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att
     """``softmax(q k^T scale + mask) v`` with AttnLRP's rules on both matmuls and the softmax: the
     decomposition of ``F.scaled_dot_product_attention`` (no dropout). ``where``: the module and
     forward pass its rules are recorded under (default: the mode's current ones)."""
+    k, v = _grouped(q, k, v, enable_gqa)
+    factor = _factor(q, scale)
+    scores = _masked(_product(mode, q, k.transpose(-2, -1), where) * factor, attn_mask, is_causal)
+    return _product(mode, softmax_rule(mode, scores, -1, where=where), v, where)
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v repeated per query group (grouped-query attention), else as they are."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
-    factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = _product(mode, q, k.transpose(-2, -1), where) * factor
-    length, keys = q.shape[-2], k.shape[-2]
+        return k.repeat_interleave(q.shape[-3] // k.shape[-3], -3), v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    return k, v
+
+
+def _factor(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def _masked(scores: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Scores with sdpa's masks: the causal one top-left, a boolean one (False: -inf), a float one added."""
     if is_causal:
-        allowed = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril()
+        allowed = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return _product(mode, softmax_rule(mode, scores, -1, where=where), v, where)
+    return scores
+
+
+def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+                   enable_gqa: bool) -> VJP:
+    """The backward of :func:`attention` written out, for q, k and v all on the relevance path: the
+    same rules, relevance and trace (up to rounding) as autograd through the decomposition, with one
+    product less (A V is the forward's value) and fewer passes over the (L, S) scores.
+
+    With P = q k^T, S = f P + mask, A = softmax(S), O = A V and c the gradient at O (per unit):
+    A V's rule gives ``c_A = s V^T``, ``c_V = A^T s`` with ``s = c O / stab(O) / 2``; the softmax's
+    ``c_S = A (c_A - sum(A c_A))``; P's rule ``c_q = (f/2) w k``, ``c_k = (f/2) w^T q`` with
+    ``w = c_S P / stab(P)``. A masked score has A = 0, hence c_S = 0: its relevance is 0 (as
+    the decomposition's, whose -inf scores the trace counts as 0)."""
+    eps = mode.stabiliser
+    layer, forward = where
+
+    def vjp(c: torch.Tensor, o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        kr, vr = _grouped(q, k, v, enable_gqa)
+        factor = _factor(q, scale)
+        additive = attn_mask is not None and attn_mask.dtype != torch.bool
+        mask = None if additive and not bool(attn_mask.any()) else attn_mask  # an additive mask of zeros: none
+        added = mask if additive else None
+        scaled = torch.matmul(q * factor, kr.transpose(-2, -1))  # f P
+        a = F.softmax(_masked(scaled, mask, is_causal), dim=-1)
+        s = c * (o / stabilise(o, eps) / 2)
+        c_a, c_v = s.matmul(vr.transpose(-2, -1)), a.transpose(-2, -1).matmul(s)
+        c_s = a * c_a
+        kept = c_s.sum(-1, keepdim=True)  # per query: the relevance at the softmax's output (sum of A c_A)
+        c_s.addcmul_(a, kept, value=-1.0)  # A c_A - A sum(A c_A)
+        rows = o.shape[0] if o.dim() else 1
+        at_product = mode.relevance_per_row(scaled, c_s, rows)  # sum of P c_P = sum of (f P) c_S
+        at_scores = at_product if added is None else at_product + _mask_share(added, c_s, rows)  # sum of S c_S
+        at_softmax = mode.relevance_per_row(kept, torch.ones_like(kept), rows)
+        # P / stab(P) = f P / stab(f P, |f| eps), times c_S; the factor f / 2 (scaling, then half to each
+        # factor) goes on the small products
+        w = stabilise(scaled, abs(factor) * eps)
+        torch.div(scaled, w, out=w).mul_(c_s)
+        c_q, c_kr = w.matmul(kr).mul_(factor / 2), w.transpose(-2, -1).matmul(q).mul_(factor / 2)
+        mode.record_sums(layer, "uniform", mode.relevance_per_row(o, c, rows),
+                         at_softmax + mode.relevance_per_row(vr, c_v, rows), forward)
+        mode.record_sums(layer, "softmax", at_softmax, at_scores, forward)
+        mode.record_sums(layer, "uniform", at_product,
+                         mode.relevance_per_row(q, c_q, rows) + mode.relevance_per_row(kr, c_kr, rows), forward)
+        return [c_q, _ungrouped(c_kr, k), _ungrouped(c_v, v)]
+
+    return vjp
+
+
+def _mask_share(mask: torch.Tensor, c: torch.Tensor, rows: int) -> torch.Tensor:
+    """The relevance an additive attention mask takes in the softmax's input: ``sum(mask * c)`` per
+    row (dimension 0 of c, of size ``rows``; -inf entries, where c is 0, count as 0), c summed to
+    the mask's broadcast shape first (no copy of the mask per head)."""
+    m = torch.nan_to_num(mask, nan=0.0, posinf=0.0, neginf=0.0).to(c.dtype)
+    m = m.reshape((1,) * (c.dim() - m.dim()) + tuple(m.shape))
+    reduced = c.sum_to_size((rows,) + tuple(m.shape[1:]))
+    return (m * reduced).sum(dim=tuple(range(1, c.dim()))).double()
+
+
+def _ungrouped(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A gradient at k or v repeated per query group, summed back to ``like``'s heads."""
+    if grad.shape[-3] == like.shape[-3]:
+        return grad
+    return grad.unflatten(-3, (like.shape[-3], grad.shape[-3] // like.shape[-3])).sum(-3)
 
 
 def _product(mode: Mode, a: torch.Tensor, b: torch.Tensor, where: Where | None) -> torch.Tensor:
@@ -315,6 +398,9 @@ def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
     scale, gqa = bound.get("scale"), bool(bound.get("enable_gqa", False))
     on_path = [_on_path(t) for t in (q, k, v)]
     where = (mode.location(), mode.forwards)
+    if all(on_path):  # the backward written out (the rules record themselves)
+        vjp = _attention_vjp(mode, where, mask, causal, scale, gqa)
+        return _Surrogate.apply(Site(mode, where[0], "attention", where[1], record=False), None, vjp, None, value, q, k, v)
 
     def call(*leaves: torch.Tensor) -> torch.Tensor:
         given = iter(leaves)

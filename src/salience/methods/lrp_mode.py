@@ -355,22 +355,31 @@ class LRPMode(TorchFunctionMode):
         infinite values (attention masks' -inf, where c is 0) count as 0."""
         value = relevance_out[0]
         rows = value.shape[0] if value.dim() else 1
+        found = sum((self.relevance_per_row(a, c, rows) for a, c in relevance_in),
+                    torch.zeros(rows, dtype=torch.float64, device=value.device))
+        self.record_sums(layer, rule, self.relevance_per_row(*relevance_out, rows), found, forward)
 
-        def per_row(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            if a.dtype != c.dtype:  # e.g. a softmax computed in float32 for a half-precision model
-                common = torch.promote_types(a.dtype, c.dtype)
-                a, c = a.to(common), c.to(common)
-            if a.dim() and a.shape == c.shape and a.shape[0] == rows:
-                found = _row_dot(a, c)
-                if not bool(torch.isfinite(found).all()):  # infinite values (masks' -inf) have c = 0: their R is 0
-                    found = _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
-                return found.double()
-            a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-            return (a * c).double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
-
-        found = sum((per_row(a, c) for a, c in relevance_in), torch.zeros(rows, dtype=torch.float64, device=value.device))
-        self.trace.append(LayerTrace(layer, rule, per_row(*relevance_out), found, torch.zeros_like(found), forward,
+    def record_sums(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: torch.Tensor,
+                    forward: int) -> None:
+        """Trace one rule call's backward from its relevance per backward row (float64, (rows,)) at
+        its output and summed over its inputs (see :meth:`record`)."""
+        self.trace.append(LayerTrace(layer, rule, relevance_out, relevance_in, torch.zeros_like(relevance_in), forward,
                                      self.backward_row))
+
+    @staticmethod
+    def relevance_per_row(a: torch.Tensor, c: torch.Tensor, rows: int) -> torch.Tensor:
+        """The relevance ``a * c`` summed per backward row (dimension 0; float64, (rows,)), infinite
+        values of ``a`` counting as 0; a tensor without that row dimension is shared equally by the rows."""
+        if a.dtype != c.dtype:  # e.g. a softmax computed in float32 for a half-precision model
+            common = torch.promote_types(a.dtype, c.dtype)
+            a, c = a.to(common), c.to(common)
+        if a.dim() and a.shape == c.shape and a.shape[0] == rows:
+            found = _row_dot(a, c)
+            if not bool(torch.isfinite(found).all()):  # infinite values (masks' -inf) have c = 0: their R is 0
+                found = _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
+            return found.double()
+        a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        return (a * c).double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
 
     def next_backward_row(self) -> None:
         """Mark the start of the next target's own backward pass (see
