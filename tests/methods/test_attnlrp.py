@@ -125,10 +125,8 @@ def test_rms_norm_rule_is_the_identity(norm):
     np.testing.assert_allclose(found, r.numpy(), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa"])
-def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
-    """The decomposition's forward equals F.scaled_dot_product_attention (1e-12); inside the mode, sdpa's
-    relevance equals that of the same attention written eagerly (matmul, softmax, matmul) (1e-12)."""
+def sdpa_case(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """q (2, 4, 3, 5), k and v (2, 4, 6, 5), the relevance at the output, and sdpa's options for ``case``."""
     q, k, v, r = rand(2, 4, 3, 5), rand(2, 4, 6, 5, seed=1), rand(2, 4, 6, 5, seed=2), rand(2, 4, 3, 5, seed=3)
     options: dict = {}
     if case == "causal":
@@ -137,8 +135,22 @@ def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
         options = {"attn_mask": rand(3, 6, seed=4) > -0.5}
     elif case == "float_mask":
         options = {"attn_mask": rand(3, 6, seed=4)}
+    elif case == "inf_mask":
+        options = {"attn_mask": torch.where(rand(3, 6, seed=4) > -0.5, rand(3, 6, seed=5), float("-inf"))}
+    elif case == "zero_mask":  # as a BERT without padding passes it
+        options = {"attn_mask": torch.zeros(2, 1, 3, 6, dtype=torch.float64)}
     elif case == "gqa":
         k, v, options = k[:, :2], v[:, :2], {"enable_gqa": True}
+    elif case == "unbatched":
+        q, k, v, r = q[0], k[0], v[0], r[0]
+    return q, k, v, r, options
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa"])
+def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
+    """The decomposition's forward equals F.scaled_dot_product_attention (1e-12); inside the mode, sdpa's
+    relevance equals that of the same attention written eagerly (matmul, softmax, matmul) (1e-12)."""
+    q, k, v, r, options = sdpa_case(case)
     with mode() as m:
         mine = attention(m, q, k, v, **options)
     np.testing.assert_allclose(mine.numpy(), F.scaled_dot_product_attention(q, k, v, **options).numpy(), rtol=1e-12, atol=1e-12)
@@ -167,22 +179,7 @@ def test_sdpa_written_out_backward_equals_the_decomposition_by_autograd(case):
     """sdpa's backward written out (q, k, v all on the path) gives the gradients and the trace (rules in
     order, relevance per row at each rule's output and inputs) of autograd through the decomposition's
     rules (1e-12: the same arithmetic in another order)."""
-    q, k, v, r = rand(2, 4, 3, 5), rand(2, 4, 6, 5, seed=1), rand(2, 4, 6, 5, seed=2), rand(2, 4, 3, 5, seed=3)
-    options: dict = {}
-    if case == "causal":
-        options = {"is_causal": True}
-    elif case == "bool_mask":
-        options = {"attn_mask": rand(3, 6, seed=4) > -0.5}
-    elif case == "float_mask":
-        options = {"attn_mask": rand(3, 6, seed=4)}
-    elif case == "inf_mask":
-        options = {"attn_mask": torch.where(rand(3, 6, seed=4) > -0.5, rand(3, 6, seed=5), float("-inf"))}
-    elif case == "zero_mask":  # as a BERT without padding passes it
-        options = {"attn_mask": torch.zeros(2, 1, 3, 6, dtype=torch.float64)}
-    elif case == "gqa":
-        k, v, options = k[:, :2], v[:, :2], {"enable_gqa": True}
-    elif case == "unbatched":
-        q, k, v, r = q[0], k[0], v[0], r[0]
+    q, k, v, r, options = sdpa_case(case)
 
     def run(call) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]:
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
