@@ -17,6 +17,8 @@ from torch import nn
 
 import salience
 from salience.errors import ParameterError
+from salience.methods.lrp_composites import parse_composite
+from salience.methods.lrp_mode import LRPMode
 from salience.methods.lrp_rules import AlphaBeta, Epsilon, Flat, Gamma, Layer, WSquare, ZBox
 from salience.models.image import ImageClassifier
 
@@ -108,6 +110,24 @@ def test_one_layer_network_output_relevance_is_the_logit(dense):
     per_channel = np.asarray(e.extras["_per_channel"])[0, 0]  # target 0, the one position, 5 channels
     np.testing.assert_allclose(per_channel, p / stab(p.sum()) * logit, rtol=1e-12, atol=1e-12)
     assert e.extras["conservation"][0]["output"] == pytest.approx(logit, abs=1e-12)
+
+
+def test_an_input_equal_to_zero_passes_nothing_back():
+    """x = [0.5, 1] -> identity layer -> ReLU -> minus 0.5 -> sum layer: the second layer's first
+    input is 0 though the ReLU's output behind it is 0.5; it has no relevance and passes none back
+    (c set to 0 there), so the input's relevance is [0, 1 / (1 + e)] with the epsilon rule's
+    z / stab(z) factors written out (1e-12)."""
+    first, second = nn.Linear(2, 2, bias=False).double(), nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(2, dtype=torch.float64))
+        second.weight.fill_(1.0)
+    x = torch.tensor([[0.5, 1.0]], dtype=torch.float64, requires_grad=True)
+    with LRPMode(parse_composite("epsilon")):
+        out = second(torch.relu(first(x)) - 0.5)
+        (c,) = torch.autograd.grad(out.sum(), x)
+    relevance = (x * c).detach().numpy()[0]
+    expected_second = 0.5 * 0.5 / (0.5 + S) / 0.5  # R_out / stab(z) times the input 0.5 (the only one not 0)
+    np.testing.assert_allclose(relevance, [0.0, expected_second * 1.0 / (1.0 + S)], rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- a tiny CNN with batch norm and a residual block

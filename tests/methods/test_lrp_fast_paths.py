@@ -256,6 +256,27 @@ def test_relu_outputs_known_nonnegative_and_forgotten_once_changed_in_place(comp
     np.testing.assert_allclose(np.asarray(c.scores), np.asarray(b.scores), **TOL)
 
 
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus"])
+def test_relu_outputs_need_no_zero_input_mask(composite, monkeypatch):
+    """A layer whose input is a ReLU's output (exact zeros) leaves its coefficients unmasked where the
+    input is 0, the ReLU's backward zeroing them there: scores and layer trace equal those of the
+    same run with every input masked (``_known_nonnegative`` off) (1e-12)."""
+    torch.manual_seed(5)
+    model = ImageClassifier(_ReluThenConv(False).double().eval(), labels=list("abc"), input_shape=(3, 8, 8))
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def run() -> tuple[np.ndarray, list[np.ndarray]]:
+        e = salience.explain(model, x, method="lrp", composite=composite, target="all")
+        return np.asarray(e.scores), [np.asarray(t["relevance_in"]) for t in e.extras["_layers"]]
+
+    unmasked = run()
+    monkeypatch.setattr(LRPMode, "_known_nonnegative", lambda self, x: False)
+    masked = run()
+    np.testing.assert_allclose(unmasked[0], masked[0], **TOL)
+    for ours, theirs in zip(unmasked[1], masked[1], strict=True):
+        np.testing.assert_allclose(ours, theirs, **TOL)
+
+
 def test_bound_arguments_reads_each_signature_once_and_takes_any_callable():
     """The rules name a call's arguments with one cached signature per function; defaults are added
     on request; an unhashable callable (not cacheable) and a builtin without a signature still work."""

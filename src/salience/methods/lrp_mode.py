@@ -201,8 +201,9 @@ class _Relevance(torch.autograd.Function):
             if coefficients is None:
                 r_in = step.relevance(x, r_out)
         if coefficients is not None:  # R_in = x * c: nothing on inputs equal to 0 (c set to 0 there: |sign(x)|,
-            # arithmetic: faster than a boolean mask on the CPU)
-            c_in = coefficients.mul_(x.sign().abs_())  # the rules return a fresh tensor: changed in place
+            # arithmetic: faster than a boolean mask on the CPU). A ReLU's output needs no mask: the ReLU's
+            # backward multiplies what arrives by its output, 0 at the same places
+            c_in = coefficients if step.layer.nonnegative_input else coefficients.mul_(x.sign().abs_())
             found, lost = _row_dot(x, c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
         else:
             zero = x == 0

@@ -162,9 +162,9 @@ def _has_negatives(layer: Layer, x: torch.Tensor) -> bool:
 
 
 def _by_sign(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """``up`` where x > 0, ``down`` where x < 0 (either at 0, where x times it is 0), by arithmetic."""
-    h = (x.sign() + 1) * 0.5
-    return up * h + down * (1 - h)
+    """``up`` where x > 0, ``down`` where x < 0 (their mean at 0, where x times it is 0): one
+    interpolation by (sign(x) + 1) / 2 (a boolean mask is slower on the CPU)."""
+    return torch.lerp(down, up, (x.sign() + 1) * 0.5)
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -277,8 +277,8 @@ class AlphaBeta:
         """c with R_in = x * c (as Gamma's; ``z`` is not needed). Without negative inputs (after a
         ReLU) the x- terms (0) are skipped: one forward and one backward convolution for z+."""
         w, b = layer.weights(self.name)
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
         negative = _has_negatives(layer, x)
+        wp, wn = w.clamp(min=0), w.clamp(max=0) if negative or self.beta else None
         xp = x.clamp(min=0) if negative else x
         xn = x.clamp(max=0) if negative else None
         z_p = _out(layer, xp, wp, _pos(b))
