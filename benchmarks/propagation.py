@@ -329,6 +329,7 @@ def text_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from salience.datasets.movie_snippets import split_movie_snippets
 
     clf = salience.load_model("zoo:minilm-sentiment")
+    clf.model.to(args.device)
     model = clf.model
     test = split_movie_snippets()["test"]
     sentence = " ".join(s.text for s in test[args.sentence:args.sentence + args.sentences])
@@ -374,7 +375,7 @@ def text_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         if isinstance(result, salience.Explanation):
             return np.asarray(result.scores, dtype=np.float64)
         if isinstance(result, torch.Tensor) and impl.kind == "captum":
-            return result.detach().double().sum(-1)[0].numpy()
+            return result.detach().double().sum(-1)[0].cpu().numpy()
         return None
 
     counter = RowCounter(getattr(model, model.base_model_prefix))  # the encoder's output (the classifier's is not a tensor)
@@ -399,6 +400,7 @@ def lm_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from lm import build_input
 
     lm = salience.load_model("zoo:smollm2-135m")
+    lm.model.to(args.device)
     model = lm.model
     base = getattr(model, model.base_model_prefix)
     counter = RowCounter(base)
@@ -406,14 +408,14 @@ def lm_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     start = int(encoded.extras["prompt_length"])
     ids = encoded.input_ids[None].to(lm.device)
     count = ids.shape[1] - start
-    positions = torch.arange(start, ids.shape[1])
+    positions = torch.arange(start, ids.shape[1], device=ids.device)
     tokens = ids[0, start:]
     log(f"LM: prompt {start} tokens, {count} generated: {encoded.extras['continuation']!r}")
 
     def logits_of(leaf: torch.Tensor) -> torch.Tensor:
         """The explained logits (T,): each generated token's logit at the position before it."""
         out = model(inputs_embeds=leaf, use_cache=False, logits_to_keep=positions - 1).logits  # (1, T, V)
-        return out[0, torch.arange(count), tokens]
+        return out[0, torch.arange(count, device=ids.device), tokens]
 
     def leaf() -> torch.Tensor:
         return lm.embedding_layer(ids).detach().requires_grad_(True)
@@ -432,7 +434,8 @@ def lm_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         with frozen(model):
             x = leaf()
             values = logits_of(x)
-            (found,) = torch.autograd.grad(values, x, torch.eye(count, dtype=values.dtype), is_grads_batched=True)
+            (found,) = torch.autograd.grad(values, x, torch.eye(count, dtype=values.dtype, device=values.device),
+                                           is_grads_batched=True)
         return found[:, 0]
 
     def per_target() -> torch.Tensor:
@@ -459,7 +462,7 @@ def lm_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         if isinstance(result, salience.Explanation):
             return np.asarray(result.scores, dtype=np.float64)
         if isinstance(result, torch.Tensor):  # gradients (T, L, D) -> |gradient| summed (for a check against saliency)
-            return result.detach().double().abs().sum(-1).numpy()
+            return result.detach().double().abs().sum(-1).cpu().numpy()
         return None
 
     log(f"LM case ... (load {load_average()})")
@@ -535,8 +538,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "shows how the rules' cost grows with length)")
     parser.add_argument("--prompt-tokens", type=int)
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--device", default="cpu", help="where the image case runs (cpu, cuda); the text and LM cases "
-                        "run on the CPU")
+    parser.add_argument("--device", default="cpu", help="where the models run (cpu, cuda)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 5)
