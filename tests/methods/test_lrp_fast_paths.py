@@ -300,3 +300,18 @@ def test_bound_arguments_reads_each_signature_once_and_takes_any_callable():
     assert bound_arguments(Unhashable(), (x,), {}, defaults=True) == {"x": x, "scale": 2.0}
     assert bound_arguments(pad_like, (x,), {"bad": 1}) == {}  # arguments that do not bind: nothing named
     assert bound_arguments(torch.add, (x, x), {}) == {}  # a builtin without a readable signature
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_traced_sums_without_a_host_check_equal_the_checked_ones(masked):
+    """The trace's per-row dot products: checked on the host (the CPU's path) or with infinite values
+    always zeroed (an accelerator's path, no synchronisation) give the same sums, a mask's -inf
+    (where c is 0) counting as 0 (1e-12)."""
+    from salience.methods.lrp_mode import _finite_row_dot
+
+    a, c = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    if masked:
+        a[:, 1, 2:], c[:, 1, 2:] = float("-inf"), 0.0
+    expected = (torch.where(torch.isfinite(a), a, 0.0) * c).sum((1, 2))
+    for check_first in (True, False):
+        np.testing.assert_allclose(_finite_row_dot(a, c, check_first).numpy(), expected.numpy(), **TOL)

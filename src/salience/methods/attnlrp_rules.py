@@ -326,13 +326,14 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
     the decomposition's, whose -inf scores the trace counts as 0)."""
     eps = mode.stabiliser
     layer, forward = where
+    additive = attn_mask is not None and attn_mask.dtype != torch.bool
+    # read once here, not in each target's backward (a host synchronisation on a GPU)
+    mask = None if additive and not bool(attn_mask.any()) else attn_mask  # an additive mask of zeros: none
+    added = mask if additive else None
 
     def vjp(c: torch.Tensor, o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         kr, vr = _grouped(q, k, v, enable_gqa)
         factor = _factor(q, scale)
-        additive = attn_mask is not None and attn_mask.dtype != torch.bool
-        mask = None if additive and not bool(attn_mask.any()) else attn_mask  # an additive mask of zeros: none
-        added = mask if additive else None
         scaled = torch.matmul(q * factor, kr.transpose(-2, -1))  # f P
         a = F.softmax(_masked(scaled, mask, is_causal), dim=-1)
         s = c * (o / stabilise(o, eps) / 2)

@@ -172,6 +172,19 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.reshape(rows, 1, -1), b.reshape(rows, -1, 1)).reshape(rows)
 
 
+def _finite_row_dot(a: torch.Tensor, c: torch.Tensor, check_first: bool) -> torch.Tensor:
+    """:func:`_row_dot` with infinite values of ``a`` (attention masks' -inf, where c is 0) counted
+    as 0. ``check_first``: zero them only when the plain dot is not finite (a host check, free on
+    the CPU); else always, in one more pass (no host synchronisation: on a GPU a synchronisation per
+    traced call costs more than the pass)."""
+    if not check_first:
+        return _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
+    found = _row_dot(a, c)
+    if not bool(torch.isfinite(found).all()):
+        found = _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
+    return found
+
+
 def _per_row(t: torch.Tensor) -> torch.Tensor:
     """The sum over every dimension but the first (no copy of a non-contiguous tensor)."""
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
@@ -375,10 +388,7 @@ class LRPMode(TorchFunctionMode):
             common = torch.promote_types(a.dtype, c.dtype)
             a, c = a.to(common), c.to(common)
         if a.dim() and a.shape == c.shape and a.shape[0] == rows:
-            found = _row_dot(a, c)
-            if not bool(torch.isfinite(found).all()):  # infinite values (masks' -inf) have c = 0: their R is 0
-                found = _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
-            return found.double()
+            return _finite_row_dot(a, c, check_first=a.device.type == "cpu").double()
         a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         return (a * c).double().sum().expand(rows) / rows  # broadcast over the rows: shared equally (bookkeeping only)
 
