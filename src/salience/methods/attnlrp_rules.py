@@ -239,9 +239,12 @@ def _mul_vjp(seed: torch.Tensor, _value: torch.Tensor, a: torch.Tensor, b: torch
 
 
 # ------------------------------------------------------------------ normalisations
+def _shape(shape: Any) -> tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+
+
 def _norm_dims(shape: Any) -> tuple[int, ...]:
-    size = 1 if isinstance(shape, int) else len(shape)
-    return tuple(range(-size, 0))
+    return tuple(range(-len(_shape(shape)), 0))
 
 
 def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -253,11 +256,12 @@ def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwa
         return PASS
     dims, weight = _norm_dims(bound["normalized_shape"]), bound.get("weight")
     with torch.no_grad():
-        value = func(*args, **kwargs)
-        if func is F.layer_norm:
-            eps = float(bound.get("eps", 1e-5))
-            scale = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+        if func is F.layer_norm:  # the value and 1 / sqrt(var + eps) from one kernel (F.layer_norm's own)
+            value, _, scale = torch.ops.aten.native_layer_norm(x, list(_shape(bound["normalized_shape"])), weight,
+                                                               bound.get("bias"), float(bound.get("eps", 1e-5)))
+            scale = scale.to(x.dtype)
         else:
+            value = func(*args, **kwargs)
             eps = bound.get("eps")
             eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
             scale = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
