@@ -315,3 +315,18 @@ def test_traced_sums_without_a_host_check_equal_the_checked_ones(masked):
     expected = (torch.where(torch.isfinite(a), a, 0.0) * c).sum((1, 2))
     for check_first in (True, False):
         np.testing.assert_allclose(_finite_row_dot(a, c, check_first).numpy(), expected.numpy(), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("eps", [1e-6, 1e-13, 0.0])
+def test_stabilised_ratio_equals_the_quotient_by_the_stabiliser(dtype, eps):
+    """|z| / (|z| + eps) is z / stabilise(z, eps) exactly (the signs cancel in IEEE arithmetic), at
+    +0 and -0 too (0); eps = 0 (and an eps below the dtype's range) falls back to the quotient."""
+    from salience.methods.lrp_rules import stabilise, stabilised_ratio
+
+    z = torch.cat([torch.randn(200, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 1e-5,
+                   torch.tensor([0.0, -0.0, 1e-7, -1e-7, 3.0, -3.0], dtype=torch.float64)]).to(dtype)
+    expected = z / stabilise(z, eps)
+    found = stabilised_ratio(z, eps)
+    assert torch.equal(found, expected)
+    assert found[200:202].tolist() == [0.0, 0.0]

@@ -48,7 +48,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from salience.errors import ParameterError
-from salience.methods.lrp_rules import stabilise
+from salience.methods.lrp_rules import stabilised_ratio
 from salience.methods.rules import tensors_in
 
 PASS = object()  # the call is not one of these rules: the mode goes on with its own
@@ -214,7 +214,7 @@ def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kw
     k, eps = len(factors), mode.stabiliser
 
     def weight(p: torch.Tensor) -> torch.Tensor:
-        return p / stabilise(p, eps) / k
+        return stabilised_ratio(p, eps).div_(k)
 
     with torch.no_grad():
         value = func(*args, **kwargs)
@@ -340,7 +340,7 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         factor = _factor(q, scale)
         scaled = torch.matmul(q * factor, kr.transpose(-2, -1))  # f P
         a = F.softmax(_masked(scaled, mask, is_causal), dim=-1)
-        s = c * (o / stabilise(o, eps) / 2)
+        s = c * stabilised_ratio(o, eps).div_(2)
         c_a, c_v = s.matmul(vr.transpose(-2, -1)), a.transpose(-2, -1).matmul(s)
         c_s = a * c_a
         kept = c_s.sum(-1, keepdim=True)  # per query: the relevance at the softmax's output (sum of A c_A)
@@ -351,8 +351,7 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         at_softmax = mode.relevance_per_row(kept, torch.ones_like(kept), rows)
         # P / stab(P) = f P / stab(f P, |f| eps), times c_S; the factor f / 2 (scaling, then half to each
         # factor) goes on the small products
-        w = stabilise(scaled, abs(factor) * eps)
-        torch.div(scaled, w, out=w).mul_(c_s)
+        w = stabilised_ratio(scaled, abs(factor) * eps).mul_(c_s)
         c_q, c_kr = w.matmul(kr).mul_(factor / 2), w.transpose(-2, -1).matmul(q).mul_(factor / 2)
         mode.record_sums(layer, "uniform", mode.relevance_per_row(o, c, rows),
                          at_softmax + mode.relevance_per_row(vr, c_v, rows), forward)

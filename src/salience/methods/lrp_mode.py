@@ -52,7 +52,7 @@ from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
 from salience.methods.attnlrp_rules import PASS, is_normalisation, transformer_call
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, covering
-from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilise
+from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilised_ratio
 from salience.methods.rules import (
     ELEMENTWISE,
     LINEAR,
@@ -267,7 +267,7 @@ class _Split(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (z,) = ctx.saved_tensors
-        share = c * z / stabilise(z, ctx.eps)
+        share = c * stabilised_ratio(z, ctx.eps)
         (sa, sb), (ka, kb) = ctx.shapes, ctx.k
         return (ka * share).sum_to_size(sa), (kb * share).sum_to_size(sb), None, None, None, None, None
 
