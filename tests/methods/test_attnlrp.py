@@ -143,6 +143,10 @@ def sdpa_case(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
         k, v, options = k[:, :2], v[:, :2], {"enable_gqa": True}
     elif case == "unbatched":
         q, k, v, r = q[0], k[0], v[0], r[0]
+    elif case == "broadcast_batch":  # one k and v for both rows of q
+        k, v = k[:1], v[:1]
+    elif case == "one_kv_head":  # multi-query attention by broadcasting (no enable_gqa)
+        k, v = k[:, :1], v[:, :1]
     return q, k, v, r, options
 
 
@@ -174,7 +178,7 @@ def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "inf_mask", "zero_mask", "gqa",
-                                  "unbatched"])
+                                  "unbatched", "broadcast_batch", "one_kv_head"])
 def test_sdpa_written_out_backward_equals_the_decomposition_by_autograd(case):
     """sdpa's backward written out (q, k, v all on the path) gives the gradients and the trace (rules in
     order, relevance per row at each rule's output and inputs) of autograd through the decomposition's

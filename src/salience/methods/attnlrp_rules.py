@@ -352,13 +352,15 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         # P / stab(P) = f P / stab(f P, |f| eps), times c_S; the factor f / 2 (scaling, then half to each
         # factor) goes on the small products
         w = stabilised_ratio(scaled, abs(factor) * eps).mul_(c_s)
-        c_q, c_kr = w.matmul(kr).mul_(factor / 2), w.transpose(-2, -1).matmul(q).mul_(factor / 2)
+        c_q = w.matmul(kr).mul_(factor / 2).sum_to_size(q.shape)
+        c_k = _ungrouped(w.transpose(-2, -1).matmul(q).mul_(factor / 2), k)
+        c_v = _ungrouped(c_v, v)
         mode.record_sums(layer, "uniform", mode.relevance_per_row(o, c, rows),
-                         at_softmax + mode.relevance_per_row(vr, c_v, rows), forward)
+                         at_softmax + mode.relevance_per_row(v, c_v, rows), forward)
         mode.record_sums(layer, "softmax", at_softmax, at_scores, forward)
         mode.record_sums(layer, "uniform", at_product,
-                         mode.relevance_per_row(q, c_q, rows) + mode.relevance_per_row(kr, c_kr, rows), forward)
-        return [c_q, _ungrouped(c_kr, k), _ungrouped(c_v, v)]
+                         mode.relevance_per_row(q, c_q, rows) + mode.relevance_per_row(k, c_k, rows), forward)
+        return [c_q, c_k, c_v]
 
     return vjp
 
@@ -374,10 +376,12 @@ def _mask_share(mask: torch.Tensor, c: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _ungrouped(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A gradient at k or v repeated per query group, summed back to ``like``'s heads."""
-    if grad.shape[-3] == like.shape[-3]:
-        return grad
-    return grad.unflatten(-3, (like.shape[-3], grad.shape[-3] // like.shape[-3])).sum(-3)
+    """A gradient at k or v, repeated per query group (grouped-query attention) or broadcast (a
+    dimension of size 1), summed back to ``like``'s shape."""
+    heads = like.shape[-3] if like.dim() >= 3 else 1
+    if like.dim() >= 3 and heads > 1 and grad.shape[-3] != heads:
+        grad = grad.unflatten(-3, (heads, grad.shape[-3] // heads)).sum(-3)
+    return grad.sum_to_size(like.shape)
 
 
 def _product(mode: Mode, a: torch.Tensor, b: torch.Tensor, where: Where | None) -> torch.Tensor:
