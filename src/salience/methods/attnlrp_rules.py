@@ -348,7 +348,7 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         rows = o.shape[0] if o.dim() else 1
         at_product = mode.relevance_per_row(scaled, c_s, rows)  # sum of P c_P = sum of (f P) c_S
         at_scores = at_product if added is None else at_product + _mask_share(added, c_s, rows)  # sum of S c_S
-        at_softmax = mode.relevance_per_row(kept, torch.ones_like(kept), rows)
+        at_softmax = kept.reshape(rows, -1).sum(1).double()  # per row: the queries' sums added
         # P / stab(P) = f P / stab(f P, |f| eps), times c_S; the factor f / 2 (scaling, then half to each
         # factor) goes on the small products
         w = stabilised_ratio(scaled, abs(factor) * eps).mul_(c_s)

@@ -177,12 +177,11 @@ def _finite_row_dot(a: torch.Tensor, c: torch.Tensor, check_first: bool) -> torc
     as 0. ``check_first``: zero them only when the plain dot is not finite (a host check, free on
     the CPU); else always, in one more pass (no host synchronisation: on a GPU a synchronisation per
     traced call costs more than the pass)."""
-    if not check_first:
-        return _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
-    found = _row_dot(a, c)
-    if not bool(torch.isfinite(found).all()):
-        found = _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
-    return found
+    if check_first:
+        found = _row_dot(a, c)
+        if bool(torch.isfinite(found).all()):
+            return found
+    return _row_dot(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), c)
 
 
 def _per_row(t: torch.Tensor) -> torch.Tensor:
