@@ -263,6 +263,21 @@ def test_conservation_tiny_llama_over_a_generation():
     assert len(e.extras["conservation"]) == 3
 
 
+def test_lrp0_linear_layers_run_plainly_and_equal_the_epsilon_rule_at_its_limit(toy):
+    """eps = 0 (the default) runs the linear layers as plain calls (LRP-0 is their gradient per unit
+    of input; nothing traced for them); eps = 1e-300 runs them as epsilon rules, whose factor
+    z / (|z| + eps) is 1 to the last bit wherever |z| > 1e-284: the same maps to 1e-12, on the
+    tiny BERT with its biases and on the tiny Llama over a generation."""
+    lm = salience.CausalLM(llama("sdpa"), build_tokenizer(), name="tiny-llama")
+    for model, text, options in ((toy, TEXT, {"target": "all"}), (lm, PROMPT, {"max_new_tokens": 3})):
+        plain = salience.explain(model, text, method="attnlrp", **options)
+        rule = salience.explain(model, text, method="attnlrp", eps=1e-300, **options)
+        np.testing.assert_allclose(np.asarray(plain.scores), np.asarray(rule.scores), rtol=1e-12, atol=1e-12)
+        assert "epsilon" not in plain.params["rule_calls"] and rule.params["rule_calls"]["epsilon"] > 0
+        for a, b in zip(plain.extras["conservation"], rule.extras["conservation"], strict=True):
+            assert a["softmax_kept"] == pytest.approx(b["softmax_kept"], abs=1e-12)
+
+
 # ---------------------------------------------------------------- LXT's rules written out
 def divide_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     """LXT's ``divide_gradient``: the value x, the gradient divided by ``factor``."""

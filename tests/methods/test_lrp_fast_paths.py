@@ -184,7 +184,7 @@ def test_in_place_change_of_an_output_falls_back_to_copies():
         from salience.methods.lrp_mode import LRPMode
 
         x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
-        with LRPMode(parse_composite("epsilon"), copy_outputs=copy_outputs):
+        with LRPMode(parse_composite("epsilon"), eps=1e-6, copy_outputs=copy_outputs):  # a rule: LRP-0 would run plainly
             (grad,) = torch.autograd.grad(net(x)[0, 1], x)
         return grad
 
@@ -330,3 +330,40 @@ def test_stabilised_ratio_equals_the_quotient_by_the_stabiliser(dtype, eps):
     found = stabilised_ratio(z, eps)
     assert torch.equal(found, expected)
     assert found[200:202].tolist() == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------- LRP-0 as the plain gradient
+class _ShiftedResidual(nn.Module):
+    """Conv - BN (with a shift: a bias after merging) - ReLU, a residual block, max and average
+    pooling, a linear head with a bias; float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6())
+        self.head = nn.Sequential(nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(self.block(y) + y)
+
+
+def test_lrp0_runs_plainly_and_equals_the_epsilon_rule_at_its_limit():
+    """eps = 0 (the default) runs the linear layers, batch norms and average pooling as plain calls
+    (no rule, nothing traced); eps = 1e-300 runs them as epsilon rules, whose factor z / (|z| + eps)
+    is 1 to the last bit wherever |z| > 1e-284: the same maps to 1e-12 (rounding of the same sums
+    in another order)."""
+    torch.manual_seed(3)
+    net = _ShiftedResidual().double().eval()
+    with torch.no_grad():
+        for bn in (net.stem[1], net.block[1]):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    model = ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8))
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
+    plain = salience.explain(model, x, method="lrp", composite="epsilon", target="all")
+    rule = salience.explain(model, x, method="lrp", composite="epsilon", eps=1e-300, target="all")
+    np.testing.assert_allclose(np.asarray(plain.scores), np.asarray(rule.scores), **TOL)
+    # the rule run traces 4 layers (two conv + batch norm merged, the average pooling, the head), each with a row per target
+    assert plain.extras["_layers"] == [] and [t["layer"] for t in rule.extras["_layers"]] == ["head.3", "head.1", "block.0+bn", "stem.0+bn"]
+    assert plain.params["batch_norm_merged"] == rule.params["batch_norm_merged"] == 2

@@ -39,7 +39,8 @@ class AttnLRP:
     Units: logits. No baseline.
 
     Rules: linear layers take the ``composite``'s rule (default ``"epsilon"``: epsilon-LRP with
-    ``eps``; a layer's bias absorbs its share of the relevance, ``b / z``); softmax AttnLRP's rule
+    ``eps``, default 0: LRP-0, which per unit of input is the layer's gradient and runs as the plain
+    call, as LXT's efficient mode; a layer's bias absorbs its share of the relevance, ``b / z``); softmax AttnLRP's rule
     ``R_in = x (R_out - s sum R_out)`` (without its bias term, as LXT); products of two
     input-dependent tensors (Q K^T, A V, SwiGLU's gate) the epsilon rule then half to each factor
     (uniform); LayerNorm / RMSNorm their linear part with the divisor held constant (identity on the
@@ -52,9 +53,9 @@ class AttnLRP:
     the scores, the error (sum - logit), ``softmax_kept`` (the relevance the softmax rules keep:
     their Taylor bias terms) and ``other_kept`` (the rest: biases, constants added on the path such
     as position and token-type embeddings, the stabilisers); ``output = sum + softmax_kept +
-    other_kept``. ``stabiliser``: e in the uniform rule's and the residual split's denominators."""
+    other_kept``. ``stabiliser``: e in the uniform rule's denominators."""
 
-    eps: float = 1e-6
+    eps: float = 0.0
     stabiliser: float = STABILISER
     composite: Any = "epsilon"
     default_output: ClassVar[str] = "logit"
@@ -104,7 +105,8 @@ class AttnLRP:
         per_channel = x[None].to(gradients) * gradients  # (T, P, D)
         value = values.double().cpu()
         totals = per_channel.double().sum((-1, -2)).cpu()
-        softmax_kept = mode.per_row(SOFTMAX)
+        # nothing traced (every call on the path ran plainly: no softmax, no rule) keeps nothing
+        softmax_kept = mode.per_row(SOFTMAX) if mode.trace else torch.zeros_like(totals)
         if softmax_kept.numel() != totals.numel():  # the rows are the targets (one input)
             raise AssertionError(f"attnlrp traced {softmax_kept.numel()} backward rows for {totals.numel()} targets")
         conservation = [{"output": float(o), "relevance_sum": float(s), "error": float(s - o), "softmax_kept": float(k),

@@ -58,16 +58,19 @@ class LRP(SharedInputs):
     default), ``epsilon_plus_flat``, ``epsilon_gamma_box``, ``epsilon_alpha2_beta1``) or a mapping of
     module names, class names or kinds (input, conv, linear, batch_norm, avg_pool) to rules, e.g.
     ``{"base": "epsilon_plus", "Linear": "epsilon", "features.0": ("gamma", {"gamma": 0.5})}``.
-    ``eps``: epsilon of the epsilon rule; ``gamma``: of the gamma rule; ``low``/``high``: z^B's
+    ``eps``: epsilon of the epsilon rule (default 0: LRP-0, which per unit of input is each layer's
+    own gradient and runs as the plain call); ``gamma``: of the gamma rule; ``low``/``high``: z^B's
     bounds (numbers or one per channel; default: the normalised black and white levels of the input,
     else its per-channel minimum and maximum). Batch norm is merged into the preceding conv/linear
     layer (``merge_batch_norm``). Conservation: ``extras["conservation"]`` per target (output,
     sum of relevance, error); rules with biases (epsilon, gamma) and a stabiliser do not conserve
-    exactly. ``stabiliser``: e in the other rules' and the residual split's denominators
-    z + e sign(z). Explains logits only. No baseline (z^B's bounds play that part at the input layer)."""
+    exactly. ``stabiliser``: e in the denominators z + e sign(z) of the rules other than
+    epsilon (z+, alpha-beta, gamma, flat, w-square, z^B); residual sums need none (per unit of
+    input their proportional split is their gradient). Explains logits only. No baseline (z^B's
+    bounds play that part at the input layer)."""
 
     composite: Any = "epsilon_plus"
-    eps: float = 1e-6
+    eps: float = 0.0
     gamma: float = 0.25
     low: Any = None
     high: Any = None

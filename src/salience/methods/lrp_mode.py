@@ -8,15 +8,20 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
 
 - linear layers (F.linear, F.conv1d/2d/3d) take their composite's rule
   (:mod:`salience.methods.lrp_rules`): c_in = R_in / x (0 where x = 0: the relevance a rule puts
-  on an input equal to 0, possible with flat, w-square and z^B only, is counted in ``lost``);
+  on an input equal to 0, possible with flat, w-square and z^B only, is counted in ``lost``).
+  LRP-0 (epsilon with eps = 0) is the layer's own gradient in this form, c_in = J^T (z c / z) =
+  J^T c, and runs as the plain call (no rule, no trace; at an output exactly 0, where z c / z is
+  0 / 0, the gradient's convention: c passes back);
 - batch norm (eval mode) right after a linear layer is merged into it for the rule (canonizer:
   W' = s W, b' = s b + t with s = gamma / sqrt(var + eps), t = beta - mean s); the forward values are
   the model's own; a batch norm not after a linear layer is a per-channel scale and shift layer;
 - average pooling is a weightless linear layer (its composite rule, epsilon);
 - a sum of two relevance-carrying tensors (residual a + b) splits R in proportion to each
-  summand (R a / stab(a + b)); a difference likewise;
+  summand, R_a = a R / (a + b): per unit, c_a = c, its gradient (a difference likewise), so sums
+  run as plain calls (no stabiliser: there is no division in this form);
 - elementwise activations (the ReLU family, sigmoid, tanh, ...) pass relevance through
-  (R_in = R_out: c_in = c_out y / x, the ordinary gradient for ReLU);
+  (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
+  call;
 - max pooling keeps its gradient (winner takes all); other functions linear in the input
   (reshapes, indexing, padding, dropout in eval mode, scaling by constants) keep their gradient,
   which in this form is LRP-0 (relevance moves unchanged or in proportion);
@@ -52,7 +57,7 @@ from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
 from salience.methods.attnlrp_rules import PASS, is_normalisation, transformer_call
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, covering
-from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox, stabilised_ratio
+from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox
 from salience.methods.rules import (
     ELEMENTWISE,
     LINEAR,
@@ -68,15 +73,13 @@ LAYERS: dict[Callable[..., Any], str] = {F.linear: "linear", F.conv1d: "conv", F
 AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
-# (a, b) -> coefficients of a and b in the result
-SUMS: dict[Callable[..., Any], tuple[float, float]] = {
-    torch.add: (1.0, 1.0), torch.Tensor.add: (1.0, 1.0), torch.Tensor.__add__: (1.0, 1.0), torch.Tensor.__radd__: (1.0, 1.0),
-    torch.sub: (1.0, -1.0), torch.Tensor.sub: (1.0, -1.0), torch.Tensor.__sub__: (1.0, -1.0),
-    torch.Tensor.__rsub__: (-1.0, 1.0),
-}
-IN_PLACE_SUMS = (torch.Tensor.__iadd__, torch.Tensor.add_, torch.Tensor.__isub__, torch.Tensor.sub_)
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
+
+
+def gradient_form(rule: Rule) -> bool:
+    """Whether a layer's rule is its own gradient in the per-unit form: LRP-0 (epsilon, eps = 0)."""
+    return isinstance(rule, Epsilon) and rule.eps == 0
 
 
 def _path(value: Any) -> bool:
@@ -251,26 +254,6 @@ class _Pass(torch.autograd.Function):
         return (c * y).div_(x + (1 - kept)).mul_(kept), None, None, None
 
 
-class _Split(torch.autograd.Function):
-    """z = ka a + kb b (the call's own value); backward: each summand gets R (k t) / stab(z)."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, compute: Callable[[], torch.Tensor], ka: float, kb: float,
-                eps: float, copy: bool) -> torch.Tensor:
-        value = compute()
-        ctx.save_for_backward(value)
-        ctx.shapes, ctx.k, ctx.eps = (a.shape, b.shape), (ka, kb), eps
-        return value.clone() if copy else value  # as _Relevance's
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (z,) = ctx.saved_tensors
-        share = c * stabilised_ratio(z, ctx.eps)
-        (sa, sb), (ka, kb) = ctx.shapes, ctx.k
-        return (ka * share).sum_to_size(sa), (kb * share).sum_to_size(sb), None, None, None, None, None
-
-
 class LRPMode(TorchFunctionMode):
     """``with LRPMode(composite, ...) as mode:`` run forward + backward passes; the gradient that
     reaches the input x is c with the input's relevance R = x * c. ``bounds``: per-channel (low,
@@ -282,7 +265,7 @@ class LRPMode(TorchFunctionMode):
     rule call, and a model that changes an output in place then fails in the backward with
     autograd's "modified by an inplace operation" error (see :func:`run_with_copies_if_needed`)."""
 
-    def __init__(self, composite: Composite, *, eps: float = 1e-6, gamma: float = 0.25,
+    def __init__(self, composite: Composite, *, eps: float = 0.0, gamma: float = 0.25,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None, merge_batch_norm: bool = True,
                  stabiliser: float = STABILISER, transformer: bool = False, method: str = "lrp",
                  copy_outputs: bool = True) -> None:
@@ -301,7 +284,7 @@ class LRPMode(TorchFunctionMode):
         self._stack: list[nn.Module] = []
         self._names: dict[int, str] = {}
         self._calls = 0  # linear layers seen in this forward pass
-        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor, Layer, Rule]] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor, Layer | None, Rule]] = {}  # None: ran plainly
         self._pads: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
         # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
         self._nonnegative: dict[int, tuple[torch.Tensor, int]] = {}
@@ -425,10 +408,6 @@ class LRPMode(TorchFunctionMode):
             return self._batch_norm(func, args, kwargs)
         if func in AVG_POOLS:
             return self._pool(func, args, kwargs)
-        if func in SUMS or func in IN_PLACE_SUMS:
-            found = self._sum(func, args, kwargs)
-            if found is not None:
-                return found
         if func in ACTIVATIONS:
             return self._activation(func, args, kwargs)
         if func in LINEAR and func is not F.pad:  # reshapes, indexing, constants added: their gradient (no check needed)
@@ -503,10 +482,14 @@ class LRPMode(TorchFunctionMode):
         is_input = self._calls == 0
         self._calls += 1
         name, rule = self._rule(kind, is_input, x)
+        self.layers += 1
+        if gradient_form(rule):
+            out = func(*args, **kwargs)
+            self._outputs[id(out)] = (out, x, None, rule)  # no Layer: the call ran plainly
+            return out
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
         out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
         self._outputs[id(out)] = (out, x, layer, rule)
-        self.layers += 1
         return out
 
     def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -516,48 +499,44 @@ class LRPMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if bound.get("training") or bound.get("running_mean") is None:
             raise ParameterError(f"{self.method} needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
+        compute = partial(func, *args, **kwargs)
+        record = self._outputs.get(id(z))
+        merging = self.merge_batch_norm and record is not None and record[0] is z
+        if merging:
+            _, x, layer, rule = record
+            self.merged += 1
+        else:
+            name, rule = self._rule("batch_norm", False, z)
+            self.layers += 1
+        if gradient_form(rule):  # LRP-0 of the batch norm (merged or alone): the plain call's gradient
+            out = compute()
+            if merging:
+                self._outputs[id(out)] = (out, x, None, rule)
+            return out
         mean, var = bound["running_mean"], bound["running_var"]
         scale = torch.rsqrt(var + bound["eps"])
         if bound.get("weight") is not None:
             scale = scale * bound["weight"]
         shift = -mean * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
-        compute = partial(func, *args, **kwargs)
-        record = self._outputs.get(id(z))
-        if self.merge_batch_norm and record is not None and record[0] is z:
-            _, x, layer, rule = record
+        if merging:
+            assert layer is not None  # a layer with a rule other than LRP-0 ran as a rule
             merged = layer.merged_with_batch_norm(scale, shift)
-            self.merged += 1
             out = _Relevance.apply(x, _Step(self, merged, rule, self._pad_mask(x, rule), self.forwards), compute)
             self._outputs[id(out)] = (out, x, merged, rule)
             return out
-        name, rule = self._rule("batch_norm", False, z)
-        out = _Relevance.apply(z, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards), compute)
-        self.layers += 1
-        return out
+        return _Relevance.apply(z, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards), compute)
 
     def _pool(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs.get("input")
         if not _path(x):
             return func(*args, **kwargs)
         name, rule = self._rule("avg_pool", False, x)
-        rest = {k: v for k, v in kwargs.items() if k != "input"}
-        out = _Relevance.apply(x, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"),
-                                        rule, forward=self.forwards), partial(func, *args, **kwargs))
         self.layers += 1
-        return out
-
-    def _sum(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        a = args[0] if args else kwargs.get("input")
-        b = args[1] if len(args) > 1 else kwargs.get("other")
-        if not (_path(a) and _path(b)):
-            return None  # a constant added: linear, its gradient is LRP-0
-        if func in IN_PLACE_SUMS:
-            raise ParameterError(f"{self.method} cannot split an in-place sum of two relevance-carrying tensors ({function_name(func)})"
-                                 f"{self._where()}; write x = x + y")
-        if kwargs.get("alpha", 1) != 1 or len(args) > 2:
-            raise ParameterError(f"{self.method}: {function_name(func)} with alpha{self._where()} is not supported")
-        ka, kb = SUMS[func]
-        return _Split.apply(a, b, partial(func, *args, **kwargs), ka, kb, self.stabiliser, self.copy_outputs)
+        if gradient_form(rule):
+            return func(*args, **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k != "input"}
+        return _Relevance.apply(x, _Step(self, Layer(func, None, None, tuple(args[1:]), rest, name=name, kind="avg_pool"),
+                                        rule, forward=self.forwards), partial(func, *args, **kwargs))
 
     def _activation(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs.get("input", kwargs.get("self"))
@@ -567,6 +546,10 @@ class LRPMode(TorchFunctionMode):
         if reader is not None:
             unit, inplace = reader(args, kwargs)
             relu = unit.low == 0.0
+            if relu and unit.high is None:  # ReLU: y / x is its derivative, the identity rule its gradient
+                out = func(*args, **kwargs)
+                self._nonnegative[id(out)] = (out, out._version)
+                return out
         else:
             inplace, relu = is_inplace(func, args, kwargs), False
         out = _Pass.apply(x, partial(func, *args, **kwargs), inplace, relu)

@@ -194,7 +194,7 @@ def _components(kinds: Sequence[str] | str) -> tuple[str, ...]:
 def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any = None, output: str | None = None,
                          components: Sequence[str] | str = KINDS, method: str = "atp", scale: float = 1.0,
                          backward_mode: BackwardMode | None = None, batch_size: int | None = None,
-                         eps: float = 1e-6, composite: Any = "epsilon", **encode_options: Any) -> PatchingResult:
+                         eps: float = 0.0, composite: Any = "epsilon", **encode_options: Any) -> PatchingResult:
     """Score the components of ``model`` (residual stream per layer x position, attention heads per
     layer x head) by how much patching each from the ``corrupted`` run into the ``clean`` run changes
     the metric: estimated by AtP (``method="atp"``) or measured (``"exact"``); see the module docstring.
