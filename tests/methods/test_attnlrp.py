@@ -179,24 +179,27 @@ def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
 
 @pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "inf_mask", "zero_mask", "gqa",
                                   "unbatched", "broadcast_batch", "one_kv_head"])
-def test_sdpa_written_out_backward_equals_the_decomposition_by_autograd(case):
+@pytest.mark.parametrize("stabiliser", [S, 0.0])
+def test_sdpa_written_out_backward_equals_the_decomposition_by_autograd(case, stabiliser):
     """sdpa's backward written out (q, k, v all on the path) gives the gradients and the trace (rules in
     order, relevance per row at each rule's output and inputs) of autograd through the decomposition's
-    rules (1e-12: the same arithmetic in another order)."""
+    rules (1e-12: the same arithmetic in another order), for two backward passes of one forward (as
+    for two targets; without a stabiliser the second reuses the attention weights the first computed)."""
     q, k, v, r, options = sdpa_case(case)
+    seeds = [r, rand(*r.shape, seed=6)]
 
     def run(call) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]:
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        with mode() as m:
+        with LRPMode(parse_composite("epsilon"), stabiliser=stabiliser, transformer=True, method="attnlrp") as m:
             y = call(m, *leaves)
-            grads = torch.autograd.grad(y, leaves, r / y.detach())
+            grads = [g for seed in seeds for g in torch.autograd.grad(y, leaves, seed / y.detach(), retain_graph=True)]
         return [g.numpy() for g in grads], [(t.rule, t.relevance_out.numpy(), t.relevance_in.numpy()) for t in m.trace]
 
     decomposed = run(lambda m, a, b, c: attention(m, a, b, c, **options))  # by autograd through its rules
     written = run(lambda m, a, b, c: F.scaled_dot_product_attention(a, b, c, **options))
     for ours, theirs in zip(written[0], decomposed[0], strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
-    assert [t[0] for t in written[1]] == [t[0] for t in decomposed[1]] == ["uniform", "softmax", "uniform"]
+    assert [t[0] for t in written[1]] == [t[0] for t in decomposed[1]] == ["uniform", "softmax", "uniform"] * 2
     for ours, theirs in zip(written[1], decomposed[1], strict=True):
         np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-12, atol=1e-12)

@@ -37,7 +37,7 @@ def lrp_activations(net, run, ids, layers, projections):
         handles.append(layer.register_forward_hook(lambda _m, _i, out: blocks.append(out[0] if isinstance(out, tuple) else out)))
         handles.append(projection.register_forward_pre_hook(lambda _m, inputs: heads.append(inputs[0])))
     try:
-        with LRPMode(parse_composite("epsilon"), eps=0.0, transformer=True):  # relp's default eps
+        with LRPMode(parse_composite("epsilon"), eps=0.0, stabiliser=0.0, transformer=True):  # relp's defaults
             value = run(embeds)
             tensors = blocks + heads
             grads = torch.autograd.grad(value, tensors, allow_unused=True)

@@ -19,7 +19,6 @@ from salience.methods.base import Attribution, Context, as_array, position_attri
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, parse_composite
 from salience.methods.lrp_mode import LRPMode, predict_in_mode, run_with_copies_if_needed
-from salience.methods.lrp_rules import STABILISER
 from salience.models.passes import one_target_per_backward
 
 # rules of the trace whose calls keep relevance by design (not by biases or the stabiliser)
@@ -53,10 +52,11 @@ class AttnLRP:
     the scores, the error (sum - logit), ``softmax_kept`` (the relevance the softmax rules keep:
     their Taylor bias terms) and ``other_kept`` (the rest: biases, constants added on the path such
     as position and token-type embeddings, the stabilisers); ``output = sum + softmax_kept +
-    other_kept``. ``stabiliser``: e in the uniform rule's denominators."""
+    other_kept``. ``stabiliser``: e in the uniform rule's denominators (default 0: none; per unit of
+    input the rule is then 1/k of each factor's gradient)."""
 
     eps: float = 0.0
-    stabiliser: float = STABILISER
+    stabiliser: float = 0.0
     composite: Any = "epsilon"
     default_output: ClassVar[str] = "logit"
 

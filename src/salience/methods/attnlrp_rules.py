@@ -213,8 +213,8 @@ def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kw
 
     k, eps = len(factors), mode.stabiliser
 
-    def weight(p: torch.Tensor) -> torch.Tensor:
-        return stabilised_ratio(p, eps).div_(k)
+    def weight(p: torch.Tensor) -> torch.Tensor | float:  # p / stab(p) / k; without a stabiliser p / p = 1
+        return 1.0 / k if eps == 0 else stabilised_ratio(p, eps).div_(k)
 
     with torch.no_grad():
         value = func(*args, **kwargs)
@@ -334,27 +334,35 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
     # read once here, not in each target's backward (a host synchronisation on a GPU)
     mask = None if additive and not bool(attn_mask.any()) else attn_mask  # an additive mask of zeros: none
     added = mask if additive else None
+    kept_weights: list[torch.Tensor] = []  # without a stabiliser: A, computed by the first target's backward, kept for the others
 
     def vjp(c: torch.Tensor, o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         kr, vr = _grouped(q, k, v, enable_gqa)
         factor = _factor(q, scale)
-        scaled = torch.matmul(q * factor, kr.transpose(-2, -1))  # f P
-        a = F.softmax(_masked(scaled, mask, is_causal), dim=-1)
-        s = c * stabilised_ratio(o, eps).div_(2)
+        rows = o.shape[0] if o.dim() else 1
+        if eps == 0 and kept_weights:
+            scaled, a = None, kept_weights[0]
+        else:
+            scaled = torch.matmul(q * factor, kr.transpose(-2, -1))  # f P
+            a = F.softmax(_masked(scaled, mask, is_causal), dim=-1)
+            if eps == 0:
+                kept_weights.append(a)
+        s = c * 0.5 if eps == 0 else c * stabilised_ratio(o, eps).div_(2)
         c_a, c_v = s.matmul(vr.transpose(-2, -1)), a.transpose(-2, -1).matmul(s)
         c_s = a * c_a
         kept = c_s.sum(-1, keepdim=True)  # per query: the relevance at the softmax's output (sum of A c_A)
         c_s.addcmul_(a, kept, value=-1.0)  # A c_A - A sum(A c_A)
-        rows = o.shape[0] if o.dim() else 1
-        at_product = mode.relevance_per_row(scaled, c_s, rows)  # sum of P c_P = sum of (f P) c_S
-        at_scores = at_product if added is None else at_product + _mask_share(added, c_s, rows)  # sum of S c_S
         at_softmax = kept.reshape(rows, -1).sum(1).double()  # per row: the queries' sums added
-        # P / stab(P) = f P / stab(f P, |f| eps), times c_S; the factor f / 2 (scaling, then half to each
-        # factor) goes on the small products
-        w = stabilised_ratio(scaled, abs(factor) * eps).mul_(c_s)
+        # P / stab(P) = f P / stab(f P, |f| eps) (1 without a stabiliser), times c_S; the factor f / 2
+        # (scaling, then half to each factor) goes on the small products
+        w = c_s if scaled is None or eps == 0 else stabilised_ratio(scaled, abs(factor) * eps).mul_(c_s)
         c_q = w.matmul(kr).mul_(factor / 2).sum_to_size(q.shape)
         c_k = _ungrouped(w.transpose(-2, -1).matmul(q).mul_(factor / 2), k)
         c_v = _ungrouped(c_v, v)
+        # sum of P c_P = sum of (f P) c_S; without a stabiliser the rule on P conserves, and q and k
+        # take half each: 2 sum(q c_q)
+        at_product = 2 * mode.relevance_per_row(q, c_q, rows) if eps == 0 else mode.relevance_per_row(scaled, c_s, rows)
+        at_scores = at_product if added is None else at_product + _mask_share(added, c_s, rows)  # sum of S c_S
         mode.record_sums(layer, "uniform", mode.relevance_per_row(o, c, rows),
                          at_softmax + mode.relevance_per_row(v, c_v, rows), forward)
         mode.record_sums(layer, "softmax", at_softmax, at_scores, forward)

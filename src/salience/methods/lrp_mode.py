@@ -231,27 +231,25 @@ class _Relevance(torch.autograd.Function):
 
 class _Pass(torch.autograd.Function):
     """An elementwise activation y = f(x) (in place when it was) passing relevance through:
-    c_in = c y / x (0 where x = 0). ``relu``: y = 0 for x <= 0 (the ReLU family), so the zeros come
-    from ReLU's own backward kernel; otherwise by arithmetic (no boolean mask: faster on the CPU)."""
+    c_in = c y / x. The ratio y / x is computed once, in the forward pass (0 where it is not finite:
+    at x = 0, where the input's relevance x c_in is 0), so each backward row (one per target) is
+    one product."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool, relu: bool) -> torch.Tensor:
-        saved = x.detach().clone() if inplace else x.detach()
+    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool) -> torch.Tensor:
+        before = x.detach().clone() if inplace else x.detach()
         y = call()
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(saved, y)
-        ctx.relu = relu
+        ratio = torch.div(y.detach(), before).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        ctx.save_for_backward(ratio)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, y = ctx.saved_tensors
-        if ctx.relu:
-            return torch.ops.aten.threshold_backward((c * y).div_(x), x, 0), None, None, None
-        kept = x.sign().abs()  # 0 where x = 0, else 1
-        return (c * y).div_(x + (1 - kept)).mul_(kept), None, None, None
+        (ratio,) = ctx.saved_tensors
+        return c * ratio, None, None
 
 
 class LRPMode(TorchFunctionMode):
@@ -552,7 +550,7 @@ class LRPMode(TorchFunctionMode):
                 return out
         else:
             inplace, relu = is_inplace(func, args, kwargs), False
-        out = _Pass.apply(x, partial(func, *args, **kwargs), inplace, relu)
+        out = _Pass.apply(x, partial(func, *args, **kwargs), inplace)
         if relu:
             self._nonnegative[id(out)] = (out, out._version)
         return out

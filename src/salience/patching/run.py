@@ -264,7 +264,7 @@ def _relevance_mode(goal: Target, backward_mode: BackwardMode | None, eps: float
     rules = parse_composite(composite)
     if rules.uses("zbox"):
         raise ParameterError("relp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
-    return lambda: LRPMode(rules, eps=eps, transformer=True, method="relp")
+    return lambda: LRPMode(rules, eps=eps, stabiliser=0.0, transformer=True, method="relp")  # attnlrp's defaults
 
 
 def _estimate(seen: _Seen, corrupt: _Seen, heads: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
