@@ -367,3 +367,21 @@ def test_lrp0_runs_plainly_and_equals_the_epsilon_rule_at_its_limit():
     # the rule run traces 4 layers (two conv + batch norm merged, the average pooling, the head), each with a row per target
     assert plain.extras["_layers"] == [] and [t["layer"] for t in rule.extras["_layers"]] == ["head.3", "head.1", "block.0+bn", "stem.0+bn"]
     assert plain.params["batch_norm_merged"] == rule.params["batch_norm_merged"] == 2
+
+
+@pytest.mark.parametrize("activation", [torch.sigmoid, torch.tanh, F.relu6])
+def test_identity_rule_at_an_input_equal_to_zero_passes_nothing_back(activation):
+    """y = f(x) with x exactly 0 at one place, where the ratio y / x the rule computes in the forward is
+    inf (the sigmoid: f(0) = 0.5) or 0 / 0 (tanh, ReLU6): it is taken as 0 there, so nothing passes
+    back and no NaN spreads; elsewhere the relevance passes unchanged, R_in = R_out = y c (1e-12)."""
+    from salience.methods.lrp_composites import parse_composite
+
+    x = torch.tensor([[0.0, 0.7, -1.3, 7.5]], dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([[2.0, 3.0, -1.5, 0.5]], dtype=torch.float64)
+    with LRPMode(parse_composite("epsilon")):
+        y = activation(x)
+        (c,) = torch.autograd.grad(y, x, seed)
+    expected = y.detach() * seed
+    expected[0, 0] = 0.0
+    np.testing.assert_allclose((x * c).detach().numpy(), expected.numpy(), **TOL)
+    assert bool(torch.isfinite(c).all()) and float(c[0, 0]) == 0.0
