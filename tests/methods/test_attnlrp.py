@@ -248,20 +248,20 @@ def check_conservation(e: salience.Explanation, rel: float = 1e-9) -> None:
 def test_conservation_tiny_bert(toy_dir, attn):
     model = bias_free_bert(toy_dir)
     model.model.set_attn_implementation(attn)
-    e = salience.explain(model, TEXT, method="attnlrp", eps=1e-13, stabiliser=1e-13, target="all")
+    e = salience.explain(model, TEXT, method="attnlrp", eps=1e-13, stabiliser=1e-13, target="all", trace=True)
     check_conservation(e)
     # 2 targets x (14 linear layers, 5 layer norms, 2 softmaxes, 2 x 2 attention matmuls)
     assert e.params["rule_calls"] == {"epsilon": 28, "layer_norm": 10, "softmax": 4, "uniform": 8}
     # with biases and position embeddings the bookkeeping still closes: logit = sum + softmax_kept + other_kept
     full = salience.load_model(str(toy_dir))
     full.model.double()
-    for row in salience.explain(full, TEXT, method="attnlrp", target="all").extras["conservation"]:
+    for row in salience.explain(full, TEXT, method="attnlrp", target="all", trace=True).extras["conservation"]:
         assert row["output"] == pytest.approx(row["relevance_sum"] + row["softmax_kept"] + row["other_kept"], abs=1e-12)
 
 
 def test_conservation_tiny_llama_over_a_generation():
     lm = salience.CausalLM(llama("sdpa"), build_tokenizer(), name="tiny-llama")
-    e = salience.explain(lm, PROMPT, method="attnlrp", eps=1e-13, stabiliser=1e-13, max_new_tokens=3)
+    e = salience.explain(lm, PROMPT, method="attnlrp", eps=1e-13, stabiliser=1e-13, max_new_tokens=3, trace=True)
     check_conservation(e)
     assert len(e.extras["conservation"]) == 3
 
@@ -273,12 +273,39 @@ def test_lrp0_linear_layers_run_plainly_and_equal_the_epsilon_rule_at_its_limit(
     tiny BERT with its biases and on the tiny Llama over a generation."""
     lm = salience.CausalLM(llama("sdpa"), build_tokenizer(), name="tiny-llama")
     for model, text, options in ((toy, TEXT, {"target": "all"}), (lm, PROMPT, {"max_new_tokens": 3})):
-        plain = salience.explain(model, text, method="attnlrp", **options)
-        rule = salience.explain(model, text, method="attnlrp", eps=1e-300, **options)
+        plain = salience.explain(model, text, method="attnlrp", trace=True, **options)
+        rule = salience.explain(model, text, method="attnlrp", eps=1e-300, trace=True, **options)
         np.testing.assert_allclose(np.asarray(plain.scores), np.asarray(rule.scores), rtol=1e-12, atol=1e-12)
         assert "epsilon" not in plain.params["rule_calls"] and rule.params["rule_calls"]["epsilon"] > 0
         for a, b in zip(plain.extras["conservation"], rule.extras["conservation"], strict=True):
             assert a["softmax_kept"] == pytest.approx(b["softmax_kept"], abs=1e-12)
+
+
+def test_untraced_targets_vmapped_equal_the_traced_backward_passes(toy, monkeypatch):
+    """Several targets of one forward pass, untraced (the default): their backward runs vmapped
+    (``is_grads_batched``) through the rules, and gives the scores of one traced plain backward per
+    target (1e-12), on the tiny Llama over a generation (sdpa, grouped k/v heads written out) and
+    the tiny BERT's classes; the conservation rows keep output, sum and error."""
+    batched = []
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        batched.append(bool(kwargs.get("is_grads_batched", False)))
+        return grad(*args, **kwargs)
+
+    lm = salience.CausalLM(llama("sdpa"), build_tokenizer(), name="tiny-llama")
+    for model, text, options in ((lm, PROMPT, {"max_new_tokens": 3}), (toy, TEXT, {"target": "all"})):
+        traced = salience.explain(model, text, method="attnlrp", trace=True, **options)
+        batched.clear()
+        monkeypatch.setattr(torch.autograd, "grad", counting)
+        vmapped = salience.explain(model, text, method="attnlrp", **options)
+        monkeypatch.setattr(torch.autograd, "grad", grad)
+        assert any(batched) and vmapped.params["traced"] is False and traced.params["traced"] is True
+        np.testing.assert_allclose(np.asarray(vmapped.scores), np.asarray(traced.scores), rtol=1e-12, atol=1e-12)
+        for a, b in zip(vmapped.extras["conservation"], traced.extras["conservation"], strict=True):
+            assert set(a) == {"output", "relevance_sum", "error"}
+            assert a["relevance_sum"] == pytest.approx(b["relevance_sum"], abs=1e-12)
+        assert vmapped.extras["_layers"] == [] and "rule_calls" not in vmapped.params
 
 
 # ---------------------------------------------------------------- LXT's rules written out
@@ -352,7 +379,7 @@ def test_eager_equals_sdpa_on_the_tiny_llama():
     """The same model, eager (transformers' softmax in float32) or sdpa (decomposed by the mode, float64):
     equal to float32 rounding of the softmax (1e-6 of the largest score)."""
     runs = [salience.explain(salience.CausalLM(llama(attn), build_tokenizer(), name="tiny"), PROMPT, method="attnlrp",
-                             max_new_tokens=4) for attn in ("eager", "sdpa")]
+                             max_new_tokens=4, trace=True) for attn in ("eager", "sdpa")]
     a, b = (np.asarray(e.token_scores) for e in runs)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.nanmax(np.abs(b)))
     assert runs[0].params["rule_calls"] == runs[1].params["rule_calls"]
@@ -364,7 +391,7 @@ def test_classifier_prediction_pass_in_attnlrp_mode(toy_dir):
     pass after a plain prediction (target="all" takes that path), to 1e-12."""
     model = salience.load_model(str(toy_dir))
     model.model.double()
-    every = salience.explain(model, TEXT, method="attnlrp", target="all")
+    every = salience.explain(model, TEXT, method="attnlrp", target="all", trace=True)
     for target in [None, 1]:  # None: the predicted class
         one = salience.explain(model, TEXT, method="attnlrp", **({} if target is None else {"target": target}))
         k = int(one.targets[0].index)

@@ -8,6 +8,7 @@ shares it (a causal LM's generated tokens), else one per target.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,8 +40,8 @@ class AttnLRP:
 
     Rules: linear layers take the ``composite``'s rule (default ``"epsilon"``: epsilon-LRP with
     ``eps``, default 0: LRP-0, which per unit of input is the layer's gradient and runs as the plain
-    call, as LXT's efficient mode; a layer's bias absorbs its share of the relevance, ``b / z``); softmax AttnLRP's rule
-    ``R_in = x (R_out - s sum R_out)`` (without its bias term, as LXT); products of two
+    call, as LXT's efficient mode; a layer's bias absorbs its share of the relevance, ``b / z``);
+    softmax AttnLRP's rule ``R_in = x (R_out - s sum R_out)`` (without its bias term, as LXT); products of two
     input-dependent tensors (Q K^T, A V, SwiGLU's gate) the epsilon rule then half to each factor
     (uniform); LayerNorm / RMSNorm their linear part with the divisor held constant (identity on the
     normalisation); GELU, SiLU, tanh the identity rule; residual sums (and rotary embeddings'
@@ -49,15 +50,20 @@ class AttnLRP:
     (custom attention) is refused with its name and module.
 
     Conservation: not exact by design. ``extras["conservation"]`` per target: the logit, the sum of
-    the scores, the error (sum - logit), ``softmax_kept`` (the relevance the softmax rules keep:
-    their Taylor bias terms) and ``other_kept`` (the rest: biases, constants added on the path such
-    as position and token-type embeddings, the stabilisers); ``output = sum + softmax_kept +
-    other_kept``. ``stabiliser``: e in the uniform rule's denominators (default 0: none; per unit of
+    the scores, the error (sum - logit) and, when traced, ``softmax_kept`` (the relevance the
+    softmax rules keep: their Taylor bias terms) and ``other_kept`` (the rest: biases, constants
+    added on the path such as position and token-type embeddings, the stabilisers); ``output = sum
+    + softmax_kept + other_kept``. ``trace``: record every rule call's relevance (those two, and
+    ``extras["_layers"]``, ``params["rule_calls"]``); it costs a plain backward pass per target,
+    as a record cannot be taken under vmap. None (default): traced for one target; for several
+    targets of one forward pass (a generation's tokens) not, their backward vmapped together.
+    ``stabiliser``: e in the uniform rule's denominators (default 0: none; per unit of
     input the rule is then 1/k of each factor's gradient)."""
 
     eps: float = 0.0
     stabiliser: float = 0.0
     composite: Any = "epsilon"
+    trace: bool | None = None
     default_output: ClassVar[str] = "logit"
 
     uses_input_gradient: ClassVar[bool] = True  # a classifier's prediction pass is AttnLRP's own (input_gradient_pass)
@@ -77,9 +83,9 @@ class AttnLRP:
             raise ParameterError("attnlrp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
         return composite
 
-    def _mode(self, composite: Composite, copy_outputs: bool) -> LRPMode:
+    def _mode(self, composite: Composite, copy_outputs: bool, tracing: bool = True) -> LRPMode:
         return LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp",
-                       copy_outputs=copy_outputs)
+                       copy_outputs=copy_outputs, tracing=tracing)
 
     def attribute(self, ctx: Context) -> Attribution:
         composite = self._composite()
@@ -88,11 +94,14 @@ class AttnLRP:
             mode, (values, gradients) = ctx.input_gradient_state, ctx.input_gradient  # the prediction pass was ours
         else:
             check_logit_targets(ctx.targets, "attnlrp")
+            tracing = self.trace if self.trace is not None else len(ctx.targets) == 1
 
             def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor]:
-                with self._mode(composite, copy_outputs) as mode, one_target_per_backward(mode.next_backward_row):
+                with self._mode(composite, copy_outputs, tracing) as mode, \
+                        one_target_per_backward(mode.next_backward_row) if tracing else nullcontext():
                     # one forward pass for every target where the adapter shares it (a causal LM's generated
-                    # tokens), then one plain backward per target (the rules trace each backward: no vmap)
+                    # tokens), then one backward vmapped over the targets, or one plain backward per target when
+                    # the rules trace each backward (a record cannot be taken under vmap)
                     found, gradients = ctx.model.score_inputs(ctx.encoded, x[None], list(ctx.targets), grad=True,
                                                               batch_size=ctx.batch_size)
                 assert gradients is not None
@@ -105,19 +114,23 @@ class AttnLRP:
         per_channel = x[None].to(gradients) * gradients  # (T, P, D)
         value = values.double().cpu()
         totals = per_channel.double().sum((-1, -2)).cpu()
-        # nothing traced (every call on the path ran plainly: no softmax, no rule) keeps nothing
-        softmax_kept = mode.per_row(SOFTMAX) if mode.trace else torch.zeros_like(totals)
-        if softmax_kept.numel() != totals.numel():  # the rows are the targets (one input)
-            raise AssertionError(f"attnlrp traced {softmax_kept.numel()} backward rows for {totals.numel()} targets")
-        conservation = [{"output": float(o), "relevance_sum": float(s), "error": float(s - o), "softmax_kept": float(k),
-                         "other_kept": float(o - s - k)} for o, s, k in zip(value, totals, softmax_kept, strict=True)]
-        counts: dict[str, int] = {}
-        for t in mode.trace:
-            counts[t.rule] = counts.get(t.rule, 0) + 1
+        conservation: list[dict[str, float]] = [{"output": float(o), "relevance_sum": float(s), "error": float(s - o)}
+                                                for o, s in zip(value, totals, strict=True)]
         details: dict[str, object] = {"composite": composite.name, "composite_rules": composite.describe(), "epsilon": self.eps,
                                       "stabiliser": self.stabiliser,
                                       "rules": {kind: sorted(names) for kind, names in sorted(mode.rules.items())},
-                                      "rule_calls": dict(sorted(counts.items()))}
+                                      "traced": mode.tracing}
+        if mode.tracing:
+            # nothing traced (every call on the path ran plainly: no softmax, no rule) keeps nothing
+            softmax_kept = mode.per_row(SOFTMAX) if mode.trace else torch.zeros_like(totals)
+            if softmax_kept.numel() != totals.numel():  # the rows are the targets (one input)
+                raise AssertionError(f"attnlrp traced {softmax_kept.numel()} backward rows for {totals.numel()} targets")
+            for row, k in zip(conservation, softmax_kept.tolist(), strict=True):
+                row.update(softmax_kept=k, other_kept=row["output"] - row["relevance_sum"] - k)
+            counts: dict[str, int] = {}
+            for t in mode.trace:
+                counts[t.rule] = counts.get(t.rule, 0) + 1
+            details["rule_calls"] = dict(sorted(counts.items()))
         layers = [{"layer": t.layer, "rule": t.rule, "relevance_out": as_array(t.relevance_out),
                    "relevance_in": as_array(t.relevance_in)} for t in mode.trace]
         extras: dict[str, object] = {"conservation": conservation, "_per_channel": as_array(per_channel), "_layers": layers}

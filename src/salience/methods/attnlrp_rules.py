@@ -78,6 +78,7 @@ class Mode(Protocol):
     stabiliser: float
     forwards: int
     copy_outputs: bool
+    tracing: bool
 
     def paused(self) -> Any: ...
 
@@ -352,13 +353,15 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         c_s = a * c_a
         kept = c_s.sum(-1, keepdim=True)  # per query: the relevance at the softmax's output (sum of A c_A)
         c_s.addcmul_(a, kept, value=-1.0)  # A c_A - A sum(A c_A)
-        at_softmax = kept.reshape(rows, -1).sum(1).double()  # per row: the queries' sums added
         # P / stab(P) = f P / stab(f P, |f| eps) (1 without a stabiliser), times c_S; the factor f / 2
         # (scaling, then half to each factor) goes on the small products
-        w = c_s if scaled is None or eps == 0 else stabilised_ratio(scaled, abs(factor) * eps).mul_(c_s)
+        w = c_s if scaled is None or eps == 0 else c_s * stabilised_ratio(scaled, abs(factor) * eps)  # c_s may be vmapped
         c_q = w.matmul(kr).mul_(factor / 2).sum_to_size(q.shape)
         c_k = _ungrouped(w.transpose(-2, -1).matmul(q).mul_(factor / 2), k)
         c_v = _ungrouped(c_v, v)
+        if not mode.tracing:
+            return [c_q, c_k, c_v]
+        at_softmax = kept.reshape(rows, -1).sum(1).double()  # per row: the queries' sums added
         # sum of P c_P = sum of (f P) c_S; without a stabiliser the rule on P conserves, and q and k
         # take half each: 2 sum(q c_q)
         at_product = 2 * mode.relevance_per_row(q, c_q, rows) if eps == 0 else mode.relevance_per_row(scaled, c_s, rows)
@@ -388,7 +391,7 @@ def _ungrouped(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     dimension of size 1), summed back to ``like``'s shape."""
     heads = like.shape[-3] if like.dim() >= 3 else 1
     if like.dim() >= 3 and heads > 1 and grad.shape[-3] != heads:
-        grad = grad.unflatten(-3, (heads, grad.shape[-3] // heads)).sum(-3)
+        grad = grad.reshape(*grad.shape[:-3], heads, grad.shape[-3] // heads, *grad.shape[-2:]).sum(-3)  # vmap has no unflatten
     return grad.sum_to_size(like.shape)
 
 

@@ -219,6 +219,8 @@ class _Relevance(torch.autograd.Function):
             # arithmetic: faster than a boolean mask on the CPU). A ReLU's output needs no mask: the ReLU's
             # backward multiplies what arrives by its output, 0 at the same places
             c_in = coefficients if step.layer.nonnegative_input else coefficients.mul_(x.sign().abs_())
+            if not step.mode.tracing:
+                return c_in, None, None
             found, lost = _row_dot(x, c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
         else:
             zero = x == 0
@@ -257,7 +259,9 @@ class LRPMode(TorchFunctionMode):
     reaches the input x is c with the input's relevance R = x * c. ``bounds``: per-channel (low,
     high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
     layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged;
-    ``forwards``: forward passes of the model begun. ``transformer``: AttnLRP's rules too;
+    ``forwards``: forward passes of the model begun. ``tracing``: whether the rules record the
+    trace (False: nothing recorded but the relevance lost at inputs equal to 0, and the backward can
+    run vmapped over targets); ``transformer``: AttnLRP's rules too;
     ``method``: the name errors give. ``copy_outputs``: the rules' outputs are copies of the values
     their backward keeps (safe when the model changes an output in place); False saves a copy per
     rule call, and a model that changes an output in place then fails in the backward with
@@ -266,9 +270,9 @@ class LRPMode(TorchFunctionMode):
     def __init__(self, composite: Composite, *, eps: float = 0.0, gamma: float = 0.25,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None, merge_batch_norm: bool = True,
                  stabiliser: float = STABILISER, transformer: bool = False, method: str = "lrp",
-                 copy_outputs: bool = True) -> None:
+                 copy_outputs: bool = True, tracing: bool = True) -> None:
         super().__init__()
-        self.copy_outputs = copy_outputs
+        self.copy_outputs, self.tracing = copy_outputs, tracing
         self.composite, self.eps, self.gamma, self.stabiliser = composite, eps, gamma, stabiliser
         self.bounds, self.merge_batch_norm = bounds, merge_batch_norm
         self.transformer, self.method = transformer, method
@@ -346,7 +350,9 @@ class LRPMode(TorchFunctionMode):
         """Trace one rule call's backward: the relevance per backward row at its output and summed
         over its inputs, each given as (value, relevance per unit c) with R = value * c, summed as
         dot products (no R tensor: attention's (heads, L, L) ones are large) in the tensors' dtype;
-        infinite values (attention masks' -inf, where c is 0) count as 0."""
+        infinite values (attention masks' -inf, where c is 0) count as 0. Nothing when not ``tracing``."""
+        if not self.tracing:
+            return
         value = relevance_out[0]
         rows = value.shape[0] if value.dim() else 1
         found = sum((self.relevance_per_row(a, c, rows) for a, c in relevance_in),
@@ -356,7 +362,9 @@ class LRPMode(TorchFunctionMode):
     def record_sums(self, layer: str, rule: str, relevance_out: torch.Tensor, relevance_in: torch.Tensor,
                     forward: int) -> None:
         """Trace one rule call's backward from its relevance per backward row (float64, (rows,)) at
-        its output and summed over its inputs (see :meth:`record`)."""
+        its output and summed over its inputs (see :meth:`record`). Nothing when not ``tracing``."""
+        if not self.tracing:
+            return
         self.trace.append(LayerTrace(layer, rule, relevance_out, relevance_in, torch.zeros_like(relevance_in), forward,
                                      self.backward_row))
 
