@@ -496,9 +496,8 @@ def lm_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
              f"- continuation: {count} tokens generated greedily by Salience (not timed): {encoded.extras['continuation']!r}; "
              "every generated token is a target (its logit at the position before it)",
              "- Salience's gradient methods take every target from one forward pass and one backward vmapped over the "
-             "targets (the output head's backward split per position); AttnLRP takes one forward pass for all targets too, "
-             "then one plain backward per target with the graph kept (its rules trace each backward pass, which cannot "
-             "run under vmap), i.e. the passes of the 'plain 1 forward + N backwards' limit",
+             "targets (the output head's backward split per position); so does AttnLRP (untraced, its default for several "
+             "targets; with trace=True it runs one plain backward per target, as a record cannot be taken under vmap)",
              "- Captum has no LRP rules for transformer layers (softmax attention, RMSNorm, rotary embeddings): no Captum "
              "row for this model"]
     if check:
