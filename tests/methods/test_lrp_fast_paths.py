@@ -385,3 +385,14 @@ def test_identity_rule_at_an_input_equal_to_zero_passes_nothing_back(activation)
     expected[0, 0] = 0.0
     np.testing.assert_allclose((x * c).detach().numpy(), expected.numpy(), **TOL)
     assert bool(torch.isfinite(c).all()) and float(c[0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("eps", [1e-6, 1e-13, 0.0])
+def test_stabilise_nonnegative_equals_stabilise_at_and_above_zero(dtype, eps):
+    """On values >= +0 (alpha-beta's positive denominators) z + eps in place equals stabilise(z, eps)
+    bitwise (sign(+0) = +1), including eps = 0 and an eps below the dtype's range (the fallback)."""
+    from salience.methods.lrp_rules import stabilise, stabilise_nonnegative
+
+    z = torch.tensor([0.0, 1e-8, 3e-7, 0.5, 2.0, 7e3], dtype=torch.float64).to(dtype)
+    assert torch.equal(stabilise_nonnegative(z.clone(), eps), stabilise(z, eps))

@@ -59,6 +59,14 @@ def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(found == 0, torch.ones_like(found), found)
 
 
+def stabilise_nonnegative(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`stabilise` of a fresh tensor known to be >= 0 (the positive part of alpha-beta): z + eps
+    in place, one pass (no sign needed; -0.0 takes +eps, where the rule's contributions are all 0)."""
+    if eps > 0 and _representable(eps, z.dtype):
+        return z.add_(eps)
+    return stabilise(z, eps)
+
+
 def stabilised_ratio(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z / stabilise(z, eps)`` (a fresh tensor; 0 where z = 0), computed as ``|z| / (|z| + eps)``:
     the same values (the signs cancel exactly), without copysign, which is slow on the CPU."""
@@ -290,8 +298,8 @@ class AlphaBeta:
         wp, wn = w.clamp(min=0), w.clamp(max=0) if negative or self.beta else None
         xp = x.clamp(min=0) if negative else x
         xn = x.clamp(max=0) if negative else None
-        z_p = _out(layer, xp, wp, _pos(b))
-        s_p = r / stabilise(z_p if xn is None else z_p + _out(layer, xn, wn, None), self.stab)
+        z_p = _out(layer, xp, wp, _pos(b))  # >= 0: positive inputs times positive weights (and negative times negative)
+        s_p = r / stabilise_nonnegative(z_p if xn is None else z_p.add_(_out(layer, xn, wn, None)), self.stab)
         if self.alpha != 1.0:
             s_p = self.alpha * s_p
         up = _back(layer, x, wp, s_p)
