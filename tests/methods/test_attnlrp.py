@@ -393,7 +393,7 @@ def test_classifier_prediction_pass_in_attnlrp_mode(toy_dir):
     model.model.double()
     every = salience.explain(model, TEXT, method="attnlrp", target="all", trace=True)
     for target in [None, 1]:  # None: the predicted class
-        one = salience.explain(model, TEXT, method="attnlrp", **({} if target is None else {"target": target}))
+        one = salience.explain(model, TEXT, method="attnlrp", trace=True, **({} if target is None else {"target": target}))
         k = int(one.targets[0].index)
         assert k == (every.prediction.index if target is None else target)
         assert (one.cost.forward_passes, one.cost.backward_passes) == (1, 1)
@@ -494,7 +494,7 @@ def test_zoo_minilm_sentiment_one_sentence():
     bookkeeping closes (logit = sum + softmax_kept + other_kept, 1e-9 absolute on sums of float32
     values added in float64) and the softmax keeps a real share (not asserted small: see docs)."""
     model = salience.load_model("zoo:minilm-sentiment")
-    e = salience.explain(model, "Woefully pretentious.", method="attnlrp")
+    e = salience.explain(model, "Woefully pretentious.", method="attnlrp", trace=True)
     assert np.isfinite(np.asarray(e.scores)).all()
     (row,) = e.extras["conservation"]
     assert row["output"] == pytest.approx(row["relevance_sum"] + row["softmax_kept"] + row["other_kept"], abs=1e-9)

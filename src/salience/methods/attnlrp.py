@@ -54,16 +54,16 @@ class AttnLRP:
     softmax rules keep: their Taylor bias terms) and ``other_kept`` (the rest: biases, constants
     added on the path such as position and token-type embeddings, the stabilisers); ``output = sum
     + softmax_kept + other_kept``. ``trace``: record every rule call's relevance (those two, and
-    ``extras["_layers"]``, ``params["rule_calls"]``); it costs a plain backward pass per target,
-    as a record cannot be taken under vmap. None (default): traced for one target; for several
-    targets of one forward pass (a generation's tokens) not, their backward vmapped together.
+    ``extras["_layers"]``, ``params["rule_calls"]``); it costs more arithmetic per rule call and,
+    for several targets of one forward pass (a generation's tokens), a plain backward pass per
+    target, as a record cannot be taken under vmap (untraced, their backward is vmapped together).
     ``stabiliser``: e in the uniform rule's denominators (default 0: none; per unit of
     input the rule is then 1/k of each factor's gradient)."""
 
     eps: float = 0.0
     stabiliser: float = 0.0
     composite: Any = "epsilon"
-    trace: bool | None = None
+    trace: bool = False
     default_output: ClassVar[str] = "logit"
 
     uses_input_gradient: ClassVar[bool] = True  # a classifier's prediction pass is AttnLRP's own (input_gradient_pass)
@@ -73,7 +73,7 @@ class AttnLRP:
         prediction, its target's logit and the relevance per unit of embedding); the mode (its
         trace) goes to :meth:`attribute`."""
         composite = self._composite()
-        return predict_in_mode(model, encoded, resolve, "attnlrp", lambda copy: self._mode(composite, copy))
+        return predict_in_mode(model, encoded, resolve, "attnlrp", lambda copy: self._mode(composite, copy, self.trace))
 
     def _composite(self) -> Composite:
         if self.eps < 0 or self.stabiliser < 0:
@@ -83,7 +83,7 @@ class AttnLRP:
             raise ParameterError("attnlrp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
         return composite
 
-    def _mode(self, composite: Composite, copy_outputs: bool, tracing: bool = True) -> LRPMode:
+    def _mode(self, composite: Composite, copy_outputs: bool, tracing: bool) -> LRPMode:
         return LRPMode(composite, eps=self.eps, stabiliser=self.stabiliser, transformer=True, method="attnlrp",
                        copy_outputs=copy_outputs, tracing=tracing)
 
@@ -94,7 +94,7 @@ class AttnLRP:
             mode, (values, gradients) = ctx.input_gradient_state, ctx.input_gradient  # the prediction pass was ours
         else:
             check_logit_targets(ctx.targets, "attnlrp")
-            tracing = self.trace if self.trace is not None else len(ctx.targets) == 1
+            tracing = self.trace
 
             def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor]:
                 with self._mode(composite, copy_outputs, tracing) as mode, \
