@@ -281,11 +281,14 @@ def test_lrp0_linear_layers_run_plainly_and_equal_the_epsilon_rule_at_its_limit(
             assert a["softmax_kept"] == pytest.approx(b["softmax_kept"], abs=1e-12)
 
 
-def test_untraced_targets_vmapped_equal_the_traced_backward_passes(toy, monkeypatch):
+@pytest.mark.parametrize("stabilisers", [{}, {"eps": 1e-6, "stabiliser": 1e-6}])
+def test_untraced_targets_vmapped_equal_the_traced_backward_passes(toy, monkeypatch, stabilisers):
     """Several targets of one forward pass, untraced (the default): their backward runs vmapped
     (``is_grads_batched``) through the rules, and gives the scores of one traced plain backward per
     target (1e-12), on the tiny Llama over a generation (sdpa, grouped k/v heads written out) and
-    the tiny BERT's classes; the conservation rows keep output, sum and error."""
+    the tiny BERT's classes, at the default eps and stabiliser 0 (linear layers plain) and with both
+    1e-6 (the epsilon rule and the stabilised uniform rule under vmap); the conservation rows keep
+    output, sum and error."""
     batched = []
     grad = torch.autograd.grad
 
@@ -295,10 +298,10 @@ def test_untraced_targets_vmapped_equal_the_traced_backward_passes(toy, monkeypa
 
     lm = salience.CausalLM(llama("sdpa"), build_tokenizer(), name="tiny-llama")
     for model, text, options in ((lm, PROMPT, {"max_new_tokens": 3}), (toy, TEXT, {"target": "all"})):
-        traced = salience.explain(model, text, method="attnlrp", trace=True, **options)
+        traced = salience.explain(model, text, method="attnlrp", trace=True, **stabilisers, **options)
         batched.clear()
         monkeypatch.setattr(torch.autograd, "grad", counting)
-        vmapped = salience.explain(model, text, method="attnlrp", **options)
+        vmapped = salience.explain(model, text, method="attnlrp", **stabilisers, **options)
         monkeypatch.setattr(torch.autograd, "grad", grad)
         assert any(batched) and vmapped.params["traced"] is False and traced.params["traced"] is True
         np.testing.assert_allclose(np.asarray(vmapped.scores), np.asarray(traced.scores), rtol=1e-12, atol=1e-12)

@@ -219,12 +219,14 @@ class _Relevance(torch.autograd.Function):
             # arithmetic: faster than a boolean mask on the CPU). A ReLU's output needs no mask: the ReLU's
             # backward multiplies what arrives by its output, 0 at the same places
             c_in = coefficients if step.layer.nonnegative_input else coefficients.mul_(x.sign().abs_())
-            if not step.mode.tracing:
-                return c_in, None, None
-            found, lost = _row_dot(x, c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
         else:
             zero = x == 0
             c_in = torch.where(zero, 0.0, r_in / torch.where(zero, 1.0, x))
+        if not step.mode.tracing:  # (under vmap nothing may be kept)
+            return c_in, None, None
+        if coefficients is not None:
+            found, lost = _row_dot(x, c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
+        else:
             found, lost = _per_row(r_in), _per_row(torch.where(zero, r_in, 0.0))
         step.mode.trace.append(LayerTrace(step.layer.name, step.rule.name, _per_row(r_out), found, lost, step.forward,
                                           step.mode.backward_row))
@@ -260,8 +262,8 @@ class LRPMode(TorchFunctionMode):
     high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
     layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged;
     ``forwards``: forward passes of the model begun. ``tracing``: whether the rules record the
-    trace (False: nothing recorded but the relevance lost at inputs equal to 0, and the backward can
-    run vmapped over targets); ``transformer``: AttnLRP's rules too;
+    trace (False: nothing recorded, not even the relevance lost at inputs equal to 0, and the
+    backward can run vmapped over targets); ``transformer``: AttnLRP's rules too;
     ``method``: the name errors give. ``copy_outputs``: the rules' outputs are copies of the values
     their backward keeps (safe when the model changes an output in place); False saves a copy per
     rule call, and a model that changes an output in place then fails in the backward with
