@@ -396,3 +396,17 @@ def test_stabilise_nonnegative_equals_stabilise_at_and_above_zero(dtype, eps):
 
     z = torch.tensor([0.0, 1e-8, 3e-7, 0.5, 2.0, 7e3], dtype=torch.float64).to(dtype)
     assert torch.equal(stabilise_nonnegative(z.clone(), eps), stabilise(z, eps))
+
+
+def test_trace_keeps_cpu_sums_as_python_floats():
+    """The trace keeps a CPU tensor's per-row sums as Python floats (thousands of tiny tensors kept
+    across a backward pass's large transient buffers fragment the C heap), and reads them back as
+    the same float64 values; an accelerator's tensors stay tensors (no synchronisation)."""
+    from salience.methods.lrp_mode import LayerTrace, sums_tensor
+
+    out, into = torch.tensor([0.25, -1.5], dtype=torch.float64), torch.tensor([0.5, 2.0], dtype=torch.float32)
+    t = LayerTrace("layer", "epsilon", out, into, torch.zeros(2))
+    assert t.relevance_out == (0.25, -1.5) and t.relevance_in == (0.5, 2.0) and t.lost == (0.0, 0.0)
+    assert torch.equal(sums_tensor(t.relevance_out), out) and sums_tensor(t.relevance_in).dtype == torch.float64
+    meta = torch.empty(2, device="meta")
+    assert LayerTrace("layer", "epsilon", meta, meta, meta).relevance_out is meta

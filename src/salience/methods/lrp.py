@@ -18,7 +18,7 @@ from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, parse_composite
-from salience.methods.lrp_mode import LRPMode, predict_in_mode, run_with_copies_if_needed
+from salience.methods.lrp_mode import LRPMode, predict_in_mode, run_with_copies_if_needed, sums_tensor
 from salience.methods.lrp_rules import STABILISER
 from salience.methods.sharing import SharedInputs
 
@@ -155,7 +155,7 @@ class LRP(SharedInputs):
             "batch_norm_merged": mode.merged, "output_relevance": self.output_relevance}
         if bounds is not None:
             details["bounds"] = {"low": bounds[0].tolist(), "high": bounds[1].tolist()}
-        lost = float(sum(float(t.lost.sum()) for t in mode.trace))
+        lost = float(sum(float(sums_tensor(t.lost).sum()) for t in mode.trace))
         layers = [{"layer": t.layer, "rule": t.rule, "relevance_out": as_array(t.relevance_out),
                    "relevance_in": as_array(t.relevance_in)} for t in mode.trace]
         results = []
