@@ -94,11 +94,10 @@ class AttnLRP:
             mode, (values, gradients) = ctx.input_gradient_state, ctx.input_gradient  # the prediction pass was ours
         else:
             check_logit_targets(ctx.targets, "attnlrp")
-            tracing = self.trace
 
             def run(copy_outputs: bool) -> tuple[LRPMode, torch.Tensor, torch.Tensor]:
-                with self._mode(composite, copy_outputs, tracing) as mode, \
-                        one_target_per_backward(mode.next_backward_row) if tracing else nullcontext():
+                with self._mode(composite, copy_outputs, self.trace) as mode, \
+                        one_target_per_backward(mode.next_backward_row) if self.trace else nullcontext():
                     # one forward pass for every target where the adapter shares it (a causal LM's generated
                     # tokens), then one backward vmapped over the targets, or one plain backward per target when
                     # the rules trace each backward (a record cannot be taken under vmap)

@@ -355,7 +355,7 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         c_s.addcmul_(a, kept, value=-1.0)  # A c_A - A sum(A c_A)
         # P / stab(P) = f P / stab(f P, |f| eps) (1 without a stabiliser), times c_S; the factor f / 2
         # (scaling, then half to each factor) goes on the small products
-        w = c_s if scaled is None or eps == 0 else c_s * stabilised_ratio(scaled, abs(factor) * eps)  # c_s may be vmapped
+        w = c_s if eps == 0 else c_s * stabilised_ratio(scaled, abs(factor) * eps)  # c_s may be vmapped
         c_q = w.matmul(kr).mul_(factor / 2).sum_to_size(q.shape)
         c_k = _ungrouped(w.transpose(-2, -1).matmul(q).mul_(factor / 2), k)
         c_v = _ungrouped(c_v, v)
@@ -364,13 +364,13 @@ def _attention_vjp(mode: Mode, where: Where, attn_mask: torch.Tensor | None, is_
         at_softmax = kept.reshape(rows, -1).sum(1).double()  # per row: the queries' sums added
         # sum of P c_P = sum of (f P) c_S; without a stabiliser the rule on P conserves, and q and k
         # take half each: 2 sum(q c_q)
-        at_product = 2 * mode.relevance_per_row(q, c_q, rows) if eps == 0 else mode.relevance_per_row(scaled, c_s, rows)
+        at_q, at_k = mode.relevance_per_row(q, c_q, rows), mode.relevance_per_row(k, c_k, rows)
+        at_product = 2 * at_q if eps == 0 else mode.relevance_per_row(scaled, c_s, rows)
         at_scores = at_product if added is None else at_product + _mask_share(added, c_s, rows)  # sum of S c_S
         mode.record_sums(layer, "uniform", mode.relevance_per_row(o, c, rows),
                          at_softmax + mode.relevance_per_row(v, c_v, rows), forward)
         mode.record_sums(layer, "softmax", at_softmax, at_scores, forward)
-        mode.record_sums(layer, "uniform", at_product,
-                         mode.relevance_per_row(q, c_q, rows) + mode.relevance_per_row(k, c_k, rows), forward)
+        mode.record_sums(layer, "uniform", at_product, at_q + at_k, forward)
         return [c_q, c_k, c_v]
 
     return vjp

@@ -575,13 +575,10 @@ class LRPMode(TorchFunctionMode):
         if reader is not None:
             unit, inplace = reader(args, kwargs)
             relu = unit.low == 0.0
-            if relu and unit.high is None:  # ReLU: y / x is its derivative, the identity rule its gradient
-                out = func(*args, **kwargs)
-                self._nonnegative[id(out)] = (out, out._version)
-                return out
+            plain = relu and unit.high is None  # ReLU: y / x is its derivative, the identity rule its gradient
         else:
-            inplace, relu = is_inplace(func, args, kwargs), False
-        out = _Pass.apply(x, partial(func, *args, **kwargs), inplace)
+            inplace, relu, plain = is_inplace(func, args, kwargs), False, False
+        out = func(*args, **kwargs) if plain else _Pass.apply(x, partial(func, *args, **kwargs), inplace)
         if relu:
             self._nonnegative[id(out)] = (out, out._version)
         return out
