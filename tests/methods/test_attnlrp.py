@@ -43,6 +43,19 @@ def rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def graph_nodes(y: torch.Tensor) -> set[str]:
+    """The class names of the autograd nodes y's backward runs through."""
+    seen, stack, names = set(), [y.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def mode() -> LRPMode:
     return LRPMode(parse_composite("epsilon"), transformer=True, method="attnlrp")
 
@@ -203,6 +216,45 @@ def test_sdpa_written_out_backward_equals_the_decomposition_by_autograd(case, st
     for ours, theirs in zip(written[1], decomposed[1], strict=True):
         np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa", "one_kv_head"])
+@pytest.mark.parametrize("on_path", ["qkv", "q", "kv", "qv", "v"])
+def test_untraced_sdpa_and_products_run_plainly_with_the_rules_gradients(case, on_path):
+    """Untraced and without a stabiliser the uniform rule is 1/k of each factor's gradient and the
+    softmax rule its gradient, so sdpa (and an eager matmul, softmax, matmul) runs as the plain
+    calls with the inputs' gradients scaled (1/4 to q and k, 1/2 to v when all three are on the
+    path; less halving when some are off it): the gradients of the traced rules (1e-12), with
+    nothing traced and no rule's backward in the graph."""
+    q, k, v, r, options = sdpa_case(case)
+
+    def eager(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if case == "gqa":
+            b, c = b.repeat_interleave(2, 1), c.repeat_interleave(2, 1)
+        scores = torch.matmul(a, b.transpose(-2, -1)) / np.sqrt(5)
+        if case == "causal":
+            scores = scores.masked_fill(~torch.ones(3, 6, dtype=torch.bool).tril(), float("-inf"))
+        elif case == "bool_mask":
+            scores = scores.masked_fill(~options["attn_mask"], float("-inf"))
+        elif case == "float_mask":
+            scores = scores + options["attn_mask"]
+        return torch.matmul(torch.softmax(scores, dim=-1), c)
+
+    def run(call, tracing: bool) -> tuple[list[np.ndarray], set[str], int]:
+        leaves = [t.clone().requires_grad_(name in on_path) for name, t in zip("qkv", (q, k, v), strict=True)]
+        with LRPMode(parse_composite("epsilon"), stabiliser=0.0, transformer=True, method="attnlrp", tracing=tracing) as m:
+            y = call(*leaves)
+            grads = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], r / y.detach())
+        return [g.numpy() for g in grads], graph_nodes(y), len(m.trace)
+
+    for call in (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **options), eager):
+        rules, rule_nodes, traced = run(call, tracing=True)
+        plain, plain_nodes, untraced = run(call, tracing=False)
+        assert untraced == 0 and "_SurrogateBackward" not in plain_nodes
+        if on_path != "v":  # (v alone: fixed attention weights, a linear map without rules either way)
+            assert traced > 0 and "_SurrogateBackward" in rule_nodes
+        for ours, theirs in zip(plain, rules, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- tiny models

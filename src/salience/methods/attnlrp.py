@@ -46,7 +46,9 @@ class AttnLRP:
     (uniform); LayerNorm / RMSNorm their linear part with the divisor held constant (identity on the
     normalisation); GELU, SiLU, tanh the identity rule; residual sums (and rotary embeddings'
     ``q cos + rot(q) sin``) split in proportion; eager attention and ``scaled_dot_product_attention``
-    alike (the latter decomposed in the backward pass). Any other nonlinear function on the path
+    alike (the latter decomposed in the backward pass; untraced and without a stabiliser, these
+    rules are fractions of gradients and run as plain calls with scaled gradients, as LXT's
+    efficient mode). Any other nonlinear function on the path
     (custom attention) is refused with its name and module.
 
     Conservation: not exact by design. ``extras["conservation"]`` per target: the logit, the sum of

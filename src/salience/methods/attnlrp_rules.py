@@ -27,6 +27,11 @@ rule below is a *modified gradient* (the relevance at an input x is x times what
   (:func:`_attention_vjp`), else by autograd through the decomposition. Dropout (``dropout_p > 0``)
   is refused.
 
+Untraced and without a stabiliser (:func:`gradient_form`) the softmax rule is the softmax's
+gradient and the uniform rule 1/k of each factor's gradient, so those calls run plainly: a
+product on factors whose gradients are scaled by 1/k, sdpa on q, k, v scaled by 1/4, 1/4, 1/2
+(LXT's efficient mode). The rules' own backward runs only where a trace or a stabiliser needs it.
+
 Everything else is LRPMode's: linear layers take their composite's rule (AttnLRP: epsilon, the
 bias absorbing its share), elementwise activations (GELU, SiLU, tanh) the identity rule, sums of
 two input-dependent tensors (residuals, rotary embeddings' ``q cos + rot(q) sin``) the
@@ -153,6 +158,31 @@ def _site(mode: Mode, rule: str, where: Where | None = None) -> Site:
     return Site(mode, layer, rule, forward)
 
 
+def gradient_form(mode: Mode) -> bool:
+    """Whether the products' uniform rule and the attention rules run as plain calls: without a
+    stabiliser each factor's relevance per unit is 1/k of its gradient (the softmax rule is its
+    gradient always), so only a trace needs the rules' own backward."""
+    return mode.stabiliser == 0 and not mode.tracing
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """x itself (a view) forward; backward: the gradient times ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return c * ctx.factor, None
+
+
+def scaled_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x, whose gradient is multiplied by ``factor`` on its way back (x itself when the factor is 1)."""
+    return x if factor == 1 else _ScaledGradient.apply(x, factor)  # type: ignore[no-any-return]
+
+
 # ------------------------------------------------------------------ softmax
 def softmax_rule(mode: Mode, x: torch.Tensor, dim: int, dtype: torch.dtype | None = None,
                  value: torch.Tensor | None = None, where: Where | None = None) -> torch.Tensor:
@@ -178,6 +208,8 @@ def _softmax_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], k
         raise ParameterError(f"attnlrp: softmax without dim{_at(mode)}; give dim")
     position = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype); torch.softmax(input, dim, dtype)
     dtype = kwargs.get("dtype", args[position] if len(args) > position else None)
+    if not mode.tracing:  # the rule is the softmax's gradient: only a trace needs it run as a rule
+        return func(*args, **kwargs)
     with torch.no_grad():
         value = func(*args, **kwargs)
     return softmax_rule(mode, x, int(dim), dtype, value)
@@ -207,12 +239,14 @@ def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kw
     if len(factors) < 2:
         return PASS
     unique = list({id(t): t for t in factors}.values())
+    k, eps = len(factors), mode.stabiliser
+    if gradient_form(mode):  # 1/k of each factor's gradient: the plain call on factors so scaled
+        mapping = {id(t): scaled_gradient(t, 1.0 / k) for t in unique}
+        return func(*_substitute(args, mapping), **_substitute(kwargs, mapping))
 
     def call(*leaves: torch.Tensor) -> torch.Tensor:
         mapping = {id(t): leaf for t, leaf in zip(unique, leaves, strict=True)}
         return func(*_substitute(args, mapping), **_substitute(kwargs, mapping))  # type: ignore[no-any-return]
-
-    k, eps = len(factors), mode.stabiliser
 
     def weight(p: torch.Tensor) -> torch.Tensor | float:  # p / stab(p) / k; without a stabiliser p / p = 1
         return 1.0 / k if eps == 0 else stabilised_ratio(p, eps).div_(k)
@@ -411,6 +445,8 @@ def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
         return PASS
     if float(bound.get("dropout_p", 0.0) or 0.0) > 0.0:
         raise ParameterError(f"attnlrp: scaled_dot_product_attention with dropout{_at(mode)}; call model.eval()")
+    if gradient_form(mode) and not _on_path(bound.get("attn_mask")):
+        return _sdpa_scaled(func, bound)
     with torch.no_grad():
         value = func(*args, **kwargs)
     mask, causal = bound.get("attn_mask"), bool(bound.get("is_causal", False))
@@ -428,6 +464,21 @@ def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
 
     # the decomposition's own rules record themselves: this call is not recorded (its relevance is theirs)
     return _Surrogate.apply(Site(mode, where[0], "attention", where[1], record=False), call, None, None, value, *path)
+
+
+def _sdpa_scaled(func: Callable[..., Any], bound: dict[str, Any]) -> torch.Tensor:
+    """sdpa as the plain call, its inputs' gradients scaled: the rules of its decomposition without
+    a stabiliser. A V's uniform rule gives A and V half of their gradients where both are on the
+    path, the softmax's rule passes its gradient, and q k^T's uniform rule halves q's and k's again
+    where both are on the path (so 1/4 to q, k and 1/2 to v in self-attention)."""
+    on_q, on_k, on_v = (_on_path(bound[name]) for name in ("query", "key", "value"))
+    product = 0.5 if on_q and on_k else 1.0
+    weights = 0.5 if (on_q or on_k) and on_v else 1.0
+    q, k, v = (scaled_gradient(bound[name], factor) if on else bound[name]
+               for name, on, factor in (("query", on_q, product * weights), ("key", on_k, product * weights),
+                                        ("value", on_v, weights)))
+    rest = {name: value for name, value in bound.items() if name not in ("query", "key", "value")}
+    return func(q, k, v, **rest)  # type: ignore[no-any-return]
 
 
 def _at(mode: Mode) -> str:

@@ -39,6 +39,7 @@ are not seen).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,7 +310,9 @@ class LRPMode(TorchFunctionMode):
         self._stack: list[nn.Module] = []
         self._names: dict[int, str] = {}
         self._calls = 0  # linear layers seen in this forward pass
-        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor, Layer | None, Rule]] = {}  # None: ran plainly
+        # layer outputs of this forward pass (held weakly: a record keeps nothing alive) -> the layer's input,
+        # Layer and rule (input and Layer None: the call ran plainly), for a batch norm right after it
+        self._outputs: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor | None, Layer | None, Rule]] = {}
         self._pads: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
         # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
         self._nonnegative: dict[int, tuple[torch.Tensor, int]] = {}
@@ -514,11 +517,11 @@ class LRPMode(TorchFunctionMode):
         self.layers += 1
         if gradient_form(rule):
             out = func(*args, **kwargs)
-            self._outputs[id(out)] = (out, x, None, rule)  # no Layer: the call ran plainly
+            self._outputs[id(out)] = (weakref.ref(out), None, None, rule)  # no Layer: the call ran plainly
             return out
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
         out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
-        self._outputs[id(out)] = (out, x, layer, rule)
+        self._outputs[id(out)] = (weakref.ref(out), x, layer, rule)
         return out
 
     def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -530,7 +533,7 @@ class LRPMode(TorchFunctionMode):
             raise ParameterError(f"{self.method} needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
         compute = partial(func, *args, **kwargs)
         record = self._outputs.get(id(z))
-        merging = self.merge_batch_norm and record is not None and record[0] is z
+        merging = self.merge_batch_norm and record is not None and record[0]() is z
         if merging:
             _, x, layer, rule = record
             self.merged += 1
@@ -540,7 +543,7 @@ class LRPMode(TorchFunctionMode):
         if gradient_form(rule):  # LRP-0 of the batch norm (merged or alone): the plain call's gradient
             out = compute()
             if merging:
-                self._outputs[id(out)] = (out, x, None, rule)
+                self._outputs[id(out)] = (weakref.ref(out), None, None, rule)
             return out
         mean, var = bound["running_mean"], bound["running_var"]
         scale = torch.rsqrt(var + bound["eps"])
@@ -548,10 +551,10 @@ class LRPMode(TorchFunctionMode):
             scale = scale * bound["weight"]
         shift = -mean * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
         if merging:
-            assert layer is not None  # a layer with a rule other than LRP-0 ran as a rule
+            assert layer is not None and x is not None  # a layer with a rule other than LRP-0 ran as a rule
             merged = layer.merged_with_batch_norm(scale, shift)
             out = _Relevance.apply(x, _Step(self, merged, rule, self._pad_mask(x, rule), self.forwards), compute)
-            self._outputs[id(out)] = (out, x, merged, rule)
+            self._outputs[id(out)] = (weakref.ref(out), x, merged, rule)
             return out
         return _Relevance.apply(z, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards), compute)
 

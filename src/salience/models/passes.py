@@ -47,15 +47,19 @@ def as_targets(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
 
 @contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Switch off ``requires_grad`` on every parameter, restoring each flag on exit (errors too)."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for parameter, _ in saved:
-        parameter.requires_grad_(False)
+    """Switch off ``requires_grad`` on every parameter, restoring each flag on exit (errors too).
+    The flags are set with torch functions disabled: under a mode such as LRP's, each call would
+    otherwise be dispatched to it (hundreds of calls for a transformer, none of them its business)."""
+    with torch._C.DisableTorchFunction():
+        saved = [(p, p.requires_grad) for p in model.parameters()]
+        for parameter, _ in saved:
+            parameter.requires_grad_(False)
     try:
         yield
     finally:
-        for parameter, flag in saved:
-            parameter.requires_grad_(flag)
+        with torch._C.DisableTorchFunction():
+            for parameter, flag in saved:
+                parameter.requires_grad_(flag)
 
 
 def check_finite(values: torch.Tensor) -> torch.Tensor:
