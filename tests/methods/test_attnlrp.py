@@ -163,14 +163,8 @@ def sdpa_case(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return q, k, v, r, options
 
 
-@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa"])
-def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
-    """The decomposition's forward equals F.scaled_dot_product_attention (1e-12); inside the mode, sdpa's
-    relevance equals that of the same attention written eagerly (matmul, softmax, matmul) (1e-12)."""
-    q, k, v, r, options = sdpa_case(case)
-    with mode() as m:
-        mine = attention(m, q, k, v, **options)
-    np.testing.assert_allclose(mine.numpy(), F.scaled_dot_product_attention(q, k, v, **options).numpy(), rtol=1e-12, atol=1e-12)
+def eager_attention(case: str, options: dict):
+    """The attention of :func:`sdpa_case` written eagerly: matmul, softmax, matmul."""
 
     def eager(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if case == "gqa":
@@ -183,6 +177,20 @@ def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
         elif case == "float_mask":
             scores = scores + options["attn_mask"]
         return torch.matmul(F.softmax(scores, dim=-1), c)
+
+    return eager
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa"])
+def test_sdpa_decomposition_equals_torch_and_the_eager_rules(case):
+    """The decomposition's forward equals F.scaled_dot_product_attention (1e-12); inside the mode, sdpa's
+    relevance equals that of the same attention written eagerly (matmul, softmax, matmul) (1e-12)."""
+    q, k, v, r, options = sdpa_case(case)
+    with mode() as m:
+        mine = attention(m, q, k, v, **options)
+    np.testing.assert_allclose(mine.numpy(), F.scaled_dot_product_attention(q, k, v, **options).numpy(), rtol=1e-12, atol=1e-12)
+
+    eager = eager_attention(case, options)
 
     by_sdpa = relevance_in(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **options), [q, k, v], r)
     by_hand = relevance_in(eager, [q, k, v], r)
@@ -228,17 +236,7 @@ def test_untraced_sdpa_and_products_run_plainly_with_the_rules_gradients(case, o
     nothing traced and no rule's backward in the graph."""
     q, k, v, r, options = sdpa_case(case)
 
-    def eager(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if case == "gqa":
-            b, c = b.repeat_interleave(2, 1), c.repeat_interleave(2, 1)
-        scores = torch.matmul(a, b.transpose(-2, -1)) / np.sqrt(5)
-        if case == "causal":
-            scores = scores.masked_fill(~torch.ones(3, 6, dtype=torch.bool).tril(), float("-inf"))
-        elif case == "bool_mask":
-            scores = scores.masked_fill(~options["attn_mask"], float("-inf"))
-        elif case == "float_mask":
-            scores = scores + options["attn_mask"]
-        return torch.matmul(torch.softmax(scores, dim=-1), c)
+    eager = eager_attention(case, options)
 
     def run(call, tracing: bool) -> tuple[list[np.ndarray], set[str], int]:
         leaves = [t.clone().requires_grad_(name in on_path) for name, t in zip("qkv", (q, k, v), strict=True)]
