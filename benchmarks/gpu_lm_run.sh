@@ -7,7 +7,7 @@
 # 2. benchmarks/lm.py --device cuda at 32+16 (every part), 128+64 and 512+64 (Inseq; at 512 the
 #    gradient methods only), each into $OUT/RESULTS-lm-gpu-*.md; logs in $OUT/*.log.
 # GPU_LM_CHECK_ONLY=1 stops after the check. GPU_LM_PROPAGATION=1 runs, after the check,
-# benchmarks/propagation.py --cases lm --device cuda (AttnLRP on SmolLM2) instead of lm.py (the
+# benchmarks/propagation.py --cases lm --device cuda (AttnLRP on SmolLM2; 32 + 16 and 128 + 64 tokens) instead of lm.py (the
 # MiniLM case would need the 87 MiB MiniLM base weights, which do not travel here).
 # Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
 #   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
@@ -69,9 +69,11 @@ PY
 
 [ -n "${GPU_LM_CHECK_ONLY:-}" ] && exit 0  # the check alone (GPU_LM_CHECK_ONLY=1)
 
-if [ -n "${GPU_LM_PROPAGATION:-}" ]; then  # the propagation benchmark's LM case
-  timeout 300 "$PY" benchmarks/propagation.py --cases lm --device "$DEVICE" \
+if [ -n "${GPU_LM_PROPAGATION:-}" ]; then  # the propagation benchmark's LM case, 32 + 16 and 128 + 64 tokens
+  timeout 200 "$PY" benchmarks/propagation.py --cases lm --device "$DEVICE" \
     --output "$OUT/RESULTS-propagation-gpu-lm.md" 2>&1 | tee "$OUT/propagation.log"
+  timeout 200 "$PY" benchmarks/propagation.py --cases lm --device "$DEVICE" --prompt-tokens 128 --new-tokens 64 \
+    --output "$OUT/RESULTS-propagation-gpu-lm-128-64.md" 2>&1 | tee "$OUT/propagation-128-64.log"
   exit 0
 fi
 
