@@ -39,6 +39,7 @@ are not seen).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -76,6 +77,12 @@ MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.
 ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
+
+
+@functools.cache
+def class_names(cls: type) -> tuple[str, ...]:
+    """The names of a module class and its bases, nearest first (nn.Module and object left out)."""
+    return tuple(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
 
 
 def gradient_form(rule: Rule) -> bool:
@@ -470,9 +477,10 @@ class LRPMode(TorchFunctionMode):
     def _rule(self, kind: str, is_input: bool, x: torch.Tensor) -> tuple[str, Rule]:
         module = self._stack[-1] if self._stack else None
         dotted = self._names.get(id(module), "") if module is not None else ""
-        classes = [c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object)] if module is not None else []
+        classes = list(class_names(type(module))) if module is not None else []
         found = self.composite.lookup(dotted, classes, kind, is_input)
-        shown = f"{dotted or 'the model'!r} ({classes[0] if classes else 'no module'}, {kind})"
+        shown = f"{dotted or 'the model'!r} ({classes[0] if classes else 'no module'}, {kind})" \
+            if found is None or found[1] == "zbox" else ""  # (for the errors only)
         if found is None:
             others = covering(classes, kind, is_input)
             raise ParameterError(f"{self.method}: layer {shown} has no rule in composite {self.composite.name} "
@@ -507,10 +515,6 @@ class LRPMode(TorchFunctionMode):
         x = args[0] if args else kwargs.get("input")
         if not _path(x):
             return func(*args, **kwargs)
-        rest = dict(kwargs)
-        weight = args[1] if len(args) > 1 else rest.pop("weight")
-        bias = args[2] if len(args) > 2 else rest.pop("bias", None)
-        rest.pop("input", None)
         is_input = self._calls == 0
         self._calls += 1
         name, rule = self._rule(kind, is_input, x)
@@ -519,6 +523,10 @@ class LRPMode(TorchFunctionMode):
             out = func(*args, **kwargs)
             self._outputs[id(out)] = (weakref.ref(out), None, None, rule)  # no Layer: the call ran plainly
             return out
+        rest = dict(kwargs)
+        weight = args[1] if len(args) > 1 else rest.pop("weight")
+        bias = args[2] if len(args) > 2 else rest.pop("bias", None)
+        rest.pop("input", None)
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
         out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
         self._outputs[id(out)] = (weakref.ref(out), x, layer, rule)
