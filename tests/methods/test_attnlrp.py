@@ -56,15 +56,15 @@ def graph_nodes(y: torch.Tensor) -> set[str]:
     return names
 
 
-def mode() -> LRPMode:
-    return LRPMode(parse_composite("epsilon"), transformer=True, method="attnlrp")
+def mode(tracing: bool = True) -> LRPMode:
+    return LRPMode(parse_composite("epsilon"), transformer=True, method="attnlrp", tracing=tracing)
 
 
-def relevance_in(call, inputs: list[torch.Tensor], r_out: torch.Tensor) -> list[np.ndarray]:
+def relevance_in(call, inputs: list[torch.Tensor], r_out: torch.Tensor, tracing: bool = True) -> list[np.ndarray]:
     """Inside the mode: y = call(*inputs), backward seeded with R_out / y (R = y * c at the output);
     the relevance at each input is input * what arrives there."""
     leaves = [t.clone().requires_grad_(True) for t in inputs]
-    with mode():
+    with mode(tracing):
         y = call(*leaves)
         grads = torch.autograd.grad(y, leaves, r_out / y.detach())
     return [(t * g).detach().numpy() for t, g in zip(leaves, grads, strict=True)]
@@ -105,10 +105,12 @@ def test_uniform_rule_on_an_elementwise_gate():
     np.testing.assert_allclose(found_u, R * p / stab(p) / 2, rtol=1e-12, atol=1e-12)
 
 
-def test_layer_norm_rule_holds_the_divisor_constant():
-    """y = (x - mean x) / sigma * w + b with sigma constant: R_in_i = x_i sum_j (delta_ij - 1/n) w_j / sigma R_j / y_j."""
+@pytest.mark.parametrize("tracing", [True, False])
+def test_layer_norm_rule_holds_the_divisor_constant(tracing):
+    """y = (x - mean x) / sigma * w + b with sigma constant: R_in_i = x_i sum_j (delta_ij - 1/n) w_j / sigma R_j / y_j
+    (traced: the rule's own backward; untraced: the lean one)."""
     x, w, b, r = rand(2, 5), rand(5, seed=1), rand(5, seed=2), rand(2, 5, seed=3)
-    (found,) = relevance_in(lambda t: F.layer_norm(t, (5,), w, b, 1e-5), [x], r)
+    (found,) = relevance_in(lambda t: F.layer_norm(t, (5,), w, b, 1e-5), [x], r, tracing)
     X, W, B, R = x.numpy(), w.numpy(), b.numpy(), r.numpy()
     sigma = np.sqrt(X.var(-1, keepdims=True) + 1e-5)
     y = (X - X.mean(-1, keepdims=True)) / sigma * W + B
@@ -128,13 +130,14 @@ class PythonRMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
+@pytest.mark.parametrize("tracing", [True, False])
 @pytest.mark.parametrize("norm", ["python", "torch"])
-def test_rms_norm_rule_is_the_identity(norm):
+def test_rms_norm_rule_is_the_identity(norm, tracing):
     """Divisor constant, the weight an elementwise scale: R_in = R_out elementwise (LXT's rms_norm_identity)."""
     x, r = rand(2, 5), rand(2, 5, seed=1)
     module = PythonRMSNorm(5).requires_grad_(False) if norm == "python" else \
         nn.RMSNorm(5, eps=1e-6, dtype=torch.float64).requires_grad_(False)
-    (found,) = relevance_in(module, [x], r)
+    (found,) = relevance_in(module, [x], r, tracing)
     np.testing.assert_allclose(found, r.numpy(), rtol=1e-12, atol=1e-12)
 
 

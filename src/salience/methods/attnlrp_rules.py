@@ -301,6 +301,8 @@ def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwa
             eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
             scale = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     centred = func is F.layer_norm
+    if not mode.tracing:  # the same backward, without the trace's bookkeeping
+        return _HeldDivisor.apply(x, value, scale, weight, dims, centred)
 
     def call(leaf: torch.Tensor) -> torch.Tensor:
         y = (leaf - leaf.mean(dims, keepdim=True) if centred else leaf) * scale
@@ -311,6 +313,26 @@ def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwa
         return [g - g.mean(dims, keepdim=True) if centred else g]  # centring's Jacobian is symmetric
 
     return _Surrogate.apply(_site(mode, "layer_norm" if centred else "rms_norm"), call, vjp, None, value, x)
+
+
+class _HeldDivisor(torch.autograd.Function):
+    """A norm's own output ``value`` forward; backward: its gradient with the divisor held constant,
+    ``g = c w / sigma`` (``scale`` = 1 / sigma), centred over the normalised ``dims`` for LayerNorm
+    (the centring's Jacobian is symmetric)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, value: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None,
+                dims: tuple[int, ...], centred: bool) -> torch.Tensor:
+        ctx.dims, ctx.centred, ctx.weighted = dims, centred, weight is not None
+        ctx.save_for_backward(scale, weight)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        scale, weight = ctx.saved_tensors
+        g = (c * weight if ctx.weighted else c) * scale
+        return g - g.mean(ctx.dims, keepdim=True) if ctx.centred else g, None, None, None, None, None
 
 
 def is_normalisation(module: nn.Module) -> bool:
