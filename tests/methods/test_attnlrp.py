@@ -105,6 +105,37 @@ def test_uniform_rule_on_an_elementwise_gate():
     np.testing.assert_allclose(found_u, R * p / stab(p) / 2, rtol=1e-12, atol=1e-12)
 
 
+PRODUCTS = {
+    "square": (lambda a, b: a * a, (2, 6)),  # one factor twice: k = 2, both shares to a
+    "gate": (lambda a, b: F.silu(a) * b, (2, 6)),
+    "matmul": (lambda a, b: a @ b.transpose(0, 1), (2, 6)),
+    "einsum": (lambda a, b: torch.einsum("ij,kj->ik", a, b), (2, 6)),
+    "three_factors": (lambda a, b: a * b * torch.tanh(a), (2, 6)),  # two products of k = 2
+}
+
+
+@pytest.mark.parametrize("product", sorted(PRODUCTS))
+def test_untraced_products_without_a_stabiliser_equal_the_uniform_rule(product):
+    """Without a stabiliser, the uniform rule's share per unit of a factor is 1/k of its gradient:
+    untraced, the product runs as the plain call on scaled factors and gives the traced rule's
+    relevance (1e-12), a factor used twice included."""
+    call, shape = PRODUCTS[product]
+    a, b = rand(*shape), rand(*shape, seed=1)
+    r = rand(*call(a, b).shape, seed=2)
+
+    def relevance(tracing: bool) -> list[np.ndarray]:
+        leaves = [a.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+        with LRPMode(parse_composite("epsilon"), stabiliser=0.0, transformer=True, method="attnlrp", tracing=tracing):
+            y = call(*leaves)
+            grads = torch.autograd.grad(y, leaves, r / y.detach(), allow_unused=True)
+        return [np.zeros(shape) if g is None else (t * g).detach().numpy() for t, g in zip(leaves, grads, strict=True)]
+
+    for ours, rule in zip(relevance(False), relevance(True), strict=True):
+        np.testing.assert_allclose(ours, rule, rtol=1e-12, atol=1e-12)
+    if product == "square":  # both halves of R go to a
+        np.testing.assert_allclose(relevance(False)[0], r.numpy(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("tracing", [True, False])
 def test_layer_norm_rule_holds_the_divisor_constant(tracing):
     """y = (x - mean x) / sigma * w + b with sigma constant: R_in_i = x_i sum_j (delta_ij - 1/n) w_j / sigma R_j / y_j
