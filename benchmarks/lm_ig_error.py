@@ -75,7 +75,7 @@ from lm import build_input, inseq_run  # noqa: E402
 import salience  # noqa: E402
 
 PACKAGES = ("salience", "torch", "transformers", "captum", "inseq", "numpy")
-LADDER = (16, 32, 64, 128, 256, 512)
+LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass
@@ -117,9 +117,9 @@ def gauss_legendre_panels(panels: int, nodes: int = 8) -> tuple[np.ndarray, np.n
     return alphas, weights
 
 
-def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | None) -> tuple[np.ndarray, float]:
-    """IG matrix (T, L) of each generated token's probability by composite Gauss-Legendre (one
-    panel = one batch of 8 path points, one backward per target), float64 sums; and its seconds."""
+def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | None, batch: int = 1) -> tuple[np.ndarray, float]:
+    """IG matrix (T, L) of each generated token's probability by composite Gauss-Legendre (``batch``
+    panels of 8 path points per forward pass, one backward per target), float64 sums; and its seconds."""
     if cache is not None and cache.is_file():
         saved = np.load(cache)
         if saved["ids"].tolist() == encoded.input_ids.tolist() and int(saved["panels"]) == panels:
@@ -133,19 +133,20 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
     direction = (x - x0).detach()
     alphas, weights = gauss_legendre_panels(panels)
     total = torch.zeros(targets, length, dtype=torch.float64)
-    positions = torch.arange(start - 1, length - 1)  # logits at p predict token p + 1
+    positions = torch.arange(start - 1, length - 1, device=lm.device)  # logits at p predict token p + 1
     wanted = ids[start:].to(lm.device)
-    for panel in range(panels):
-        a = torch.as_tensor(alphas[panel * 8:(panel + 1) * 8], dtype=x.dtype, device=x.device)
-        w = torch.as_tensor(weights[panel * 8:(panel + 1) * 8], dtype=torch.float64)
+    for panel in range(0, panels, batch):
+        nodes = slice(panel * 8, min(panel + batch, panels) * 8)
+        a = torch.as_tensor(alphas[nodes], dtype=x.dtype, device=x.device)
+        w = torch.as_tensor(weights[nodes], dtype=torch.float64)
         points = (x0[None] + a[:, None, None] * direction[None]).detach().requires_grad_(True)
         logits = lm.model(inputs_embeds=points, use_cache=False).logits[:, positions]  # (8, T, V)
         probs = torch.softmax(logits.float(), -1).gather(-1, wanted[None, :, None].expand(len(a), -1, 1))[..., 0]
         for t in range(targets):
             (grad,) = torch.autograd.grad(probs[:, t].sum(), points, retain_graph=t < targets - 1)
-            projected = (grad.double() * direction.double()[None]).sum(-1).cpu()  # (8, L)
+            projected = (grad.double() * direction.double()[None]).sum(-1).cpu()  # (8 batch, L)
             total[t] += w @ projected
-        log(f"  reference panel {panel + 1}/{panels} ({time.perf_counter() - started:.0f} s)")
+        log(f"  reference panels {panel + 1}-{min(panel + batch, panels)}/{panels} ({time.perf_counter() - started:.0f} s)")
     scores = total.numpy()
     for t in range(targets):  # positions at or after the target's own are not its features
         scores[t, start + t:] = np.nan
@@ -183,8 +184,10 @@ def row_errors(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ the sides
-def salience_trial(lm: salience.CausalLM, encoded: Any, kind: str, setting: float) -> Trial:
+def salience_trial(lm: salience.CausalLM, encoded: Any, kind: str, setting: float, max_steps: int | None = None) -> Trial:
     params: dict[str, Any] = {"steps": int(setting)} if kind == "fixed" else {"tolerance": setting}
+    if kind == "adaptive" and max_steps is not None:
+        params["max_steps"] = max_steps
 
     def run() -> tuple[np.ndarray, int]:
         with warnings.catch_warnings():
@@ -195,10 +198,11 @@ def salience_trial(lm: salience.CausalLM, encoded: Any, kind: str, setting: floa
     return Trial("Salience", kind, setting, run)
 
 
-def inseq_trial(lm: salience.CausalLM, prompt: str, encoded: Any, counter: RowCounter, width: int, steps: int) -> Trial:
+def inseq_trial(lm: salience.CausalLM, prompt: str, encoded: Any, counter: RowCounter, width: int, steps: int,
+                batch: int | None = None) -> Trial:
     def run() -> tuple[np.ndarray, int]:
         result = inseq_run(lm, prompt, encoded, "integrated_gradients", counter, width, n_steps=steps,
-                           internal_batch_size=steps)
+                           internal_batch_size=min(steps, batch or steps))
         assert result.scores is not None
         return result.scores, steps
 
@@ -283,6 +287,10 @@ def zoom(lm: salience.CausalLM, encoded: Any, target: int, levels: int = 3, poin
 # ----------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     lm = salience.load_model("zoo:smollm2-135m")
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, as on the CPU
+        torch.backends.cudnn.allow_tf32 = False
+        lm.model.to(args.device)
     base = getattr(lm.model, lm.model.base_model_prefix)
     counter = RowCounter(base)
     prompt, encoded, _prefixes, _seconds, _rows = build_input(lm, args.prompt_tokens, args.new_tokens, counter)
@@ -295,7 +303,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     salience.explain(lm, short, "saliency")  # warm-up, not timed
 
     log(f"reference: {args.ref_panels} panels x 8 nodes ...")
-    ref_scores, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache)
+    ref_scores, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache, args.ref_batch)
     ref = Ref(ref_scores, gaps(lm, encoded))
     ladder = [s for s in LADDER if s <= args.max_steps]
     found: dict[str, Trial | None] = {"fixed": None, "adaptive": None, "inseq": None}
@@ -312,16 +320,17 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     found["fixed"] = scan_ladder(lambda k: salience_trial(lm, encoded, "fixed", k), ladder, args.target, ref, counter, tried)
     tolerances = sorted(args.tolerances)  # from the tightest: the loosest that still passes is the cheapest
     log("Salience adaptive ...")
-    first = measure(salience_trial(lm, encoded, "adaptive", tolerances[0]), ref, counter)
+    first = measure(salience_trial(lm, encoded, "adaptive", tolerances[0], args.adaptive_max_steps), ref, counter)
     tried.append(first)
     found["adaptive"] = first if first.error <= args.target else None
     if not args.no_inseq:
         log("Inseq ...")
         start = int(found["fixed"].setting) if found["fixed"] is not None else ladder[-1]
-        found["inseq"] = search_up(lambda k: inseq_trial(lm, prompt, encoded, counter, L, k), ladder, start, args.target,
+        found["inseq"] = search_up(lambda k: inseq_trial(lm, prompt, encoded, counter, L, k, args.inseq_batch), ladder, start,
+                                   args.target,
                                    ref, counter, tried)
     for tolerance in tolerances[1:] if found["adaptive"] is not None else []:
-        trial = measure(salience_trial(lm, encoded, "adaptive", tolerance), ref, counter)
+        trial = measure(salience_trial(lm, encoded, "adaptive", tolerance, args.adaptive_max_steps), ref, counter)
         tried.append(trial)
         if trial.error > args.target:
             break
@@ -410,6 +419,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02, 0.05],
                         help="Salience adaptive tolerances, tried from the tightest until one fails")
     parser.add_argument("--max-steps", type=int, default=256, help="largest fixed-step count on the ladder")
+    parser.add_argument("--adaptive-max-steps", type=int, help="Salience adaptive's max_steps (default: the method's, 600)")
+    parser.add_argument("--ref-batch", type=int, default=1, help="reference panels per forward pass (default 1: 8 path points)")
+    parser.add_argument("--inseq-batch", type=int, help="Inseq's internal_batch_size cap (default: n_steps, all in one batch)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda); errors do not depend on it "
+                        "beyond float32 rounding, times do")
     parser.add_argument("--repeats", type=int, help="timed runs of each passing setting (default 3)")
     parser.add_argument("--no-inseq", action="store_true")
     parser.add_argument("--zoom", type=int, metavar="T", help="only print where target T's integrand changes fastest (see zoom)")
