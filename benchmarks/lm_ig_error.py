@@ -316,8 +316,9 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         args.output.write_text("\n".join([*lines, "## Key numbers so far", *summary, "", *body, ""]), encoding="utf-8")
 
     tried: list[Trial] = Checkpointed(checkpoint)
-    log("Salience fixed steps ...")
-    found["fixed"] = scan_ladder(lambda k: salience_trial(lm, encoded, "fixed", k), ladder, args.target, ref, counter, tried)
+    if not args.no_fixed:
+        log("Salience fixed steps ...")
+        found["fixed"] = scan_ladder(lambda k: salience_trial(lm, encoded, "fixed", k), ladder, args.target, ref, counter, tried)
     tolerances = sorted(args.tolerances)  # from the tightest: the loosest that still passes is the cheapest
     log("Salience adaptive ...")
     first = measure(salience_trial(lm, encoded, "adaptive", tolerances[0], args.adaptive_max_steps), ref, counter)
@@ -325,7 +326,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     found["adaptive"] = first if first.error <= args.target else None
     if not args.no_inseq:
         log("Inseq ...")
-        start = int(found["fixed"].setting) if found["fixed"] is not None else ladder[-1]
+        start = args.inseq_start or (int(found["fixed"].setting) if found["fixed"] is not None else ladder[-1])
         found["inseq"] = search_up(lambda k: inseq_trial(lm, prompt, encoded, counter, L, k, args.inseq_batch), ladder, start,
                                    args.target,
                                    ref, counter, tried)
@@ -426,6 +427,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "beyond float32 rounding, times do")
     parser.add_argument("--repeats", type=int, help="timed runs of each passing setting (default 3)")
     parser.add_argument("--no-inseq", action="store_true")
+    parser.add_argument("--no-fixed", action="store_true", help="skip Salience's fixed-steps ladder (e.g. when another run "
+                        "found its answer)")
+    parser.add_argument("--inseq-start", type=int, help="Inseq's first n_steps on the ladder (default: Salience's fixed "
+                        "answer; e.g. the one a GPU run found with the same reference)")
     parser.add_argument("--zoom", type=int, metavar="T", help="only print where target T's integrand changes fastest (see zoom)")
     parser.add_argument("--cache", type=Path, help="an .npz file keeping the reference between runs")
     parser.add_argument("--save-scores", type=Path, help="an .npz file for the reference's and every run's scores")
