@@ -86,7 +86,7 @@ def test_stabiliser():
 class _Mode:
     """Enough of LRPMode for a rule's backward outside a model."""
 
-    stabiliser, forwards, copy_outputs = 1e-6, 0, True
+    stabiliser, forwards, copy_outputs, tracing = 1e-6, 0, True, True  # traced: the rules record (see record)
 
     def __init__(self) -> None:
         self.trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
