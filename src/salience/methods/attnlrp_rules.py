@@ -27,7 +27,7 @@ rule below is a *modified gradient* (the relevance at an input x is x times what
   (:func:`_attention_vjp`), else by autograd through the decomposition. Dropout (``dropout_p > 0``)
   is refused.
 
-Untraced and without a stabiliser (:func:`gradient_form`) the softmax rule is the softmax's
+Untraced and without a stabiliser (:func:`runs_plainly`) the softmax rule is the softmax's
 gradient and the uniform rule 1/k of each factor's gradient, so those calls run plainly: a
 product on factors whose gradients are scaled by 1/k, sdpa on q, k, v scaled by 1/4, 1/4, 1/2
 (LXT's efficient mode). The rules' own backward runs only where a trace or a stabiliser needs it.
@@ -158,7 +158,7 @@ def _site(mode: Mode, rule: str, where: Where | None = None) -> Site:
     return Site(mode, layer, rule, forward)
 
 
-def gradient_form(mode: Mode) -> bool:
+def runs_plainly(mode: Mode) -> bool:
     """Whether the products' uniform rule and the attention rules run as plain calls: without a
     stabiliser each factor's relevance per unit is 1/k of its gradient (the softmax rule is its
     gradient always), so only a trace needs the rules' own backward."""
@@ -206,10 +206,10 @@ def _softmax_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], k
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     if dim is None:
         raise ParameterError(f"attnlrp: softmax without dim{_at(mode)}; give dim")
-    position = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype); torch.softmax(input, dim, dtype)
-    dtype = kwargs.get("dtype", args[position] if len(args) > position else None)
     if not mode.tracing:  # the rule is the softmax's gradient: only a trace needs it run as a rule
         return func(*args, **kwargs)
+    position = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype); torch.softmax(input, dim, dtype)
+    dtype = kwargs.get("dtype", args[position] if len(args) > position else None)
     with torch.no_grad():
         value = func(*args, **kwargs)
     return softmax_rule(mode, x, int(dim), dtype, value)
@@ -240,7 +240,7 @@ def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kw
         return PASS
     unique = list({id(t): t for t in factors}.values())
     k, eps = len(factors), mode.stabiliser
-    if gradient_form(mode):  # 1/k of each factor's gradient: the plain call on factors so scaled
+    if runs_plainly(mode):  # 1/k of each factor's gradient: the plain call on factors so scaled
         mapping = {id(t): scaled_gradient(t, 1.0 / k) for t in unique}
         return func(*_substitute(args, mapping), **_substitute(kwargs, mapping))
 
@@ -309,21 +309,27 @@ def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwa
         return y if weight is None else y * weight
 
     def vjp(seed: torch.Tensor, _value: torch.Tensor, _x: torch.Tensor) -> list[torch.Tensor]:
-        g = (seed if weight is None else seed * weight) * scale
-        return [g - g.mean(dims, keepdim=True) if centred else g]  # centring's Jacobian is symmetric
+        return [held_divisor_backward(seed, scale, weight, dims, centred)]
 
     return _Surrogate.apply(_site(mode, "layer_norm" if centred else "rms_norm"), call, vjp, None, value, x)
 
 
+def held_divisor_backward(c: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None, dims: tuple[int, ...],
+                          centred: bool) -> torch.Tensor:
+    """A norm's gradient with its divisor held constant: ``g = c w / sigma`` (``scale`` = 1 / sigma),
+    centred over the normalised ``dims`` for LayerNorm (the centring's Jacobian is symmetric)."""
+    g = (c if weight is None else c * weight) * scale
+    return g - g.mean(dims, keepdim=True) if centred else g
+
+
 class _HeldDivisor(torch.autograd.Function):
-    """A norm's own output ``value`` forward; backward: its gradient with the divisor held constant,
-    ``g = c w / sigma`` (``scale`` = 1 / sigma), centred over the normalised ``dims`` for LayerNorm
-    (the centring's Jacobian is symmetric)."""
+    """A norm's own output ``value`` forward; backward: :func:`held_divisor_backward` (untraced:
+    no trace bookkeeping)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, value: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None,
                 dims: tuple[int, ...], centred: bool) -> torch.Tensor:
-        ctx.dims, ctx.centred, ctx.weighted = dims, centred, weight is not None
+        ctx.dims, ctx.centred = dims, centred
         ctx.save_for_backward(scale, weight)
         return value
 
@@ -331,8 +337,7 @@ class _HeldDivisor(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         scale, weight = ctx.saved_tensors
-        g = (c * weight if ctx.weighted else c) * scale
-        return g - g.mean(ctx.dims, keepdim=True) if ctx.centred else g, None, None, None, None, None
+        return held_divisor_backward(c, scale, weight, ctx.dims, ctx.centred), None, None, None, None, None
 
 
 def is_normalisation(module: nn.Module) -> bool:
@@ -467,7 +472,7 @@ def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
         return PASS
     if float(bound.get("dropout_p", 0.0) or 0.0) > 0.0:
         raise ParameterError(f"attnlrp: scaled_dot_product_attention with dropout{_at(mode)}; call model.eval()")
-    if gradient_form(mode) and not _on_path(bound.get("attn_mask")):
+    if runs_plainly(mode) and not _on_path(bound.get("attn_mask")):
         return _sdpa_scaled(func, bound)
     with torch.no_grad():
         value = func(*args, **kwargs)
