@@ -22,7 +22,8 @@ passes when its error is at most ``--target`` (default 0.01, 1 % of the row's la
 Settings searched (each error from one run; errors are deterministic):
 
 - Salience, fixed Gauss-Legendre ``steps`` on a ladder (the same rule as Inseq's n_steps, so the
-  same errors up to float32 rounding): up the ladder 16, 32, 64, ... from the smallest, the first
+  same errors up to float32 rounding): up the ladder 16, 32, 64, ... (``--ladder-factor`` 2; at
+  sqrt(2): 16, 23, 32, 45, ...) from the smallest, the first
   value that passes (the error of a fixed rule is not monotone in the steps here, so no bisection;
   every value tried is reported);
 - Salience, adaptive (``steps=None``): ``tolerance`` from the tightest of ``--tolerances`` up,
@@ -75,7 +76,15 @@ from lm import build_input, inseq_run  # noqa: E402
 import salience  # noqa: E402
 
 PACKAGES = ("salience", "torch", "transformers", "captum", "inseq", "numpy")
-LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+def ladder_of(factor: float, largest: int) -> list[int]:
+    """Step counts 16, 16 f, 16 f^2, ... (rounded) up to ``largest``: the values both fixed-step
+    searches (Salience's and Inseq's) climb; factor 2 gives 16, 32, ..., sqrt(2) halves the gaps."""
+    values = []
+    k = 0
+    while round(16 * factor**k) <= largest:
+        values.append(round(16 * factor**k))
+        k += 1
+    return values
 
 
 @dataclass
@@ -305,7 +314,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     log(f"reference: {args.ref_panels} panels x 8 nodes ...")
     ref_scores, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache, args.ref_batch)
     ref = Ref(ref_scores, gaps(lm, encoded))
-    ladder = [s for s in LADDER if s <= args.max_steps]
+    ladder = ladder_of(args.ladder_factor, args.max_steps)
     found: dict[str, Trial | None] = {"fixed": None, "adaptive": None, "inseq": None}
     started, load_start = time.perf_counter(), load_average()
 
@@ -420,6 +429,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02, 0.05],
                         help="Salience adaptive tolerances, tried from the tightest until one fails")
     parser.add_argument("--max-steps", type=int, default=256, help="largest fixed-step count on the ladder")
+    parser.add_argument("--ladder-factor", type=float, default=2.0, help="ratio of neighbouring step counts on the fixed-step "
+                        "ladder, Salience's and Inseq's alike (default 2: 16, 32, 64, ...; 1.4142 halves the gaps)")
     parser.add_argument("--adaptive-max-steps", type=int, help="Salience adaptive's max_steps (default: the method's, 600)")
     parser.add_argument("--ref-batch", type=int, default=1, help="reference panels per forward pass (default 1: 8 path points)")
     parser.add_argument("--inseq-batch", type=int, help="Inseq's internal_batch_size cap (default: n_steps, all in one batch)")
