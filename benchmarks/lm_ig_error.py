@@ -96,7 +96,7 @@ class Trial:
     setting: float  # steps (fixed) or tolerance (adaptive)
     run: Callable[[], tuple[np.ndarray, int]] = field(repr=False)
     scores: np.ndarray | None = None
-    steps: int = 0  # gradients per target actually used
+    steps: int = 0  # gradients per target actually used (adaptive: the mean over targets of their own counts)
     row_errors: list[float] = field(default_factory=list)
     completeness: float = float("nan")  # worst row: |sum of scores - (F(x) - F(baseline))| / |F(x) - F(baseline)|
     error: float = float("nan")  # worst row
@@ -202,7 +202,9 @@ def salience_trial(lm: salience.CausalLM, encoded: Any, kind: str, setting: floa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # completeness / max_steps warnings: the error is measured instead
             e = salience.explain(lm, encoded, "integrated_gradients", output="probability", baseline="unk", **params)
-        return np.asarray(e.scores, dtype=np.float64), int(e.params.get("steps_used") or params.get("steps") or 0)
+        # adaptive: each target refines its own pieces; the cost per target is the mean of their gradients
+        per_target = e.params.get("steps_per_target") or [e.params.get("steps_used") or params.get("steps") or 0]
+        return np.asarray(e.scores, dtype=np.float64), round(float(np.mean(per_target)))
 
     return Trial("Salience", kind, setting, run)
 

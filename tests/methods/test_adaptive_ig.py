@@ -74,3 +74,63 @@ def test_gauss_kronrod_pair_is_exact_on_polynomials():
         assert abs(kronrod @ alphas**degree - exact) < 1e-15  # K15: degree 3n + 1 = 22 (23 too, by symmetry)
         assert (abs(gauss @ alphas**degree - exact) < 1e-15) == (degree <= 13)  # G7: degree 2n - 1 = 13
     assert np.count_nonzero(gauss) == 7 and np.isclose(kronrod.sum(), 1) and np.isclose(gauss.sum(), 1)
+
+
+def test_each_target_refines_its_own_pieces():
+    """With several targets each one's pieces are bisected by its own bounds: its row, its bound
+    and its gradient count equal a run on that target alone, a smooth target is not refined for a
+    peaky one, and the forward pass of a path point is shared by the targets that need it."""
+    from tiny_lm import build_model, build_tokenizer
+
+    lm = salience.CausalLM(build_model(), build_tokenizer(), name="tiny-llama")
+    options = {"method": "ig", "continuation": "and it was new", "output": "probability", "baseline": "unk",
+               "tolerance": 1e-5, "atol": 1e-14}
+    every = salience.explain(lm, "the city is very old", **options)
+    steps = every.params["steps_per_target"]
+    assert len(steps) == 4 and len(set(steps)) > 1  # the targets needed different refinements
+    assert every.params["steps_used"] == max(steps) and not every.warnings
+    for t in range(4):
+        alone = salience.explain(lm, "the city is very old", target=[t], **options)
+        # float64 model; the same path points in other batches: rounding only
+        np.testing.assert_allclose(every.scores[t], alone.scores[0], rtol=1e-9, atol=1e-13, equal_nan=True)
+        assert alone.params["steps_used"] == steps[t]
+        assert np.isclose(every.params["error_bound"][t], alone.params["error_bound"], rtol=1e-9, atol=1e-16)
+    # each target's gradients are backward rows of its own; a point's forward row serves all the
+    # targets that need it (the 2 extra forward rows: F at the baseline and at the input)
+    assert every.cost.backward_passes == sum(steps)
+    assert max(steps) + 2 <= every.cost.forward_passes < sum(steps)
+
+
+class _Step(torch.nn.Module):
+    """Logits (k (w . x - c), 0): class 0's probability is a sigmoid of w . x."""
+
+    def __init__(self, w: torch.Tensor, k: float, c: float) -> None:
+        super().__init__()
+        self.w, self.k, self.c = torch.nn.Parameter(w, requires_grad=False), k, c  # float64: the adapter follows it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.flatten(1) @ self.w
+        return torch.stack([self.k * (s - self.c), torch.zeros_like(s)], dim=-1)
+
+
+def test_a_peak_every_node_misses_is_found_by_the_completeness_check():
+    """Along the path from the zero baseline, class 0's probability steps from 0 to 1 within about
+    1/2000 of alpha at alpha = 0.37, where none of the first 30 nodes comes within 0.018 of it: the
+    integrand is 0 to machine precision at every one of them, so K15 = G7 = 0 and the per-feature
+    bound alone would accept all-zero scores. The completeness delta (-1) cannot pass, the widest
+    pieces are bisected until nodes land on the peak, and the bound then resolves it. The exact
+    answer: the gradient's direction is constant (w), so feature i gets x_i w_i / (w . x) of the gap."""
+    from salience.models.image import ImageClassifier
+
+    torch.manual_seed(0)
+    w, x = torch.rand(16, dtype=torch.float64) + 0.5, torch.rand(1, 4, 4, dtype=torch.float64)
+    s = float(x.flatten() @ w)
+    model = ImageClassifier(_Step(w, 2000 / s, 0.37 * s), labels=["a", "b"], input_shape=(1, 4, 4), name="step")
+    e = salience.explain(model, x, "ig", target=0, output="probability", baseline="mean", max_steps=2000)
+    gap = float(e.output_value - e.baseline_value)
+    assert gap == pytest.approx(1.0, abs=1e-12)
+    exact = (x.flatten() * w / s * gap).numpy()
+    assert e.params["steps_used"] > 30 and not e.warnings
+    # every feature within the requested 1 % of the largest score (the bound holds once the peak is resolved)
+    assert np.abs(e.scores - exact).max() <= 0.01 * np.abs(exact).max()
+    assert abs(float(e.delta)) <= 0.01 * np.abs(exact).max()

@@ -20,11 +20,14 @@ class IntegratedGradients:
     ``delta``, which is always reported.
 
     ``steps=None`` (default) integrates adaptively: ``pieces`` equal pieces, each with a
-    Gauss-Kronrod 7/15 pair (15 gradients), bisected where the per-feature error bound
-    |K15 - G7| (see ``salience.methods.path.kronrod_estimate``) is largest, until every feature's
-    bound is within ``tolerance`` x the largest |feature score| of its target (or ``atol`` when
-    that is larger), or ``max_steps`` gradients are spent (then a warning). The largest
-    per-feature bound is reported per target as ``error_bound`` in params (output units). It
+    Gauss-Kronrod 7/15 pair (15 gradients), each target bisecting its own pieces where its
+    per-feature error bound |K15 - G7| (see ``salience.methods.path.kronrod_estimate``) is
+    largest, until every feature's bound is within ``tolerance`` x the largest |feature score| of
+    its target (or ``atol`` when that is larger), or ``max_steps`` gradients of a target are spent
+    (then a warning). ``steps_used`` is the most gradients any target took (with several targets,
+    ``steps_per_target`` lists each; the forward pass of a path point is shared by the targets
+    that need it). The largest per-feature bound is reported per target as ``error_bound`` in
+    params (output units). It
     bounds the quadrature error of any integrand that the 15 nodes resolve; a jump narrower than
     the nodes' spacing can escape every quadrature, so the completeness ``delta`` is reported too.
     An integer ``steps`` uses one fixed ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
@@ -50,6 +53,8 @@ class IntegratedGradients:
         delta = result.position_scores.double().cpu().sum(-1) - gap
         warnings = []
         details: dict[str, object] = {"steps_used": result.steps, "baseline": baseline}
+        if result.steps_per_target is not None and len(result.steps_per_target) > 1:
+            details["steps_per_target"] = result.steps_per_target
         if result.error_bound is not None:
             worst = result.error_bound.max(-1)
             details["error_bound"] = worst.tolist() if len(worst) > 1 else float(worst[0])

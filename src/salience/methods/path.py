@@ -4,9 +4,12 @@ Along x(a) = start + a (end - start), the integral of dF/dx . (end - start) over
 F(end) - F(start). The adaptive integrator integrates each piece of [0, 1] with a Gauss-Kronrod
 7/15 pair: the 15 gradients of a piece give two estimates of every feature's share of the piece
 (K15 and the embedded G7), and their difference bounds the error of the
-K15 value (:func:`kronrod_estimate`: |K15 - G7|, a conservative bound). Pieces are bisected
-where these per-feature bounds are largest until, for every target and feature, the summed bound
-is within tolerance of the largest feature score.
+K15 value (:func:`kronrod_estimate`: |K15 - G7|, a conservative bound on any piece whose nodes
+resolve the integrand). Each target bisects its own pieces where its per-feature bounds are
+largest until, for every feature, the summed bound is within tolerance of the target's largest
+feature score, and so is the completeness delta (the safeguard against a narrow peak that every
+node of a piece missed, which no bound sees): a target whose integrand is smooth stops early while
+another refines around its peaks, and a point's forward pass serves every target that needs it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from salience.core.target import Target
 from salience.methods.base import Context
 from salience.methods.quadrature import gauss_kronrod_15, quadrature
 
@@ -23,8 +27,9 @@ from salience.methods.quadrature import gauss_kronrod_15, quadrature
 @dataclass
 class PathResult:
     """Per-position attributions (T, P) (summed over channels), F of every target at both ends
-    (T,), gradient evaluations used (per target), and, for the adaptive rule, the per-feature error
-    bound (T, F) and whether it met the tolerance."""
+    (T,), gradient evaluations used (the most any target used), and, for the adaptive rule, the
+    per-feature error bound (T, F), whether every target met the tolerance, and the gradient
+    evaluations of each target (T,)."""
 
     position_scores: torch.Tensor
     start_value: torch.Tensor
@@ -32,6 +37,10 @@ class PathResult:
     steps: int
     error_bound: np.ndarray | None = None
     converged: bool = True
+    steps_per_target: list[int] | None = None
+
+
+Piece = tuple[float, float]  # (a, b): a piece [a, b] of [0, 1]
 
 
 def fixed_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor, rule: str, steps: int) -> PathResult:
@@ -44,42 +53,79 @@ def fixed_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor, ru
 
 def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor, *, pieces: int, tolerance: float,
                            atol: float, max_steps: int) -> PathResult:
-    """Start from ``pieces`` equal pieces; bisect the pieces with the largest per-feature error
-    bound until, for each target t, every feature's summed estimate is at most
-    max(tolerance x max_f |score_t,f|, atol), or ``max_steps`` gradients per target are spent."""
+    """Start every target from ``pieces`` equal pieces; each target bisects its own pieces (see
+    :func:`_pieces_to_split`) until every feature's summed bound and the completeness delta are at
+    most max(tolerance x max_f |score_t,f|, atol), or ``max_steps`` gradients of that target are
+    spent. A path point's forward pass is shared by the targets that need it (one call per set of
+    targets)."""
     alphas, kronrod, gauss = gauss_kronrod_15()
-    nodes = len(alphas)
-    # piece -> (K15 feature integrals (T, F), their error bounds (T, F), K15 position integrals (T, P))
-    integrated: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    pending = [(i / pieces, (i + 1) / pieces) for i in range(pieces)]
-    steps = 0
-    while True:
-        lows = np.array([a for a, _ in pending])
-        widths = np.array([b - a for a, b in pending])
-        per_node = _integrand(ctx, start, end, lows[:, None] + widths[:, None] * alphas)  # (pieces, nodes, T, P)
-        steps += len(pending) * nodes
-        for piece, width, values in zip(pending, widths, per_node):
-            features = ctx.features.aggregate(values.double().cpu())  # (nodes, T, F)
-            integral, error = kronrod_estimate(features, float(width), kronrod, gauss)
-            positions = torch.einsum("n,ntp->tp", torch.as_tensor(width * kronrod, dtype=values.dtype, device=values.device), values)
-            integrated[piece] = (integral, error, positions)
-        scores = torch.stack([k for k, _, _ in integrated.values()]).sum(0)  # (T, F)
-        errors = torch.stack([e for _, e, _ in integrated.values()])  # (pieces, T, F)
-        allowed = torch.clamp(tolerance * scores.abs().amax(-1), min=atol)  # (T,)
-        total = errors.sum(0)  # (T, F)
-        converged = bool((total <= allowed[:, None]).all())
-        worst_per_piece = (errors / allowed[None, :, None]).flatten(1).amax(1)  # (pieces,)
-        order = list(integrated)
-        to_split = [order[i] for i in range(len(order)) if worst_per_piece[i] >= 0.5 * worst_per_piece.max()]
-        if converged or steps + 2 * nodes * len(to_split) > max_steps:
-            break
-        pending = []
-        for a, b in to_split:
-            del integrated[(a, b)]
-            pending += [(a, (a + b) / 2), ((a + b) / 2, b)]
-    position_scores = torch.stack([p for _, _, p in integrated.values()]).sum(0)
+    nodes, count = len(alphas), len(ctx.targets)
     starts, ends = _end_values(ctx, start, end)
-    return PathResult(position_scores, starts, ends, steps, total.numpy(), converged)
+    # per target: piece -> (K15 feature integral (F,), its error bound (F,), K15 position integral (P,))
+    integrated: list[dict[Piece, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [{} for _ in range(count)]
+    pending: dict[Piece, list[int]] = {(i / pieces, (i + 1) / pieces): list(range(count)) for i in range(pieces)}
+    spent = np.zeros(count, dtype=int)
+    converged = np.zeros(count, dtype=bool)
+    while pending:
+        for which, group in _by_targets(pending).items():
+            lows = np.array([a for a, _ in group])
+            widths = np.array([b - a for a, b in group])
+            targets = [ctx.targets[t] for t in which]
+            per_node = _integrand(ctx, start, end, lows[:, None] + widths[:, None] * alphas, targets)  # (pieces, nodes, T', P)
+            spent[list(which)] += len(group) * nodes
+            for piece, width, values in zip(group, widths, per_node):
+                features = ctx.features.aggregate(values.double().cpu())  # (nodes, T', F)
+                integral, error = kronrod_estimate(features, float(width), kronrod, gauss)
+                positions = torch.einsum("n,ntp->tp", torch.as_tensor(width * kronrod, dtype=values.dtype, device=values.device), values)
+                for row, t in enumerate(which):
+                    integrated[t][piece] = (integral[row], error[row], positions[row])
+        pending = {}
+        for t, parts in enumerate(integrated):
+            converged[t], split = _pieces_to_split(parts, float(ends[t] - starts[t]), float(starts[t].abs() + ends[t].abs()),
+                                                   tolerance, atol)
+            if converged[t] or spent[t] + 2 * nodes * len(split) > max_steps:
+                continue
+            for a, b in split:
+                del parts[(a, b)]
+                for half in ((a, (a + b) / 2), ((a + b) / 2, b)):
+                    pending.setdefault(half, []).append(t)
+    position_scores = torch.stack([torch.stack([p for _, _, p in parts.values()]).sum(0) for parts in integrated])  # (T, P)
+    bound = torch.stack([torch.stack([e for _, e, _ in parts.values()]).sum(0) for parts in integrated])  # (T, F)
+    return PathResult(position_scores, starts, ends, int(spent.max()), bound.numpy(), bool(converged.all()), spent.tolist())
+
+
+def _pieces_to_split(parts: dict[Piece, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], gap: float, scale: float,
+                     tolerance: float, atol: float) -> tuple[bool, list[Piece]]:
+    """Whether one target's pieces meet the tolerance, and the pieces to bisect next. Met: every
+    feature's summed bound, and the completeness delta |sum of scores - gap| (``gap`` = F(end) -
+    F(start)), are at most max(tolerance x max_f |score_f|, atol) (the delta also at least the
+    model dtype's rounding of ``scale`` = |F(start)| + |F(end)| and of the scores). To bisect: the
+    pieces whose largest per-feature bound is at least half the largest of any piece; when every
+    bound is met but the delta is not, a peak narrower than some piece's nodes holds the missing
+    share, and the widest pieces are bisected."""
+    order = list(parts)
+    scores = torch.stack([parts[piece][0] for piece in order]).sum(0)  # (F,)
+    errors = torch.stack([parts[piece][1] for piece in order])  # (pieces, F)
+    positions = torch.stack([parts[piece][2] for piece in order]).double().sum(0)  # (P,)
+    allowed = max(tolerance * float(scores.abs().max()), atol)
+    rounding = 16 * torch.finfo(parts[order[0]][2].dtype).eps * (scale + float(positions.abs().sum()))
+    bounded = bool((errors.sum(0) <= allowed).all())
+    closes = abs(float(positions.sum()) - gap) <= max(allowed, rounding)
+    if bounded and closes:
+        return True, []
+    if not bounded:
+        worst = errors.amax(1)  # (pieces,)
+        return False, [order[i] for i in range(len(order)) if worst[i] >= 0.5 * worst.max()]
+    widest = max(b - a for a, b in order)
+    return False, [(a, b) for a, b in order if b - a == widest]
+
+
+def _by_targets(pending: dict[Piece, list[int]]) -> dict[tuple[int, ...], list[Piece]]:
+    """Pending pieces grouped by the targets that need them, so each group is one call."""
+    groups: dict[tuple[int, ...], list[Piece]] = {}
+    for piece, targets in pending.items():
+        groups.setdefault(tuple(targets), []).append(piece)
+    return groups
 
 
 def kronrod_estimate(values: torch.Tensor, width: float, kronrod: np.ndarray, gauss: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +141,15 @@ def kronrod_estimate(values: torch.Tensor, width: float, kronrod: np.ndarray, ga
     return integral, (integral - torch.tensordot(g, values, dims=1)).abs()
 
 
-def _integrand(ctx: Context, start: torch.Tensor, end: torch.Tensor, alphas: np.ndarray) -> torch.Tensor:
-    """dF_t/dx(x(a)) . (end - start), summed over channels, at every alpha of ``alphas`` (pieces, n):
-    (pieces, n, T, P)."""
+def _integrand(ctx: Context, start: torch.Tensor, end: torch.Tensor, alphas: np.ndarray,
+               targets: list[Target] | None = None) -> torch.Tensor:
+    """dF_t/dx(x(a)) . (end - start), summed over channels, for ``targets`` (default: the context's)
+    at every alpha of ``alphas`` (pieces, n): (pieces, n, T, P)."""
     direction = end - start
     flat = torch.as_tensor(alphas.reshape(-1), dtype=start.dtype, device=start.device)
     points = start[None] + flat[:, None, None] * direction[None]
-    _, grads = ctx.model.score_inputs(ctx.encoded, points, ctx.targets, grad=True, batch_size=ctx.batch_size)
+    _, grads = ctx.model.score_inputs(ctx.encoded, points, ctx.targets if targets is None else targets, grad=True,
+                                      batch_size=ctx.batch_size)
     assert grads is not None  # (pieces * n, T, P, C)
     projected = (grads * direction[None, None].to(grads)).sum(-1)  # (pieces * n, T, P)
     return projected.reshape(*alphas.shape, *projected.shape[1:])
