@@ -22,14 +22,15 @@ class IntegratedGradients:
     ``steps=None`` (default) integrates adaptively: ``pieces`` equal pieces, each with a
     Gauss-Kronrod 7/15 pair (15 gradients), each target bisecting its own pieces where its
     per-feature error bound |K15 - G7| (see ``salience.methods.path.kronrod_estimate``) is
-    largest, until every feature's bound is within ``tolerance`` x the largest |feature score| of
-    its target (or ``atol`` when that is larger), or ``max_steps`` gradients of a target are spent
-    (then a warning). ``steps_used`` is the most gradients any target took (with several targets,
-    ``steps_per_target`` lists each; the forward pass of a path point is shared by the targets
-    that need it). The largest per-feature bound is reported per target as ``error_bound`` in
-    params (output units). It
-    bounds the quadrature error of any integrand that the 15 nodes resolve; a jump narrower than
-    the nodes' spacing can escape every quadrature, so the completeness ``delta`` is reported too.
+    largest, until every feature's bound and the completeness delta are within ``tolerance`` x
+    the largest |feature score| of its target (or ``atol`` when that is larger), or ``max_steps``
+    gradients of a target are spent (then a warning). ``steps_used`` is the most gradients any
+    target took (with several targets, ``steps_per_target`` lists each; the forward pass of a path
+    point is shared by the targets that need it). The largest per-feature bound is reported per
+    target as ``error_bound`` in params (output units). It bounds the quadrature error of any
+    integrand that the 15 nodes resolve; a peak narrower than the nodes' spacing can escape every
+    node of a piece, which the delta check catches when it carries more than the allowance (the
+    widest pieces are then bisected).
     An integer ``steps`` uses one fixed ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
     """
 
@@ -60,7 +61,8 @@ class IntegratedGradients:
             details["error_bound"] = worst.tolist() if len(worst) > 1 else float(worst[0])
             if not result.converged:
                 warnings.append(f"adaptive integration stopped at max_steps={self.max_steps} with a per-feature error bound "
-                                f"up to {worst.max():.3g} (tolerance {self.tolerance} of the largest score)")
+                                f"up to {worst.max():.3g} and a completeness delta up to {float(delta.abs().max()):.3g} "
+                                f"(tolerance {self.tolerance} of the largest score)")
         else:
             bad = (delta.abs() > (0.05 * gap.abs()).clamp(min=self.atol)).nonzero().reshape(-1)
             if len(bad):
