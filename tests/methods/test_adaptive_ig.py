@@ -78,8 +78,9 @@ def test_gauss_kronrod_pair_is_exact_on_polynomials():
 
 def test_each_target_refines_its_own_pieces():
     """With several targets each one's pieces are bisected by its own bounds: its row, its bound
-    and its gradient count equal a run on that target alone, a smooth target is not refined for a
-    peaky one, and the forward pass of a path point is shared by the targets that need it."""
+    and its gradient count equal a run on that target alone (no target's completeness check fails
+    here, so none looks at where the others refined), a smooth target is not refined for a peaky
+    one, and the forward pass of a path point is shared by the targets that need it."""
     from tiny_lm import build_model, build_tokenizer
 
     lm = salience.CausalLM(build_model(), build_tokenizer(), name="tiny-llama")
@@ -102,15 +103,31 @@ def test_each_target_refines_its_own_pieces():
 
 
 class _Step(torch.nn.Module):
-    """Logits (k (w . x - c), 0): class 0's probability is a sigmoid of w . x."""
+    """Logits (k (w . x - c), 0): class 0's probability is a sigmoid of w . x. With ``soft``, the
+    logits are instead (sigmoid(k (w . x - c)), sigmoid(soft (w . x - c))): two steps at the same
+    place, the second ``k / soft`` times wider."""
 
-    def __init__(self, w: torch.Tensor, k: float, c: float) -> None:
+    def __init__(self, w: torch.Tensor, k: float, c: float, soft: float | None = None) -> None:
         super().__init__()
-        self.w, self.k, self.c = torch.nn.Parameter(w, requires_grad=False), k, c  # float64: the adapter follows it
+        self.w, self.k, self.c, self.soft = torch.nn.Parameter(w, requires_grad=False), k, c, soft  # float64: the adapter follows it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.flatten(1) @ self.w
+        if self.soft is not None:
+            return torch.stack([torch.sigmoid(self.k * (s - self.c)), torch.sigmoid(self.soft * (s - self.c))], dim=-1)
         return torch.stack([self.k * (s - self.c), torch.zeros_like(s)], dim=-1)
+
+
+def _step_model(sharp: float = 2000, soft: float | None = None):
+    """The step at alpha = 0.37 of the path from the zero baseline to a seeded 4 x 4 image, about
+    1/``sharp`` wide (and, with ``soft``, a second logit stepping there 1/``soft`` wide)."""
+    from salience.models.image import ImageClassifier
+
+    torch.manual_seed(0)
+    w, x = torch.rand(16, dtype=torch.float64) + 0.5, torch.rand(1, 4, 4, dtype=torch.float64)
+    s = float(x.flatten() @ w)
+    soft = None if soft is None else soft / s
+    return ImageClassifier(_Step(w, sharp / s, 0.37 * s, soft), labels=["a", "b"], input_shape=(1, 4, 4), name="step"), x, w, s
 
 
 def test_a_peak_every_node_misses_is_found_by_the_completeness_check():
@@ -120,12 +137,7 @@ def test_a_peak_every_node_misses_is_found_by_the_completeness_check():
     bound alone would accept all-zero scores. The completeness delta (-1) cannot pass, the widest
     pieces are bisected until nodes land on the peak, and the bound then resolves it. The exact
     answer: the gradient's direction is constant (w), so feature i gets x_i w_i / (w . x) of the gap."""
-    from salience.models.image import ImageClassifier
-
-    torch.manual_seed(0)
-    w, x = torch.rand(16, dtype=torch.float64) + 0.5, torch.rand(1, 4, 4, dtype=torch.float64)
-    s = float(x.flatten() @ w)
-    model = ImageClassifier(_Step(w, 2000 / s, 0.37 * s), labels=["a", "b"], input_shape=(1, 4, 4), name="step")
+    model, x, w, s = _step_model()
     e = salience.explain(model, x, "ig", target=0, output="probability", baseline="mean", max_steps=2000)
     gap = float(e.output_value - e.baseline_value)
     assert gap == pytest.approx(1.0, abs=1e-12)
@@ -134,3 +146,21 @@ def test_a_peak_every_node_misses_is_found_by_the_completeness_check():
     # every feature within the requested 1 % of the largest score (the bound holds once the peak is resolved)
     assert np.abs(e.scores - exact).max() <= 0.01 * np.abs(exact).max()
     assert abs(float(e.delta)) <= 0.01 * np.abs(exact).max()
+
+
+def test_a_missed_peak_is_sought_first_where_other_targets_refined():
+    """Two logits step at alpha = 0.37: target 0's step (1/20000 wide) escapes its first nodes,
+    target 1's (1/2000 wide) does not, so target 1 refines around it. Target 0's delta fails; its
+    blind search (widest pieces first) waits while target 1 refines, then bisects the pieces that
+    hold target 1's piece ends: a fraction of the gradients the blind search alone needs (the
+    target explained alone), the same accuracy (the exact answer as in the test above)."""
+    model, x, w, s = _step_model(sharp=20000, soft=2000)
+    both = salience.explain(model, x, "ig", target=[0, 1], output="logit", baseline="mean", max_steps=4000)
+    alone = salience.explain(model, x, "ig", target=0, output="logit", baseline="mean", max_steps=4000)
+    assert not both.warnings and not alone.warnings
+    assert 3 * both.params["steps_per_target"][0] < alone.params["steps_used"]
+    for scores, e in ((both.scores[0], both), (alone.scores, alone)):
+        gap = float(np.atleast_1d(e.output_value)[0] - np.atleast_1d(e.baseline_value)[0])
+        assert gap == pytest.approx(1.0, abs=1e-9)
+        exact = (x.flatten() * w / s * gap).numpy()
+        assert np.abs(scores - exact).max() <= 0.01 * np.abs(exact).max()

@@ -79,14 +79,19 @@ def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor,
                 positions = torch.einsum("n,ntp->tp", torch.as_tensor(width * kronrod, dtype=values.dtype, device=values.device), values)
                 for row, t in enumerate(which):
                     integrated[t][piece] = (integral[row], error[row], positions[row])
-        pending = {}
+        breaks = [np.array(sorted({x for piece in parts for x in piece})) for parts in integrated]
+        decisions = []
         for t, parts in enumerate(integrated):
-            converged[t], split = _pieces_to_split(parts, float(ends[t] - starts[t]), float(starts[t].abs() + ends[t].abs()),
-                                                   tolerance, atol)
-            if converged[t] or spent[t] + 2 * nodes * len(split) > max_steps:
-                continue
-            for a, b in split:
-                del parts[(a, b)]
+            others = np.concatenate([b for u, b in enumerate(breaks) if u != t] or [np.empty(0)])
+            converged[t], split, blind = _pieces_to_split(parts, float(ends[t] - starts[t]),
+                                                          float(starts[t].abs() + ends[t].abs()), tolerance, atol, others)
+            decisions.append((split if spent[t] + 2 * nodes * len(split) <= max_steps else [], blind))
+        # a blind search waits while another target still refines: where it refines shows where to look
+        informed = any(split and not blind for split, blind in decisions)
+        pending = {}
+        for t, (split, blind) in enumerate(decisions):
+            for a, b in split if not (blind and informed) else []:
+                del integrated[t][(a, b)]
                 for half in ((a, (a + b) / 2), ((a + b) / 2, b)):
                     pending.setdefault(half, []).append(t)
     position_scores = torch.stack([torch.stack([p for _, _, p in parts.values()]).sum(0) for parts in integrated])  # (T, P)
@@ -95,14 +100,17 @@ def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor,
 
 
 def _pieces_to_split(parts: dict[Piece, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], gap: float, scale: float,
-                     tolerance: float, atol: float) -> tuple[bool, list[Piece]]:
+                     tolerance: float, atol: float, others: np.ndarray) -> tuple[bool, list[Piece], bool]:
     """Whether one target's pieces meet the tolerance, and the pieces to bisect next. Met: every
     feature's summed bound, and the completeness delta |sum of scores - gap| (``gap`` = F(end) -
     F(start)), are at most max(tolerance x max_f |score_f|, atol) (the delta also at least the
-    model dtype's rounding of ``scale`` = |F(start)| + |F(end)| and of the scores). To bisect: the
-    pieces whose largest per-feature bound is at least half the largest of any piece; when every
+    model dtype's rounding of ``scale`` = |F(start)| + |F(end)| and of the scores; the missing
+    share may sit on one feature, so the delta gets one feature's allowance). To bisect: the
+    pieces whose largest per-feature bound is at least half the largest of any piece. When every
     bound is met but the delta is not, a peak narrower than some piece's nodes holds the missing
-    share, and the widest pieces are bisected."""
+    share: the targets of one path share its sharp transitions, so the pieces holding the most of
+    the other targets' piece ends (``others``: where they refined) are bisected first, and the
+    widest pieces when none holds any (a blind search, flagged by the third value)."""
     order = list(parts)
     scores = torch.stack([parts[piece][0] for piece in order]).sum(0)  # (F,)
     errors = torch.stack([parts[piece][1] for piece in order])  # (pieces, F)
@@ -112,12 +120,15 @@ def _pieces_to_split(parts: dict[Piece, tuple[torch.Tensor, torch.Tensor, torch.
     bounded = bool((errors.sum(0) <= allowed).all())
     closes = abs(float(positions.sum()) - gap) <= max(allowed, rounding)
     if bounded and closes:
-        return True, []
+        return True, [], False
     if not bounded:
         worst = errors.amax(1)  # (pieces,)
-        return False, [order[i] for i in range(len(order)) if worst[i] >= 0.5 * worst.max()]
+        return False, [order[i] for i in range(len(order)) if worst[i] >= 0.5 * worst.max()], False
+    inside = np.array([np.count_nonzero((others > a) & (others < b)) for a, b in order])
+    if inside.max() > 0:
+        return False, [order[i] for i in range(len(order)) if inside[i] >= 0.5 * inside.max()], False
     widest = max(b - a for a, b in order)
-    return False, [(a, b) for a, b in order if b - a == widest]
+    return False, [(a, b) for a, b in order if b - a == widest], True
 
 
 def _by_targets(pending: dict[Piece, list[int]]) -> dict[tuple[int, ...], list[Piece]]:
