@@ -30,7 +30,7 @@ class IntegratedGradients:
     target as ``error_bound`` in params (output units). It bounds the quadrature error of any
     integrand that the 15 nodes resolve; a peak narrower than the nodes' spacing can escape every
     node of a piece, which the delta check catches when it carries more than the allowance (the
-    widest pieces are then bisected).
+    target then bisects first where the other targets refined, then its widest pieces).
     An integer ``steps`` uses one fixed ``rule`` (gausslegendre, riemann_left/right/middle/trapezoid).
     """
 
