@@ -76,14 +76,14 @@ from lm import build_input, inseq_run  # noqa: E402
 import salience  # noqa: E402
 
 PACKAGES = ("salience", "torch", "transformers", "captum", "inseq", "numpy")
+
+
 def ladder_of(factor: float, largest: int) -> list[int]:
     """Step counts 16, 16 f, 16 f^2, ... (rounded) up to ``largest``: the values both fixed-step
     searches (Salience's and Inseq's) climb; factor 2 gives 16, 32, ..., sqrt(2) halves the gaps."""
-    values = []
-    k = 0
-    while round(16 * factor**k) <= largest:
-        values.append(round(16 * factor**k))
-        k += 1
+    values: list[int] = []
+    while (steps := round(16 * factor ** len(values))) <= largest:
+        values.append(steps)
     return values
 
 

@@ -82,6 +82,9 @@ def adaptive_path_integral(ctx: Context, start: torch.Tensor, end: torch.Tensor,
         breaks = [np.array(sorted({x for piece in parts for x in piece})) for parts in integrated]
         decisions = []
         for t, parts in enumerate(integrated):
+            if converged[t]:  # its pieces no longer change
+                decisions.append(([], False))
+                continue
             others = np.concatenate([b for u, b in enumerate(breaks) if u != t] or [np.empty(0)])
             converged[t], split, blind = _pieces_to_split(parts, float(ends[t] - starts[t]),
                                                           float(starts[t].abs() + ends[t].abs()), tolerance, atol, others)
@@ -122,13 +125,17 @@ def _pieces_to_split(parts: dict[Piece, tuple[torch.Tensor, torch.Tensor, torch.
     if bounded and closes:
         return True, [], False
     if not bounded:
-        worst = errors.amax(1)  # (pieces,)
-        return False, [order[i] for i in range(len(order)) if worst[i] >= 0.5 * worst.max()], False
+        return False, _at_least_half_the_largest(order, errors.amax(1).numpy()), False
     inside = np.array([np.count_nonzero((others > a) & (others < b)) for a, b in order])
     if inside.max() > 0:
-        return False, [order[i] for i in range(len(order)) if inside[i] >= 0.5 * inside.max()], False
+        return False, _at_least_half_the_largest(order, inside), False
     widest = max(b - a for a, b in order)
     return False, [(a, b) for a, b in order if b - a == widest], True
+
+
+def _at_least_half_the_largest(order: list[Piece], values: np.ndarray) -> list[Piece]:
+    """The pieces of ``order`` whose value (one per piece) is at least half the largest."""
+    return [piece for piece, value in zip(order, values) if value >= 0.5 * values.max()]
 
 
 def _by_targets(pending: dict[Piece, list[int]]) -> dict[tuple[int, ...], list[Piece]]:
