@@ -12,6 +12,8 @@
 # runs only benchmarks/lm_ig_error.py on cuda (32-token prompt, 4 generated; 16384-node reference; the
 # ladder to 16384 steps, factor GPU_LM_IG_ERROR_LADDER (default 2); adaptive to 16384 gradients at the
 # tolerances GPU_LM_IG_ERROR_TOLERANCES (default "0.01 0.02 0.05"); Inseq in batches of 256 steps).
+# GPU_LM_IG_ERROR_REF_TOLERANCE (e.g. 1e-4) makes the reference adaptive from GPU_LM_IG_ERROR_PANELS panels
+# (benchmarks/adaptive_reference.py; at 16 generated tokens the 16384-node uniform one does not close).
 # Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
 #   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
 set -uo pipefail
@@ -39,6 +41,7 @@ PY
 if [ -n "${GPU_LM_IG_ERROR:-}" ]; then  # IG at equal per-feature error (benchmarks/lm_ig_error.py), errors and times on cuda
   timeout "${GPU_LM_IG_ERROR_SECONDS:-400}" "$PY" benchmarks/lm_ig_error.py --device "$DEVICE" --prompt-tokens 32 \
     --new-tokens "${GPU_LM_IG_ERROR_TOKENS:-4}" --ref-panels "${GPU_LM_IG_ERROR_PANELS:-2048}" --ref-batch 16 \
+    --ref-tolerance "${GPU_LM_IG_ERROR_REF_TOLERANCE:-0}" \
     --max-steps 16384 --adaptive-max-steps 16384 --tolerances ${GPU_LM_IG_ERROR_TOLERANCES:-0.01 0.02 0.05} \
     --ladder-factor "${GPU_LM_IG_ERROR_LADDER:-2}" --inseq-batch 256 --repeats 2 \
     --cache "$OUT/ig-ref.npz" --save-scores "$OUT/ig-scores.npz" --output "$OUT/RESULTS-lm-ig-error-gpu.md" 2>&1 \

@@ -12,7 +12,11 @@ baseline embeddings to the input embeddings by composite Gauss-Legendre, ``--ref
 panels of 8 nodes, the model in its own dtype (float32) and the weighted sums in float64. Each
 target is its own scalar (one backward per target per batch of path points), independent of
 Salience's path code; the baseline embeddings come from Salience's adapter (the definition of the
-baseline, not of the integral). Its nodes coincide with neither side's rule.
+baseline, not of the integral). Its nodes coincide with neither side's rule. With
+``--ref-tolerance`` the reference is adaptive instead (benchmarks/adaptive_reference.py: each row
+halves its own panels where a panel's 8-node value and its two halves' disagree, until its summed
+estimates and its completeness error are within that fraction of its largest |value|): a sharp
+feature of the integrand (SmolLM2's attention sink) costs refinement where it is, not everywhere.
 
 Error of a run: for each target row t, max over its features f of |s_tf - ref_tf| divided by
 max_f |ref_tf| (features after the target's position are not defined for it and left out); the
@@ -58,6 +62,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from adaptive_reference import integrate  # noqa: E402
 from common import (  # noqa: E402
     RowCounter,
     Rows,
@@ -126,43 +131,77 @@ def gauss_legendre_panels(panels: int, nodes: int = 8) -> tuple[np.ndarray, np.n
     return alphas, weights
 
 
-def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | None, batch: int = 1) -> tuple[np.ndarray, float]:
-    """IG matrix (T, L) of each generated token's probability by composite Gauss-Legendre (``batch``
-    panels of 8 path points per forward pass, one backward per target), float64 sums; and its seconds."""
-    if cache is not None and cache.is_file():
-        saved = np.load(cache)
-        if saved["ids"].tolist() == encoded.input_ids.tolist() and int(saved["panels"]) == panels:
-            log(f"reference read from {cache}")
-            return saved["scores"], float(saved["seconds"])
-    started = time.perf_counter()
+def integrand(lm: salience.CausalLM, encoded: Any, chunk: int) -> Callable[[np.ndarray, list[int]], np.ndarray]:
+    """``f(alphas, targets)``: dF_t/dx at x' + a (x - x') dotted with (x - x') per token, float64,
+    (len(alphas), len(targets), L); ``chunk`` path points per forward pass, one backward per target
+    (each target its own scalar: the generated token's probability)."""
     start = int(encoded.extras["prompt_length"])
     ids = encoded.input_ids
-    length, targets = len(ids), len(ids) - start
     x, x0 = lm.input_and_baseline(encoded, "unk")
     direction = (x - x0).detach()
-    alphas, weights = gauss_legendre_panels(panels)
-    total = torch.zeros(targets, length, dtype=torch.float64)
-    positions = torch.arange(start - 1, length - 1, device=lm.device)  # logits at p predict token p + 1
+    positions = torch.arange(start - 1, len(ids) - 1, device=lm.device)  # logits at p predict token p + 1
     wanted = ids[start:].to(lm.device)
-    for panel in range(0, panels, batch):
-        nodes = slice(panel * 8, min(panel + batch, panels) * 8)
-        a = torch.as_tensor(alphas[nodes], dtype=x.dtype, device=x.device)
-        w = torch.as_tensor(weights[nodes], dtype=torch.float64)
-        points = (x0[None] + a[:, None, None] * direction[None]).detach().requires_grad_(True)
-        logits = lm.model(inputs_embeds=points, use_cache=False).logits[:, positions]  # (8, T, V)
-        probs = torch.softmax(logits.float(), -1).gather(-1, wanted[None, :, None].expand(len(a), -1, 1))[..., 0]
-        for t in range(targets):
-            (grad,) = torch.autograd.grad(probs[:, t].sum(), points, retain_graph=t < targets - 1)
-            projected = (grad.double() * direction.double()[None]).sum(-1).cpu()  # (8 batch, L)
-            total[t] += w @ projected
-        log(f"  reference panels {panel + 1}-{min(panel + batch, panels)}/{panels} ({time.perf_counter() - started:.0f} s)")
-    scores = total.numpy()
+
+    def f(alphas: np.ndarray, targets: list[int]) -> np.ndarray:
+        out = np.empty((len(alphas), len(targets), len(ids)))
+        for first in range(0, len(alphas), chunk):
+            a = torch.as_tensor(alphas[first:first + chunk], dtype=x.dtype, device=x.device)
+            points = (x0[None] + a[:, None, None] * direction[None]).detach().requires_grad_(True)
+            logits = lm.model(inputs_embeds=points, use_cache=False).logits[:, positions[targets]]  # (n, targets, V)
+            chosen = wanted[targets][None, :, None].expand(len(a), -1, 1)
+            probs = torch.softmax(logits.float(), -1).gather(-1, chosen)[..., 0]
+            for j in range(len(targets)):
+                (grad,) = torch.autograd.grad(probs[:, j].sum(), points, retain_graph=j < len(targets) - 1)
+                out[first:first + len(a), j] = (grad.double() * direction.double()[None]).sum(-1).cpu().numpy()
+        return out
+
+    return f
+
+
+def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | None, batch: int = 1,
+              tolerance: float = 0.0, gap: np.ndarray | None = None, max_points: int = 1 << 17) -> tuple[np.ndarray, float, str]:
+    """IG matrix (T, L) of each generated token's probability, float64 sums; its seconds and a line
+    describing it. ``tolerance`` 0: composite Gauss-Legendre, ``panels`` equal panels of 8 nodes
+    (``batch`` panels per forward pass); else :func:`adaptive_reference.integrate` from ``panels``
+    panels, to that tolerance, checked against ``gap`` (F(x) - F(baseline) per target)."""
+    if cache is not None and cache.is_file():
+        saved = np.load(cache)
+        if saved["ids"].tolist() == encoded.input_ids.tolist() and int(saved["panels"]) == panels \
+                and float(saved["tolerance"] if "tolerance" in saved else 0.0) == tolerance:
+            log(f"reference read from {cache}")
+            return saved["scores"], float(saved["seconds"]), str(saved["described"]) if "described" in saved else \
+                f"composite Gauss-Legendre, {panels} panels x 8 = {8 * panels} gradients per target"
+    started = time.perf_counter()
+    start = int(encoded.extras["prompt_length"])
+    targets = encoded.length - start
+    f = integrand(lm, encoded, 8 * batch)
+    if tolerance > 0:
+        assert gap is not None
+        found = integrate(f, targets, panels, tolerance, gap, max_points=max_points, progress=lambda m: log(f"  reference {m}"))
+        scores = found.scores
+        open_rows = [t for t, closed in enumerate(found.closed) if not closed]
+        described = (f"adaptive composite Gauss-Legendre written here (benchmarks/adaptive_reference.py: 8 nodes a panel, a "
+                     f"panel's error estimated against its two halves, each row halving its own panels from {panels} until "
+                     f"its summed estimates and its completeness are within {tolerance:g} x its largest |value|), "
+                     f"{found.rounds} rounds; gradients per target: {', '.join(str(p) for p in found.points)}; "
+                     f"rows not closed: {open_rows or 'none'}")
+    else:
+        alphas, weights = gauss_legendre_panels(panels)
+        total = np.zeros((targets, encoded.length))
+        for panel in range(0, panels, batch):
+            nodes = slice(panel * 8, min(panel + batch, panels) * 8)
+            values = f(alphas[nodes], list(range(targets)))  # (8 batch, T, L)
+            total += np.einsum("n,ntl->tl", weights[nodes], values)
+            log(f"  reference panels {panel + 1}-{min(panel + batch, panels)}/{panels} ({time.perf_counter() - started:.0f} s)")
+        scores = total
+        described = f"composite Gauss-Legendre, {panels} panels x 8 = {8 * panels} gradients per target"
     for t in range(targets):  # positions at or after the target's own are not its features
         scores[t, start + t:] = np.nan
     seconds = time.perf_counter() - started
     if cache is not None:
-        np.savez(cache, ids=encoded.input_ids.numpy(), panels=panels, scores=scores, seconds=seconds)
-    return scores, seconds
+        np.savez(cache, ids=encoded.input_ids.numpy(), panels=panels, tolerance=tolerance, scores=scores, seconds=seconds,
+                 described=described)
+    return scores, seconds, described
 
 
 def gaps(lm: salience.CausalLM, encoded: Any) -> np.ndarray:
@@ -226,6 +265,7 @@ class Ref:
 
     scores: np.ndarray
     gap: np.ndarray
+    described: str = ""  # how it was computed (report)
 
 
 def measure(trial: Trial, ref: Ref, counter: RowCounter) -> Trial:
@@ -313,9 +353,12 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     short = lm.encode("The capital of France is", continuation=" Paris.")
     salience.explain(lm, short, "saliency")  # warm-up, not timed
 
-    log(f"reference: {args.ref_panels} panels x 8 nodes ...")
-    ref_scores, ref_seconds = reference(lm, encoded, args.ref_panels, args.cache, args.ref_batch)
-    ref = Ref(ref_scores, gaps(lm, encoded))
+    log(f"reference: {args.ref_panels} panels x 8 nodes" + (f", adaptive to {args.ref_tolerance:g}" if args.ref_tolerance else "")
+        + " ...")
+    gap = gaps(lm, encoded)
+    ref_scores, ref_seconds, ref_described = reference(lm, encoded, args.ref_panels, args.cache, args.ref_batch,
+                                                       args.ref_tolerance, gap, args.ref_max_points)
+    ref = Ref(ref_scores, gap, ref_described)
     ladder = ladder_of(args.ladder_factor, args.max_steps)
     found: dict[str, Trial | None] = {"fixed": None, "adaptive": None, "inseq": None}
     started, load_start = time.perf_counter(), load_average()
@@ -397,8 +440,7 @@ def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: Ref, ref_se
             f"- continuation: {L - P} tokens generated greedily: {encoded.extras['continuation']!r}",
             f"- output: each generated token's probability; baseline: the unk token's embedding at every position; "
             f"features: the {L} tokens (those at or after a target's position left out of its row)",
-            f"- reference: composite Gauss-Legendre, {args.ref_panels} panels x 8 = {8 * args.ref_panels} gradients per "
-            f"target, float64 sums, {ref_seconds:.0f} s; F(x) - F(baseline) per target: "
+            f"- reference: {ref.described}, float64 sums, {ref_seconds:.0f} s; F(x) - F(baseline) per target: "
             f"{', '.join(f'{g:.3g}' for g in ref.gap)}; the reference's completeness error per row (|row sum - gap| / "
             f"|gap|): {', '.join(f'{c:.1e}' for c in np.abs(np.nansum(ref.scores, 1) - ref.gap) / np.abs(ref.gap))}",
             f"- error of a run: per target row, max_f |s - ref| / max_f |ref|; the run's error is the worst row (the mean "
@@ -434,6 +476,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ladder-factor", type=float, default=2.0, help="ratio of neighbouring step counts on the fixed-step "
                         "ladder, Salience's and Inseq's alike (default 2: 16, 32, 64, ...; 1.4142 halves the gaps)")
     parser.add_argument("--adaptive-max-steps", type=int, help="Salience adaptive's max_steps (default: the method's, 600)")
+    parser.add_argument("--ref-tolerance", type=float, default=0.0,
+                        help="an adaptive reference (benchmarks/adaptive_reference.py) from --ref-panels panels, each row "
+                        "refined until its estimated error and completeness error are within this fraction of its largest "
+                        "|value| (default 0: --ref-panels equal panels)")
+    parser.add_argument("--ref-max-points", type=int, default=1 << 17, help="the adaptive reference's gradients per target "
+                        "at most (a row that reaches it is reported as not closed)")
     parser.add_argument("--ref-batch", type=int, default=1, help="reference panels per forward pass (default 1: 8 path points)")
     parser.add_argument("--inseq-batch", type=int, help="Inseq's internal_batch_size cap (default: n_steps, all in one batch)")
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda); errors do not depend on it "
