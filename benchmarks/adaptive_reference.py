@@ -9,7 +9,8 @@ scale). Each row starts from ``start_panels`` equal panels and halves its own pa
 largest estimates (at least a quarter of its largest) until, for every feature, the estimates
 summed over the row's panels are at most ``tolerance`` x the row's largest |value|. A row whose
 estimate passes but whose sum differs from its ``gap`` (the exact total: F(x) - F(baseline)) by more
-than the same allowance halves every panel (a peak that every node missed). Rows refine on their
+than the same allowance, or ``completeness_floor`` x |gap| if larger (the level float32 rounding
+allows), halves every panel (a peak that every node missed). Rows refine on their
 own panels; the path points of a round are evaluated for every row that needs them at once.
 
 Unlike Salience's adaptive rule (Gauss-Kronrod 7/15 pieces, per-feature bounds from the Kronrod
@@ -52,6 +53,7 @@ class Row:
     estimate: float = float("inf")  # max over features of the summed panel estimates
     completeness: float = float("inf")  # |sum of the row - gap|
     allowance: float = float("inf")  # tolerance x the row's largest |value|
+    completeness_allowance: float = float("inf")  # the allowance, or completeness_floor x |gap| if larger
     closed: bool = False
 
     def fine(self, panel: Panel) -> np.ndarray:
@@ -64,12 +66,17 @@ class Row:
     def errors(self) -> dict[Panel, np.ndarray]:
         return {p: np.abs(self.gl8[p] - self.fine(p)) for p in self.partition}
 
-    def check(self, tolerance: float, gap: float) -> None:
-        """Sets the estimate, completeness and allowance of the current partition."""
+    def check(self, tolerance: float, gap: float, completeness_floor: float) -> None:
+        """Sets the estimate, completeness and allowances of the current partition."""
         value = self.value()
         self.allowance = tolerance * float(np.abs(value).max())
+        self.completeness_allowance = max(self.allowance, completeness_floor * abs(gap))
         self.estimate = float(np.sum(list(self.errors().values()), axis=0).max())
         self.completeness = abs(float(value.sum()) - gap)
+
+    def describe(self) -> str:
+        return (f"estimate {self.estimate:.1e} / {self.allowance:.1e}, completeness {self.completeness:.1e} / "
+                f"{self.completeness_allowance:.1e}, {self.points} points")
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Result:
     estimates: list[float]
     completeness: list[float]
     allowances: list[float]
+    completeness_allowances: list[float]
     closed: list[bool]
     rounds: int
 
@@ -102,7 +110,8 @@ def _evaluate(f: Integrand, wanted: dict[Panel, list[int]]) -> dict[tuple[Panel,
 
 
 def integrate(f: Integrand, targets: int, start_panels: int, tolerance: float, gaps: np.ndarray,
-              max_points: int = 1 << 17, progress: Callable[[str], None] | None = None) -> Result:
+              max_points: int = 1 << 17, completeness_floor: float = 0.0,
+              progress: Callable[[str], None] | None = None) -> Result:
     """See the module docstring. ``max_points``: per row; a row that reaches it stops unclosed."""
     rows = [Row(partition={(k, start_panels) for k in range(start_panels)}) for _ in range(targets)]
     wanted: dict[Panel, list[int]] = {}
@@ -119,8 +128,8 @@ def integrate(f: Integrand, targets: int, start_panels: int, tolerance: float, g
         for t, row in enumerate(rows):
             if row.closed:
                 continue
-            row.check(tolerance, float(gaps[t]))
-            if row.estimate <= row.allowance and row.completeness <= row.allowance:
+            row.check(tolerance, float(gaps[t]), completeness_floor)
+            if row.estimate <= row.allowance and row.completeness <= row.completeness_allowance:
                 row.closed = True
                 continue
             if row.points >= max_points:
@@ -138,7 +147,8 @@ def integrate(f: Integrand, targets: int, start_panels: int, tolerance: float, g
                     for quarter in _halves(half):
                         wanted.setdefault(quarter, []).append(t)
         if progress is not None:
-            progress(f"round {rounds}: {sum(not r.closed for r in rows)} rows open, {8 * sum(len(v) for v in wanted.values())} "
-                     f"path points next (points per row up to {max(r.points for r in rows)})")
+            shown = "; ".join(f"row {t}: {r.describe()}" for t, r in enumerate(rows) if not r.closed)
+            progress(f"round {rounds}: {8 * sum(len(v) for v in wanted.values())} path points next; open: {shown or 'none'}")
     return Result(np.stack([r.value() for r in rows]), [r.points for r in rows], [r.estimate for r in rows],
-                  [r.completeness for r in rows], [r.allowance for r in rows], [r.closed for r in rows], rounds)
+                  [r.completeness for r in rows], [r.allowance for r in rows], [r.completeness_allowance for r in rows],
+                  [r.closed for r in rows], rounds)

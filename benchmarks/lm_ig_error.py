@@ -159,7 +159,8 @@ def integrand(lm: salience.CausalLM, encoded: Any, chunk: int) -> Callable[[np.n
 
 
 def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | None, batch: int = 1,
-              tolerance: float = 0.0, gap: np.ndarray | None = None, max_points: int = 1 << 17) -> tuple[np.ndarray, float, str]:
+              tolerance: float = 0.0, gap: np.ndarray | None = None, max_points: int = 1 << 17,
+              completeness_floor: float = 1e-4) -> tuple[np.ndarray, float, str]:
     """IG matrix (T, L) of each generated token's probability, float64 sums; its seconds and a line
     describing it. ``tolerance`` 0: composite Gauss-Legendre, ``panels`` equal panels of 8 nodes
     (``batch`` panels per forward pass); else :func:`adaptive_reference.integrate` from ``panels``
@@ -177,12 +178,14 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
     f = integrand(lm, encoded, 8 * batch)
     if tolerance > 0:
         assert gap is not None
-        found = integrate(f, targets, panels, tolerance, gap, max_points=max_points, progress=lambda m: log(f"  reference {m}"))
+        found = integrate(f, targets, panels, tolerance, gap, max_points=max_points, completeness_floor=completeness_floor,
+                          progress=lambda m: log(f"  reference {m}"))
         scores = found.scores
         open_rows = [t for t, closed in enumerate(found.closed) if not closed]
         described = (f"adaptive composite Gauss-Legendre written here (benchmarks/adaptive_reference.py: 8 nodes a panel, a "
                      f"panel's error estimated against its two halves, each row halving its own panels from {panels} until "
-                     f"its summed estimates and its completeness are within {tolerance:g} x its largest |value|), "
+                     f"its summed estimates and its completeness are within {tolerance:g} x its largest |value|, the completeness "
+                     f"at least {completeness_floor:g} x |F(x) - F(baseline)|: float32 rounding), "
                      f"{found.rounds} rounds; gradients per target: {', '.join(str(p) for p in found.points)}; "
                      f"rows not closed: {open_rows or 'none'}")
     else:
