@@ -13,7 +13,9 @@
 # ladder to 16384 steps, factor GPU_LM_IG_ERROR_LADDER (default 2); adaptive to 16384 gradients at the
 # tolerances GPU_LM_IG_ERROR_TOLERANCES (default "0.01 0.02 0.05"); Inseq in batches of 256 steps).
 # GPU_LM_IG_ERROR_REF_TOLERANCE (e.g. 1e-4) makes the reference adaptive from GPU_LM_IG_ERROR_PANELS panels
-# (benchmarks/adaptive_reference.py; at 16 generated tokens the 16384-node uniform one does not close).
+# (benchmarks/adaptive_reference.py; at 16 generated tokens the 16384-node uniform one does not close);
+# GPU_LM_IG_ERROR_EXTRA adds arguments (e.g. "--no-fixed --inseq-start 8192": the fixed-step ladder to
+# 16384 steps alone takes minutes at 16 targets).
 # Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
 #   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
 set -uo pipefail
@@ -43,7 +45,7 @@ if [ -n "${GPU_LM_IG_ERROR:-}" ]; then  # IG at equal per-feature error (benchma
     --new-tokens "${GPU_LM_IG_ERROR_TOKENS:-4}" --ref-panels "${GPU_LM_IG_ERROR_PANELS:-2048}" --ref-batch 16 \
     --ref-tolerance "${GPU_LM_IG_ERROR_REF_TOLERANCE:-0}" \
     --max-steps 16384 --adaptive-max-steps 16384 --tolerances ${GPU_LM_IG_ERROR_TOLERANCES:-0.01 0.02 0.05} \
-    --ladder-factor "${GPU_LM_IG_ERROR_LADDER:-2}" --inseq-batch 256 --repeats 2 \
+    --ladder-factor "${GPU_LM_IG_ERROR_LADDER:-2}" --inseq-batch 256 --repeats 2 ${GPU_LM_IG_ERROR_EXTRA:-} \
     --cache "$OUT/ig-ref.npz" --save-scores "$OUT/ig-scores.npz" --output "$OUT/RESULTS-lm-ig-error-gpu.md" 2>&1 \
     | tee "$OUT/ig-error.log"
   exit 0
