@@ -66,13 +66,15 @@ class Row:
     def errors(self) -> dict[Panel, np.ndarray]:
         return {p: np.abs(self.gl8[p] - self.fine(p)) for p in self.partition}
 
-    def check(self, tolerance: float, gap: float, completeness_floor: float) -> None:
-        """Sets the estimate, completeness and allowances of the current partition."""
+    def check(self, tolerance: float, gap: float, completeness_floor: float) -> dict[Panel, np.ndarray]:
+        """Sets the estimate, completeness and allowances of the current partition; returns its panels' errors."""
         value = self.value()
+        errors = self.errors()
         self.allowance = tolerance * float(np.abs(value).max())
         self.completeness_allowance = max(self.allowance, completeness_floor * abs(gap))
-        self.estimate = float(np.sum(list(self.errors().values()), axis=0).max())
+        self.estimate = float(np.sum(list(errors.values()), axis=0).max())
         self.completeness = abs(float(value.sum()) - gap)
+        return errors
 
     def describe(self) -> str:
         return (f"estimate {self.estimate:.1e} / {self.allowance:.1e}, completeness {self.completeness:.1e} / "
@@ -88,7 +90,6 @@ class Result:
     estimates: list[float]
     completeness: list[float]
     allowances: list[float]
-    completeness_allowances: list[float]
     closed: list[bool]
     rounds: int
 
@@ -128,13 +129,12 @@ def integrate(f: Integrand, targets: int, start_panels: int, tolerance: float, g
         for t, row in enumerate(rows):
             if row.closed:
                 continue
-            row.check(tolerance, float(gaps[t]), completeness_floor)
+            errors = row.check(tolerance, float(gaps[t]), completeness_floor)
             if row.estimate <= row.allowance and row.completeness <= row.completeness_allowance:
                 row.closed = True
                 continue
             if row.points >= max_points:
                 continue
-            errors = row.errors()
             if row.estimate <= row.allowance:  # every estimate small, the sum off: halve every panel
                 chosen = list(errors)
             else:
@@ -150,5 +150,5 @@ def integrate(f: Integrand, targets: int, start_panels: int, tolerance: float, g
             shown = "; ".join(f"row {t}: {r.describe()}" for t, r in enumerate(rows) if not r.closed)
             progress(f"round {rounds}: {8 * sum(len(v) for v in wanted.values())} path points next; open: {shown or 'none'}")
     return Result(np.stack([r.value() for r in rows]), [r.points for r in rows], [r.estimate for r in rows],
-                  [r.completeness for r in rows], [r.allowance for r in rows], [r.completeness_allowance for r in rows],
-                  [r.closed for r in rows], rounds)
+                  [r.completeness for r in rows], [r.allowance for r in rows], [r.closed for r in rows],
+                  rounds)

@@ -165,10 +165,12 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
     describing it. ``tolerance`` 0: composite Gauss-Legendre, ``panels`` equal panels of 8 nodes
     (``batch`` panels per forward pass); else :func:`adaptive_reference.integrate` from ``panels``
     panels, to that tolerance, checked against ``gap`` (F(x) - F(baseline) per target)."""
+    limit = max_points if tolerance > 0 else 0  # (the uniform reference has none)
     if cache is not None and cache.is_file():
         saved = np.load(cache)
+        settings = tuple(float(saved[k]) if k in saved else 0.0 for k in ("tolerance", "max_points"))
         if saved["ids"].tolist() == encoded.input_ids.tolist() and int(saved["panels"]) == panels \
-                and float(saved["tolerance"] if "tolerance" in saved else 0.0) == tolerance:
+                and settings == (tolerance, limit):
             log(f"reference read from {cache}")
             return saved["scores"], float(saved["seconds"]), str(saved["described"]) if "described" in saved else \
                 f"composite Gauss-Legendre, {panels} panels x 8 = {8 * panels} gradients per target"
@@ -202,8 +204,8 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
         scores[t, start + t:] = np.nan
     seconds = time.perf_counter() - started
     if cache is not None:
-        np.savez(cache, ids=encoded.input_ids.numpy(), panels=panels, tolerance=tolerance, scores=scores, seconds=seconds,
-                 described=described)
+        np.savez(cache, ids=encoded.input_ids.numpy(), panels=panels, tolerance=tolerance, max_points=limit,
+                 scores=scores, seconds=seconds, described=described)
     return scores, seconds, described
 
 
