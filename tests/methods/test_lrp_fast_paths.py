@@ -410,3 +410,104 @@ def test_trace_keeps_cpu_sums_as_python_floats():
     assert torch.equal(sums_tensor(t.relevance_out), out) and sums_tensor(t.relevance_in).dtype == torch.float64
     meta = torch.empty(2, device="meta")
     assert LayerTrace("layer", "epsilon", meta, meta, meta).relevance_out is meta
+
+
+class _ActivationAfterLayer(nn.Module):
+    """Conv + batch norm, an activation, a dense head; ``apart``: a clone between the layer and the
+    activation (the activation then runs by itself). ``after``, what happens to the pre-activation z
+    after the activation read it: nothing; "reuse": doubled and added to the head's input (used
+    twice); "reuse_in_place": the same, doubled in place; "in_place": doubled in place, not used again;
+    "shifted": a constant added to z before the activation (in place; with ``apart``, out of place)."""
+
+    def __init__(self, activation: nn.Module, apart: bool, after: str = "") -> None:
+        super().__init__()
+        self.conv, self.bn, self.act, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation, nn.Linear(4 * 36, 3)
+        self.apart, self.after = apart, after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.bn(self.conv(x))
+        if self.after == "shifted":
+            z = z + 0.3 if self.apart else z.add_(0.3)
+            return self.head(self.act(z).flatten(1))
+        y = self.act(z.clone() if self.apart else z)
+        if self.after == "reuse":
+            y = y + z * 2.0
+        elif self.after:
+            z.mul_(2.0)
+            if self.after == "reuse_in_place":
+                y = y + z
+        return self.head(y.flatten(1))
+
+
+ACTIVATIONS = [nn.ReLU6(), nn.ReLU(), nn.Hardtanh(-1.0, 2.0), nn.GELU(), nn.Tanh(), nn.LeakyReLU(0.1), nn.SiLU()]
+
+
+@pytest.mark.parametrize("after", ["", "reuse", "reuse_in_place", "in_place", "shifted"])
+@pytest.mark.parametrize("composite", [{"input": ("epsilon", {"eps": 1e-3}), "conv": ("epsilon", {"eps": 1e-3}),
+                                        "linear": "epsilon"},
+                                       "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+@pytest.mark.parametrize("activation", range(len(ACTIVATIONS)))
+def test_activation_fused_with_the_layer_before_it(activation, composite, after, monkeypatch):
+    """An activation with f(0) = 0 right after a rule layer (here conv + batch norm merged) runs in
+    one rule node with it, its identity rule giving the layer R = y c: the scores and the layer trace
+    equal those of the same network with a clone between the layer and the activation (the identity
+    rule run by itself, c y / z), also when the pre-activation is used again, or changed in place
+    after the activation read it; one changed in place before (a constant added) is not fused (1e-12:
+    the same sums rounded in another order)."""
+    from salience.methods import lrp_mode
+
+    torch.manual_seed(activation)
+    act = ACTIVATIONS[activation]
+    fused, apart = (_ActivationAfterLayer(act, split, after).double().eval() for split in (False, True))
+    with torch.no_grad():
+        fused.bn.running_mean.uniform_(-0.5, 0.5)
+        fused.bn.running_var.uniform_(0.5, 2.0)
+    apart.load_state_dict(fused.state_dict())
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2 - 1
+    passes: list[int] = []
+    real = lrp_mode._Pass.apply
+    monkeypatch.setattr(lrp_mode._Pass, "apply", lambda *args: passes.append(1) or real(*args))
+
+    def run(net: nn.Module) -> tuple[np.ndarray, list[np.ndarray], int]:
+        before = len(passes)
+        e = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
+                             composite=composite, low=-1.0, high=1.0, target="all")
+        return np.asarray(e.scores), [np.asarray(t["relevance_in"]) for t in e.extras["_layers"]], len(passes) - before
+
+    ours, theirs = run(fused), run(apart)
+    np.testing.assert_allclose(ours[0], theirs[0], **TOL)
+    reused = after.startswith("reuse")
+    assert len(ours[1]) == len(theirs[1]) + reused  # a reused layer traced once more: its own node and the fused one
+    if not reused:
+        for a, b in zip(ours[1], theirs[1], strict=True):
+            np.testing.assert_allclose(a, b, **TOL)
+    # ReLU's identity rule is its gradient (no _Pass either way); one forward pass per run, or two when
+    # a change in place makes the run start again with copies
+    runs = 1 + after.endswith("in_place")
+    if after == "shifted":  # not fused: the batch norm's output, changed in place, is no longer the layer's
+        # (and the change makes the run start again with copies)
+        assert (ours[2], theirs[2]) == ((0, 0) if isinstance(act, nn.ReLU) else (2, 1))
+    else:
+        assert ours[2] == 0 and theirs[2] == (0 if isinstance(act, nn.ReLU) else runs)
+
+
+def test_activation_with_a_value_at_zero_is_not_fused():
+    """sigmoid(0) = 0.5: R = y c would put relevance on a layer output equal to 0, where the identity
+    rule passes none (0 / 0 taken as 0); it runs by itself, so the scores and the layer trace equal
+    those of the same network with a clone in between. The input's zero corner and zero conv bias
+    and batch-norm mean and shift make one conv output exactly 0 (1e-12)."""
+    torch.manual_seed(1)
+    fused, apart = (_ActivationAfterLayer(nn.Sigmoid(), split).double().eval() for split in (False, True))
+    with torch.no_grad():
+        fused.conv.bias.zero_()
+    apart.load_state_dict(fused.state_dict())
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x[:, :3, :3] = 0.0
+
+    def run(net: nn.Module) -> list[np.ndarray]:
+        e = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
+                             composite="epsilon_plus", low=0.0, high=1.0, target="all")
+        return [np.asarray(e.scores)] + [np.asarray(t[key]) for t in e.extras["_layers"] for key in ("relevance_out", "relevance_in")]
+
+    for a, b in zip(run(fused), run(apart), strict=True):
+        np.testing.assert_allclose(a, b, **TOL)

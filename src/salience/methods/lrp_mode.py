@@ -75,6 +75,10 @@ LAYERS: dict[Callable[..., Any], str] = {F.linear: "linear", F.conv1d: "conv", F
 AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
+# elementwise activations with f(0) = 0 (besides the ReLU family): fused with a rule layer before them
+ZERO_AT_ZERO = {func for func, name in ELEMENTWISE.items()
+                if name.rsplit(".", 1)[-1] in ("elu", "selu", "celu", "leaky_relu", "tanh", "gelu", "silu", "mish",
+                                               "hardswish", "softsign", "tanhshrink")}
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
 
@@ -138,6 +142,9 @@ class LayerTrace:
                                                             _kept(self.lost))
 
 
+IN_PLACE_ERROR = "modified by an inplace operation"
+
+
 @dataclass
 class _Step:
     mode: LRPMode
@@ -145,6 +152,20 @@ class _Step:
     rule: Rule
     mask: torch.Tensor | None = None
     forward: int = 0
+    # for a rule layer fused with the identity-rule activation after it (see LRPMode._fused_activation):
+    # the layer's own output (the activation's input) and its version counter when the activation ran
+    pre_activation: torch.Tensor | None = None
+    pre_version: int = 0
+
+    def layer_output(self, value: torch.Tensor) -> torch.Tensor:
+        """The layer's output at its input: ``value`` (the node's output), or for a fused activation the
+        activation's input, refused as autograd refuses a saved tensor changed in place since."""
+        if self.pre_activation is None:
+            return value
+        if self.pre_activation._version != self.pre_version:
+            raise RuntimeError(f"{self.mode.method}: the output of layer {self.layer.name} was {IN_PLACE_ERROR} after the "
+                               "activation that follows it read it")
+        return self.pre_activation
 
     def relevance(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if isinstance(self.rule, ZBox):
@@ -158,7 +179,6 @@ class _Step:
         return None if found is None else found(self.layer, x, r, z)  # type: ignore[no-any-return]
 
 
-IN_PLACE_ERROR = "modified by an inplace operation"
 T = TypeVar("T")
 
 
@@ -221,9 +241,23 @@ def _per_row(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
 
 
+@dataclass
+class _LayerOutput:
+    """A linear layer's output in this forward pass (held weakly: a record keeps nothing alive) and
+    its version counter then; the layer's input, Layer and rule (input and Layer None: the call ran
+    plainly, as LRP-0)."""
+
+    output: weakref.ref[torch.Tensor]
+    version: int
+    input: torch.Tensor | None
+    layer: Layer | None
+    rule: Rule
+
+
 class _Relevance(torch.autograd.Function):
-    """Forward: the layer's own output ``compute()`` (the model's call, run here without gradients);
-    backward: the rule's relevance, per unit of input."""
+    """Forward: the layer's own output ``compute()`` (the model's call, run here without gradients;
+    for a fused activation, the activation of the layer's output); backward: the rule's relevance,
+    per unit of input, from the relevance ``value * c`` at the output."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, step: _Step, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -237,9 +271,10 @@ class _Relevance(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, z = ctx.saved_tensors
+        x, value = ctx.saved_tensors
         step: _Step = ctx.step
-        r_out = z * c
+        r_out = value * c
+        z = step.layer_output(value)
         with step.mode.paused():
             coefficients = step.coefficients(x, r_out, z)
             if coefficients is None:
@@ -317,9 +352,8 @@ class LRPMode(TorchFunctionMode):
         self._stack: list[nn.Module] = []
         self._names: dict[int, str] = {}
         self._calls = 0  # linear layers seen in this forward pass
-        # layer outputs of this forward pass (held weakly: a record keeps nothing alive) -> the layer's input,
-        # Layer and rule (input and Layer None: the call ran plainly), for a batch norm right after it
-        self._outputs: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor | None, Layer | None, Rule]] = {}
+        # layer outputs of this forward pass, for a batch norm or an activation right after the layer
+        self._outputs: dict[int, _LayerOutput] = {}
         self._pads: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
         # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
         self._nonnegative: dict[int, tuple[torch.Tensor, int]] = {}
@@ -521,7 +555,7 @@ class LRPMode(TorchFunctionMode):
         self.layers += 1
         if gradient_form(rule):
             out = func(*args, **kwargs)
-            self._outputs[id(out)] = (weakref.ref(out), None, None, rule)  # no Layer: the call ran plainly
+            self._record_output(out, None, None, rule)  # no Layer: the call ran plainly
             return out
         rest = dict(kwargs)
         weight = args[1] if len(args) > 1 else rest.pop("weight")
@@ -529,8 +563,16 @@ class LRPMode(TorchFunctionMode):
         rest.pop("input", None)
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
         out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
-        self._outputs[id(out)] = (weakref.ref(out), x, layer, rule)
+        self._record_output(out, x, layer, rule)
         return out
+
+    def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule) -> None:
+        self._outputs[id(out)] = _LayerOutput(weakref.ref(out), out._version, x, layer, rule)
+
+    def _output_of_layer(self, z: torch.Tensor) -> _LayerOutput | None:
+        """The record of the layer whose output z is, unchanged since (not changed in place), else None."""
+        record = self._outputs.get(id(z))
+        return record if record is not None and record.output() is z and z._version == record.version else None
 
     def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         bound = bound_arguments(func, args, kwargs, defaults=True)
@@ -540,10 +582,11 @@ class LRPMode(TorchFunctionMode):
         if bound.get("training") or bound.get("running_mean") is None:
             raise ParameterError(f"{self.method} needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
         compute = partial(func, *args, **kwargs)
-        record = self._outputs.get(id(z))
-        merging = self.merge_batch_norm and record is not None and record[0]() is z
+        record = self._output_of_layer(z)
+        merging = self.merge_batch_norm and record is not None
         if merging:
-            _, x, layer, rule = record
+            assert record is not None
+            x, layer, rule = record.input, record.layer, record.rule
             self.merged += 1
         else:
             name, rule = self._rule("batch_norm", False, z)
@@ -551,7 +594,7 @@ class LRPMode(TorchFunctionMode):
         if gradient_form(rule):  # LRP-0 of the batch norm (merged or alone): the plain call's gradient
             out = compute()
             if merging:
-                self._outputs[id(out)] = (weakref.ref(out), None, None, rule)
+                self._record_output(out, None, None, rule)
             return out
         mean, var = bound["running_mean"], bound["running_var"]
         scale = torch.rsqrt(var + bound["eps"])
@@ -562,7 +605,7 @@ class LRPMode(TorchFunctionMode):
             assert layer is not None and x is not None  # a layer with a rule other than LRP-0 ran as a rule
             merged = layer.merged_with_batch_norm(scale, shift)
             out = _Relevance.apply(x, _Step(self, merged, rule, self._pad_mask(x, rule), self.forwards), compute)
-            self._outputs[id(out)] = (weakref.ref(out), x, merged, rule)
+            self._record_output(out, x, merged, rule)
             return out
         return _Relevance.apply(z, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards), compute)
 
@@ -587,12 +630,33 @@ class LRPMode(TorchFunctionMode):
             unit, inplace = reader(args, kwargs)
             relu = unit.low == 0.0
             plain = relu and unit.high is None  # ReLU: y / x is its derivative, the identity rule its gradient
+            zero_at_zero = unit.low <= 0.0 and (unit.high is None or unit.high >= 0.0)
         else:
             inplace, relu, plain = is_inplace(func, args, kwargs), False, False
-        out = func(*args, **kwargs) if plain else _Pass.apply(x, partial(func, *args, **kwargs), inplace)
+            zero_at_zero = func in ZERO_AT_ZERO
+        call = partial(func, *args, **kwargs)
+        out = self._fused_activation(x, call) if zero_at_zero and not inplace else None
+        if out is None:
+            out = call() if plain else _Pass.apply(x, call, inplace)
         if relu:
             self._nonnegative[id(out)] = (out, out._version)
         return out
+
+    def _fused_activation(self, z: torch.Tensor, call: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """``call()``, an activation y = f(z) with f(0) = 0, as one rule node with the layer whose output
+        z is, when that layer ran as a rule (not plainly), else None. The identity rule gives the
+        layer's output the activation's relevance, R_z = R_y = y * c (f(0) = 0: the same as
+        z * (c y / z), 0 at z = 0), so the layer's rule starts from y * c: no ratio y / z is computed
+        or kept, and nothing runs for the activation in the backward pass. The layer's own node is
+        then left out of the backward pass unless z is used elsewhere too (each node then applies
+        the rule to its share of the relevance; rules are linear in it)."""
+        record = self._output_of_layer(z)
+        if record is None or record.layer is None or record.input is None:
+            return None
+        pre = z.detach().clone() if self.copy_outputs else z.detach()
+        step = _Step(self, record.layer, record.rule, self._pad_mask(record.input, record.rule), self.forwards,
+                     pre_activation=pre, pre_version=pre._version)
+        return _Relevance.apply(record.input, step, call)  # type: ignore[no-any-return]
 
     def _known_nonnegative(self, x: torch.Tensor) -> bool:
         """Whether x is a ReLU's output (or its zero padding) in this forward pass, unchanged since
