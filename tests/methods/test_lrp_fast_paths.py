@@ -8,6 +8,8 @@ in another order: rounding ~1e-16 relative on O(1) values)."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -545,3 +547,46 @@ def test_batch_norm_after_an_in_place_change_is_not_merged(composite):
     ours, theirs = run(in_place), run(out_of_place)
     np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(theirs.scores), **TOL)
     assert ours.params["batch_norm_merged"] == theirs.params["batch_norm_merged"] == 0
+
+
+class _PaddedBlock(nn.Module):
+    """Conv + batch norm + ReLU6, zero padding, conv + batch norm + ReLU: every record the mode takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6())
+        self.second = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x)).sum((2, 3))
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus"])
+def test_records_of_a_forward_pass_keep_no_tensor_alive(composite):
+    """What the mode notes in a forward pass (layer outputs for batch norms and activations after them,
+    zero padding for z^B, ReLU outputs known non-negative) is dropped when the outermost module
+    returns and never holds a tensor strongly: once the caller lets go of the graph, every
+    intermediate tensor is freed, rather than kept through the backward pass."""
+    from salience.methods.lrp_composites import parse_composite
+
+    net = _PaddedBlock().double().eval()
+    seen: list[weakref.ref] = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(weakref.ref(out))) for m in net.modules()
+             if not isinstance(m, (nn.Sequential, _PaddedBlock))]
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    with LRPMode(parse_composite(composite), bounds=(torch.zeros(3), torch.ones(3))) as mode:
+        out = net(x)
+        assert not (mode._outputs or mode._pads or mode._nonnegative)
+        (grad,) = torch.autograd.grad(out[0, 1], x)
+        del out
+        assert len(seen) == 7 and all(ref() is None for ref in seen)
+        # while a forward pass runs (here at its last module), the records hold the tensors they are about
+        # weakly (a layer record's input is the rule's: its node keeps it anyway)
+        held: list[tuple[object, ...]] = []
+        hooks.append(net.second[-1].register_forward_hook(lambda *_: held.extend(
+            [*mode._pads.values(), *mode._nonnegative.values(), *((r.output,) for r in mode._outputs.values())])))
+        net(x)
+        assert len(held) >= 6 and not [v for record in held for v in record if isinstance(v, torch.Tensor)]
+    for hook in hooks:
+        hook.remove()
+    assert grad.shape == x.shape

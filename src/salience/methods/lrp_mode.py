@@ -354,9 +354,10 @@ class LRPMode(TorchFunctionMode):
         self._calls = 0  # linear layers seen in this forward pass
         # layer outputs of this forward pass, for a batch norm or an activation right after the layer
         self._outputs: dict[int, _LayerOutput] = {}
-        self._pads: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
+        # (held weakly, and dropped when the forward pass ends: see _forget_forward)
+        self._pads: dict[int, tuple[weakref.ref[torch.Tensor], Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
         # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
-        self._nonnegative: dict[int, tuple[torch.Tensor, int]] = {}
+        self._nonnegative: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------ entering and leaving
@@ -393,14 +394,22 @@ class LRPMode(TorchFunctionMode):
             self.forwards += 1
             self._names = {id(m): name for name, m in module.named_modules()}
             self._calls = 0
-            self._outputs.clear()
-            self._pads.clear()
-            self._nonnegative.clear()
+            self._forget_forward()
         self._stack.append(module)
 
     def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
         if self._stack:
             self._stack.pop()
+            if not self._stack:  # the forward pass is over: nothing more can follow its layers
+                self._forget_forward()
+
+    def _forget_forward(self) -> None:
+        """Drop the records of a forward pass's layer outputs, padding and ReLU outputs. Held until the
+        backward pass, the inputs and merged weights they keep would stay allocated through it (it
+        frees what it has used as it goes) and make it allocate fresh memory instead."""
+        self._outputs.clear()
+        self._pads.clear()
+        self._nonnegative.clear()
 
     def location(self) -> str:
         """The dotted name of the innermost module running now ("" outside the model, "model" for its root)."""
@@ -639,7 +648,7 @@ class LRPMode(TorchFunctionMode):
         if out is None:
             out = call() if plain else _Pass.apply(x, call, inplace)
         if relu:
-            self._nonnegative[id(out)] = (out, out._version)
+            self._nonnegative[id(out)] = (weakref.ref(out), out._version)
         return out
 
     def _fused_activation(self, z: torch.Tensor, call: Callable[[], torch.Tensor]) -> torch.Tensor | None:
@@ -662,7 +671,7 @@ class LRPMode(TorchFunctionMode):
         """Whether x is a ReLU's output (or its zero padding) in this forward pass, unchanged since
         (an in-place call would have raised its version counter)."""
         known = self._nonnegative.get(id(x))
-        return known is not None and known[0] is x and x._version == known[1]
+        return known is not None and known[0]() is x and x._version == known[1]
 
     # ------------------------------------------------------------ padding seen by z^B
     def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -671,15 +680,16 @@ class LRPMode(TorchFunctionMode):
             "mode": args[2] if len(args) > 2 else kwargs.get("mode", "constant")}
         source = bound.get("input")
         if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
-            self._pads[id(result)] = (result, partial(F.pad, pad=bound["pad"], mode="constant", value=0.0), source.shape)
+            self._pads[id(result)] = (weakref.ref(result), partial(F.pad, pad=bound["pad"], mode="constant", value=0.0),
+                                      source.shape)
             if self._known_nonnegative(source) and not bound.get("value"):  # zeros added to a ReLU's output
-                self._nonnegative[id(result)] = (result, result._version)
+                self._nonnegative[id(result)] = (weakref.ref(result), result._version)
 
     def _pad_mask(self, x: torch.Tensor, rule: Rule) -> torch.Tensor | None:
         """For z^B: 1 on the input's own values, 0 on zero padding added just before this layer (z^B
         bounds hold only where there is an input). None for other rules."""
         record = self._pads.get(id(x))
-        if not isinstance(rule, ZBox) or record is None or record[0] is not x:
+        if not isinstance(rule, ZBox) or record is None or record[0]() is not x:
             return None
         _, pad, shape = record
         with torch.no_grad():
