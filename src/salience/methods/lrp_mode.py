@@ -21,7 +21,8 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
   run as plain calls (no stabiliser: there is no division in this form);
 - elementwise activations (the ReLU family, sigmoid, tanh, ...) pass relevance through
   (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
-  call;
+  call; one with f(0) = 0 right after a layer that runs a rule (conv + batch norm + ReLU6) runs
+  in one node with it, the layer's rule starting from R = y c (no ratio computed or kept);
 - max pooling keeps its gradient (winner takes all); other functions linear in the input
   (reshapes, indexing, padding, dropout in eval mode, scaling by constants) keep their gradient,
   which in this form is LRP-0 (relevance moves unchanged or in proportion);
