@@ -165,22 +165,30 @@ def runs_plainly(mode: Mode) -> bool:
     return mode.stabiliser == 0 and not mode.tracing
 
 
-class _ScaledGradient(torch.autograd.Function):
-    """x itself (a view) forward; backward: the gradient times ``factor``."""
+class _ScaledGradients(torch.autograd.Function):
+    """Each x itself (a view) forward; backward: each gradient times its factor. One node for all
+    the tensors of a call (each node costs Python in both passes)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
+    def forward(ctx: Any, factors: tuple[float, ...], *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.factors = factors
+        return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return c * ctx.factor, None
+    def backward(ctx: Any, *cs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, *(c * factor for c, factor in zip(cs, ctx.factors, strict=True)))
 
 
-def scaled_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x, whose gradient is multiplied by ``factor`` on its way back (x itself when the factor is 1)."""
-    return x if factor == 1 else _ScaledGradient.apply(x, factor)  # type: ignore[no-any-return]
+def scaled_gradients(xs: list[torch.Tensor], factors: list[float]) -> list[torch.Tensor]:
+    """Each x, its gradient multiplied by its factor on the way back (x itself where the factor is 1).
+    The views returned are for the caller's own call only: they may not be changed in place."""
+    scaled = [i for i, factor in enumerate(factors) if factor != 1]
+    found = list(xs)
+    if scaled:
+        outputs = _ScaledGradients.apply(tuple(factors[i] for i in scaled), *(xs[i] for i in scaled))
+        for i, out in zip(scaled, outputs, strict=True):
+            found[i] = out
+    return found
 
 
 # ------------------------------------------------------------------ softmax
@@ -241,7 +249,7 @@ def uniform_rule(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kw
     unique = list({id(t): t for t in factors}.values())
     k, eps = len(factors), mode.stabiliser
     if runs_plainly(mode):  # 1/k of each factor's gradient: the plain call on factors so scaled
-        mapping = {id(t): scaled_gradient(t, 1.0 / k) for t in unique}
+        mapping = {id(t): leaf for t, leaf in zip(unique, scaled_gradients(unique, [1.0 / k] * len(unique)), strict=True)}
         return func(*_substitute(args, mapping), **_substitute(kwargs, mapping))
 
     def call(*leaves: torch.Tensor) -> torch.Tensor:
@@ -501,9 +509,9 @@ def _sdpa_scaled(func: Callable[..., Any], bound: dict[str, Any]) -> torch.Tenso
     on_q, on_k, on_v = (_on_path(bound[name]) for name in ("query", "key", "value"))
     product = 0.5 if on_q and on_k else 1.0
     weights = 0.5 if (on_q or on_k) and on_v else 1.0
-    q, k, v = (scaled_gradient(bound[name], factor) if on else bound[name]
-               for name, on, factor in (("query", on_q, product * weights), ("key", on_k, product * weights),
-                                        ("value", on_v, weights)))
+    q, k, v = scaled_gradients([bound["query"], bound["key"], bound["value"]],
+                               [product * weights if on_q else 1.0, product * weights if on_k else 1.0,
+                                weights if on_v else 1.0])
     rest = {name: value for name, value in bound.items() if name not in ("query", "key", "value")}
     return func(q, k, v, **rest)  # type: ignore[no-any-return]
 
