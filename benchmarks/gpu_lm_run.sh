@@ -14,8 +14,8 @@
 # tolerances GPU_LM_IG_ERROR_TOLERANCES (default "0.01 0.02 0.05"); Inseq in batches of 256 steps).
 # GPU_LM_IG_ERROR_REF_TOLERANCE (e.g. 1e-4) makes the reference adaptive from GPU_LM_IG_ERROR_PANELS panels
 # (benchmarks/adaptive_reference.py; at 16 generated tokens the 16384-node uniform one does not close);
-# GPU_LM_IG_ERROR_EXTRA adds arguments (e.g. "--no-fixed --inseq-start 8192": the fixed-step ladder to
-# 16384 steps alone takes minutes at 16 targets).
+# GPU_LM_IG_ERROR_EXTRA adds arguments (e.g. "--no-fixed --inseq-start 16384 --repeats 1": the fixed-step
+# ladder to 16384 steps alone takes minutes at 16 targets; see benchmarks/README.md for the 16-token call).
 # Dry run here on the CPU: GPU_PYTHON=.venv/bin/python GPU_LM_DEVICE=cpu GPU_QUICK=1 OUT=/tmp/gpu-lm-out \
 #   GPU_LM_HOLD=/tmp/gpu-lm-hold bash benchmarks/gpu_lm_run.sh  (after the three receives)
 set -uo pipefail

@@ -38,7 +38,11 @@ Settings searched (each error from one run; errors are deterministic):
   on both; the table shows it).
 
 The passing settings are then timed ``--repeats`` times each (median; the first, error-measuring
-run is one of them), interleaved so that a busy moment on the shared machine falls on all.
+run is one of them), interleaved so that a busy moment on the shared machine falls on all. When no
+Inseq setting tried passes, the key numbers give a lower bound instead of a ratio: its cheapest
+passing n_steps on the ladder is larger than every one tried, so it takes longer than the largest tried
+(:func:`lower_bounds`; smaller ladder values that neither Inseq nor Salience's fixed steps ran are
+named, as the bound assumes they fail).
 
     OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py            # writes benchmarks/RESULTS-lm-ig-error.md
     OMP_NUM_THREADS=1 python benchmarks/lm_ig_error.py --quick    # 8-token prompt, 2 new tokens (smoke test)
@@ -422,6 +426,30 @@ class Checkpointed(list):  # type: ignore[type-arg]
         self.checkpoint()
 
 
+def lower_bounds(args: argparse.Namespace, tried: list[Trial], inseq: Trial | None, mine: tuple[Trial | None, ...]) -> list[str]:
+    """When no Inseq setting tried passed: its cheapest passing n_steps on the ladder (the settings
+    every comparison here searches) lies above the largest tried, so it costs more than that run
+    (Inseq's time grows with n_steps), and each passing Salience setting is at least that many times
+    faster. The smaller ladder values must fail too: none may have passed with Salience's fixed
+    steps (the same rule), and those run by neither are named."""
+    failed = [t for t in tried if t.library == "Inseq" and t.seconds]
+    if inseq is not None or not failed:
+        return []
+    top = max(failed, key=lambda t: t.setting)
+    smaller = [t for t in tried if t.kind == "fixed" and t.setting < top.setting]  # Inseq's and Salience's fixed rule
+    if any(t.error <= args.target for t in smaller):  # the same rule passed lower down: no bound
+        return []
+    ran = {int(t.setting) for t in smaller}
+    below = [k for k in ladder_of(args.ladder_factor, args.max_steps) if k < top.setting]
+    unchecked = [k for k in below if k not in ran]
+    caveat = (f"; n_steps {', '.join(map(str, unchecked))} were not run here: the bound holds if they fail too" if unchecked
+              else "; every smaller ladder value failed here (Inseq, or Salience's fixed steps: the same rule)" if below else "")
+    return [f"- at error <= {args.target:g}: no Inseq n_steps tried passed (largest {int(top.setting)}: error {top.error:.1e}, "
+            f"{fmt_s(top.seconds)} s), so its cheapest passing n_steps on the ladder is larger and {trial.label} is at "
+            f"least {top.seconds / trial.seconds:.2f}x faster than Inseq (lower bound, the same run{caveat})"
+            for trial in mine if trial is not None and trial.seconds]
+
+
 def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: Ref, ref_seconds: float, tried: list[Trial],
            fixed: Trial | None, adaptive: Trial | None, inseq: Trial | None) -> tuple[list[str], list[str]]:
     P, L = int(encoded.extras["prompt_length"]), encoded.length
@@ -440,6 +468,7 @@ def report(args: argparse.Namespace, prompt: str, encoded: Any, ref: Ref, ref_se
         if inseq is not None and mine is not None and inseq.seconds and mine.seconds:
             summary.append(f"- at error <= {target}: {mine.label} is {inseq.seconds / mine.seconds:.2f}x faster than "
                            f"{inseq.label} (median seconds, the same run)")
+    summary += lower_bounds(args, tried, inseq, (fixed, adaptive))
     body = ["## Input and reference", "",
             f"- zoo:smollm2-135m; prompt {P} tokens (lm.py's: test-split movie sentences cut at a word boundary): {prompt!r}",
             f"- continuation: {L - P} tokens generated greedily: {encoded.extras['continuation']!r}",
