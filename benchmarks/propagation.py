@@ -12,7 +12,9 @@ Captum, in one process, on the three zoo models:
 
 The *limit* of each case is timed plainly with torch on the same input: one forward + one backward
 of the explained logit (the LM: one forward and 16 backwards with ``retain_graph``, one forward and
-one backward vmapped over the 16 targets, and 16 forwards + 16 backwards). Every implementation
+one backward vmapped over the 16 targets, and 16 forwards + 16 backwards; EfficientNet: also that
+pass with each convolution's backward through the convolutions LRP's default z+ rule needs,
+:func:`zplus_floor`). Every implementation
 (limits included) runs once untimed, then ``--repeats`` rounds interleaved, the order reversed every
 other round; medians. Salience's times are whole ``explain()`` calls (its prediction pass
 included). See benchmarks/README.md.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -41,6 +44,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from common import RowCounter, Rows, fmt_s, load_average, log, median, run_and_write, table, timed  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -163,6 +167,64 @@ def untangled(net: nn.Module) -> nn.Module:
     return twin
 
 
+class _ZPlusConvolutions(torch.autograd.Function):
+    """A convolution's own output forward; backward, the convolutions z+ needs, without its
+    arithmetic: the positive-weight convolution of the input (for an input of both signs, of its
+    positive part, plus the negative-weight convolution of its negative part: z+'s denominator),
+    and the input gradient through those weights (W+, and W- where the input is negative) instead
+    of W."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, conv: Any, weight: torch.Tensor, bias: torch.Tensor | None,
+                signed: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, weight.clamp(min=0), weight.clamp(max=0) if signed else None)
+        ctx.conv = conv
+        return conv(x, weight, bias)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, positive, negative = ctx.saved_tensors
+        conv = ctx.conv
+        # z+'s denominator, computed (as LRP does) in the backward; its division is left out
+        ctx.denominator = conv(x, positive, None) if negative is None else \
+            conv(x.clamp(min=0), positive, None) + conv(x.clamp(max=0), negative, None)
+
+        def through(weight: torch.Tensor) -> torch.Tensor:
+            grad, _, _ = torch.ops.aten.convolution_backward(c, x, weight, None, conv.keywords["stride"],
+                                                             conv.keywords["padding"], conv.keywords["dilation"], False,
+                                                             [0, 0], conv.keywords["groups"], [True, False, False])
+            return grad  # type: ignore[no-any-return]
+
+        up = through(positive)
+        return (up if negative is None else torch.where(x > 0, up, through(negative))), None, None, None, None
+
+
+def _zplus_conv_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """An nn.Conv2d's forward (EfficientNet's static-same-padding subclass included) through
+    :class:`_ZPlusConvolutions`; whether its input takes both signs is read once, on the first call."""
+    padding = getattr(self, "static_padding", None)
+    x = padding(x) if padding is not None else x
+    if self._zplus_signed is None:
+        self._zplus_signed = bool(x.min() < 0)
+    conv = functools.partial(F.conv2d, stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
+                             groups=self.groups)
+    return _ZPlusConvolutions.apply(x, conv, self.weight, self.bias, self._zplus_signed)  # type: ignore[no-any-return]
+
+
+def zplus_floor(net: nn.Module) -> nn.Module:
+    """A copy of the network whose every convolution runs through :class:`_ZPlusConvolutions`: its
+    forward + backward is what the convolutions of LRP's z+ rule cost (the model's batch norms and
+    activations keep their own backward; z+'s division and LRP's bookkeeping are left out)."""
+    twin = copy.deepcopy(net)
+    for module in twin.modules():
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                raise RuntimeError("zplus_floor covers zero-padded convolutions with numeric padding only")
+            module._zplus_signed = None
+            module.forward = types.MethodType(_zplus_conv_forward, module)
+    return twin
+
+
 @contextmanager
 def captum_relu6_rescale() -> Iterator[None]:
     """Captum's DeepLift applies its Rescale rule to the module types of SUPPORTED_NON_LINEAR only;
@@ -206,6 +268,15 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             (gradient,) = torch.autograd.grad(net(leaf)[0, target], leaf)
         return gradient
 
+    floor_net = zplus_floor(net)
+    floor_counter = RowCounter(floor_net, sequence=False)
+
+    def zplus_backward() -> torch.Tensor:
+        with frozen(floor_net):
+            leaf = x.clone().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(floor_net(leaf)[0, target], leaf)
+        return gradient
+
     def explain(method: str, **params: Any) -> Callable[[], Any]:
         return lambda: salience.explain(clf, encoded, method, target=target, output="logit", **params)
 
@@ -222,6 +293,10 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     impls = [
         Impl("plain forward (no gradients)", "limit", plain_forward, "torch.no_grad(): the prediction / reference pass"),
         Impl("plain forward + backward", "limit", plain_backward, "d logit[target] / d input, parameters frozen"),
+        Impl("plain forward + backward, z+ convolutions", "limit", zplus_backward,
+             "each convolution also computes z+'s denominator (W+ on the input, and W- on its negative part where it "
+             "takes both signs) and takes its input gradient through those weights instead of W; no rule arithmetic: "
+             "the convolutions the default composite cannot avoid", counter=floor_counter),
         Impl("Salience lrp", "salience", explain("lrp"), "composite epsilon_plus (z^B input, z+ convolutions, epsilon "
              "dense), batch norm merged"),
         Impl("Salience lrp (epsilon composite)", "salience", explain("lrp", composite="epsilon"), "epsilon everywhere"),
@@ -246,6 +321,7 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     run_rounds(impls, counter, args.repeats, scores)
     counter.close()
     twin_counter.close()
+    floor_counter.close()
     fwd, both = impls[0].seconds, impls[1].seconds
     pairs = {"Salience lrp": ("Captum LRP", False), "Salience lrp (epsilon composite)": ("Captum LRP", True),
              "Salience deeplift": ("Captum DeepLift (ReLU6 rescaled, untangled copy)", True)}
@@ -259,7 +335,13 @@ def image_case(args: argparse.Namespace) -> tuple[list[str], list[str]]:
                    f"- Captum DeepLift as it is differs from Salience's DeepLift by {max_diff(deeplift.scores, as_is.scores)} "
                    "(max abs, and over Captum's max): it back-propagates ReLU6 by its gradient and, for the ReLU6 module "
                    "each block calls twice, keeps the second call's input and output for both calls"]
-    return summary_lines("EfficientNet-Lite0", impls, fwd, both), ["## EfficientNet-Lite0 (one image)", "", *input_lines, "",
+    summary = summary_lines("EfficientNet-Lite0", impls, fwd, both)
+    floor = next(i for i in impls if i.name == "plain forward + backward, z+ convolutions")
+    lrp = next(i for i in impls if i.name == "Salience lrp")
+    if floor.seconds and lrp.seconds and both:
+        summary.append(f"- EfficientNet-Lite0, the z+ convolutions alone (plain torch): {fmt_s(floor.seconds)} s = "
+                       f"{floor.seconds / both:.2f}x one plain forward + backward; Salience lrp {lrp.seconds / floor.seconds:.2f}x that")
+    return summary, ["## EfficientNet-Lite0 (one image)", "", *input_lines, "",
                                                                      *lines, ""]
 
 
