@@ -244,9 +244,9 @@ def _per_row(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _LayerOutput:
-    """A linear layer's output in this forward pass (held weakly: a record keeps nothing alive) and
-    its version counter then; the layer's input, Layer and rule (input and Layer None: the call ran
-    plainly, as LRP-0)."""
+    """A linear layer's output in this forward pass (held weakly) and its version counter then; the
+    layer's input (its rule node keeps it anyway), Layer and rule (input and Layer None: the call
+    ran plainly, as LRP-0). Dropped when the forward pass ends."""
 
     output: weakref.ref[torch.Tensor]
     version: int
