@@ -17,7 +17,7 @@ salience explain --model zoo:minilm-l6-sentiment --text "A gripping, beautifully
 
 echo "== image classifier: which parts of the photo made it an Egyptian cat? =="
 salience explain --model zoo:efficientnet-lite0 --image demo-out/cat.png \
-  --method occlusion --method saliency --method grad_cam --png demo-out/cat-overlays.png --html demo-out/image.html
+  --method occlusion --method saliency --method grad_cam --method lrp --png demo-out/cat-overlays.png --html demo-out/image.html
 
 echo "== causal LM: which prompt tokens made each generated token? =="
 salience explain --model zoo:smollm2-135m --prompt "The capital of France is" --max-new-tokens 6 \
