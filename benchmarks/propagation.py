@@ -377,8 +377,17 @@ def per_case_table(impls: list[Impl], fwd: float | None, both: float | None, pai
     return table(head, rows)
 
 
+def paired_ratio(impl: Impl, limit: Impl) -> float | None:
+    """The median over the timed rounds of impl's time over the limit's in the same round (each round
+    runs both, side by side): steadier than a ratio of medians when the machine's speed drifts."""
+    if not impl.runs or len(impl.runs) != len(limit.runs):
+        return None
+    return median([a / b for a, b in zip(impl.runs, limit.runs, strict=True)])
+
+
 def summary_lines(case: str, impls: list[Impl], fwd: float | None, both: float | None) -> list[str]:
     lines = []
+    limit = next((i for i in impls if i.name == "plain forward + backward"), None)
     for impl in impls:
         if impl.kind != "salience":
             continue
@@ -387,9 +396,11 @@ def summary_lines(case: str, impls: list[Impl], fwd: float | None, both: float |
             continue
         ratio = impl.seconds / both if impl.seconds and both else math.nan
         same = limit_of(impl, fwd, both)
+        paired = paired_ratio(impl, limit) if limit is not None else None
         lines.append(f"- {case}, {impl.name}: {fmt_s(impl.seconds)} s = {ratio:.2f}x one plain forward + backward "
-                     f"({'within' if ratio <= GOAL else 'over'} {GOAL}x); {impl.seconds / same:.2f}x its own passes "
-                     "done plainly" if same and impl.seconds else "")
+                     f"({'within' if ratio <= GOAL else 'over'} {GOAL}x"
+                     + (f"; paired over the rounds {paired:.2f}x" if paired is not None else "") + ")"
+                     + (f"; {impl.seconds / same:.2f}x its own passes done plainly" if same and impl.seconds else ""))
     return lines
 
 
