@@ -590,3 +590,52 @@ def test_records_of_a_forward_pass_keep_no_tensor_alive(composite):
     for hook in hooks:
         hook.remove()
     assert grad.shape == x.shape
+
+
+class _PaddedStem(nn.Module):
+    """Zero padding, a conv (with its batch norm, or with the batch norm folded into its weights),
+    ReLU6 (right after, or after a clone: ``apart``), a dense head: EfficientNet's stem in small."""
+
+    def __init__(self, folded: bool, apart: bool) -> None:
+        super().__init__()
+        self.apart = apart
+        # (not named "conv": a composite's key "conv" would match the name before "input")
+        self.stem, self.head = nn.Conv2d(3, 4, 3, stride=2), nn.Linear(4 * 16, 3)
+        self.bn = None if folded else nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.stem(F.pad(x, (0, 1, 0, 1)))
+        z = self.bn(z) if self.bn is not None else z
+        return self.head(F.relu6(z.clone() if self.apart else z).flatten(1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_input_layer_padding_mask_reaches_the_merged_and_fused_rule(fused):
+    """z^B at an input layer after zero padding holds its bounds only on the image, not the padding
+    (the mask); the conv + batch norm merged, and ReLU6 fused into it (or run apart), keep that mask:
+    the scores equal those of the same network with the batch norm folded into the conv's weights
+    and a clone before ReLU6 (neither merged nor fused: the conv's own rule node) (1e-12)."""
+    torch.manual_seed(2)
+    merged = _PaddedStem(folded=False, apart=not fused).double().eval()
+    with torch.no_grad():
+        merged.bn.running_mean.uniform_(-0.5, 0.5)
+        merged.bn.running_var.uniform_(0.5, 2.0)
+        merged.bn.weight.uniform_(0.5, 1.5)
+        merged.bn.bias.uniform_(-0.2, 0.2)
+    folded = _PaddedStem(folded=True, apart=True).double().eval()
+    bn = merged.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    with torch.no_grad():
+        folded.stem.weight.copy_(merged.stem.weight * scale[:, None, None, None])
+        folded.stem.bias.copy_((merged.stem.bias - bn.running_mean) * scale + bn.bias)
+        folded.head.load_state_dict(merged.head.state_dict())
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+
+    def scores(net: nn.Module) -> salience.Explanation:
+        return salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
+                                composite="epsilon_plus", low=0.0, high=1.0, target="all")
+
+    ours, theirs = scores(merged), scores(folded)
+    assert ours.params["batch_norm_merged"] == 1 and theirs.params["batch_norm_merged"] == 0
+    assert ours.params["rules"]["Conv2d"] == ["zbox"]
+    np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(theirs.scores), **TOL)

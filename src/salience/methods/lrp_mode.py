@@ -245,14 +245,15 @@ def _per_row(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _LayerOutput:
     """A linear layer's output in this forward pass (held weakly) and its version counter then; the
-    layer's input (its rule node keeps it anyway), Layer and rule (input and Layer None: the call
-    ran plainly, as LRP-0). Dropped when the forward pass ends."""
+    layer's input (its rule node keeps it anyway), Layer, rule and z^B's padding mask (input and
+    Layer None: the call ran plainly, as LRP-0). Dropped when the forward pass ends."""
 
     output: weakref.ref[torch.Tensor]
     version: int
     input: torch.Tensor | None
     layer: Layer | None
     rule: Rule
+    mask: torch.Tensor | None = None
 
 
 class _Relevance(torch.autograd.Function):
@@ -572,12 +573,14 @@ class LRPMode(TorchFunctionMode):
         bias = args[2] if len(args) > 2 else rest.pop("bias", None)
         rest.pop("input", None)
         layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
-        out = _Relevance.apply(x, _Step(self, layer, rule, self._pad_mask(x, rule), self.forwards), partial(func, *args, **kwargs))
-        self._record_output(out, x, layer, rule)
+        mask = self._pad_mask(x, rule)
+        out = _Relevance.apply(x, _Step(self, layer, rule, mask, self.forwards), partial(func, *args, **kwargs))
+        self._record_output(out, x, layer, rule, mask)
         return out
 
-    def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule) -> None:
-        self._outputs[id(out)] = _LayerOutput(weakref.ref(out), out._version, x, layer, rule)
+    def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule,
+                       mask: torch.Tensor | None = None) -> None:
+        self._outputs[id(out)] = _LayerOutput(weakref.ref(out), out._version, x, layer, rule, mask)
 
     def _output_of_layer(self, z: torch.Tensor) -> _LayerOutput | None:
         """The record of the layer whose output z is, unchanged since (not changed in place), else None."""
@@ -612,10 +615,10 @@ class LRPMode(TorchFunctionMode):
             scale = scale * bound["weight"]
         shift = -mean * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
         if merging:
-            assert layer is not None and x is not None  # a layer with a rule other than LRP-0 ran as a rule
+            assert layer is not None and x is not None and record is not None  # a layer that ran its rule
             merged = layer.merged_with_batch_norm(scale, shift)
-            out = _Relevance.apply(x, _Step(self, merged, rule, self._pad_mask(x, rule), self.forwards), compute)
-            self._record_output(out, x, merged, rule)
+            out = _Relevance.apply(x, _Step(self, merged, rule, record.mask, self.forwards), compute)
+            self._record_output(out, x, merged, rule, record.mask)
             return out
         return _Relevance.apply(z, _Step(self, Layer.scale_shift(scale, shift, name), rule, forward=self.forwards), compute)
 
@@ -664,7 +667,7 @@ class LRPMode(TorchFunctionMode):
         if record is None or record.layer is None or record.input is None:
             return None
         pre = z.detach().clone() if self.copy_outputs else z.detach()
-        step = _Step(self, record.layer, record.rule, self._pad_mask(record.input, record.rule), self.forwards,
+        step = _Step(self, record.layer, record.rule, record.mask, self.forwards,
                      pre_activation=pre, pre_version=pre._version)
         return _Relevance.apply(record.input, step, call)  # type: ignore[no-any-return]
 
