@@ -170,14 +170,14 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
     (``batch`` panels per forward pass); else :func:`adaptive_reference.integrate` from ``panels``
     panels, to that tolerance, checked against ``gap`` (F(x) - F(baseline) per target)."""
     limit = max_points if tolerance > 0 else 0  # (the uniform reference has none)
+    uniform = f"composite Gauss-Legendre, {panels} panels x 8 = {8 * panels} gradients per target"
     if cache is not None and cache.is_file():
         saved = np.load(cache)
         settings = tuple(float(saved[k]) if k in saved else 0.0 for k in ("tolerance", "max_points"))
         if saved["ids"].tolist() == encoded.input_ids.tolist() and int(saved["panels"]) == panels \
                 and settings == (tolerance, limit):
             log(f"reference read from {cache}")
-            return saved["scores"], float(saved["seconds"]), str(saved["described"]) if "described" in saved else \
-                f"composite Gauss-Legendre, {panels} panels x 8 = {8 * panels} gradients per target"
+            return saved["scores"], float(saved["seconds"]), str(saved["described"]) if "described" in saved else uniform
     started = time.perf_counter()
     start = int(encoded.extras["prompt_length"])
     targets = encoded.length - start
@@ -202,8 +202,7 @@ def reference(lm: salience.CausalLM, encoded: Any, panels: int, cache: Path | No
             values = f(alphas[nodes], list(range(targets)))  # (8 batch, T, L)
             total += np.einsum("n,ntl->tl", weights[nodes], values)
             log(f"  reference panels {panel + 1}-{min(panel + batch, panels)}/{panels} ({time.perf_counter() - started:.0f} s)")
-        scores = total
-        described = f"composite Gauss-Legendre, {panels} panels x 8 = {8 * panels} gradients per target"
+        scores, described = total, uniform
     for t in range(targets):  # positions at or after the target's own are not its features
         scores[t, start + t:] = np.nan
     seconds = time.perf_counter() - started
