@@ -423,11 +423,12 @@ class _ActivationAfterLayer(nn.Module):
 
     def __init__(self, activation: nn.Module, apart: bool, after: str = "") -> None:
         super().__init__()
-        self.conv, self.bn, self.act, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation, nn.Linear(4 * 36, 3)
+        # (not named "conv": a composite's key "conv" would match the name before "input", and z^B would not run)
+        self.layer, self.bn, self.act, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation, nn.Linear(4 * 36, 3)
         self.apart, self.after = apart, after
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.bn(self.conv(x))
+        z = self.bn(self.layer(x))
         if self.after == "shifted":
             z = z + 0.3 if self.apart else z.add_(0.3)
             return self.head(self.act(z).flatten(1))
@@ -501,7 +502,7 @@ def test_activation_with_a_value_at_zero_is_not_fused():
     torch.manual_seed(1)
     fused, apart = (_ActivationAfterLayer(nn.Sigmoid(), split).double().eval() for split in (False, True))
     with torch.no_grad():
-        fused.conv.bias.zero_()
+        fused.layer.bias.zero_()
     apart.load_state_dict(fused.state_dict())
     x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     x[:, :3, :3] = 0.0
