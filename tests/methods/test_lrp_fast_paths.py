@@ -640,3 +640,17 @@ def test_input_layer_padding_mask_reaches_the_merged_and_fused_rule(fused):
     assert ours.params["batch_norm_merged"] == 1 and theirs.params["batch_norm_merged"] == 0
     assert ours.params["rules"]["Conv2d"] == ["zbox"]
     np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(theirs.scores), **TOL)
+
+
+def test_relevance_z_box_puts_on_zero_inputs_is_reported_once_named():
+    """z^B gives an input equal to 0 relevance (-l J(W+)^T s - h J(W-)^T s) that R = x c cannot carry:
+    it is reported in extras and warned about, the warning naming the method once."""
+    torch.manual_seed(3)
+    net = _PaddedStem(folded=True, apart=False).double().eval()
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    x[:, :4] = 0.0
+    with pytest.warns(salience.SalienceWarning, match=r"^lrp: relevance -?[0-9.e+-]+ fell on inputs equal to 0") as caught:
+        e = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
+                             composite="epsilon_plus", low=0.0, high=1.0, target=0)
+    assert e.extras["relevance_lost_at_zero_inputs"] != 0.0
+    assert all("lrp: lrp:" not in str(w.message) for w in caught)

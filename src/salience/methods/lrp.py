@@ -171,7 +171,7 @@ class LRP(SharedInputs):
             warnings = []
             scale = float(per_channel.abs().sum()) or 1.0
             if abs(lost) > LOST_WARNING * scale:
-                warnings.append(f"lrp: relevance {lost:.3g} fell on inputs equal to 0 (flat, w-square or z^B rules) and is "
+                warnings.append(f"relevance {lost:.3g} fell on inputs equal to 0 (flat, w-square or z^B rules) and is "
                                 "not in the scores")
             extras: dict[str, object] = {"conservation": conservation, "relevance_lost_at_zero_inputs": lost,
                                          "_per_channel": as_array(per_channel), "_layers": layers}
