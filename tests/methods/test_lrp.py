@@ -285,6 +285,35 @@ def test_user_composite_by_name_type_and_base_recorded_in_params():
         salience.explain(classifier(tiny_residual_cnn()), image(), method="lrp", composite="epsilon_plusplus", target=0)
 
 
+class _NamedLikeKinds(nn.Module):
+    """A conv and a dense head, named ``conv`` and ``linear`` (like the composites' kind keys) or not."""
+
+    def __init__(self, like_kinds: bool) -> None:
+        super().__init__()
+        first, last = ("conv", "linear") if like_kinds else ("first", "last")
+        setattr(self, first, nn.Conv2d(3, 4, 3, padding=1))
+        setattr(self, last, nn.Linear(4, 3))
+        self.names = (first, last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, last = (getattr(self, name) for name in self.names)
+        return last(torch.relu(first(x)).mean((2, 3)))
+
+
+def test_module_named_like_a_kind_takes_the_input_rule():
+    """A top-level module named ``conv`` is not looked up by its name, where the composite's kind key
+    "conv" would match before "input": the input layer keeps z^B under epsilon_plus, as the same
+    network with other names (1e-12). Before, it took z+ silently."""
+    torch.manual_seed(6)
+    named, other = _NamedLikeKinds(True).double().eval(), _NamedLikeKinds(False).double().eval()
+    other.first.load_state_dict(named.conv.state_dict())
+    other.last.load_state_dict(named.linear.state_dict())
+    a = salience.explain(classifier(named), image(), method="lrp", target=0)
+    b = salience.explain(classifier(other), image(), method="lrp", target=0)
+    assert a.params["rules"]["Conv2d"] == b.params["rules"]["Conv2d"] == ["zbox"]
+    np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), rtol=1e-12, atol=1e-12)
+
+
 class Twice(nn.Module):
     """One ReLU module used twice, in place."""
 

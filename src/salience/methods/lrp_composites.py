@@ -3,7 +3,8 @@
 A composite maps keys to rules (a rule: a name of :data:`salience.methods.lrp_rules.RULES`, or
 (name, {options}), or {"rule": name, **options}). A layer call looks its rule up by, in order:
 
-1. its module's dotted name (``"features.0"``);
+1. its module's dotted name (``"features.0"``; not a name equal to a kind or ``"input"``, such as a
+   top-level ``self.conv``: that key means the kind, looked up in step 4);
 2. ``"input"``, if it is the first linear layer of the forward pass (the input layer);
 3. its module's class name or that of a base class (``"Conv2d"`` also covers a subclass such as
    EfficientNet's ``Conv2dStaticSamePadding``; ``"Linear"``);
@@ -43,8 +44,10 @@ class Composite:
     entries: dict[str, tuple[str, dict[str, Any]]]
 
     def lookup(self, dotted: str, classes: list[str], kind: str, is_input: bool) -> tuple[str, str, dict[str, Any]] | None:
-        """(matched key, rule name, options) for one layer call, or None when no key covers it."""
-        keys = [dotted] + (["input"] if is_input else []) + classes + [kind]
+        """(matched key, rule name, options) for one layer call, or None when no key covers it. A module
+        named like a kind (a top-level ``self.conv``) is not looked up by its name: the key is the
+        kind's, in the kind's place (after "input")."""
+        keys = ([dotted] if dotted not in KINDS else []) + (["input"] if is_input else []) + classes + [kind]
         for key in keys:
             if key in self.entries:
                 return (key, *self.entries[key])
