@@ -172,7 +172,7 @@ def test_conservation_whole_and_layer_by_layer(composite):
     relevance sums to its output relevance, and the input's to the logit (relative 1e-9: the
     stabiliser 1e-13 over pre-activations of order 0.1)."""
     e = salience.explain(classifier(tiny_residual_cnn()), image(), method="lrp", composite=composite, eps=1e-13,
-                         stabiliser=1e-13, target="all")
+                         stabiliser=1e-13, target="all", trace=True)
     for t, row in enumerate(e.extras["conservation"]):
         assert row["relevance_sum"] == pytest.approx(float(np.sum(e.scores[t])), abs=1e-12)
         assert abs(row["error"]) <= 1e-9 * max(1.0, abs(row["output"])), row
@@ -350,9 +350,10 @@ def test_prediction_pass_in_lrp_mode_equals_a_pass_of_its_own(composite, inplace
     torch.manual_seed(5)
     model = classifier(Twice(inplace=inplace).double().eval() if inplace else tiny_residual_cnn(shift=True))
     x = image() * 8
-    every = salience.explain(model, x, method="lrp", composite=composite, target="all")
+    every = salience.explain(model, x, method="lrp", composite=composite, target="all", trace=True)
     for target in [None, 2]:  # None: the predicted class
-        one = salience.explain(model, x, method="lrp", composite=composite, **({} if target is None else {"target": target}))
+        one = salience.explain(model, x, method="lrp", composite=composite, trace=True,
+                               **({} if target is None else {"target": target}))
         k = int(one.targets[0].index)
         assert k == (every.prediction.index if target is None else target)
         assert one.prediction.index == every.prediction.index
@@ -415,7 +416,7 @@ def test_efficientnet_lite0_one_photo():
     (measured: 0.0026 of 10.53 reaches the pixels). The bias-free z^B stem conserves (float32: 1e-4)."""
     data = pytest.importorskip("skimage.data")
     model = salience.load_model("zoo:efficientnet-lite0")
-    e = salience.explain(model, data.chelsea(), method="lrp", composite="epsilon_plus")
+    e = salience.explain(model, data.chelsea(), method="lrp", composite="epsilon_plus", trace=True)
     scores = np.asarray(e.scores)
     assert np.isfinite(scores).all()
     row = e.extras["conservation"][0]

@@ -268,7 +268,7 @@ def test_relu_outputs_need_no_zero_input_mask(composite, monkeypatch):
     x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
 
     def run() -> tuple[np.ndarray, list[np.ndarray]]:
-        e = salience.explain(model, x, method="lrp", composite=composite, target="all")
+        e = salience.explain(model, x, method="lrp", composite=composite, target="all", trace=True)
         return np.asarray(e.scores), [np.asarray(t["relevance_in"]) for t in e.extras["_layers"]]
 
     unmasked = run()
@@ -363,8 +363,8 @@ def test_lrp0_runs_plainly_and_equals_the_epsilon_rule_at_its_limit():
             bn.running_var.uniform_(0.5, 1.5)
     model = ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8))
     x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
-    plain = salience.explain(model, x, method="lrp", composite="epsilon", target="all")
-    rule = salience.explain(model, x, method="lrp", composite="epsilon", eps=1e-300, target="all")
+    plain = salience.explain(model, x, method="lrp", composite="epsilon", target="all", trace=True)
+    rule = salience.explain(model, x, method="lrp", composite="epsilon", eps=1e-300, target="all", trace=True)
     np.testing.assert_allclose(np.asarray(plain.scores), np.asarray(rule.scores), **TOL)
     # the rule run traces 4 layers (two conv + batch norm merged, the average pooling, the head), each with a row per target
     assert plain.extras["_layers"] == [] and [t["layer"] for t in rule.extras["_layers"]] == ["head.3", "head.1", "block.0+bn", "stem.0+bn"]
@@ -474,7 +474,7 @@ def test_activation_fused_with_the_layer_before_it(activation, composite, after,
     def run(net: nn.Module) -> tuple[np.ndarray, list[np.ndarray], int]:
         before = len(passes)
         e = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
-                             composite=composite, low=-1.0, high=1.0, target="all")
+                             composite=composite, low=-1.0, high=1.0, target="all", trace=True)
         return np.asarray(e.scores), [np.asarray(t["relevance_in"]) for t in e.extras["_layers"]], len(passes) - before
 
     ours, theirs = run(fused), run(apart)
@@ -509,7 +509,7 @@ def test_activation_with_a_value_at_zero_is_not_fused():
 
     def run(net: nn.Module) -> list[np.ndarray]:
         e = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
-                             composite="epsilon_plus", low=0.0, high=1.0, target="all")
+                             composite="epsilon_plus", low=0.0, high=1.0, target="all", trace=True)
         return [np.asarray(e.scores)] + [np.asarray(t[key]) for t in e.extras["_layers"] for key in ("relevance_out", "relevance_in")]
 
     for a, b in zip(run(fused), run(apart), strict=True):
@@ -654,3 +654,11 @@ def test_relevance_z_box_puts_on_zero_inputs_is_reported_once_named():
                              composite="epsilon_plus", low=0.0, high=1.0, target=0)
     assert e.extras["relevance_lost_at_zero_inputs"] != 0.0
     assert all("lrp: lrp:" not in str(w.message) for w in caught)
+    # untraced (the default) it is counted all the same: equal to the traced run's (the same sums)
+    with pytest.warns(salience.SalienceWarning, match="fell on inputs equal to 0"):
+        traced = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 8, 8)), x, method="lrp",
+                                  composite="epsilon_plus", low=0.0, high=1.0, target=0, trace=True)
+    assert e.extras["_layers"] == [] and not e.params["traced"] and traced.params["traced"]
+    assert [t["layer"] for t in traced.extras["_layers"]] == ["stem"]  # (the head, LRP-0, runs plainly)
+    assert e.extras["relevance_lost_at_zero_inputs"] == traced.extras["relevance_lost_at_zero_inputs"]
+    np.testing.assert_array_equal(np.asarray(e.scores), np.asarray(traced.scores))

@@ -289,6 +289,8 @@ class _Relevance(torch.autograd.Function):
             zero = x == 0
             c_in = torch.where(zero, 0.0, r_in / torch.where(zero, 1.0, x))
         if not step.mode.tracing:  # (under vmap nothing may be kept)
+            if coefficients is None and step.mode.count_lost:
+                step.mode.lost.append(_kept(_per_row(torch.where(zero, r_in, 0.0))))
             return c_in, None, None
         if coefficients is not None:
             found, lost = _row_dot(x, c_in), torch.zeros(x.shape[0] if x.dim() else 1, dtype=c_in.dtype, device=c_in.device)
@@ -330,7 +332,9 @@ class LRPMode(TorchFunctionMode):
     ``forwards``: forward passes of the model begun. ``tracing``: whether the rules record the
     trace (False: nothing recorded, not even the relevance lost at inputs equal to 0, and the
     backward can run vmapped over targets); ``transformer``: AttnLRP's rules too;
-    ``method``: the name errors give. ``copy_outputs``: the rules' outputs are copies of the values
+    ``method``: the name errors give. ``count_lost``: untraced, still sum per backward row the
+    relevance the rules that can lose it (flat, w-square, z^B) put on inputs equal to 0, in
+    ``lost`` (not under vmap: the backward rows must run as plain passes). ``copy_outputs``: the rules' outputs are copies of the values
     their backward keeps (safe when the model changes an output in place); False saves a copy per
     rule call, and a model that changes an output in place then fails in the backward with
     autograd's "modified by an inplace operation" error (see :func:`run_with_copies_if_needed`)."""
@@ -338,15 +342,16 @@ class LRPMode(TorchFunctionMode):
     def __init__(self, composite: Composite, *, eps: float = 0.0, gamma: float = 0.25,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None, merge_batch_norm: bool = True,
                  stabiliser: float = STABILISER, transformer: bool = False, method: str = "lrp",
-                 copy_outputs: bool = True, tracing: bool = True) -> None:
+                 copy_outputs: bool = True, tracing: bool = True, count_lost: bool = False) -> None:
         super().__init__()
-        self.copy_outputs, self.tracing = copy_outputs, tracing
+        self.copy_outputs, self.tracing, self.count_lost = copy_outputs, tracing, count_lost
         self.composite, self.eps, self.gamma, self.stabiliser = composite, eps, gamma, stabiliser
         self.bounds, self.merge_batch_norm = bounds, merge_batch_norm
         self.transformer, self.method = transformer, method
         self.forwards = -1
         self.backward_row: int | None = None  # set by next_backward_row
         self.trace: list[LayerTrace] = []
+        self.lost: list[Sums] = []  # untraced with count_lost: per rule call, the relevance lost per backward row
         self.rules: dict[str, set[str]] = {}
         self.layers = 0
         self.merged = 0
