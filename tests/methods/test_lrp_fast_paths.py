@@ -279,6 +279,68 @@ def test_relu_outputs_need_no_zero_input_mask(composite, monkeypatch):
         np.testing.assert_allclose(ours, theirs, **TOL)
 
 
+def test_batch_norm_and_pad_are_read_by_their_signatures():
+    """The mode reads F.batch_norm's and F.pad's arguments by a fixed list of names and defaults (no
+    signature binding per call): the list is the signature's, and a batch norm (random statistics,
+    scale, shift and eps) called as a module, by position, by name, or given no scale, shift or eps
+    (their defaults) is merged as the layer it makes: the epsilon rule (eps > 0, so it runs and
+    reads the merged weights) gives the scores of the network with the batch norm folded into the
+    convolution by hand (1e-10)."""
+    import inspect
+
+    from salience.methods.lrp_mode import _BATCH_NORM, _BATCH_NORM_DEFAULTS
+
+    signature = inspect.signature(F.batch_norm)
+    assert tuple(signature.parameters) == _BATCH_NORM
+    assert {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty} == \
+        _BATCH_NORM_DEFAULTS
+    assert tuple(inspect.signature(F.pad).parameters) == ("input", "pad", "mode", "value")
+
+    class Stem(nn.Module):
+        def __init__(self, style: str) -> None:
+            super().__init__()
+            self.conv, self.head, self.style = nn.Conv2d(3, 4, 3), nn.Linear(4, 3), style
+            self.bn = nn.BatchNorm2d(4, eps=1e-5 if style == "defaults" else 0.01, affine=style != "defaults")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z, bn = self.conv(F.pad(x, [1, 1, 1, 1])), self.bn
+            if self.style == "position":
+                z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+            elif self.style == "name":
+                z = F.batch_norm(input=z, running_mean=bn.running_mean, running_var=bn.running_var, weight=bn.weight,
+                                 bias=bn.bias, eps=bn.eps)
+            elif self.style == "defaults":
+                z = F.batch_norm(z, bn.running_mean, bn.running_var)
+            elif self.style == "module":
+                z = bn(z)
+            return self.head(F.relu(z).mean((2, 3)))
+
+    x = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def scores(net: nn.Module, merged: int) -> np.ndarray:
+        e = salience.explain(ImageClassifier(net, labels=list("abc"), input_shape=(3, 6, 6)), x, method="lrp",
+                             composite="epsilon", eps=0.01, target="all")
+        assert e.params["batch_norm_merged"] == merged
+        return np.asarray(e.scores)
+
+    for style in ("module", "position", "name", "defaults"):
+        torch.manual_seed(4)
+        net = Stem(style).double().eval()
+        folded = Stem("folded").double().eval()
+        bn = net.bn
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            weight, bias = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+            if bn.affine:
+                weight, bias = bn.weight.uniform_(0.5, 2.0), bn.bias.uniform_(-0.5, 0.5)
+            scale = weight / torch.sqrt(bn.running_var + bn.eps)
+            folded.conv.weight.copy_(net.conv.weight * scale[:, None, None, None])
+            folded.conv.bias.copy_((net.conv.bias - bn.running_mean) * scale + bias)
+            folded.head.load_state_dict(net.head.state_dict())
+        np.testing.assert_allclose(scores(net, 1), scores(folded, 0), rtol=1e-10, atol=1e-14, err_msg=style)
+
+
 def test_bound_arguments_reads_each_signature_once_and_takes_any_callable():
     """The rules name a call's arguments with one cached signature per function; defaults are added
     on request; an unhashable callable (not cacheable) and a builtin without a signature still work."""

@@ -65,7 +65,6 @@ from salience.methods.rules import (
     ELEMENTWISE,
     LINEAR,
     RELU_FAMILY,
-    bound_arguments,
     function_name,
     is_inplace,
     is_linear_call,
@@ -80,6 +79,9 @@ ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
 ZERO_AT_ZERO = {func for func, name in ELEMENTWISE.items()
                 if name.rsplit(".", 1)[-1] in ("elu", "selu", "celu", "leaky_relu", "tanh", "gelu", "silu", "mish",
                                                "hardswish", "softsign", "tanhshrink")}
+# F.batch_norm's parameters and defaults, read directly (inspect's binding cost about 10 us a call)
+_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
 
@@ -593,7 +595,7 @@ class LRPMode(TorchFunctionMode):
         return record if record is not None and record.output() is z and z._version == record.version else None
 
     def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        bound = bound_arguments(func, args, kwargs, defaults=True)
+        bound = {**_BATCH_NORM_DEFAULTS, **dict(zip(_BATCH_NORM, args)), **kwargs}  # (F.batch_norm's signature)
         z = bound.get("input")
         if not _path(z):
             return func(*args, **kwargs)
@@ -684,9 +686,7 @@ class LRPMode(TorchFunctionMode):
 
     # ------------------------------------------------------------ padding seen by z^B
     def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = bound_arguments(F.pad, args, kwargs, defaults=True) or {
-            "input": args[0], "pad": args[1] if len(args) > 1 else kwargs.get("pad"),
-            "mode": args[2] if len(args) > 2 else kwargs.get("mode", "constant")}
+        bound = {"mode": "constant", "value": None, **dict(zip(("input", "pad", "mode", "value"), args)), **kwargs}  # (F.pad's)
         source = bound.get("input")
         if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
             self._pads[id(result)] = (weakref.ref(result), partial(F.pad, pad=bound["pad"], mode="constant", value=0.0),
