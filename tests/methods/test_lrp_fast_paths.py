@@ -724,3 +724,30 @@ def test_relevance_z_box_puts_on_zero_inputs_is_reported_once_named():
     assert [t["layer"] for t in traced.extras["_layers"]] == ["stem"]  # (the head, LRP-0, runs plainly)
     assert e.extras["relevance_lost_at_zero_inputs"] == traced.extras["relevance_lost_at_zero_inputs"]
     np.testing.assert_array_equal(np.asarray(e.scores), np.asarray(traced.scores))
+
+
+def test_tensor_properties_read_on_the_path_are_linear():
+    """Reading a property of a tensor on the relevance path (``h.shape``, ``h.mT``) is linear or no
+    tensor at all: LRP and DeepLIFT give the scores of the same network without the reads (exactly:
+    the same arithmetic). Before, both refused ``.mT`` as an unknown nonlinear function."""
+
+    class Net(nn.Module):
+        def __init__(self, reads: bool) -> None:
+            super().__init__()
+            self.conv, self.head, self.reads = nn.Conv2d(3, 4, 3), nn.Linear(4, 3), reads
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x)).mean((2, 3))
+            if self.reads:
+                h = h.mT.reshape(h.shape[1], -1).mT  # (B, 4) -> (4, B) -> (B, 4) for B = 1
+            return self.head(h)
+
+    x = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    found = {}
+    for reads in (False, True):
+        torch.manual_seed(7)
+        model = ImageClassifier(Net(reads).double().eval(), labels=list("abc"), input_shape=(3, 6, 6))
+        found[reads] = [np.asarray(salience.explain(model, x, method="lrp", composite="epsilon", eps=1e-3, target=0).scores),
+                        np.asarray(salience.explain(model, x, method="deeplift", baseline=torch.zeros_like(x), target=0).scores)]
+    for ours, plain in zip(found[True], found[False], strict=True):
+        np.testing.assert_array_equal(ours, plain)

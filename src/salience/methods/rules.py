@@ -33,6 +33,7 @@ for errors, and small helpers on a call's arguments.
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -295,10 +296,20 @@ def bound_arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     return dict(bound.arguments)
 
 
+_PROPERTY_READ = type(torch.Tensor.shape.__get__)  # how a mode sees x.shape: Tensor.shape.__get__, a method-wrapper
+
+
+def _reads_property(func: Callable[..., Any]) -> bool:
+    """Whether a call reads a tensor property: not a tensor (shape, dtype), the tensor or a view of
+    it (.T, .mT, .H, .real: linear), or a tensor off the gradient path (.data, .grad)."""
+    return type(func) is _PROPERTY_READ and type(getattr(func, "__self__", None)) is types.GetSetDescriptorType
+
+
 def is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a call is linear in its input-dependent tensors: a linear function, a product or
-    quotient with at most one input-dependent factor (none in the divisor), dropout in eval mode."""
-    if func in LINEAR:
+    quotient with at most one input-dependent factor (none in the divisor), dropout in eval mode,
+    a property read (``x.mT``)."""
+    if func in LINEAR or _reads_property(func):
         return True
     if func in PRODUCTS:
         return sum(t.requires_grad for t in tensors_in((args, kwargs))) <= 1
@@ -306,6 +317,8 @@ def is_linear_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
         return not on_path(divisor)
     if func in EVAL_ONLY:
+        if "training" in kwargs:  # (how F.dropout passes it on: no binding needed)
+            return kwargs["training"] is False
         bound = bound_arguments(func, args, kwargs)
         return bound.get("training", True) is False
     return False
