@@ -751,3 +751,83 @@ def test_tensor_properties_read_on_the_path_are_linear():
                         np.asarray(salience.explain(model, x, method="deeplift", baseline=torch.zeros_like(x), target=0).scores)]
     for ours, plain in zip(found[True], found[False], strict=True):
         np.testing.assert_array_equal(ours, plain)
+
+
+class _ConvNormAct(nn.Module):
+    """conv - batch norm - activation (its output added to the batch norm's when ``twice``) - pooling
+    - linear; ``folded``: the batch norm folded into the convolution by hand instead."""
+
+    def __init__(self, act: nn.Module, twice: bool = False, folded: bool = False) -> None:
+        super().__init__()
+        self.conv, self.act, self.head, self.twice = nn.Conv2d(3, 4, 3, padding=1), act, nn.Linear(4, 3), twice
+        self.bn = None if folded else nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        z = z if self.bn is None else self.bn(z)
+        y = self.act(z) + z if self.twice else self.act(z)
+        return self.head(y.mean((2, 3)))
+
+
+def _with_folded_twin(act: nn.Module, twice: bool) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(12)
+    net = _ConvNormAct(act, twice).double().eval()
+    folded = _ConvNormAct(act, twice, folded=True).double().eval()
+    with torch.no_grad():
+        assert net.bn is not None
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+        net.bn.weight.uniform_(0.5, 2.0)
+        net.bn.bias.uniform_(-0.5, 0.5)
+        scale = net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)
+        folded.conv.weight.copy_(net.conv.weight * scale[:, None, None, None])
+        folded.conv.bias.copy_((net.conv.bias - net.bn.running_mean) * scale + net.bn.bias)
+        folded.head.load_state_dict(net.head.state_dict())
+    return net, folded
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.GELU(), nn.Sigmoid(), nn.ReLU()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("twice", [False, True])
+def test_activation_after_a_plain_batch_norm_passes_relevance_to_its_input(act, twice, monkeypatch):
+    """An activation after a batch norm that runs plainly (LRP-0) takes the relevance straight to the
+    batch norm's input, its ratio y / x scaled by the batch norm's factor (the batch norm's own
+    backward left out): the scores equal those of the network with the batch norm folded into the
+    convolution by hand (1e-12), also when the batch norm's output is used again (added to the
+    activation's). ReLU, whose ratio is its derivative, keeps its own backward."""
+    from salience.methods import lrp_mode
+
+    net, folded = _with_folded_twin(act, twice)
+    below = []
+    real = lrp_mode._Pass.apply
+    monkeypatch.setattr(lrp_mode._Pass, "apply", lambda *args: below.append(len(args) > 3) or real(*args))
+    x = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+
+    def scores(model: nn.Module) -> np.ndarray:
+        return np.asarray(salience.explain(ImageClassifier(model, labels=list("abc"), input_shape=(3, 6, 6)), x,
+                                           method="lrp", composite="epsilon", target="all").scores)
+
+    ours = scores(net)
+    assert below == ([] if isinstance(act, nn.ReLU) else [True])
+    np.testing.assert_allclose(ours, scores(folded), rtol=1e-12, atol=1e-15)
+
+
+def test_batch_norm_input_changed_in_place_is_not_skipped():
+    """When the batch norm's input is changed in place after the batch norm read it, the activation
+    does not take the relevance to it (the relevance would reach the change): the batch norm's own
+    backward runs and autograd refuses the changed tensor, as it does for the plain gradient."""
+
+    class Changed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            u = self.conv(x)
+            z = self.bn(u)
+            u.mul_(3.0)
+            return self.head((F.relu6(z) + u).mean((2, 3)))
+
+    model = ImageClassifier(Changed().double().eval(), labels=list("abc"), input_shape=(3, 6, 6))
+    x = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=IN_PLACE_ERROR):
+        salience.explain(model, x, method="lrp", composite="epsilon", target=0)

@@ -22,7 +22,9 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
 - elementwise activations (the ReLU family, sigmoid, tanh, ...) pass relevance through
   (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
   call; one with f(0) = 0 right after a layer that runs a rule (conv + batch norm + ReLU6) runs
-  in one node with it, the layer's rule starting from R = y c (no ratio computed or kept);
+  in one node with it, the layer's rule starting from R = y c (no ratio computed or kept); one
+  right after a batch norm that runs plainly (LRP-0) passes the relevance straight to the batch
+  norm's input, its ratio scaled by the batch norm's factor (the batch norm's backward left out);
 - max pooling keeps its gradient (winner takes all); other functions linear in the input
   (reshapes, indexing, padding, dropout in eval mode, scaling by constants) keep their gradient,
   which in this form is LRP-0 (relevance moves unchanged or in proportion);
@@ -248,7 +250,10 @@ def _per_row(t: torch.Tensor) -> torch.Tensor:
 class _LayerOutput:
     """A linear layer's output in this forward pass (held weakly) and its version counter then; the
     layer's input (its rule node keeps it anyway), Layer, rule and z^B's padding mask (input and
-    Layer None: the call ran plainly, as LRP-0). Dropped when the forward pass ends."""
+    Layer None: the call ran plainly, as LRP-0). A batch norm run plainly (LRP-0, merged or alone)
+    keeps its input, the input's version counter then and its arguments (``batch_norm``, for an
+    activation after it: see :meth:`LRPMode._after_plain_batch_norm`). Dropped when the forward
+    pass ends."""
 
     output: weakref.ref[torch.Tensor]
     version: int
@@ -256,6 +261,17 @@ class _LayerOutput:
     layer: Layer | None
     rule: Rule
     mask: torch.Tensor | None = None
+    batch_norm: dict[str, Any] | None = None
+    input_version: int = 0
+
+
+def _scale_and_shift(batch_norm: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch norm in eval mode (its arguments by name) as y = s x + t per channel: (s, t)."""
+    scale = torch.rsqrt(batch_norm["running_var"] + batch_norm["eps"])
+    if batch_norm.get("weight") is not None:
+        scale = scale * batch_norm["weight"]
+    bias = batch_norm.get("bias")
+    return scale, -batch_norm["running_mean"] * scale + (bias if bias is not None else 0.0)
 
 
 class _Relevance(torch.autograd.Function):
@@ -307,23 +323,31 @@ class _Pass(torch.autograd.Function):
     """An elementwise activation y = f(x) (in place when it was) passing relevance through:
     c_in = c y / x. The ratio y / x is computed once, in the forward pass (0 where it is not finite:
     at x = 0, where the input's relevance x c_in is 0), so each backward row (one per target) is
-    one product."""
+    one product. ``below``: the input u of a batch norm x = s u + t run plainly (LRP-0: its
+    gradient) just before, and its per-channel scale s, or None (then ``x`` is passed detached);
+    given, the relevance goes straight to u, c_u = s c y / x: one product with the ratio scaled
+    once, and the batch norm's own backward pass (a pass over the tensor) is not run (it runs if x
+    has other uses)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool,
+                below: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
         before = x.detach().clone() if inplace else x.detach()
         y = call()
         if inplace:
             ctx.mark_dirty(x)
         ratio = torch.div(y.detach(), before).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        if scale is not None:
+            ratio.mul_(scale.reshape((1, -1) + (1,) * (ratio.dim() - 2)))
         ctx.save_for_backward(ratio)
+        ctx.below = below is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (ratio,) = ctx.saved_tensors
-        return c * ratio, None, None
+        return (None, None, None, c * ratio, None) if ctx.below else (c * ratio, None, None, None, None)
 
 
 class LRPMode(TorchFunctionMode):
@@ -586,8 +610,9 @@ class LRPMode(TorchFunctionMode):
         return out
 
     def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule,
-                       mask: torch.Tensor | None = None) -> None:
-        self._outputs[id(out)] = _LayerOutput(weakref.ref(out), out._version, x, layer, rule, mask)
+                       mask: torch.Tensor | None = None, batch_norm: dict[str, Any] | None = None) -> None:
+        self._outputs[id(out)] = _LayerOutput(weakref.ref(out), out._version, x, layer, rule, mask, batch_norm,
+                                              x._version if x is not None else 0)
 
     def _output_of_layer(self, z: torch.Tensor) -> _LayerOutput | None:
         """The record of the layer whose output z is, unchanged since (not changed in place), else None."""
@@ -603,7 +628,7 @@ class LRPMode(TorchFunctionMode):
             raise ParameterError(f"{self.method} needs batch norm in eval mode with running statistics{self._where()}; call model.eval()")
         compute = partial(func, *args, **kwargs)
         record = self._output_of_layer(z)
-        merging = self.merge_batch_norm and record is not None
+        merging = self.merge_batch_norm and record is not None and record.batch_norm is None  # (not after a batch norm)
         if merging:
             assert record is not None
             x, layer, rule = record.input, record.layer, record.rule
@@ -613,14 +638,9 @@ class LRPMode(TorchFunctionMode):
             self.layers += 1
         if gradient_form(rule):  # LRP-0 of the batch norm (merged or alone): the plain call's gradient
             out = compute()
-            if merging:
-                self._record_output(out, None, None, rule)
+            self._record_output(out, z, None, rule, batch_norm=bound)  # (for an activation after it)
             return out
-        mean, var = bound["running_mean"], bound["running_var"]
-        scale = torch.rsqrt(var + bound["eps"])
-        if bound.get("weight") is not None:
-            scale = scale * bound["weight"]
-        shift = -mean * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
+        scale, shift = _scale_and_shift(bound)
         if merging:
             assert layer is not None and x is not None and record is not None  # a layer that ran its rule
             merged = layer.merged_with_batch_norm(scale, shift)
@@ -656,6 +676,8 @@ class LRPMode(TorchFunctionMode):
             zero_at_zero = func in ZERO_AT_ZERO
         call = partial(func, *args, **kwargs)
         out = self._fused_activation(x, call) if zero_at_zero and not inplace else None
+        if out is None and not plain and not inplace:
+            out = self._after_plain_batch_norm(x, call)
         if out is None:
             out = call() if plain else _Pass.apply(x, call, inplace)
         if relu:
@@ -677,6 +699,17 @@ class LRPMode(TorchFunctionMode):
         step = _Step(self, record.layer, record.rule, record.mask, self.forwards,
                      pre_activation=pre, pre_version=pre._version)
         return _Relevance.apply(record.input, step, call)  # type: ignore[no-any-return]
+
+    def _after_plain_batch_norm(self, x: torch.Tensor, call: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """``call()``, an activation of a batch norm's output x, as one :class:`_Pass` node with that
+        batch norm when it ran plainly (LRP-0), else None: the identity rule's ratio is scaled by
+        the batch norm's factor once in the forward pass, and the relevance reaches the batch norm's
+        input in one product (ReLU keeps its own backward: its ratio is its derivative)."""
+        record = self._output_of_layer(x)
+        if record is None or record.batch_norm is None or record.input is None or record.input._version != record.input_version:
+            return None  # (an input changed in place since the batch norm read it: the relevance must not reach the change)
+        scale, _ = _scale_and_shift(record.batch_norm)
+        return _Pass.apply(x.detach(), call, False, record.input, scale)  # type: ignore[no-any-return]
 
     def _known_nonnegative(self, x: torch.Tensor) -> bool:
         """Whether x is a ReLU's output (or its zero padding) in this forward pass, unchanged since
