@@ -356,13 +356,13 @@ class LRPMode(TorchFunctionMode):
     high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
     layer calls seen; ``rules``: layer type -> rules used; ``merged``: batch norms merged;
     ``forwards``: forward passes of the model begun. ``tracing``: whether the rules record the
-    trace (False: nothing recorded, not even the relevance lost at inputs equal to 0, and the
-    backward can run vmapped over targets); ``transformer``: AttnLRP's rules too;
-    ``method``: the name errors give. ``count_lost``: untraced, still sum per backward row the
-    relevance the rules that can lose it (flat, w-square, z^B) put on inputs equal to 0, in
-    ``lost`` (not under vmap: the backward rows must run as plain passes). ``copy_outputs``: the rules' outputs are copies of the values
-    their backward keeps (safe when the model changes an output in place); False saves a copy per
-    rule call, and a model that changes an output in place then fails in the backward with
+    trace (False: nothing recorded but what ``count_lost`` asks for, and the backward can run
+    vmapped over targets); ``transformer``: AttnLRP's rules too; ``method``: the name errors
+    give. ``count_lost``: untraced, still sum per backward row the relevance the rules that can
+    lose it (flat, w-square, z^B) put on inputs equal to 0, in ``lost`` (not under vmap: the
+    backward rows must run as plain passes). ``copy_outputs``: the rules' outputs are copies of
+    the values their backward keeps (safe when the model changes an output in place); False saves
+    a copy per rule call, and a model that changes an output in place then fails in the backward with
     autograd's "modified by an inplace operation" error (see :func:`run_with_copies_if_needed`)."""
 
     def __init__(self, composite: Composite, *, eps: float = 0.0, gamma: float = 0.25,
