@@ -279,6 +279,17 @@ def test_relu_outputs_need_no_zero_input_mask(composite, monkeypatch):
         np.testing.assert_allclose(ours, theirs, **TOL)
 
 
+def _fold_batch_norm(target: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Set ``target``'s weight and bias to ``conv`` followed by ``bn`` (eval mode), folded by hand:
+    W' = s W, b' = (b - mean) s + beta with s = gamma / sqrt(var + eps) (gamma 1, beta 0 without affine)."""
+    weight = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    bias = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        scale = weight / torch.sqrt(bn.running_var + bn.eps)
+        target.weight.copy_(conv.weight * scale[:, None, None, None])
+        target.bias.copy_((conv.bias - bn.running_mean) * scale + bias)
+
+
 def test_batch_norm_and_pad_are_read_by_their_signatures():
     """The mode reads F.batch_norm's and F.pad's arguments by a fixed list of names and defaults (no
     signature binding per call): the list is the signature's, and a batch norm (random statistics,
@@ -331,13 +342,11 @@ def test_batch_norm_and_pad_are_read_by_their_signatures():
         with torch.no_grad():
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-            weight, bias = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
             if bn.affine:
-                weight, bias = bn.weight.uniform_(0.5, 2.0), bn.bias.uniform_(-0.5, 0.5)
-            scale = weight / torch.sqrt(bn.running_var + bn.eps)
-            folded.conv.weight.copy_(net.conv.weight * scale[:, None, None, None])
-            folded.conv.bias.copy_((net.conv.bias - bn.running_mean) * scale + bias)
+                bn.weight.uniform_(0.5, 2.0)
+                bn.bias.uniform_(-0.5, 0.5)
             folded.head.load_state_dict(net.head.state_dict())
+        _fold_batch_norm(folded.conv, net.conv, bn)
         np.testing.assert_allclose(scores(net, 1), scores(folded, 0), rtol=1e-10, atol=1e-14, err_msg=style)
 
 
@@ -686,11 +695,8 @@ def test_input_layer_padding_mask_reaches_the_merged_and_fused_rule(fused):
         merged.bn.weight.uniform_(0.5, 1.5)
         merged.bn.bias.uniform_(-0.2, 0.2)
     folded = _PaddedStem(folded=True, apart=True).double().eval()
-    bn = merged.bn
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    _fold_batch_norm(folded.stem, merged.stem, merged.bn)
     with torch.no_grad():
-        folded.stem.weight.copy_(merged.stem.weight * scale[:, None, None, None])
-        folded.stem.bias.copy_((merged.stem.bias - bn.running_mean) * scale + bn.bias)
         folded.head.load_state_dict(merged.head.state_dict())
     x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
 
@@ -779,10 +785,8 @@ def _with_folded_twin(act: nn.Module, twice: bool) -> tuple[nn.Module, nn.Module
         net.bn.running_var.uniform_(0.5, 2.0)
         net.bn.weight.uniform_(0.5, 2.0)
         net.bn.bias.uniform_(-0.5, 0.5)
-        scale = net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)
-        folded.conv.weight.copy_(net.conv.weight * scale[:, None, None, None])
-        folded.conv.bias.copy_((net.conv.bias - net.bn.running_mean) * scale + net.bn.bias)
         folded.head.load_state_dict(net.head.state_dict())
+    _fold_batch_norm(folded.conv, net.conv, net.bn)
     return net, folded
 
 

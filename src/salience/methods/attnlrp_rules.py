@@ -54,7 +54,7 @@ from torch.autograd.function import once_differentiable
 
 from salience.errors import ParameterError
 from salience.methods.lrp_rules import stabilised_ratio
-from salience.methods.rules import tensors_in
+from salience.methods.rules import named_arguments, tensors_in
 
 PASS = object()  # the call is not one of these rules: the mode goes on with its own
 
@@ -293,7 +293,7 @@ def _norm_dims(shape: Any) -> tuple[int, ...]:
 def _layer_norm(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     names = ("input", "normalized_shape", "weight", "bias", "eps") if func is F.layer_norm else \
         ("input", "normalized_shape", "weight", "eps")
-    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    bound = named_arguments(names, args, kwargs)
     x = bound["input"]
     if not _on_path(x):
         return PASS
@@ -473,7 +473,7 @@ _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "
 
 
 def _sdpa(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    bound = {**dict(zip(_SDPA_NAMES, args, strict=False)), **kwargs}
+    bound = named_arguments(_SDPA_NAMES, args, kwargs)
     q, k, v = bound["query"], bound["key"], bound["value"]
     path = [t for t in (q, k, v) if _on_path(t)]
     if not path:

@@ -70,6 +70,7 @@ from salience.methods.rules import (
     function_name,
     is_inplace,
     is_linear_call,
+    named_arguments,
     tensors_in,
 )
 
@@ -81,7 +82,7 @@ ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
 ZERO_AT_ZERO = {func for func, name in ELEMENTWISE.items()
                 if name.rsplit(".", 1)[-1] in ("elu", "selu", "celu", "leaky_relu", "tanh", "gelu", "silu", "mish",
                                                "hardswish", "softsign", "tanhshrink")}
-# F.batch_norm's parameters and defaults, read directly (inspect's binding cost about 10 us a call)
+# F.batch_norm's parameters and defaults (read by named_arguments)
 _BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
@@ -265,13 +266,10 @@ class _LayerOutput:
     input_version: int = 0
 
 
-def _scale_and_shift(batch_norm: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch norm in eval mode (its arguments by name) as y = s x + t per channel: (s, t)."""
+def _batch_norm_scale(batch_norm: dict[str, Any]) -> torch.Tensor:
+    """The per-channel factor s of a batch norm in eval mode (its arguments by name), y = s x + t."""
     scale = torch.rsqrt(batch_norm["running_var"] + batch_norm["eps"])
-    if batch_norm.get("weight") is not None:
-        scale = scale * batch_norm["weight"]
-    bias = batch_norm.get("bias")
-    return scale, -batch_norm["running_mean"] * scale + (bias if bias is not None else 0.0)
+    return scale if batch_norm.get("weight") is None else scale * batch_norm["weight"]
 
 
 class _Relevance(torch.autograd.Function):
@@ -620,7 +618,7 @@ class LRPMode(TorchFunctionMode):
         return record if record is not None and record.output() is z and z._version == record.version else None
 
     def _batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        bound = {**_BATCH_NORM_DEFAULTS, **dict(zip(_BATCH_NORM, args)), **kwargs}  # (F.batch_norm's signature)
+        bound = named_arguments(_BATCH_NORM, args, kwargs, _BATCH_NORM_DEFAULTS)
         z = bound.get("input")
         if not _path(z):
             return func(*args, **kwargs)
@@ -640,7 +638,8 @@ class LRPMode(TorchFunctionMode):
             out = compute()
             self._record_output(out, z, None, rule, batch_norm=bound)  # (for an activation after it)
             return out
-        scale, shift = _scale_and_shift(bound)
+        scale = _batch_norm_scale(bound)
+        shift = -bound["running_mean"] * scale + (bound["bias"] if bound.get("bias") is not None else 0.0)
         if merging:
             assert layer is not None and x is not None and record is not None  # a layer that ran its rule
             merged = layer.merged_with_batch_norm(scale, shift)
@@ -708,8 +707,7 @@ class LRPMode(TorchFunctionMode):
         record = self._output_of_layer(x)
         if record is None or record.batch_norm is None or record.input is None or record.input._version != record.input_version:
             return None  # (an input changed in place since the batch norm read it: the relevance must not reach the change)
-        scale, _ = _scale_and_shift(record.batch_norm)
-        return _Pass.apply(x.detach(), call, False, record.input, scale)  # type: ignore[no-any-return]
+        return _Pass.apply(x.detach(), call, False, record.input, _batch_norm_scale(record.batch_norm))  # type: ignore[no-any-return]
 
     def _known_nonnegative(self, x: torch.Tensor) -> bool:
         """Whether x is a ReLU's output (or its zero padding) in this forward pass, unchanged since
@@ -719,7 +717,7 @@ class LRPMode(TorchFunctionMode):
 
     # ------------------------------------------------------------ padding seen by z^B
     def _record_pad(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = {"mode": "constant", "value": None, **dict(zip(("input", "pad", "mode", "value"), args)), **kwargs}  # (F.pad's)
+        bound = named_arguments(("input", "pad", "mode", "value"), args, kwargs, {"mode": "constant", "value": None})
         source = bound.get("input")
         if isinstance(result, torch.Tensor) and isinstance(source, torch.Tensor) and bound.get("mode", "constant") == "constant":
             self._pads[id(result)] = (weakref.ref(result), partial(F.pad, pad=bound["pad"], mode="constant", value=0.0),

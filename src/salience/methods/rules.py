@@ -276,6 +276,15 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
+def named_arguments(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A call's arguments by name, for a function whose parameter ``names`` are known (in order):
+    ``defaults``, then the positional arguments, then the keywords. For the hot path's functions
+    (batch norm, padding, layer norm, attention) instead of :func:`bound_arguments`, whose
+    signature binding costs about 10 us a call."""
+    return {**(defaults or {}), **dict(zip(names, args, strict=False)), **kwargs}
+
+
 def bound_arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
                     defaults: bool = False) -> dict[str, Any]:
     """The call's arguments by name, with the parameters' defaults when ``defaults`` (empty when the
