@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -27,7 +28,7 @@ from salience.errors import ParameterError
 from salience.methods.attnlrp_rules import attention
 from salience.methods.lrp_composites import parse_composite
 from salience.methods.lrp_mode import LRPMode
-from tiny_lm import build_model, build_tokenizer
+from tiny_lm import VOCAB, build_model, build_tokenizer
 
 TEXT = "the film was good , but the plot was dull"
 PROMPT = "the capital of france is"
@@ -341,6 +342,27 @@ def test_conservation_tiny_bert(toy_dir, attn):
     full.model.double()
     for row in salience.explain(full, TEXT, method="attnlrp", target="all", trace=True).extras["conservation"]:
         assert row["output"] == pytest.approx(row["relevance_sum"] + row["softmax_kept"] + row["other_kept"], abs=1e-12)
+
+
+def test_conservation_tiny_gpt2_over_a_generation():
+    """GPT-2 writes its dense layers as addmm (Conv1D) and its GELU in torch functions
+    (NewGELUActivation): the written-out layers take the epsilon rule and the activation the identity
+    rule, so with every bias and the position embeddings zeroed nothing but the softmax keeps relevance."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(VOCAB), n_embd=16, n_layer=2, n_head=4, n_positions=32, n_inner=32,
+                        bos_token_id=1, eos_token_id=2, initializer_range=0.4)
+    model = GPT2LMHeadModel(config).double().eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "wpe" in name:
+                parameter.zero_()
+    lm = salience.CausalLM(model, build_tokenizer(), name="tiny-gpt2")
+    e = salience.explain(lm, PROMPT, method="attnlrp", eps=1e-13, stabiliser=1e-13, max_new_tokens=2, trace=True)
+    check_conservation(e)
+    assert e.params["rules"]["Conv1D"] == ["epsilon"]
+    # 2 targets x (2 layers x 4 Conv1D, 5 layer norms, 2 softmaxes, 2 x 2 attention matmuls), and the output
+    # head once (its backward shared by the targets)
+    assert e.params["rule_calls"] == {"epsilon": 17, "layer_norm": 10, "softmax": 4, "uniform": 8}
 
 
 def test_conservation_tiny_llama_over_a_generation():

@@ -13,7 +13,8 @@ rule below is a *modified gradient* (the relevance at an input x is x times what
   ``*``, ``matmul``, ``bmm``, ``mm``, ``einsum``): the epsilon rule on the sum of products, then the
   uniform rule, each factor taking 1/k: ``c_f = (1/k) J_f^T (R_out / stab(p))`` with p the
   product (Propositions 3.2 and 3.3; LXT's ``matmul_fn`` and ``mul2_fn``); conserves up to the
-  stabiliser;
+  stabiliser. ``baddbmm`` / ``addmm`` / ``addbmm`` (Bloom's ALiBi scores: ``beta t + alpha q k^T``)
+  take the same rule, the added t (off the relevance path, else refused) taking its share as a bias;
 - normalisations: ``F.layer_norm`` and ``F.rms_norm`` propagate through their linear part with the
   divisor held constant (Proposition 3.4, identity on the normalisation: for LayerNorm the
   centring stays a linear map and the bias takes its share, for RMSNorm the whole layer passes
@@ -63,6 +64,9 @@ PRODUCTS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rm
             torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
             torch.Tensor.bmm, torch.mm, torch.Tensor.mm, torch.einsum)
 IN_PLACE_PRODUCTS = (torch.Tensor.mul_, torch.Tensor.__imul__)
+# products with a tensor added (beta input + alpha batch1 @ batch2: Bloom's ALiBi scores): the uniform rule when the
+# added tensor is off the relevance path (it takes its share, as a bias)
+ADDED_PRODUCTS = (torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm, torch.addbmm, torch.Tensor.addbmm)
 # products whose vector-Jacobian product is written out (two factors, positional, in this order)
 MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.mm, torch.Tensor.mm)
 MULS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.multiply, torch.Tensor.multiply)
@@ -522,6 +526,13 @@ def _at(mode: Mode) -> str:
 
 
 # ------------------------------------------------------------------ dispatch
+def has_transformer_rule(func: Callable[..., Any], in_normalisation: bool) -> bool:
+    """Whether one of these rules covers ``func`` (inside a normalisation module: ``in_normalisation``)."""
+    return (func is F.scaled_dot_product_attention or func in SOFTMAXES or func is F.layer_norm
+            or func is getattr(F, "rms_norm", None) or func in PRODUCTS or func in ADDED_PRODUCTS
+            or (func in STATISTICS and in_normalisation))
+
+
 def transformer_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The result of ``func(*args, **kwargs)`` under AttnLRP's rules, or :data:`PASS` when none applies."""
     if func is F.scaled_dot_product_attention:
@@ -531,6 +542,11 @@ def transformer_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...]
     if func is F.layer_norm or func is getattr(F, "rms_norm", None):
         return _layer_norm(mode, func, args, kwargs)
     if func in PRODUCTS:
+        return uniform_rule(mode, func, args, kwargs)
+    if func in ADDED_PRODUCTS:
+        if _on_path(args[0] if args else kwargs.get("input")):
+            raise ParameterError(f"attnlrp: {getattr(func, '__name__', func)} adds an input-dependent tensor to a product{_at(mode)}; "
+                                 "the uniform rule needs the sum and the product as two calls")
         return uniform_rule(mode, func, args, kwargs)
     if func in IN_PLACE_PRODUCTS and sum(t.requires_grad for t in tensors_in((args, kwargs))) >= 2:
         raise ParameterError(f"attnlrp cannot apply the uniform rule to an in-place product{_at(mode)}; write x = x * y")

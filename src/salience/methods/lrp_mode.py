@@ -6,7 +6,9 @@ What flows backward is the relevance *per unit of activation*: at a tensor a the
 c with R = a * c (elementwise), so the gradient seed 1 at the explained logit z is the relevance
 R = z, and the input's relevance is x * (what arrives at x). In that form the rules are:
 
-- linear layers (F.linear, F.conv1d/2d/3d) take their composite's rule
+- linear layers (F.linear, F.conv1d/2d/3d, and a dense layer written out as a product with its
+  weight: ``x @ W``, ``x.mm(W)``, ``addmm(b, x, W)`` with W a 2-d ``nn.Parameter``, as GPT-2's
+  ``Conv1D``, taken as ``F.linear(x, W^T, b)``) take their composite's rule
   (:mod:`salience.methods.lrp_rules`): c_in = R_in / x (0 where x = 0: the relevance a rule puts
   on an input equal to 0, possible with flat, w-square and z^B only, is counted in ``lost``).
   LRP-0 (epsilon with eps = 0) is the layer's own gradient in this form, c_in = J^T (z c / z) =
@@ -19,8 +21,9 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
 - a sum of two relevance-carrying tensors (residual a + b) splits R in proportion to each
   summand, R_a = a R / (a + b): per unit, c_a = c, its gradient (a difference likewise), so sums
   run as plain calls (no stabiliser: there is no division in this form);
-- elementwise activations (the ReLU family, sigmoid, tanh, ...) pass relevance through
-  (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
+- elementwise activations (the ReLU family, sigmoid, tanh, ..., and a module of
+  ``transformers.activations`` as one unit, its own calls run without gradients) pass relevance
+  through (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
   call; one with f(0) = 0 right after a layer that runs a rule (conv + batch norm + ReLU6) runs
   in one node with it, the layer's rule starting from R = y c (no ratio computed or kept); one
   right after a batch norm that runs plainly (LRP-0) passes the relevance straight to the batch
@@ -59,7 +62,7 @@ from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError
 from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
-from salience.methods.attnlrp_rules import PASS, is_normalisation, transformer_call
+from salience.methods.attnlrp_rules import PASS, has_transformer_rule, is_normalisation, transformer_call
 from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox
@@ -75,6 +78,9 @@ from salience.methods.rules import (
 )
 
 LAYERS: dict[Callable[..., Any], str] = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+# dense layers written out as products with a weight (see LRPMode._weight_product)
+ADDMMS = (torch.addmm, torch.Tensor.addmm)
+WEIGHT_PRODUCTS = frozenset((torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, *ADDMMS))
 AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 ACTIVATIONS = set(RELU_FAMILY) | set(ELEMENTWISE)
@@ -87,6 +93,15 @@ _BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "traini
 _BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
+
+
+@functools.cache
+def is_activation_module(cls: type) -> bool:
+    """Whether a module class is one of transformers' activations (``transformers.activations``:
+    NewGELUActivation, FastGELUActivation, QuickGELUActivation, ...), each an elementwise function
+    of its input, several of them written out in torch functions (``torch.pow``, ``tanh``) that
+    the rules would otherwise meet one by one."""
+    return cls.__module__ == "transformers.activations"
 
 
 @functools.cache
@@ -381,6 +396,8 @@ class LRPMode(TorchFunctionMode):
         self.merged = 0
         self._paused = False
         self._stack: list[nn.Module] = []
+        # an activation module running now (see _begin_activation_module): its input and the input's version
+        self._unit: tuple[nn.Module, torch.Tensor, int] | None = None
         self._names: dict[int, str] = {}
         self._calls = 0  # linear layers seen in this forward pass
         # layer outputs of this forward pass, for a batch norm or an activation right after the layer
@@ -425,14 +442,43 @@ class LRPMode(TorchFunctionMode):
             self.forwards += 1
             self._names = {id(m): name for name, m in module.named_modules()}
             self._calls = 0
+            self._unit = None
             self._forget_forward()
         self._stack.append(module)
+        if self._unit is None and is_activation_module(type(module)):
+            self._begin_activation_module(module, _args)
 
-    def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+    def _pop(self, module: nn.Module, _args: Any, output: Any) -> Any:
         if self._stack:
             self._stack.pop()
             if not self._stack:  # the forward pass is over: nothing more can follow its layers
                 self._forget_forward()
+        if self._unit is not None and self._unit[0] is module:
+            return self._end_activation_module(output)
+        return None
+
+    def _begin_activation_module(self, module: nn.Module, args: Any) -> None:
+        """An activation module (:func:`is_activation_module`) called on a tensor on the relevance
+        path runs as one elementwise unit: its calls run plainly without gradients (see
+        ``__torch_function__``), and :meth:`_end_activation_module` gives its output the identity
+        rule. Called with its input by keyword it is left to the rules call by call."""
+        x = args[0] if isinstance(args, tuple) and args else None
+        if _path(x):
+            self._unit = (module, x, x._version)
+
+    def _end_activation_module(self, output: Any) -> Any:
+        """The activation module's output with the identity rule (c_in = c y / x, as an elementwise
+        activation), or None (unchanged) when its forward raised."""
+        module, x, version = self._unit  # type: ignore[misc]
+        self._unit = None
+        if output is None:
+            return None
+        if not isinstance(output, torch.Tensor) or output.shape != x.shape or x._version != version:
+            raise ParameterError(f"{self.method}: the activation module {type(module).__name__}{self._where_module(module)} "
+                                 "did not return a tensor of its input's shape with its input unchanged; the identity "
+                                 "rule needs an elementwise function")
+        with self.paused():
+            return _Pass.apply(x, lambda: output, False)
 
     def _forget_forward(self) -> None:
         """Drop the records of a forward pass's layer outputs, padding and ReLU outputs. Held until the
@@ -515,8 +561,15 @@ class LRPMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._paused or not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if self._unit is not None:  # inside an activation module: one unit (its rule: _end_activation_module)
+            with torch.no_grad():
+                return func(*args, **kwargs)
         if func in LAYERS:
             return self._layer(func, LAYERS[func], args, kwargs)
+        if func in WEIGHT_PRODUCTS:
+            found = self._weight_product(func, args, kwargs)
+            if found is not PASS:
+                return found
         if func is F.batch_norm:
             return self._batch_norm(func, args, kwargs)
         if func in AVG_POOLS:
@@ -537,8 +590,10 @@ class LRPMode(TorchFunctionMode):
                 "softmax read-outs, products of two input-dependent tensors (attention, squeeze-excitation) and other " \
                 "nonlinear functions"
             handled = f"{HANDLED}, {TRANSFORMER_HANDLED}" if self.transformer else HANDLED
-            raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the relevance path{self._where()}; "
-                                 f"it handles {handled}: {refused} are refused")
+            hint = " (method='attnlrp' has a rule for it)" \
+                if not self.transformer and has_transformer_rule(func, self.in_normalisation()) else ""
+            raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the relevance path{self._where()}"
+                                 f"{hint}; it handles {handled}: {refused} are refused")
         return result
 
     def _where(self) -> str:
@@ -546,6 +601,10 @@ class LRPMode(TorchFunctionMode):
             return ""
         module = self._stack[-1]
         return f" (in {self._names.get(id(module), '?') or 'the model'}, {type(module).__name__})"
+
+    def _where_module(self, module: nn.Module) -> str:
+        name = self._names.get(id(module))
+        return f" ({name})" if name else ""
 
     # ------------------------------------------------------------ rules
     def _rule(self, kind: str, is_input: bool, x: torch.Tensor) -> tuple[str, Rule]:
@@ -589,23 +648,55 @@ class LRPMode(TorchFunctionMode):
         x = args[0] if args else kwargs.get("input")
         if not _path(x):
             return func(*args, **kwargs)
+
+        def layer(name: str) -> Layer:
+            rest = dict(kwargs)
+            weight = args[1] if len(args) > 1 else rest.pop("weight")
+            bias = args[2] if len(args) > 2 else rest.pop("bias", None)
+            rest.pop("input", None)
+            return Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind,
+                         nonnegative_input=self._known_nonnegative(x))
+
+        return self._rule_layer(x, kind, layer, partial(func, *args, **kwargs))
+
+    def _rule_layer(self, x: torch.Tensor, kind: str, layer: Callable[[str], Layer], compute: Callable[[], torch.Tensor]) -> Any:
+        """``compute()``, a linear layer's call on x (on the relevance path), run with its composite's
+        rule; ``layer(name)``: the call as a :class:`Layer` (not built for LRP-0, which runs plainly)."""
         is_input = self._calls == 0
         self._calls += 1
         name, rule = self._rule(kind, is_input, x)
         self.layers += 1
         if gradient_form(rule):
-            out = func(*args, **kwargs)
+            out = compute()
             self._record_output(out, None, None, rule)  # no Layer: the call ran plainly
             return out
-        rest = dict(kwargs)
-        weight = args[1] if len(args) > 1 else rest.pop("weight")
-        bias = args[2] if len(args) > 2 else rest.pop("bias", None)
-        rest.pop("input", None)
-        layer = Layer(func, weight, bias, tuple(args[3:]), rest, name=name, kind=kind, nonnegative_input=self._known_nonnegative(x))
+        built = layer(name)
         mask = self._pad_mask(x, rule)
-        out = _Relevance.apply(x, _Step(self, layer, rule, mask, self.forwards), partial(func, *args, **kwargs))
-        self._record_output(out, x, layer, rule, mask)
+        out = _Relevance.apply(x, _Step(self, built, rule, mask, self.forwards), compute)
+        self._record_output(out, x, built, rule, mask)
         return out
+
+    def _weight_product(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``x @ W``, ``x.mm(W)`` or ``addmm(b, x, W)`` with W a 2-d ``nn.Parameter`` and only x on
+        the relevance path: a dense layer written out (GPT-2's Conv1D), run as ``F.linear(x, W^T,
+        b)`` would be, with the composite's rule for linear layers (its forward value the call's
+        own). Any other call: :data:`PASS`."""
+        if "out" in kwargs:
+            return PASS
+        if func in ADDMMS:
+            bound = named_arguments(("input", "mat1", "mat2"), args, kwargs, {"beta": 1, "alpha": 1})
+            bias, x, weight = bound.get("input"), bound.get("mat1"), bound.get("mat2")
+            if bound["beta"] != 1 or bound["alpha"] != 1 or (_path(bias) and not isinstance(bias, nn.Parameter)):
+                return PASS
+        elif len(args) == 2 and not kwargs:
+            (x, weight), bias = args, None
+        else:
+            return PASS
+        if not (_path(x) and isinstance(weight, nn.Parameter) and weight.dim() == 2):
+            return PASS
+        return self._rule_layer(x, "linear", lambda name: Layer(F.linear, weight.mT, bias, name=name, kind="linear",
+                                                                nonnegative_input=self._known_nonnegative(x)),
+                                partial(func, *args, **kwargs))
 
     def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule,
                        mask: torch.Tensor | None = None, batch_norm: dict[str, Any] | None = None) -> None:

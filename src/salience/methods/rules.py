@@ -206,7 +206,7 @@ _LINEAR_NAMES = (
     "stack", "hstack", "vstack", "reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "permute",
     "transpose", "transpose_", "swapaxes", "movedim", "t", "contiguous", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_",
     "expand", "expand_as", "broadcast_to", "repeat", "tile", "__getitem__", "gather", "index_select", "narrow", "select",
-    "split", "chunk", "unbind", "tensor_split", "roll", "flip", "clone", "copy_", "to", "type", "float", "double", "half",
+    "split", "chunk", "unbind", "tensor_split", "roll", "flip", "clone", "copy_", "to", "type", "type_as", "float", "double", "half",
     "requires_grad_", "detach", "pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
     "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "fold", "where", "masked_fill", "diagonal",
