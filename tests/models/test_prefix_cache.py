@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import salience
 from models.test_contrast import float64_llama
 from salience.core.explanation import Explanation
 from salience.models.prefix_cache import first_changed
 from salience.render.layout import describe
-from tiny_lm import build_tokenizer
+from tiny_lm import VOCAB, build_tokenizer
 
 PROMPT = "the capital of france is"
 CONTINUATION = " paris is a big city"
@@ -71,3 +72,29 @@ def test_first_changed_position():
     reference = torch.tensor([5, 6, 7, 8])
     rows = torch.tensor([[5, 6, 7, 8], [0, 6, 7, 8], [5, 6, 0, 0]])
     assert first_changed(rows, reference).tolist() == [4, 0, 2]
+
+
+# families whose attention or cache differ from Llama's: learned absolute positions (GPT-2, OPT, whose
+# positions come from the attention mask), ALiBi (Bloom), partial rotary (GPT-NeoX), parallel blocks (Falcon)
+FAMILIES = {
+    "gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_inner": 32},
+    "opt": {"ffn_dim": 32, "word_embed_proj_dim": 16},
+    "bloom": {"n_layer": 2, "n_head": 4},
+    "gpt_neox": {},
+    "falcon": {},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_prefix_equals_full_passes_in_other_families(family):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                                  **FAMILIES[family])
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    other = salience.CausalLM(model, build_tokenizer(), name=f"tiny-{family}")
+    cached = explain(other, True, "occlusion", batch_size=3)
+    full = explain(other, False, "occlusion", batch_size=3)
+    assert cached.cost.cached_positions > 0
+    np.testing.assert_allclose(cached.scores, full.scores, rtol=0, atol=TOL, equal_nan=True)
