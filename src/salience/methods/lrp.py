@@ -206,7 +206,8 @@ class LRP(SharedInputs):
             low, high = torch.stack(lows).amin(0).to(rows), torch.stack(highs).amax(0).to(rows)
         else:
             raise ParameterError("lrp: the z^B rule needs the input's bounds and this input has none: give low= and high= "
-                                 "(or a composite without zbox, e.g. composite='epsilon')")
+                                 "(or a composite without zbox, e.g. composite='epsilon'; for a transformer, "
+                                 "method='attnlrp')")
         flat = rows.reshape(-1, channels)
         if bool((flat.amin(0) < low - 1e-6).any() or (flat.amax(0) > high + 1e-6).any()):
             raise ParameterError(f"lrp: the input lies outside z^B's bounds low={low.tolist()}, high={high.tolist()}")
