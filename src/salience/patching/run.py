@@ -231,6 +231,7 @@ def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any 
     x_corrupt, _ = model.input_and_baseline(corrupt_encoded, "zero")
     with _recording(parts, grad=False) as corrupt, torch.no_grad():
         corrupt_value, _ = model.score_inputs(corrupt_encoded, x_corrupt[None], goal, grad=False)
+    _check_head_width(net, parts, corrupt)
     if method in ("atp", "relp"):
         with _recording(parts, grad=True) as seen, (backward_mode() if backward_mode is not None else nullcontext()):
             clean_value, _ = model.score_inputs(clean_encoded, x_clean[None], goal, grad=True)
@@ -265,6 +266,19 @@ def _relevance_mode(goal: Target, backward_mode: BackwardMode | None, eps: float
     if rules.uses("zbox"):
         raise ParameterError("relp: the z^B rule needs bounded inputs; token embeddings have none (use epsilon or gamma)")
     return lambda: LRPMode(rules, eps=eps, stabiliser=0.0, transformer=True, method="relp")  # attnlrp's defaults
+
+
+def _check_head_width(net: nn.Module, parts: Components, seen: _Seen) -> None:
+    """The located head projections take heads x head_dim values per position (head_dim: the config's
+    ``head_dim``, else hidden_size / heads), as the concatenated heads' outputs do; anything else
+    (a projection that is not the attention's output) is refused before the heads are split."""
+    config = getattr(net, "config", None)
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // parts.heads
+    for name, value in zip(parts.layer_names, seen.heads, strict=True):
+        if value is None or value.shape[-1] != parts.heads * head_dim:
+            width = "nothing" if value is None else f"{value.shape[-1]} values per position"
+            raise ParameterError(f"the head projection of {name} took {width}, not {parts.heads} heads x {head_dim}: "
+                                 "patching cannot split it into heads")
 
 
 def _estimate(seen: _Seen, corrupt: _Seen, heads: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
