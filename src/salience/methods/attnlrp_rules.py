@@ -26,7 +26,12 @@ rule below is a *modified gradient* (the relevance at an input x is x times what
   above on its decomposition ``softmax(q k^T scale + mask) v`` (``enable_gqa`` repeats k and v per
   group; the causal mask is the top-left one), written out where q, k and v are all on the path
   (:func:`_attention_vjp`), else by autograd through the decomposition. Dropout (``dropout_p > 0``)
-  is refused.
+  is refused;
+- ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``: torchvision's ViT,
+  ``nn.TransformerEncoderLayer``): the model's own output forward; backward through its parts, the
+  input and output projections as linear layers (the composite's rule) and the heads by the
+  decomposition above (its masks: boolean True = not attended, float added, key padding per row).
+  bias_k / bias_v, add_zero_attn, static keys / values and dropout in training are refused.
 
 Untraced and without a stabiliser (:func:`runs_plainly`) the softmax rule is the softmax's
 gradient and the uniform rule 1/k of each factor's gradient, so those calls run plainly: a
@@ -78,7 +83,7 @@ STATISTICS = (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.square, t
 # linear in the input, not in the call classification LRPMode shares with DeepLIFT (indexing, repeats)
 LINEAR = (torch.take_along_dim, torch.Tensor.take_along_dim, torch.repeat_interleave, torch.Tensor.repeat_interleave)
 HANDLED = ("softmax (AttnLRP's rule), products of input-dependent tensors (uniform rule: attention's matmuls, gated "
-           "MLPs), layer and RMS norms (divisor held constant) and scaled_dot_product_attention")
+           "MLPs), layer and RMS norms (divisor held constant), scaled_dot_product_attention and torch's multi-head attention")
 
 
 class Mode(Protocol):
@@ -102,6 +107,8 @@ class Mode(Protocol):
                     forward: int) -> None: ...
 
     def relevance_per_row(self, a: torch.Tensor, c: torch.Tensor, rows: int) -> torch.Tensor: ...
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -520,6 +527,89 @@ def _sdpa_scaled(func: Callable[..., Any], bound: dict[str, Any]) -> torch.Tenso
     return func(q, k, v, **rest)  # type: ignore[no-any-return]
 
 
+# ------------------------------------------------------------------ torch's multi-head attention
+_MHA_NAMES = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+              "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
+              "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+              "static_k", "static_v", "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                 "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None, "v_proj_weight": None,
+                 "static_k": None, "static_v": None, "average_attn_weights": True, "is_causal": False}
+
+
+class _OwnValue(torch.autograd.Function):
+    """Forward: ``value`` (the model's own result); backward: the gradient goes to ``decomposed`` (the
+    same function computed from its parts, equal up to rounding, whose nodes carry the rules)."""
+
+    @staticmethod
+    def forward(ctx: Any, decomposed: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return c, None
+
+
+def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A multi-head-attention mask as added to the scores: a boolean one (True: not attended) as
+    -inf / 0, a float one as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(mask, float("-inf"))
+    return mask.to(like.dtype)
+
+
+def _multi_head_attention(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``F.multi_head_attention_forward`` (nn.MultiheadAttention, nn.TransformerEncoderLayer) by its
+    parts: the input projections and the output projection as linear layers (the composite's rule),
+    the heads by :func:`attention` (AttnLRP's rules on both matmuls and the softmax), with the
+    model's own output values forward. Its attention weights (``need_weights``) are the model's,
+    off the relevance path. Refused: bias_k / bias_v, add_zero_attn, static keys or values,
+    dropout in training."""
+    b = named_arguments(_MHA_NAMES, args, kwargs, _MHA_DEFAULTS)
+    q_in, k_in, v_in = b["query"], b["key"], b["value"]
+    if not any(_on_path(t) for t in (q_in, k_in, v_in)):
+        return PASS
+    unsupported = [name for name, present in (
+        ("bias_k / bias_v (add_bias_kv)", b["bias_k"] is not None or b["bias_v"] is not None),
+        ("add_zero_attn", bool(b["add_zero_attn"])), ("static_k / static_v", b["static_k"] is not None or b["static_v"] is not None),
+        ("dropout in training", bool(b["training"]) and float(b["dropout_p"]) > 0)) if present]
+    if unsupported:
+        raise ParameterError(f"attnlrp: multi-head attention with {', '.join(unsupported)}{_at(mode)} has no decomposition "
+                             "here; call model.eval() for dropout")
+    with torch.no_grad():
+        output, weights = func(*args, **kwargs)
+    batched = q_in.dim() == 3
+    q_in, k_in, v_in = (t if batched else t.unsqueeze(1) for t in (q_in, k_in, v_in))  # (L, N, E), sequence first
+    length, rows, width = q_in.shape
+    heads = int(b["num_heads"])
+    if b["use_separate_proj_weight"]:
+        w_q, w_k, w_v = b["q_proj_weight"], b["k_proj_weight"], b["v_proj_weight"]
+    else:
+        w_q, w_k, w_v = b["in_proj_weight"].chunk(3)
+    b_q, b_k, b_v = (None, None, None) if b["in_proj_bias"] is None else b["in_proj_bias"].chunk(3)
+    if q_in is k_in is v_in and not b["use_separate_proj_weight"]:  # self-attention: one projection, as torch's
+        q, k, v = mode.linear(q_in, b["in_proj_weight"], b["in_proj_bias"]).chunk(3, dim=-1)
+    else:
+        q, k, v = mode.linear(q_in, w_q, b_q), mode.linear(k_in, w_k, b_k), mode.linear(v_in, w_v, b_v)
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (S, N, E) -> (N, H, S, E / H)
+        return t.reshape(t.shape[0], rows, heads, width // heads).permute(1, 2, 0, 3)
+
+    mask = None
+    if b["attn_mask"] is not None:
+        found = _additive(b["attn_mask"], q)
+        mask = found.reshape(rows, heads, *found.shape[-2:]) if found.dim() == 3 else found
+    if b["key_padding_mask"] is not None:
+        padding = _additive(b["key_padding_mask"], q)
+        padding = padding.reshape(rows, 1, 1, -1) if padding.dim() == 2 else padding.reshape(1, 1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    heads_out = attention(mode, split(q), split(k), split(v), attn_mask=mask)  # (N, H, L, E / H)
+    merged = heads_out.permute(2, 0, 1, 3).reshape(length, rows, width)
+    decomposed = mode.linear(merged, b["out_proj_weight"], b["out_proj_bias"])
+    decomposed = decomposed if batched else decomposed.squeeze(1)
+    return _OwnValue.apply(decomposed, output), weights
+
+
 def _at(mode: Mode) -> str:
     where = mode.location()
     return f" (in {where})" if where else ""
@@ -528,7 +618,8 @@ def _at(mode: Mode) -> str:
 # ------------------------------------------------------------------ dispatch
 def has_transformer_rule(func: Callable[..., Any], in_normalisation: bool) -> bool:
     """Whether one of these rules covers ``func`` (inside a normalisation module: ``in_normalisation``)."""
-    return (func is F.scaled_dot_product_attention or func in SOFTMAXES or func is F.layer_norm
+    return (func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward or func in SOFTMAXES
+            or func is F.layer_norm
             or func is getattr(F, "rms_norm", None) or func in PRODUCTS or func in ADDED_PRODUCTS
             or (func in STATISTICS and in_normalisation))
 
@@ -537,6 +628,8 @@ def transformer_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...]
     """The result of ``func(*args, **kwargs)`` under AttnLRP's rules, or :data:`PASS` when none applies."""
     if func is F.scaled_dot_product_attention:
         return _sdpa(mode, func, args, kwargs)
+    if func is F.multi_head_attention_forward:
+        return _multi_head_attention(mode, func, args, kwargs)
     if func in SOFTMAXES:
         return _softmax_call(mode, func, args, kwargs)
     if func is F.layer_norm or func is getattr(F, "rms_norm", None):

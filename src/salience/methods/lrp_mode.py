@@ -659,6 +659,11 @@ class LRPMode(TorchFunctionMode):
 
         return self._rule_layer(x, kind, layer, partial(func, *args, **kwargs))
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` as a linear layer of the running module, with its composite's
+        rule (for rules that decompose a call into layers: torch's multi-head attention)."""
+        return self._layer(F.linear, "linear", (x, weight, bias), {})  # type: ignore[no-any-return]
+
     def _rule_layer(self, x: torch.Tensor, kind: str, layer: Callable[[str], Layer], compute: Callable[[], torch.Tensor]) -> Any:
         """``compute()``, a linear layer's call on x (on the relevance path), run with its composite's
         rule; ``layer(name)``: the call as a :class:`Layer` (not built for LRP-0, which runs plainly)."""
