@@ -340,11 +340,14 @@ class _Pass(torch.autograd.Function):
     gradient) just before, and its per-channel scale s, or None (then ``x`` is passed detached);
     given, the relevance goes straight to u, c_u = s c y / x: one product with the ratio scaled
     once, and the batch norm's own backward pass (a pass over the tensor) is not run (it runs if x
-    has other uses)."""
+    has other uses). ``below`` and ``scale`` come together (two arguments: autograd follows only
+    tensors passed directly)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor], inplace: bool,
                 below: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if (below is None) != (scale is None):
+            raise ValueError("_Pass: give both the batch norm's input and its scale, or neither")
         before = x.detach().clone() if inplace else x.detach()
         y = call()
         if inplace:
