@@ -210,3 +210,32 @@ def test_lrp_refusal_points_to_attnlrp_where_it_has_the_rule(func, hinted):
         explain(Normed(func).double().eval(), composite="epsilon")
     assert "has no rule for" in str(refused.value)
     assert ("method='attnlrp' has a rule for it" in str(refused.value)) is hinted
+
+
+class Excitation(nn.Module):
+    """Squeeze-excitation (x times a gate computed from x), by ``*`` or by ``*=``."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace, self.first, self.gate, self.head = inplace, nn.Linear(IN, 4), nn.Linear(4, 4), nn.Linear(4, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x.flatten(1)))
+        g = torch.sigmoid(self.gate(h))
+        if self.inplace:
+            h = h.clone()
+            h *= g
+        else:
+            h = h * g
+        return self.head(h)
+
+
+@pytest.mark.parametrize(("method", "inplace", "message"), [
+    ("lrp", False, "lrp has no rule for Tensor.mul on the relevance path"),
+    ("attnlrp", True, "attnlrp cannot apply the uniform rule to an in-place product")])
+def test_a_refusal_inside_a_tensor_operator_is_not_swallowed(method, inplace, message):
+    """torch turns a TypeError (ParameterError is one) raised inside ``x * y`` into NotImplemented: the
+    user would read "unsupported operand type(s)", or, for ``x *= y``, nothing at all (Python falls
+    back to ``x = x * y``). The mode raises the rule's own error on leaving."""
+    with pytest.raises(ParameterError, match=message):
+        explain(Excitation(inplace).double().eval(), method, composite="epsilon")

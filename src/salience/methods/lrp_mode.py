@@ -60,7 +60,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from salience.errors import ParameterError
+from salience.errors import ParameterError, SalienceError
 from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
 from salience.methods.attnlrp_rules import PASS, has_transformer_rule, is_normalisation, transformer_call
 from salience.methods.deeplift import check_logit_targets
@@ -410,6 +410,7 @@ class LRPMode(TorchFunctionMode):
         # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
         self._nonnegative: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._hooks: list[Any] = []
+        self._refusal: SalienceError | None = None  # the first error a rule raised in this block
 
     # ------------------------------------------------------------ entering and leaving
     def __enter__(self) -> LRPMode:
@@ -422,11 +423,17 @@ class LRPMode(TorchFunctionMode):
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        super().__exit__(*exc)
+        super().__exit__(exc_type, exc, traceback)
+        refusal, self._refusal = self._refusal, None
+        # a refusal raised inside a Tensor operator (x * y, x @ y) comes out as "unsupported operand type(s)",
+        # or not at all when Python falls back to another operator (x *= y to x = x * y): it is raised here
+        if refusal is not None and exc is not refusal and (exc is None or isinstance(exc, TypeError)
+                                                           and not isinstance(exc, SalienceError)):
+            raise refusal
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -561,7 +568,13 @@ class LRPMode(TorchFunctionMode):
     # ------------------------------------------------------------ dispatch
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        except SalienceError as error:  # kept: raised again on leaving if an operator swallows it (see __exit__)
+            self._refusal = self._refusal or error
+            raise
+
+    def _dispatch(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._paused or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         if self._unit is not None:  # inside an activation module: one unit (its rule: _end_activation_module)
