@@ -20,7 +20,7 @@ from salience.core.batching import choose_batch_size, default_memory_budget, par
 from salience.core.explanation import Cost, Explanation
 from salience.core.registry import MethodInfo, all_methods, get_method
 from salience.core.target import Target, check_output, resolve_target, resolve_targets
-from salience.errors import ParameterError
+from salience.errors import ParameterError, indefinite
 from salience.methods.base import Attribution, Context
 from salience.models.base import Adapter, Encoded
 from salience.models.context_query import SourceSpec, context_prompt
@@ -185,7 +185,7 @@ def _context_input(model: Adapter, inputs: Any, level: str | None, target: Targe
     if context is None:
         raise ParameterError("query= and sources= go with a context=; give the context to attribute the response to")
     if "target_span" not in getattr(model, "encode_options", ()) or getattr(model, "tokenizer", None) is None:
-        raise ParameterError(f"context= and query= are inputs of causal LMs, not of a {model.kind}")
+        raise ParameterError(f"context= and query= are inputs of causal LMs, not of {indefinite(model.kind)}")
     if level not in (None, "span") or "spans" in options:
         raise ParameterError("with context=, choose the features with sources= ('sentence', 'word' or spans of the "
                              "context), not level= or spans=")
@@ -212,7 +212,7 @@ def _route_options(model: Adapter, info: MethodInfo, options: dict[str, Any]) ->
     unknown = sorted(set(rest) - set(info.parameters()))
     if unknown:
         known = [*info.parameters(), *sorted(encode_names), *sorted(feature_names)]
-        raise ParameterError(f"method {info.name!r} has no parameter {unknown[0]!r}, nor does a {model.kind}; "
+        raise ParameterError(f"method {info.name!r} has no parameter {unknown[0]!r}, nor does {indefinite(model.kind)}; "
                              f"known: {', '.join(known) or 'none'}")
     return encode, feature, rest
 
@@ -221,7 +221,7 @@ def _check_capabilities(model: Adapter, info: MethodInfo) -> None:
     for need in getattr(info.cls, "needs", ()):
         if not hasattr(model, need):
             what, kinds = CAPABILITIES.get(need, (need, "models that have it"))
-            raise ParameterError(f"method {info.name!r} needs {what}, which a {model.kind} does not provide; it works on {kinds}")
+            raise ParameterError(f"method {info.name!r} needs {what}, which {indefinite(model.kind)} does not provide; it works on {kinds}")
 
 
 def _resolve(model: Adapter, encoded: Any, prediction: Any, target: TargetSpec, output: str) -> list[Target]:

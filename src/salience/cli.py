@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from salience.core.target import OUTPUTS
-from salience.errors import ParameterError, SalienceError
+from salience.errors import ParameterError, SalienceError, indefinite
 from salience.evaluate.commands import add_commands
 from salience.models.prompt_options import parse_prompt_options
 from salience.patching.commands import add_commands as add_patch_commands
@@ -63,9 +63,9 @@ def _inputs(args: argparse.Namespace, model: Any) -> list[Any]:
     wanted = {"image classifier": "--image", "causal LM": "--prompt/--chat"}.get(kind, "--text/--pair")
     for flag, values in given.items():
         if values and flag != wanted:
-            raise ParameterError(f"{flag} was given, but {args.model} is a {kind}: give {wanted}")
+            raise ParameterError(f"{flag} was given, but {args.model} is {indefinite(kind)}: give {wanted}")
     if not given[wanted]:
-        raise ParameterError(f"give at least one {wanted} for {args.model} (a {kind})")
+        raise ParameterError(f"give at least one {wanted} for {args.model} ({indefinite(kind)})")
     return given[wanted]
 
 
@@ -157,7 +157,7 @@ def _prompt_classifier(model: Any, template: Any, labels: dict[str, str]) -> Any
     import salience
 
     if getattr(model, "kind", None) != "causal LM":
-        raise ParameterError(f"--prompt-template needs a causal LM as --model, and {model.name} is a {model.kind}")
+        raise ParameterError(f"--prompt-template needs a causal LM as --model, and {model.name} is {indefinite(model.kind)}")
     return salience.PromptClassifier(model, template, labels)
 
 

@@ -38,3 +38,8 @@ class ModelOutputError(SalienceError, FloatingPointError):
 
 class ModelLoadError(SalienceError, OSError):
     """A model directory or hub id could not be loaded as a supported model."""
+
+
+def indefinite(noun: str) -> str:
+    """``noun`` with its indefinite article, for messages: "an image classifier", "a causal LM"."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun

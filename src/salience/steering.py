@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from salience.api import explain
-from salience.errors import InputError, ModelOutputError, ParameterError
+from salience.errors import InputError, ModelOutputError, ParameterError, indefinite
 from salience.models.causal_lm import CausalLM
 from salience.models.components import COMPONENTS
 
@@ -181,7 +181,7 @@ def steer(lm: CausalLM, prompts: str | Sequence[str], preferred: str | Sequence[
     gradients from the zero embedding, adaptive steps). Cost: per prompt one attribution plus one
     forward pass (GrAInS), or two forward passes (mean difference)."""
     if not isinstance(lm, CausalLM):
-        raise ParameterError(f"steering needs a causal LM (salience.CausalLM), not a {getattr(lm, 'kind', type(lm).__name__)}")
+        raise ParameterError(f"steering needs a causal LM (salience.CausalLM), not {indefinite(getattr(lm, 'kind', type(lm).__name__))}")
     if strategy not in STRATEGIES:
         raise ParameterError(f"unknown steering strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     texts = [prompts] if isinstance(prompts, str) else list(prompts)

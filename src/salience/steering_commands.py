@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from salience.errors import InputError, ParameterError
+from salience.errors import InputError, ParameterError, indefinite
 
 STRATEGY_CHOICES = ("grains", "mean_difference")
 BUILD_FLAGS = {"preferred": "--preferred", "preferred_file": "--preferred-file", "dispreferred": "--dispreferred",
@@ -174,7 +174,7 @@ def _causal_lm(model: Any, name: str) -> Any:
     import salience
 
     if not isinstance(model, salience.CausalLM):
-        raise ParameterError(f"salience steer needs a causal LM, and {name} is a {getattr(model, 'kind', type(model).__name__)}")
+        raise ParameterError(f"salience steer needs a causal LM, and {name} is {indefinite(getattr(model, 'kind', type(model).__name__))}")
     return model
 
 

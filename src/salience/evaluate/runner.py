@@ -37,7 +37,7 @@ from typing import Any
 
 from salience.core.explanation import Explanation
 from salience.core.target import Prediction, resolve_target
-from salience.errors import ParameterError, SalienceError, UnknownMethodError
+from salience.errors import ParameterError, SalienceError, UnknownMethodError, indefinite
 from salience.evaluate.config import RunConfig, Spec
 from salience.evaluate.datasets import Dataset, Example, load_dataset
 from salience.evaluate.store import MetricRow, Store
@@ -146,7 +146,7 @@ def load_run_model(config: RunConfig, *, device: str | None = None) -> Any:
     if config.prompt_template is None or config.labels is None:
         return model
     if getattr(model, "kind", None) != "causal LM":
-        raise ParameterError(f"a prompt template needs a causal LM, and {config.model} is a {model.kind}")
+        raise ParameterError(f"a prompt template needs a causal LM, and {config.model} is {indefinite(model.kind)}")
     return PromptClassifier(model, config.prompt_template, config.labels)
 
 

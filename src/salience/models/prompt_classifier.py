@@ -40,7 +40,7 @@ import torch
 
 from salience.core.features import Feature, FeatureSet
 from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
-from salience.errors import InputError, ParameterError
+from salience.errors import InputError, ParameterError, indefinite
 from salience.models.base import Encoded
 from salience.models.causal_lm import CausalLM
 from salience.models.chat import is_messages, render_chat
@@ -70,7 +70,7 @@ class PromptClassifier:
 
     def __init__(self, lm: CausalLM, template: Template, labels: Mapping[str, str], *, name: str | None = None) -> None:
         if not isinstance(lm, CausalLM):
-            raise ParameterError(f"a prompt classifier wraps a causal LM adapter, not a {getattr(lm, 'kind', type(lm).__name__)}")
+            raise ParameterError(f"a prompt classifier wraps a causal LM adapter, not {indefinite(getattr(lm, 'kind', type(lm).__name__))}")
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.template = _checked_template(template)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from salience.core.target import Target, check_output, resolve_target
-from salience.errors import InputError, ModelOutputError, ParameterError
+from salience.errors import InputError, ModelOutputError, ParameterError, indefinite
 from salience.models.components import Components, model_components
 from salience.patching.result import PatchingResult
 
@@ -219,7 +219,7 @@ def attribution_patching(model: Any, clean: Any, corrupted: Any, *, target: Any 
     net, model_type = getattr(model, "model", None), getattr(model, "model_type", None)
     if not isinstance(net, nn.Module):
         what = getattr(model, "kind", type(model).__name__)
-        raise ParameterError(f"patching needs a transformer model adapter (a text classifier or causal LM), not a {what}")
+        raise ParameterError(f"patching needs a transformer model adapter (a text classifier or causal LM), not {indefinite(what)}")
     parts = model_components(net, model_type)
     chosen = output or ("logit" if encode_options.get("contrast") is not None else getattr(model, "default_output", "log_probability"))
     clean_encoded, corrupt_encoded = _encode_pair(model, clean, corrupted, encode_options)
