@@ -126,3 +126,21 @@ def test_state_restored_and_refusals(toy):
     assert all(not hasattr(p, "grad") or p.grad is None for p in toy.model.parameters())
     with pytest.raises(salience.ParameterError, match="gradients of attention maps, which an image classifier"):
         salience.explain(tiny_classifier(), photo(), method="attention_relevancy")
+
+
+@pytest.mark.parametrize("leaf", [False, True])
+def test_maps_the_output_does_not_use_are_refused(toy, leaf):
+    """A model returning attention probabilities that are copies off its graph (as a fused kernel that
+    was not switched to eager would), plain or requiring gradients: no gradient reaches them, and
+    zeros would pass for "no relevancy"; the method refuses instead."""
+    def detached(_module, _args, output):
+        if output.attentions is not None:  # (the prediction pass asks for none)
+            output.attentions = tuple(a.detach().clone().requires_grad_(leaf) for a in output.attentions)
+        return output
+
+    handle = toy.model.register_forward_hook(detached)
+    try:
+        with pytest.raises(salience.ModelOutputError, match="not computed from"):
+            salience.explain(toy, TOY_TEXT, method="attention_relevancy")
+    finally:
+        handle.remove()

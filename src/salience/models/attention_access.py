@@ -77,6 +77,12 @@ def recorded_attentions(model: nn.Module, name: str) -> Iterator[list[list[torch
             handle.remove()
 
 
+def _unused_maps(name: str) -> ModelOutputError:
+    return ModelOutputError(f"{name} returned attention probabilities that its output is not computed from (no gradient "
+                            "reaches them: a fused attention kernel not switched to eager?); gradient-weighted attention "
+                            "needs the maps the model uses")
+
+
 class AttentionAccess:
     """Mixin for token adapters (it uses their ``model``, ``name``, ``counter``, ``embedding_layer``,
     ``_call_model``, ``_outputs``, ``_replaced_embeddings`` and ``input_and_baseline``); see the
@@ -112,6 +118,8 @@ class AttentionAccess:
             values = self._outputs(encoded.input_ids[None], torch.ones(1, length, dtype=torch.long),  # type: ignore[attr-defined]
                                    None if types is None else types[None], None, list(targets))[0]  # (T,)
             maps = calls[0]
+            if not all(m.requires_grad for m in maps):
+                raise _unused_maps(self.name)
             count = values.shape[0]
             for start in range(0, count, group):
                 stop = min(count, start + group)
@@ -119,8 +127,9 @@ class AttentionAccess:
                 picks[torch.arange(stop - start), torch.arange(start, stop)] = 1
                 grads = torch.autograd.grad(values, maps, grad_outputs=picks, is_grads_batched=True,
                                             retain_graph=stop < count, allow_unused=True)
-                grads = [torch.zeros_like(m).expand(stop - start, *m.shape[1:]) if g is None else g[:, 0]
-                         for g, m in zip(grads, maps)]
+                if any(g is None for g in grads):  # (zeros would read as "no relevancy" and say nothing of why)
+                    raise _unused_maps(self.name)
+                grads = [g[:, 0] for g in grads]
                 results.append(combine([m.detach().expand(stop - start, *m.shape[1:]) for m in maps], grads))
         self.counter.backward_passes += count  # type: ignore[attr-defined]
         return torch.cat(results), values.detach()
