@@ -205,3 +205,21 @@ def test_efficientnet_automatic_layer_is_the_activated_head():
     finally:
         handle.remove()
     assert float(kept["a"].min()) >= 0 and float(kept["a"].max()) <= 6 and float(kept["a"].max()) > 0
+
+
+class SideBranch(nn.Module):
+    """The pooled CNN plus a convolution of the input whose output the logits never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.side = pooled_cnn(), nn.Conv2d(3, 2, 3, padding=1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.side(x)  # computed, unused (an auxiliary output, say)
+        return self.main(x)
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "layer_cam"])
+def test_a_layer_off_the_outputs_path_is_refused_not_a_map_of_zeros(x, method):
+    with pytest.raises(ParameterError, match="does not depend on layer 'side'"):
+        explain(classifier(SideBranch().eval()), x, method, layer="side")

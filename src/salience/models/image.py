@@ -401,14 +401,17 @@ class ImageClassifier:
                 leaf = captured_value(seen)
                 if not grad:
                     return outputs, as_spatial(leaf, grid, name)
+                unused = ParameterError(f"the output of {self.name} does not depend on layer {name!r}")
                 if not outputs.requires_grad:
-                    raise ParameterError(f"the output of {self.name} does not depend on layer {name!r}")
+                    raise unused
                 gradients = []
                 columns = outputs.shape[1]
                 for t in range(columns):  # rows are independent: the gradient of their sum is each row's
                     (gradient,) = torch.autograd.grad(outputs[:, t].sum(), leaf, retain_graph=t < columns - 1,
                                                       allow_unused=True)
-                    gradients.append(as_spatial(torch.zeros_like(leaf) if gradient is None else gradient, grid, name))
+                    if gradient is None:  # a layer off the output's path (a side branch): not a map of zeros
+                        raise unused
+                    gradients.append(as_spatial(gradient, grid, name))
             self.counter.backward_passes += int(outputs.shape[0]) * columns
             return outputs.detach(), as_spatial(leaf.detach(), grid, name), torch.stack(gradients, 1)
 
