@@ -42,4 +42,5 @@ class ModelLoadError(SalienceError, OSError):
 
 def indefinite(noun: str) -> str:
     """``noun`` with its indefinite article, for messages: "an image classifier", "a causal LM"."""
-    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+    first = next((c for c in noun if c.isalnum()), "")  # (a quoted name: its first letter)
+    return ("an " if first.lower() in "aeiou" else "a ") + noun

@@ -272,12 +272,12 @@ def decoder_layers(lm: CausalLM) -> list[nn.Module]:
     """The decoder blocks of ``lm``'s model, in order (their outputs are the residual stream)."""
     facts = COMPONENTS.get(lm.model_type or "")
     if facts is None:
-        raise ParameterError(f"steering does not know where the layers of a {lm.model_type!r} model are "
+        raise ParameterError(f"steering does not know where the layers of {indefinite(repr(lm.model_type))} model are "
                              f"(known model types: {', '.join(sorted(COMPONENTS))})")
     try:
         blocks = lm.model.get_submodule(facts.layers)
     except AttributeError:
-        raise ParameterError(f"a {lm.model_type!r} model without {facts.layers!r}: steering cannot find its layers") from None
+        raise ParameterError(f"{indefinite(repr(lm.model_type))} model without {facts.layers!r}: steering cannot find its layers") from None
     return list(blocks)  # type: ignore[arg-type]
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from salience.errors import ParameterError
+from salience.errors import ParameterError, indefinite
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,12 @@ def model_components(model: nn.Module, model_type: str | None) -> Components:
     """The blocks and head-output projections of ``model`` (a task model such as ``*ForCausalLM``)."""
     facts = COMPONENTS.get(model_type or "")
     if facts is None:
-        raise ParameterError(f"patching does not know where the layers of a {model_type!r} model are "
+        raise ParameterError(f"patching does not know where the layers of {indefinite(repr(model_type))} model are "
                              f"(known model types: {', '.join(sorted(COMPONENTS))})")
     try:
         blocks = model.get_submodule(facts.layers)
     except AttributeError:
-        raise ParameterError(f"a {model_type!r} model without {facts.layers!r} (a custom head class?): "
+        raise ParameterError(f"{indefinite(repr(model_type))} model without {facts.layers!r} (a custom head class?): "
                              "patching cannot find its layers") from None
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
         raise ParameterError(f"{facts.layers!r} of this {model_type!r} model is not a list of layers")
