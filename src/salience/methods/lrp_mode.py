@@ -473,7 +473,7 @@ class LRPMode(TorchFunctionMode):
         ``__torch_function__``), and :meth:`_end_activation_module` gives its output the identity
         rule. Called with its input by keyword it is left to the rules call by call."""
         x = args[0] if isinstance(args, tuple) and args else None
-        if _path(x):
+        if _path(x) and torch.is_grad_enabled():
             self._unit = (module, x, x._version)
 
     def _end_activation_module(self, output: Any) -> Any:
@@ -701,7 +701,8 @@ class LRPMode(TorchFunctionMode):
         """``x @ W``, ``x.mm(W)`` or ``addmm(b, x, W)`` with W a 2-d ``nn.Parameter`` and only x on
         the relevance path: a dense layer written out (GPT-2's Conv1D), run as ``F.linear(x, W^T,
         b)`` would be, with the composite's rule for linear layers (its forward value the call's
-        own). Any other call: :data:`PASS`."""
+        own). Any other call: :data:`PASS` (a weight on the left, ``W @ x``, is not recognised: it
+        keeps its gradient, LRP-0)."""
         if "out" in kwargs:
             return PASS
         if func in ADDMMS:
