@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import salience
 from salience.methods.perturbation import constrained_kernel_regression, fit_lime, kernel_shap_design, lime_samples
@@ -455,6 +456,19 @@ def test_local_causal_lm_directory_loads_as_causal_lm(lm, hf, tokenizer, tmp_pat
     loaded = salience.load_model(str(tmp_path))
     assert isinstance(loaded, salience.CausalLM)
     assert loaded.encode(PROMPT, max_new_tokens=4).input_ids.tolist() == lm.encode(PROMPT, max_new_tokens=4).input_ids.tolist()
+
+
+def test_local_gpt2_directory_loads_as_causal_lm(tokenizer, tmp_path):
+    """GPT-2's class is GPT2LMHeadModel, not *ForCausalLM: transformers' causal-LM mapping decides."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=2, n_head=4, n_positions=64, n_inner=32,
+                        bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = salience.load_model(str(tmp_path))
+    assert isinstance(loaded, salience.CausalLM) and type(loaded.model).__name__ == "GPT2LMHeadModel"
+    e = salience.explain(loaded, PROMPT, method="saliency", max_new_tokens=2)
+    assert len(e.targets) == 2
 
 
 def test_smollm2_continues_with_paris_and_occlusion_runs():

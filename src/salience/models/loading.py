@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,10 +38,27 @@ IMAGE_ZOO = ("efficientnet-lite0", "fmnist-cnn", "fmnist-bnn")
 CAUSAL_LM_SUFFIX = "ForCausalLM"
 
 
+@functools.cache
+def _causal_lm_classes() -> frozenset[str]:
+    """The text-only causal-LM classes transformers' ``AutoModelForCausalLM`` maps to, such as
+    ``GPT2LMHeadModel`` (multimodal ``*ForConditionalGeneration`` classes left out)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(name for name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                     if isinstance(name, str) and not name.endswith("ForConditionalGeneration"))
+
+
+def is_causal_lm_class(name: str) -> bool:
+    """Whether a model class name is a causal LM's: ``*ForCausalLM`` or another class transformers
+    loads as one (``GPT2LMHeadModel``, ``OpenAIGPTLMHeadModel``, ...)."""
+    return name.endswith(CAUSAL_LM_SUFFIX) or name in _causal_lm_classes()
+
+
 def load_model(name: str, *, max_length: int | None = None, device: str | None = None) -> TextClassifier | CausalLM | ImageClassifier:
     """``zoo:NAME`` (bundled, offline), a local directory saved with ``save_pretrained``, or a hub id
     (needs internet or a filled Hugging Face cache). Returns the adapter, model in eval mode: a
-    :class:`CausalLM` for a ``*ForCausalLM`` model, else a :class:`TextClassifier`."""
+    :class:`CausalLM` for a causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``, ...: see
+    :func:`is_causal_lm_class`), else a :class:`TextClassifier`."""
     if name.startswith(ZOO_PREFIX) and name[len(ZOO_PREFIX):] in IMAGE_ZOO:
         return _load_image_zoo(name, device)
     if name.startswith(ZOO_PREFIX):
@@ -49,7 +67,7 @@ def load_model(name: str, *, max_length: int | None = None, device: str | None =
         model, tokenizer = _load_pretrained(name)
     if device is not None:
         model.to(device)
-    adapter = CausalLM if type(model).__name__.endswith(CAUSAL_LM_SUFFIX) else TextClassifier
+    adapter = CausalLM if is_causal_lm_class(type(model).__name__) else TextClassifier
     return adapter(model, tokenizer, name=name, max_length=max_length)
 
 
@@ -98,8 +116,8 @@ def _looks_local(name: str) -> bool:
 
 
 def _load_pretrained(name: str) -> tuple[Any, Any]:
-    """A local directory or hub id, as a causal LM when its config names a ``*ForCausalLM``
-    architecture, else as a sequence classifier."""
+    """A local directory or hub id, as a causal LM when its config names a causal-LM architecture
+    (:func:`is_causal_lm_class`), else as a sequence classifier."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(name).expanduser()
@@ -119,7 +137,7 @@ def _load_pretrained(name: str) -> tuple[Any, Any]:
     if architectures is None:
         with _load_errors(name, "model"):
             architectures = list(getattr(AutoConfig.from_pretrained(source), "architectures", None) or [])
-    causal = any(a.endswith(CAUSAL_LM_SUFFIX) for a in architectures)
+    causal = any(is_causal_lm_class(a) for a in architectures)
     if architectures and not causal and not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ModelLoadError(f"{name} holds a {', '.join(architectures)}, not a sequence classifier or a causal LM")
     with _load_errors(name, "causal LM" if causal else "sequence classifier"):
