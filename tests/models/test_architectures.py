@@ -98,3 +98,24 @@ def _check_attributed_layer(adapter, text: str) -> None:
         ids, baselines=baseline, target=target, n_steps=steps, method="gausslegendre")[0].sum(-1).detach().numpy()
     # Captum keeps its Gauss-Legendre weights in float32 (~6e-8 relative each): 1e-6 of the top score
     np.testing.assert_allclose(ig.token_scores, reference, rtol=0, atol=1e-6 * np.abs(reference).max())
+
+
+def test_a_decoder_classifier_without_mask_token_defaults_to_the_next_baseline(tmp_path):
+    """GPT-2 as a sequence classifier: its tokenizer has no [MASK], so occlusion and SIG (which prefer
+    `mask`) take the first baseline it can build, recorded in params, as if it were given."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    tokenizer = BertTokenizerFast(vocab=str(write_vocab(tmp_path)), do_lower_case=True, mask_token=None)
+    assert tokenizer.mask_token_id is None
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=40, num_labels=2,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    adapter = salience.load_model(str(tmp_path))
+    assert adapter.baselines == ("pad", "unk", "zero", "delete")
+    for method in ("occlusion", "sig"):
+        default = salience.explain(adapter, "the film was good", method=method, output="logit")
+        given = salience.explain(adapter, "the film was good", method=method, output="logit", baseline="pad")
+        assert default.params["baseline"] == "pad"
+        np.testing.assert_allclose(default.scores, given.scores, rtol=0, atol=1e-12)

@@ -50,6 +50,9 @@ class TokenAdapter:
         self.name = name or str(getattr(config, "_name_or_path", "") or type(model).__name__)
         self.embedding_layer = word_embedding_module(model, self.model_type)
         self.counter = PassCounter()
+        # the named baselines this tokenizer can build (a decoder's has no [MASK]: its default is then the next one)
+        self.baselines = tuple(b for b in type(self).baselines
+                               if b not in BASELINE_TOKENS or getattr(tokenizer, BASELINE_TOKENS[b], None) is not None)
 
     @property
     def device(self) -> torch.device:
