@@ -100,22 +100,46 @@ def _check_attributed_layer(adapter, text: str) -> None:
     np.testing.assert_allclose(ig.token_scores, reference, rtol=0, atol=1e-6 * np.abs(reference).max())
 
 
-def test_a_decoder_classifier_without_mask_token_defaults_to_the_next_baseline(tmp_path):
-    """GPT-2 as a sequence classifier: its tokenizer has no [MASK], so occlusion and SIG (which prefer
-    `mask`) take the first baseline it can build, recorded in params, as if it were given."""
+def gpt2_classifier(folder, *, pad_in_config: bool = True) -> salience.TextClassifier:
+    """A tiny GPT-2 sequence classifier (it reads its last non-padding token) with a WordPiece tokenizer
+    that has [PAD] and [UNK] but no [MASK]."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(0)
-    tokenizer = BertTokenizerFast(vocab=str(write_vocab(tmp_path)), do_lower_case=True, mask_token=None)
+    tokenizer = BertTokenizerFast(vocab=str(write_vocab(folder)), do_lower_case=True, mask_token=None)
     assert tokenizer.mask_token_id is None
     config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=40, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    adapter = salience.load_model(str(tmp_path))
-    assert adapter.baselines == ("pad", "unk", "zero", "delete")
+                        initializer_range=0.5, pad_token_id=tokenizer.pad_token_id if pad_in_config else None)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return salience.load_model(str(folder))
+
+
+def test_a_decoder_classifier_defaults_to_a_baseline_its_tokenizer_has_and_that_is_not_padding(tmp_path):
+    """No [MASK]; [PAD] is the padding token the head skips when it looks for the last token, so a
+    perturbation replacing the last token by it would move what the head reads: the default is the
+    next baseline, [UNK] (recorded in params, equal to giving it), and 'pad' is refused for
+    perturbation methods (gradient methods replace embeddings, not ids: allowed)."""
+    adapter = gpt2_classifier(tmp_path)
+    assert adapter.reads_last_token and adapter.baselines == ("unk", "zero", "delete")
     for method in ("occlusion", "sig"):
         default = salience.explain(adapter, "the film was good", method=method, output="logit")
-        given = salience.explain(adapter, "the film was good", method=method, output="logit", baseline="pad")
-        assert default.params["baseline"] == "pad"
+        given = salience.explain(adapter, "the film was good", method=method, output="logit", baseline="unk")
+        assert default.params["baseline"] == "unk"
         np.testing.assert_allclose(default.scores, given.scores, rtol=0, atol=1e-12)
+    with pytest.raises(salience.ParameterError, match="'pad' is .* padding token, and its head reads the last non-padding"):
+        salience.explain(adapter, "the film was good", method="occlusion", baseline="pad")
+    assert salience.explain(adapter, "the film was good", method="ig", baseline="pad").params["baseline"] == "pad"
+    # the hazard refused: the last token replaced by [PAD] makes the head read the token before it
+    ids = adapter.encode("the film was good").input_ids[None]
+    padded = ids.clone()
+    padded[0, -1] = adapter.tokenizer.pad_token_id
+    with torch.no_grad():
+        assert torch.allclose(adapter.model(padded).logits, adapter.model(ids[:, :-1]).logits, atol=1e-6)
+
+
+def test_a_decoder_classifier_without_pad_token_id_is_refused_in_batches(tmp_path):
+    adapter = gpt2_classifier(tmp_path, pad_in_config=False)
+    with pytest.raises(salience.ParameterError, match="no pad_token_id, so transformers runs one row at a time"):
+        salience.explain(adapter, "the film was good", method="occlusion")
+    assert salience.explain(adapter, "the film was good", method="occlusion", batch_size=1).scores.shape == (4,)

@@ -18,11 +18,12 @@ from torch import nn
 
 from salience.core.features import Feature
 from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
-from salience.errors import InputError
+from salience.errors import InputError, ParameterError
+from salience.models.arch import ARCHITECTURES
 from salience.models.attention_access import AttentionAccess
 from salience.models.base import Encoded
 from salience.models.passes import check_finite, frozen_parameters
-from salience.models.tokens import TokenAdapter, words_of
+from salience.models.tokens import BASELINE_TOKENS, TokenAdapter, words_of
 
 
 class TextClassifier(AttentionAccess, TokenAdapter):
@@ -42,6 +43,35 @@ class TextClassifier(AttentionAccess, TokenAdapter):
         self.labels: list[str] = [str(id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)]
         self.max_length = max_length or self._model_limit()
         self.uses_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        self.reads_last_token = reads_last_token(model)
+        self.padding_id: int | None = getattr(config, "pad_token_id", None)
+        if self.reads_last_token:  # a token baseline equal to the padding token is no default (see check_baseline)
+            self.baselines = tuple(b for b in self.baselines if not self._is_padding(b))
+
+    def _is_padding(self, baseline: str) -> bool:
+        """Whether ``baseline`` names a token whose id is the model's padding token."""
+        attribute = BASELINE_TOKENS.get(baseline)
+        token = getattr(self.tokenizer, attribute, None) if attribute else None
+        return token is not None and self.padding_id is not None and int(token) == int(self.padding_id)
+
+    def check_baseline(self, baseline: str, *, perturbation: bool) -> str:
+        """As :meth:`TokenAdapter.check_baseline`; a classifier that reads its last non-padding token
+        (GPT-2, Llama, ...) also refuses, for perturbation methods, a token baseline equal to its
+        padding token: the rows carry the token ids, and a replaced last token would move the
+        position the head reads (gradient methods replace embeddings, not ids: allowed)."""
+        if perturbation and self.reads_last_token and self._is_padding(baseline):
+            others = ", ".join(b for b in self.baselines if b != baseline)
+            raise ParameterError(f"baseline {baseline!r} is {self.name}'s padding token, and its head reads the last "
+                                 f"non-padding token: a replaced last token would move what it reads; use {others}")
+        return super().check_baseline(baseline, perturbation=perturbation)
+
+    def _call_model(self, **kwargs: torch.Tensor | int) -> Any:
+        rows = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0]
+        if rows > 1 and self.reads_last_token and self.padding_id is None:
+            raise ParameterError(f"{self.name} reads its last non-padding token but its config has no pad_token_id, "
+                                 "so transformers runs one row at a time only: set model.config.pad_token_id (e.g. to "
+                                 "the tokenizer's pad or eos id), or pass batch_size=1")
+        return super()._call_model(**kwargs)
 
     # --------------------------------------------------------------- encoding
     def encode(self, inputs: str | tuple[str, str], *, truncate: bool = False) -> Encoded:
@@ -122,6 +152,16 @@ class TextClassifier(AttentionAccess, TokenAdapter):
     def attention_query_rows(self, encoded: Encoded, targets: Sequence[Target]) -> list[list[int]]:
         """Every target reads the first token's ([CLS]) attention row: the classifier head reads it."""
         return [[0] for _ in targets]
+
+
+def reads_last_token(model: nn.Module) -> bool:
+    """Whether a sequence classifier classifies from its last non-padding token, as transformers'
+    classifiers built on decoders do (GPT-2, Llama, Mistral, ...): judged by its model type having a
+    causal-LM class and no encoder facts in :mod:`salience.models.arch` (BERT-like ones pool [CLS])."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type not in ARCHITECTURES and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def _row(tensor: torch.Tensor | None) -> torch.Tensor | None:
