@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 import salience
 from salience.errors import ParameterError
 from salience.methods.lrp_composites import parse_composite
-from salience.methods.lrp_mode import LRPMode
+from salience.methods.lrp_mode import LRPMode, is_activation_unit
 from salience.models.image import ImageClassifier
 
 IN, HIDDEN, OUT = 6, 5, 3
@@ -107,6 +107,16 @@ def test_a_transformers_activation_module_is_one_elementwise_unit(method):
     expected = explain(nets["linear"], method, **params)
     found = explain(nets["new_gelu"], method, **params)
     np.testing.assert_allclose(np.asarray(found.scores), np.asarray(expected.scores), rtol=1e-12, atol=1e-12)
+
+
+def test_which_transformers_activations_run_as_units():
+    """Written out in torch functions: a unit; a thin wrapper of one activation the rules know: not."""
+    from transformers.activations import GELUActivation, MishActivation, QuickGELUActivation, SiLUActivation
+
+    assert is_activation_unit(NewGELUActivation()) and is_activation_unit(QuickGELUActivation())
+    assert is_activation_unit(GELUActivation(use_gelu_python=True))  # erf written out
+    assert not is_activation_unit(GELUActivation()) and not is_activation_unit(SiLUActivation())
+    assert not is_activation_unit(MishActivation()) and not is_activation_unit(nn.GELU())
 
 
 def test_an_activation_unit_that_is_not_elementwise_is_refused():

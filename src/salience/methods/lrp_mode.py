@@ -22,7 +22,8 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
   summand, R_a = a R / (a + b): per unit, c_a = c, its gradient (a difference likewise), so sums
   run as plain calls (no stabiliser: there is no division in this form);
 - elementwise activations (the ReLU family, sigmoid, tanh, ..., and a module of
-  ``transformers.activations`` as one unit, its own calls run without gradients) pass relevance
+  ``transformers.activations`` written out in torch functions as one unit, its own calls run
+  without gradients: :func:`is_activation_unit`) pass relevance
   through (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
   call; one with f(0) = 0 right after a layer that runs a rule (conv + batch norm + ReLU6) runs
   in one node with it, the layer's rule starting from R = y c (no ratio computed or kept); one
@@ -95,13 +96,19 @@ HANDLED = ("convolutions and linear layers (by the composite's rules), batch nor
            "residual sums, elementwise activations and functions linear in the input")
 
 
-@functools.cache
-def is_activation_module(cls: type) -> bool:
-    """Whether a module class is one of transformers' activations (``transformers.activations``:
-    NewGELUActivation, FastGELUActivation, QuickGELUActivation, ...), each an elementwise function
-    of its input, several of them written out in torch functions (``torch.pow``, ``tanh``) that
-    the rules would otherwise meet one by one."""
-    return cls.__module__ == "transformers.activations"
+def is_activation_unit(module: nn.Module) -> bool:
+    """Whether a module is one of transformers' activations (``transformers.activations``: an
+    elementwise function of its input) written out in torch functions that the rules would
+    otherwise meet one by one (NewGELUActivation: ``torch.pow``, ``tanh``; QuickGELUActivation,
+    FastGELUActivation, ...). The thin wrappers of one activation the rules know (GELUActivation
+    calling F.gelu, GELUTanh, MishActivation, SiLUActivation, LinearActivation) are left to them:
+    the same rule, without the unit's cost."""
+    if type(module).__module__ != "transformers.activations":
+        return False
+    act = getattr(module, "act", None)
+    if act is not None:
+        return (act.func if isinstance(act, partial) else act) not in ACTIVATIONS
+    return type(module).__name__ not in ("SiLUActivation", "LinearActivation")
 
 
 @functools.cache
@@ -399,9 +406,10 @@ class LRPMode(TorchFunctionMode):
         self.merged = 0
         self._paused = False
         self._stack: list[nn.Module] = []
-        # an activation module running now (see _begin_activation_module): its input and the input's version
+        # an activation module running now as one unit (see _begin_activation_module): its input and the input's version
         self._unit: tuple[nn.Module, torch.Tensor, int] | None = None
         self._names: dict[int, str] = {}
+        self._activation_modules: set[int] = set()  # ids of this forward's modules that run as units (is_activation_unit)
         self._calls = 0  # linear layers seen in this forward pass
         # layer outputs of this forward pass, for a batch norm or an activation right after the layer
         self._outputs: dict[int, _LayerOutput] = {}
@@ -450,12 +458,15 @@ class LRPMode(TorchFunctionMode):
                                  "explain the plain (not scripted) nn.Module")
         if not self._stack:  # a new forward pass of the model
             self.forwards += 1
-            self._names = {id(m): name for name, m in module.named_modules()}
+            named = list(module.named_modules())
+            self._names = {id(m): name for name, m in named}
+            self._activation_modules = {id(m) for _, m in named if is_activation_unit(m)}
             self._calls = 0
             self._unit = None
             self._forget_forward()
         self._stack.append(module)
-        if self._unit is None and is_activation_module(type(module)):
+        if self._unit is None and (id(module) in self._activation_modules
+                                   or id(module) not in self._names and is_activation_unit(module)):
             self._begin_activation_module(module, _args)
 
     def _pop(self, module: nn.Module, _args: Any, output: Any) -> Any:
@@ -468,7 +479,7 @@ class LRPMode(TorchFunctionMode):
         return None
 
     def _begin_activation_module(self, module: nn.Module, args: Any) -> None:
-        """An activation module (:func:`is_activation_module`) called on a tensor on the relevance
+        """An activation module (:func:`is_activation_unit`) called on a tensor on the relevance
         path runs as one elementwise unit: its calls run plainly without gradients (see
         ``__torch_function__``), and :meth:`_end_activation_module` gives its output the identity
         rule. Called with its input by keyword it is left to the rules call by call."""
@@ -487,7 +498,7 @@ class LRPMode(TorchFunctionMode):
             raise ParameterError(f"{self.method}: the activation module {type(module).__name__}{self._where_module(module)} "
                                  "did not return a tensor of its input's shape with its input unchanged; the identity "
                                  "rule needs an elementwise function")
-        with self.paused():
+        with torch._C.DisableTorchFunction():  # (the ratio's own calls need no rule; paused, each would still be dispatched)
             return _Pass.apply(x, lambda: output, False)
 
     def _forget_forward(self) -> None:
@@ -568,49 +579,47 @@ class LRPMode(TorchFunctionMode):
     # ------------------------------------------------------------ dispatch
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
-        try:
-            return self._dispatch(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        if self._paused or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        try:  # (one level: an extra call per torch function costs 1 % of a small transformer's time)
+            if self._unit is not None:  # inside an activation module: one unit (its rule: _end_activation_module)
+                with torch.no_grad():
+                    return func(*args, **kwargs)
+            if func in LAYERS:
+                return self._layer(func, LAYERS[func], args, kwargs)
+            if func in WEIGHT_PRODUCTS:
+                found = self._weight_product(func, args, kwargs)
+                if found is not PASS:
+                    return found
+            if func is F.batch_norm:
+                return self._batch_norm(func, args, kwargs)
+            if func in AVG_POOLS:
+                return self._pool(func, args, kwargs)
+            if func in ACTIVATIONS:
+                return self._activation(func, args, kwargs)
+            if func in LINEAR and func is not F.pad:  # reshapes, indexing, constants added: their gradient (no check needed)
+                return func(*args, **kwargs)
+            if self.transformer:
+                found = transformer_call(self, func, args, kwargs)
+                if found is not PASS:
+                    return found
+            result = func(*args, **kwargs)
+            if func is F.pad:
+                self._record_pad(result, args, kwargs)
+            elif any(t.requires_grad for t in tensors_in(result)) and not _linear_call(func, args, kwargs):
+                refused = "other nonlinear functions (custom attention included)" if self.transformer else \
+                    "softmax read-outs, products of two input-dependent tensors (attention, squeeze-excitation) and other " \
+                    "nonlinear functions"
+                handled = f"{HANDLED}, {TRANSFORMER_HANDLED}" if self.transformer else HANDLED
+                hint = " (method='attnlrp' has a rule for it)" \
+                    if not self.transformer and has_transformer_rule(func, self.in_normalisation()) else ""
+                raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the relevance path{self._where()}"
+                                     f"{hint}; it handles {handled}: {refused} are refused")
+            return result
         except SalienceError as error:  # kept: raised again on leaving if an operator swallows it (see __exit__)
             self._refusal = self._refusal or error
             raise
-
-    def _dispatch(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._paused or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        if self._unit is not None:  # inside an activation module: one unit (its rule: _end_activation_module)
-            with torch.no_grad():
-                return func(*args, **kwargs)
-        if func in LAYERS:
-            return self._layer(func, LAYERS[func], args, kwargs)
-        if func in WEIGHT_PRODUCTS:
-            found = self._weight_product(func, args, kwargs)
-            if found is not PASS:
-                return found
-        if func is F.batch_norm:
-            return self._batch_norm(func, args, kwargs)
-        if func in AVG_POOLS:
-            return self._pool(func, args, kwargs)
-        if func in ACTIVATIONS:
-            return self._activation(func, args, kwargs)
-        if func in LINEAR and func is not F.pad:  # reshapes, indexing, constants added: their gradient (no check needed)
-            return func(*args, **kwargs)
-        if self.transformer:
-            found = transformer_call(self, func, args, kwargs)
-            if found is not PASS:
-                return found
-        result = func(*args, **kwargs)
-        if func is F.pad:
-            self._record_pad(result, args, kwargs)
-        elif any(t.requires_grad for t in tensors_in(result)) and not _linear_call(func, args, kwargs):
-            refused = "other nonlinear functions (custom attention included)" if self.transformer else \
-                "softmax read-outs, products of two input-dependent tensors (attention, squeeze-excitation) and other " \
-                "nonlinear functions"
-            handled = f"{HANDLED}, {TRANSFORMER_HANDLED}" if self.transformer else HANDLED
-            hint = " (method='attnlrp' has a rule for it)" \
-                if not self.transformer and has_transformer_rule(func, self.in_normalisation()) else ""
-            raise ParameterError(f"{self.method} has no rule for {function_name(func)} on the relevance path{self._where()}"
-                                 f"{hint}; it handles {handled}: {refused} are refused")
-        return result
 
     def _where(self) -> str:
         if not self._stack:
