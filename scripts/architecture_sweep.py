@@ -5,9 +5,9 @@ GPT-NeoX, OPT, Bloom, Falcon, GPT-J, Granite, Starcoder2, Cohere, SmolLM3) and e
 family Salience loads, in float64 with random weights (2 layers, hidden 16):
 
 - AttnLRP conservation: with every bias, additive position embedding and relative-attention bias
-  zeroed and tiny stabilisers, |logit - (sum of scores + what the softmax rules keep)|, relative to the larger of |logit| and the
-  summed |scores| (families computing norms in float32 leave 1e-8 .. 1e-7; Bloom's ALiBi bias, added
-  to the attention scores, takes its share);
+  zeroed and tiny stabilisers, |logit - (sum of scores + what the softmax rules keep)|, relative to
+  the larger of |logit| and the summed |scores| (families computing norms in float32 leave 1e-8 ..
+  1e-7; Bloom's ALiBi bias, added to the attention scores, takes its share);
 - prefix cache (causal LMs): occlusion with the unk baseline over the cached prefix against full
   passes, max difference relative to the largest score, and the positions taken from the cache;
 - patching components: exact patching of the last block's output where the metric reads minus
