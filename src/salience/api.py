@@ -27,9 +27,10 @@ from salience.models.context_query import SourceSpec, context_prompt
 
 # what a capability a method needs is called in messages, and which model kinds have it
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../salience/: this module's package
-CAPABILITIES = {"attention_maps": ("attention maps", "text classifiers and causal LMs"),
-                "attention_query_rows": ("attention rows per target", "text classifiers and causal LMs"),
-                "attention_gradients": ("gradients of attention maps", "text classifiers and causal LMs"),
+TRANSFORMERS = "text classifiers, causal LMs and vision transformers built on nn.MultiheadAttention"
+CAPABILITIES = {"attention_maps": ("attention maps", TRANSFORMERS),
+                "attention_query_rows": ("attention rows per target", TRANSFORMERS),
+                "attention_gradients": ("gradients of attention maps", TRANSFORMERS),
                 "layer_maps": ("layer activations", "image classifiers (CNNs and ViTs)"),
                 "pixel_grid": ("a pixel grid", "image classifiers"),
                 "score_replaced": ("outputs and ranks of inputs with tokens replaced by given tokens",

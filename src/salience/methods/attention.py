@@ -27,6 +27,13 @@ def query_rows(matrix: torch.Tensor, rows: Sequence[Sequence[int]]) -> torch.Ten
     return torch.stack([matrix[list(r)].mean(0) for r in rows])
 
 
+def as_positions(ctx: Context, scores: torch.Tensor) -> torch.Tensor:
+    """Token scores (T, tokens) as the adapter's position scores: the same for text and causal LMs
+    (their positions are tokens), the patches' pixels for an image transformer."""
+    convert = getattr(ctx.model, "attention_positions", None)
+    return scores if convert is None else convert(ctx.encoded, scores)
+
+
 def pick_layer(maps: torch.Tensor, layer: str | int) -> torch.Tensor:
     """The (P, P) matrix of ``layer`` from per-layer maps (L, P, P): ``"last"``, ``"mean"`` (of the
     layers) or a layer index (negative counts from the last)."""
@@ -56,7 +63,7 @@ class Attention:
         maps = ctx.model.attention_maps(ctx.encoded).mean(1)  # type: ignore[attr-defined]  # (layers, P, P)
         matrix = pick_layer(maps, self.layer)
         rows = ctx.model.attention_query_rows(ctx.encoded, ctx.targets)  # type: ignore[attr-defined]
-        return position_attribution(query_rows(matrix, rows), ctx, details={"query_rows": rows})
+        return position_attribution(as_positions(ctx, query_rows(matrix, rows)), ctx, details={"query_rows": rows})
 
 
 def rollout(maps: torch.Tensor, residual: float) -> torch.Tensor:
@@ -87,4 +94,5 @@ class AttentionRollout:
             raise ParameterError(f"residual must be in [0, 1], got {self.residual}")
         maps = ctx.model.attention_maps(ctx.encoded).mean(1)  # type: ignore[attr-defined]
         rows = ctx.model.attention_query_rows(ctx.encoded, ctx.targets)  # type: ignore[attr-defined]
-        return position_attribution(query_rows(rollout(maps, self.residual), rows), ctx, details={"query_rows": rows})
+        return position_attribution(as_positions(ctx, query_rows(rollout(maps, self.residual), rows)), ctx,
+                                    details={"query_rows": rows})

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from salience.core.registry import register
-from salience.methods.attention import query_rows
+from salience.methods.attention import as_positions, query_rows
 from salience.methods.base import Attribution, Context, as_array, position_attribution
 
 
@@ -78,4 +78,4 @@ class AttentionRelevancy:
         if self.remove_identity:
             matrices = matrices - torch.eye(matrices.shape[-1], dtype=matrices.dtype)
         scores = torch.stack([query_rows(matrix, [r])[0] for matrix, r in zip(matrices, rows)])
-        return position_attribution(scores, ctx, output_value=as_array(values), details={"query_rows": rows})
+        return position_attribution(as_positions(ctx, scores), ctx, output_value=as_array(values), details={"query_rows": rows})

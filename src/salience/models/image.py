@@ -39,7 +39,11 @@ from salience.core.grid import (
 from salience.core.grid import geometry as make_geometry
 from salience.core.target import Prediction, Target, prediction_from_logits, read_outputs
 from salience.errors import InputError, ModelOutputError, ParameterError
+from salience.models.attention_access import Combine
 from salience.models.base import PassCounter
+from salience.models.image_attention import query_rows as attention_rows
+from salience.models.image_attention import recorded_attention, used_weights
+from salience.models.image_attention import to_pixels as attention_pixels
 from salience.models.image_input import read_image
 from salience.models.image_values import NAMED, Levels, build, check_name, tensor_name
 from salience.models.layers import (
@@ -135,6 +139,7 @@ class ImageClassifier:
         self._tensors: dict[str, torch.Tensor] = {}  # user baseline tensors by their recorded name
         self._grids: dict[int, tuple[int, int]] = {}
         self._activation_bytes: dict[tuple[int, int], tuple[int, int]] = {}
+        self._attention_tokens: dict[tuple[int, int], int] = {}  # attention tokens per input grid (vision transformers)
 
     @property
     def device(self) -> torch.device:
@@ -469,6 +474,48 @@ class ImageClassifier:
         with frozen_parameters(self.model), torch.set_grad_enabled(grad), recording(self.model) as records:
             value = read_outputs(self._logits(image), targets).sum()
         return records, value
+
+    # ------------------------------------------------------------------ attention (vision transformers)
+    def attention_maps(self, encoded: EncodedImage) -> torch.Tensor:
+        """Per-head attention weights (layers, heads, T, T) of a vision transformer built on
+        ``nn.MultiheadAttention``, on the unperturbed image, float64 on the CPU (one forward pass,
+        counted; see :mod:`salience.models.image_attention`)."""
+        with recorded_attention(self.model, self.name) as seen, torch.no_grad():
+            self._logits(encoded.pixels[None])
+        self._attention_tokens[encoded.grid] = int(seen[0].shape[-1]) if seen else 0
+        return torch.stack([w[0] for w in seen]).double().cpu()
+
+    def attention_query_rows(self, encoded: EncodedImage, targets: Sequence[Target]) -> list[list[int]]:
+        """Every target reads the class token's row, or, without leading tokens, every token's (the
+        head then reads their mean); the token count is learnt from one forward pass per grid."""
+        if encoded.grid not in self._attention_tokens:
+            self.attention_maps(encoded)
+        rows = attention_rows(self._attention_tokens[encoded.grid], encoded.grid, self.name)
+        return [rows for _ in targets]
+
+    def attention_gradients(self, encoded: EncodedImage, targets: Sequence[Target], combine: Combine,
+                            batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine(maps, grads)`` per target, (T, ...), and the targets' outputs (T,): one forward pass
+        of the image (parameters frozen) and one backward per target through the attention weights."""
+        images = encoded.pixels[None].to(self.device, self.dtype).requires_grad_(True)
+        targets = list(targets)
+        results = []
+        with recorded_attention(self.model, self.name) as seen, frozen_parameters(self.model), torch.enable_grad():
+            values = read_outputs(self._logits(images), targets)[0]  # (T,)
+            used = [used_weights(w) for w in seen]
+            for t in range(len(targets)):
+                grads = torch.autograd.grad(values[t], used, retain_graph=t < len(targets) - 1, allow_unused=True)
+                if any(g is None for g in grads):
+                    raise ModelOutputError(f"{self.name}'s output is not computed from the attention weights its "
+                                           "nn.MultiheadAttention layers return")
+                results.append(combine([w.detach() for w in seen], [g.reshape(w.shape) for g, w in zip(grads, seen)]))
+        self.counter.backward_passes += len(targets)
+        self._attention_tokens[encoded.grid] = int(seen[0].shape[-1])
+        return torch.cat(results), values.detach()
+
+    def attention_positions(self, encoded: EncodedImage, scores: torch.Tensor) -> torch.Tensor:
+        """Token scores (T, tokens) as position scores (T, pixels): each pixel its patch's score."""
+        return attention_pixels(scores, encoded.grid, self.name)
 
     # ------------------------------------------------------------------ memory
     def bytes_per_row(self, length: int, *, backward: bool) -> int:
