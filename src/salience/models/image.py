@@ -41,8 +41,8 @@ from salience.core.target import Prediction, Target, prediction_from_logits, rea
 from salience.errors import InputError, ModelOutputError, ParameterError
 from salience.models.attention_access import Combine
 from salience.models.base import PassCounter
+from salience.models.image_attention import called, recorded_attention, used_weights
 from salience.models.image_attention import query_rows as attention_rows
-from salience.models.image_attention import recorded_attention, used_weights
 from salience.models.image_attention import to_pixels as attention_pixels
 from salience.models.image_input import read_image
 from salience.models.image_values import NAMED, Levels, build, check_name, tensor_name
@@ -482,8 +482,9 @@ class ImageClassifier:
         counted; see :mod:`salience.models.image_attention`)."""
         with recorded_attention(self.model, self.name) as seen, torch.no_grad():
             self._logits(encoded.pixels[None])
-        self._attention_tokens[encoded.grid] = int(seen[0].shape[-1]) if seen else 0
-        return torch.stack([w[0] for w in seen]).double().cpu()
+        maps = torch.stack([w[0] for w in called(seen, self.name)]).double().cpu()
+        self._attention_tokens[encoded.grid] = int(maps.shape[-1])
+        return maps
 
     def attention_query_rows(self, encoded: EncodedImage, targets: Sequence[Target]) -> list[list[int]]:
         """Every target reads the class token's row, or, without leading tokens, every token's (the
@@ -502,7 +503,7 @@ class ImageClassifier:
         results = []
         with recorded_attention(self.model, self.name) as seen, frozen_parameters(self.model), torch.enable_grad():
             values = read_outputs(self._logits(images), targets)[0]  # (T,)
-            used = [used_weights(w) for w in seen]
+            used = [used_weights(w) for w in called(seen, self.name)]
             for t in range(len(targets)):
                 grads = torch.autograd.grad(values[t], used, retain_graph=t < len(targets) - 1, allow_unused=True)
                 if any(g is None for g in grads):

@@ -62,6 +62,15 @@ def recorded_attention(net: nn.Module, name: str) -> Iterator[list[torch.Tensor]
             handle.remove()
 
 
+def called(seen: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """The recorded weights, or a one-line error when no attention module ran (a fused fast path,
+    such as nn.TransformerEncoderLayer's without gradients, calls none)."""
+    if not seen:
+        raise ModelOutputError(f"{name}'s nn.MultiheadAttention modules did not run in its forward pass (a fused "
+                               "fast path?), so no attention weights were recorded")
+    return seen
+
+
 def used_weights(weights: torch.Tensor) -> torch.Tensor:
     """The tensor ``weights`` (a view torch returns) was taken from, which the attention's output was
     computed from: where gradients of the weights are read."""
