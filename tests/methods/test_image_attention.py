@@ -117,3 +117,40 @@ def test_hooks_removed_and_outputs_unchanged(x):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
     with torch.no_grad():
         assert torch.equal(net(x[None]), before)
+
+
+class EncoderViT(torch.nn.Module):
+    """Patch embedding, a class token and nn.TransformerEncoder (post-norm layers, ReLU, batch first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.patch = torch.nn.Conv2d(3, 8, PATCH, stride=PATCH)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 8))
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(8, 3)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.patch(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.tokens(x))[:, 0])
+
+
+def test_rollout_through_a_transformer_encoder(x):
+    """nn.TransformerEncoderLayer calls its attention with need_weights=False (and has a fused path
+    without gradients): the weights are still asked for and recorded, layer by layer."""
+    net = EncoderViT().double().eval()
+    model = ImageClassifier(net, labels=list("abc"), input_shape=(3, GRID, GRID))
+    maps = []
+    with torch.no_grad():
+        tokens = net.tokens(x[None])
+        for layer in net.encoder.layers:  # post-norm: x = norm1(x + sa(x)); x = norm2(x + ff(x))
+            out, weights = attention(layer.self_attn, tokens)
+            maps.append(weights)
+            tokens = layer.norm1(tokens + out)
+            tokens = layer.norm2(tokens + layer.linear2(torch.relu(layer.linear1(tokens))))
+    rolled = salience.explain(model, x, method="attention_rollout")
+    np.testing.assert_allclose(rolled.token_scores, read(rollout(maps), class_token=True), rtol=0, atol=1e-12)
