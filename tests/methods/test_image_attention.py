@@ -102,6 +102,8 @@ def test_relevancy_equals_the_written_out_formula(x):
     found = salience.explain(classifier(net), x, method="attention_relevancy", target=targets, output="logit")
     np.testing.assert_allclose(found.token_scores, np.stack(expected), rtol=0, atol=1e-12)
     np.testing.assert_allclose(found.output_value, logits[0, targets].detach().numpy(), rtol=0, atol=1e-12)
+    # the prediction pass and the relevancy's own (no third to learn the token count), one backward per target
+    assert (found.cost.forward_passes, found.cost.backward_passes) == (2, 2)
 
 
 def test_an_image_model_without_multihead_attention_is_refused():

@@ -68,13 +68,13 @@ class AttentionRelevancy:
     needs: ClassVar[tuple[str, ...]] = ("attention_gradients", "attention_query_rows")
 
     def attribute(self, ctx: Context) -> Attribution:
-        rows = ctx.model.attention_query_rows(ctx.encoded, ctx.targets)  # type: ignore[attr-defined]
-
         def combine(maps: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
             return relevancy(head_mean_relevance(maps, grads)).cpu()
 
         matrices, values = ctx.model.attention_gradients(ctx.encoded, ctx.targets, combine,  # type: ignore[attr-defined]
                                                          batch_size=ctx.batch_size)
+        # (after the pass: an image transformer learns its token count from it, with no forward of its own)
+        rows = ctx.model.attention_query_rows(ctx.encoded, ctx.targets)  # type: ignore[attr-defined]
         if self.remove_identity:
             matrices = matrices - torch.eye(matrices.shape[-1], dtype=matrices.dtype)
         scores = torch.stack([query_rows(matrix, [r])[0] for matrix, r in zip(matrices, rows)])

@@ -488,7 +488,8 @@ class ImageClassifier:
 
     def attention_query_rows(self, encoded: EncodedImage, targets: Sequence[Target]) -> list[list[int]]:
         """Every target reads the class token's row, or, without leading tokens, every token's (the
-        head then reads their mean); the token count is learnt from one forward pass per grid."""
+        head then reads their mean). The token count is the last attention pass's on this grid (a
+        forward pass of its own if none ran yet)."""
         if encoded.grid not in self._attention_tokens:
             self.attention_maps(encoded)
         rows = attention_rows(self._attention_tokens[encoded.grid], encoded.grid, self.name)
