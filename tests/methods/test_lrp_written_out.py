@@ -1,7 +1,7 @@
 """Layers and activations that models write out in torch functions, which LRP and AttnLRP must treat
 as the layer they are, never silently as something else:
 
-- a dense layer as a product with its weight (GPT-2's ``Conv1D``: ``addmm(b, x, W)``; ``x @ W``)
+- a dense layer as a product with its weight (GPT-2's ``Conv1D``: ``addmm(b, x, W)``; ``x @ W``; ``W @ x``)
   takes the composite's rule for linear layers, as ``nn.Linear`` with the weight transposed;
 - an activation module of ``transformers.activations`` written out in torch functions
   (``NewGELUActivation``: ``pow``, ``tanh``) is one elementwise unit with the identity rule, as the
@@ -46,6 +46,17 @@ class Dense(nn.Module):
         return x @ self.weight
 
 
+class DenseLeft(nn.Module):
+    """(W @ x^T)^T written out, W a parameter of shape (out, in): the weight on the left."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight @ x.T).T
+
+
 def networks(seed: int = 0) -> dict[str, nn.Module]:
     """The same MLP (flatten, dense, GELU (tanh form), dense) with its first layer as nn.Linear, as
     GPT-2's Conv1D and, without its bias, as nn.Linear and as ``x @ W``; its activation as F.gelu or
@@ -66,6 +77,7 @@ def networks(seed: int = 0) -> dict[str, nn.Module]:
         "unbiased": nn.Sequential(nn.Flatten(), unbiased, gelu, second),
         "conv1d": nn.Sequential(nn.Flatten(), conv1d, gelu, second),
         "matmul": nn.Sequential(nn.Flatten(), dense, gelu, second),
+        "matmul_left": nn.Sequential(nn.Flatten(), DenseLeft(first.weight.detach()), gelu, second),
         "new_gelu": nn.Sequential(nn.Flatten(), first, NewGELUActivation(), second),
     }
     return {name: net.double().eval() for name, net in found.items()}
@@ -77,7 +89,7 @@ def explain(net: nn.Module, method: str = "lrp", **params) -> salience.Explanati
     return salience.explain(model, x, method=method, target="all", **params)
 
 
-@pytest.mark.parametrize("written", ["conv1d", "matmul"])
+@pytest.mark.parametrize("written", ["conv1d", "matmul", "matmul_left"])
 @pytest.mark.parametrize("params", [{"composite": "epsilon", "eps": 0.3}, {"composite": {"linear": "gamma"}},
                                     {"composite": {"linear": "zplus"}}])
 def test_a_dense_layer_written_as_a_product_takes_the_linear_rule(written, params):
@@ -86,7 +98,7 @@ def test_a_dense_layer_written_as_a_product_takes_the_linear_rule(written, param
     found = explain(nets[written], **params)
     np.testing.assert_allclose(np.asarray(found.scores), np.asarray(expected.scores), rtol=1e-12, atol=1e-12)
     assert found.output_value == pytest.approx(expected.output_value, abs=1e-12)
-    layer = "Conv1D" if written == "conv1d" else "Dense"
+    layer = {"conv1d": "Conv1D", "matmul": "Dense", "matmul_left": "DenseLeft"}[written]
     assert found.params["rules"][layer] == expected.params["rules"]["Linear"]
 
 

@@ -8,7 +8,7 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
 
 - linear layers (F.linear, F.conv1d/2d/3d, and a dense layer written out as a product with its
   weight: ``x @ W``, ``x.mm(W)``, ``addmm(b, x, W)`` with W a 2-d ``nn.Parameter``, as GPT-2's
-  ``Conv1D``, taken as ``F.linear(x, W^T, b)``) take their composite's rule
+  ``Conv1D``, taken as ``F.linear(x, W^T, b)``, or ``W @ x``) take their composite's rule
   (:mod:`salience.methods.lrp_rules`): c_in = R_in / x (0 where x = 0: the relevance a rule puts
   on an input equal to 0, possible with flat, w-square and z^B only, is counted in ``lost``).
   LRP-0 (epsilon with eps = 0) is the layer's own gradient in this form, c_in = J^T (z c / z) =
@@ -292,6 +292,13 @@ def _batch_norm_scale(batch_norm: dict[str, Any]) -> torch.Tensor:
     """The per-channel factor s of a batch norm in eval mode (its arguments by name), y = s x + t."""
     scale = torch.rsqrt(batch_norm["running_var"] + batch_norm["eps"])
     return scale if batch_norm.get("weight") is None else scale * batch_norm["weight"]
+
+
+def _weight_on_the_left(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``weight @ x`` (x (..., in, N)), a dense layer over x's second-to-last dimension, plus ``bias``
+    per output row: the call :meth:`LRPMode._weight_product` recognises, as a :class:`Layer`."""
+    out = weight @ x
+    return out if bias is None else out + bias[:, None]
 
 
 class _Relevance(torch.autograd.Function):
@@ -710,8 +717,8 @@ class LRPMode(TorchFunctionMode):
         """``x @ W``, ``x.mm(W)`` or ``addmm(b, x, W)`` with W a 2-d ``nn.Parameter`` and only x on
         the relevance path: a dense layer written out (GPT-2's Conv1D), run as ``F.linear(x, W^T,
         b)`` would be, with the composite's rule for linear layers (its forward value the call's
-        own). Any other call: :data:`PASS` (a weight on the left, ``W @ x``, is not recognised: it
-        keeps its gradient, LRP-0)."""
+        own); likewise ``W @ x`` and ``W.mm(x)`` (the weight on the left: ``F.linear(x^T, W)^T``).
+        Any other call: :data:`PASS`."""
         if "out" in kwargs:
             return PASS
         if func in ADDMMS:
@@ -719,15 +726,23 @@ class LRPMode(TorchFunctionMode):
             bias, x, weight = bound.get("input"), bound.get("mat1"), bound.get("mat2")
             if bound["beta"] != 1 or bound["alpha"] != 1 or (_path(bias) and not isinstance(bias, nn.Parameter)):
                 return PASS
+            left = False
         elif len(args) == 2 and not kwargs:
-            (x, weight), bias = args, None
+            (x, weight), bias, left = args, None, False
+            if isinstance(x, nn.Parameter) and not isinstance(weight, nn.Parameter):  # W @ x
+                (weight, x), left = args, True
         else:
             return PASS
-        if not (_path(x) and isinstance(weight, nn.Parameter) and weight.dim() == 2):
+        if not (_path(x) and isinstance(weight, nn.Parameter) and weight.dim() == 2) or (left and x.dim() < 2):
             return PASS
-        return self._rule_layer(x, "linear", lambda name: Layer(F.linear, weight.mT, bias, name=name, kind="linear",
-                                                                nonnegative_input=self._known_nonnegative(x)),
-                                partial(func, *args, **kwargs))
+
+        def layer(name: str) -> Layer:
+            if left:
+                return Layer(_weight_on_the_left, weight, None, name=name, kind="linear",
+                             nonnegative_input=self._known_nonnegative(x))
+            return Layer(F.linear, weight.mT, bias, name=name, kind="linear", nonnegative_input=self._known_nonnegative(x))
+
+        return self._rule_layer(x, "linear", layer, partial(func, *args, **kwargs))
 
     def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule,
                        mask: torch.Tensor | None = None, batch_norm: dict[str, Any] | None = None) -> None:
