@@ -582,15 +582,13 @@ def _multi_head_attention(mode: Mode, func: Callable[..., Any], args: tuple[Any,
     q_in, k_in, v_in = (t if batched else t.unsqueeze(1) for t in (q_in, k_in, v_in))  # (L, N, E), sequence first
     length, rows, width = q_in.shape
     heads = int(b["num_heads"])
-    if b["use_separate_proj_weight"]:
-        w_q, w_k, w_v = b["q_proj_weight"], b["k_proj_weight"], b["v_proj_weight"]
-    else:
-        w_q, w_k, w_v = b["in_proj_weight"].chunk(3)
-    b_q, b_k, b_v = (None, None, None) if b["in_proj_bias"] is None else b["in_proj_bias"].chunk(3)
     if q_in is k_in is v_in and not b["use_separate_proj_weight"]:  # self-attention: one projection, as torch's
         q, k, v = mode.linear(q_in, b["in_proj_weight"], b["in_proj_bias"]).chunk(3, dim=-1)
     else:
-        q, k, v = mode.linear(q_in, w_q, b_q), mode.linear(k_in, w_k, b_k), mode.linear(v_in, w_v, b_v)
+        separate = b["use_separate_proj_weight"]
+        weights_qkv = (b["q_proj_weight"], b["k_proj_weight"], b["v_proj_weight"]) if separate else b["in_proj_weight"].chunk(3)
+        biases = (None, None, None) if b["in_proj_bias"] is None else b["in_proj_bias"].chunk(3)
+        q, k, v = (mode.linear(t, w, bias) for t, w, bias in zip((q_in, k_in, v_in), weights_qkv, biases, strict=True))
 
     def split(t: torch.Tensor) -> torch.Tensor:  # (S, N, E) -> (N, H, S, E / H)
         return t.reshape(t.shape[0], rows, heads, width // heads).permute(1, 2, 0, 3)
@@ -616,31 +614,37 @@ def _at(mode: Mode) -> str:
 
 
 # ------------------------------------------------------------------ dispatch
+def _added_product(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``beta t + alpha a @ b`` (:data:`ADDED_PRODUCTS`): the uniform rule, t taking its share as a
+    bias; refused when t depends on the input (a sum, not a factor)."""
+    if _on_path(args[0] if args else kwargs.get("input")):
+        raise ParameterError(f"attnlrp: {getattr(func, '__name__', func)} adds an input-dependent tensor to a product{_at(mode)}; "
+                             "the uniform rule needs the sum and the product as two calls")
+    return uniform_rule(mode, func, args, kwargs)
+
+
+TransformerRule = Callable[[Mode, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+# torch function -> its rule (each returns the call's result, or PASS when the call is off the relevance path)
+_RULES: dict[Callable[..., Any], TransformerRule] = {
+    F.scaled_dot_product_attention: _sdpa,
+    F.multi_head_attention_forward: _multi_head_attention,
+    **dict.fromkeys(SOFTMAXES, _softmax_call),
+    **dict.fromkeys((f for f in (F.layer_norm, getattr(F, "rms_norm", None)) if f is not None), _layer_norm),
+    **dict.fromkeys(PRODUCTS, uniform_rule),
+    **dict.fromkeys(ADDED_PRODUCTS, _added_product),
+}
+
+
 def has_transformer_rule(func: Callable[..., Any], in_normalisation: bool) -> bool:
     """Whether one of these rules covers ``func`` (inside a normalisation module: ``in_normalisation``)."""
-    return (func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward or func in SOFTMAXES
-            or func is F.layer_norm
-            or func is getattr(F, "rms_norm", None) or func in PRODUCTS or func in ADDED_PRODUCTS
-            or (func in STATISTICS and in_normalisation))
+    return func in _RULES or (func in STATISTICS and in_normalisation)
 
 
 def transformer_call(mode: Mode, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The result of ``func(*args, **kwargs)`` under AttnLRP's rules, or :data:`PASS` when none applies."""
-    if func is F.scaled_dot_product_attention:
-        return _sdpa(mode, func, args, kwargs)
-    if func is F.multi_head_attention_forward:
-        return _multi_head_attention(mode, func, args, kwargs)
-    if func in SOFTMAXES:
-        return _softmax_call(mode, func, args, kwargs)
-    if func is F.layer_norm or func is getattr(F, "rms_norm", None):
-        return _layer_norm(mode, func, args, kwargs)
-    if func in PRODUCTS:
-        return uniform_rule(mode, func, args, kwargs)
-    if func in ADDED_PRODUCTS:
-        if _on_path(args[0] if args else kwargs.get("input")):
-            raise ParameterError(f"attnlrp: {getattr(func, '__name__', func)} adds an input-dependent tensor to a product{_at(mode)}; "
-                                 "the uniform rule needs the sum and the product as two calls")
-        return uniform_rule(mode, func, args, kwargs)
+    rule = _RULES.get(func)
+    if rule is not None:
+        return rule(mode, func, args, kwargs)
     if func in IN_PLACE_PRODUCTS and sum(t.requires_grad for t in tensors_in((args, kwargs))) >= 2:
         raise ParameterError(f"attnlrp cannot apply the uniform rule to an in-place product{_at(mode)}; write x = x * y")
     if func in LINEAR:
