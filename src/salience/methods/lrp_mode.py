@@ -416,7 +416,6 @@ class LRPMode(TorchFunctionMode):
         # an activation module running now as one unit (see _begin_activation_module): its input and the input's version
         self._unit: tuple[nn.Module, torch.Tensor, int] | None = None
         self._names: dict[int, str] = {}
-        self._activation_modules: set[int] = set()  # ids of this forward's modules that run as units (is_activation_unit)
         self._calls = 0  # linear layers seen in this forward pass
         # layer outputs of this forward pass, for a batch norm or an activation right after the layer
         self._outputs: dict[int, _LayerOutput] = {}
@@ -465,15 +464,12 @@ class LRPMode(TorchFunctionMode):
                                  "explain the plain (not scripted) nn.Module")
         if not self._stack:  # a new forward pass of the model
             self.forwards += 1
-            named = list(module.named_modules())
-            self._names = {id(m): name for name, m in named}
-            self._activation_modules = {id(m) for _, m in named if is_activation_unit(m)}
+            self._names = {id(m): name for name, m in module.named_modules()}
             self._calls = 0
             self._unit = None
             self._forget_forward()
         self._stack.append(module)
-        if self._unit is None and (id(module) in self._activation_modules
-                                   or id(module) not in self._names and is_activation_unit(module)):
+        if self._unit is None and is_activation_unit(module):
             self._begin_activation_module(module, _args)
 
     def _pop(self, module: nn.Module, _args: Any, output: Any) -> Any:
@@ -736,13 +732,10 @@ class LRPMode(TorchFunctionMode):
         if not (_path(x) and isinstance(weight, nn.Parameter) and weight.dim() == 2) or (left and x.dim() < 2):
             return PASS
 
-        def layer(name: str) -> Layer:
-            if left:
-                return Layer(_weight_on_the_left, weight, None, name=name, kind="linear",
-                             nonnegative_input=self._known_nonnegative(x))
-            return Layer(F.linear, weight.mT, bias, name=name, kind="linear", nonnegative_input=self._known_nonnegative(x))
-
-        return self._rule_layer(x, "linear", layer, partial(func, *args, **kwargs))
+        call, weights, biases = (_weight_on_the_left, weight, None) if left else (F.linear, weight.mT, bias)
+        return self._rule_layer(x, "linear", lambda name: Layer(call, weights, biases, name=name, kind="linear",
+                                                                nonnegative_input=self._known_nonnegative(x)),
+                                partial(func, *args, **kwargs))
 
     def _record_output(self, out: torch.Tensor, x: torch.Tensor | None, layer: Layer | None, rule: Rule,
                        mask: torch.Tensor | None = None, batch_norm: dict[str, Any] | None = None) -> None:
