@@ -23,7 +23,7 @@ from salience.models.arch import ARCHITECTURES
 from salience.models.attention_access import AttentionAccess
 from salience.models.base import Encoded
 from salience.models.passes import check_finite, frozen_parameters
-from salience.models.tokens import BASELINE_TOKENS, TokenAdapter, words_of
+from salience.models.tokens import TokenAdapter, words_of
 
 
 class TextClassifier(AttentionAccess, TokenAdapter):
@@ -50,9 +50,8 @@ class TextClassifier(AttentionAccess, TokenAdapter):
 
     def _is_padding(self, baseline: str) -> bool:
         """Whether ``baseline`` names a token whose id is the model's padding token."""
-        attribute = BASELINE_TOKENS.get(baseline)
-        token = getattr(self.tokenizer, attribute, None) if attribute else None
-        return token is not None and self.padding_id is not None and int(token) == int(self.padding_id)
+        token = self.named_token_id(baseline)
+        return token is not None and self.padding_id is not None and token == int(self.padding_id)
 
     def check_baseline(self, baseline: str, *, perturbation: bool) -> str:
         """As :meth:`TokenAdapter.check_baseline`; a classifier that reads its last non-padding token

@@ -51,8 +51,7 @@ class TokenAdapter:
         self.embedding_layer = word_embedding_module(model, self.model_type)
         self.counter = PassCounter()
         # the named baselines this tokenizer can build (a decoder's has no [MASK]: its default is then the next one)
-        self.baselines = tuple(b for b in type(self).baselines
-                               if b not in BASELINE_TOKENS or getattr(tokenizer, BASELINE_TOKENS[b], None) is not None)
+        self.baselines = tuple(b for b in type(self).baselines if b not in BASELINE_TOKENS or self.named_token_id(b) is not None)
 
     @property
     def device(self) -> torch.device:
@@ -126,14 +125,20 @@ class TokenAdapter:
         others = ", ".join(b for b in self.baselines if b != "delete")
         return ParameterError(f"baseline 'delete' exists for perturbation methods only; use {others}")
 
+    def named_token_id(self, baseline: str) -> int | None:
+        """The tokenizer's id of a named token baseline ("mask", "pad", "unk", "eos"), or None when it
+        has none (or the name is not one of them)."""
+        attribute = BASELINE_TOKENS.get(baseline)
+        token_id = getattr(self.tokenizer, attribute, None) if attribute else None
+        return None if token_id is None else int(token_id)
+
     def baseline_token_id(self, baseline: str) -> int:
         """Token id replacing features for a named baseline ("mask", "pad", "unk", "eos") or a text that is
         exactly one token."""
-        attribute = BASELINE_TOKENS.get(baseline)
-        token_id = getattr(self.tokenizer, attribute, None) if attribute else None
+        token_id = self.named_token_id(baseline)
         if token_id is not None:
-            return int(token_id)
-        if attribute:
+            return token_id
+        if baseline in BASELINE_TOKENS:
             raise ParameterError(f"the tokenizer of {self.name} has no {baseline} token; choose another baseline "
                                  f"({', '.join(b for b in self.baselines if b != baseline)})")
         ids = self.tokenizer(baseline, add_special_tokens=False)["input_ids"]
