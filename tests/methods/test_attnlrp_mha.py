@@ -27,6 +27,13 @@ DIM, HEADS = 8, 2
 def by_hand(mha: nn.MultiheadAttention, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
             attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``mha(q_in, k_in, v_in)[0]`` for batch-first inputs (N, L, E), in plain torch functions."""
+    return written_attention(mha, q_in, k_in, v_in, attn_mask, key_padding_mask)[0]
+
+
+def written_attention(mha: nn.MultiheadAttention, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`by_hand`'s output and its attention weights (N, heads, L, S), in the graph."""
     if mha._qkv_same_embed_dim:
         w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
     else:
@@ -45,8 +52,9 @@ def by_hand(mha: nn.MultiheadAttention, q_in: torch.Tensor, k_in: torch.Tensor, 
         scores = scores + attn_mask.reshape(scores.shape)
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(q.shape[0], q.shape[1], mha.embed_dim)
-    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+    weights = scores.softmax(-1)
+    out = (weights @ split(v)).transpose(1, 2).reshape(q.shape[0], q.shape[1], mha.embed_dim)
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias), weights
 
 
 class Block(nn.Module):

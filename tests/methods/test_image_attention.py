@@ -1,9 +1,9 @@
 """Attention, attention rollout and Chefer's gradient-weighted relevancy on vision transformers built on
 nn.MultiheadAttention, against references computed here: the forward pass written out block by
-block, each attention in torch functions (its weights in the graph), the formulas of the three methods written
-out on them (rollout with renormalised rows; relevancy R += mean_heads(relu(dy/dA * A)) R), the
-class token's row read (every row's mean without a class token), and each patch token's score
-given to the pixels of its patch. Tolerance 1e-12 (float64, the same arithmetic in another order).
+block, each attention in torch functions (``written_attention``: its weights in the graph), the
+formulas of the three methods written out on them (rollout with renormalised rows; relevancy
+R += mean_heads(relu(dy/dA * A)) R), the class token's row read (every row's mean without a class
+token), and each patch token's score given to the pixels of its patch. Tolerance 1e-12 (float64, the same arithmetic in another order).
 """
 
 from __future__ import annotations
@@ -11,28 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import salience
 from methods.test_attnlrp_mha import ViT as MeanPooledViT
+from methods.test_attnlrp_mha import written_attention
 from methods.test_cam import GRID, classifier, vit
 from salience.models.image import ImageClassifier
 from tiny_cnn import photo, tiny_classifier
 
 PATCH = 4  # TinyViT's and the mean-pooled ViT's patch embedding: 4 x 4 convolution, stride 4
-
-
-def attention(mha: torch.nn.MultiheadAttention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of batch-first tokens h (N, T, E) in torch functions: output and weights (N, heads, T, T)."""
-    q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    heads, width = mha.num_heads, mha.embed_dim // mha.num_heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0], t.shape[1], heads, width).transpose(1, 2)
-
-    weights = (split(q) @ split(k).transpose(-2, -1) / width ** 0.5).softmax(-1)
-    merged = (weights @ split(v)).transpose(1, 2).reshape(h.shape)
-    return F.linear(merged, mha.out_proj.weight, mha.out_proj.bias), weights
 
 
 def written_out(net, x: torch.Tensor, *, class_token: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -44,7 +31,7 @@ def written_out(net, x: torch.Tensor, *, class_token: bool) -> tuple[torch.Tenso
     maps = []
     for block in net.blocks:
         h = block.norm1(tokens)
-        out, weights = attention(block.attn, h)
+        out, weights = written_attention(block.attn, h, h, h)
         maps.append(weights)
         tokens = tokens + out
         tokens = tokens + block.mlp(block.norm2(tokens))
@@ -150,7 +137,7 @@ def test_rollout_through_a_transformer_encoder(x):
     with torch.no_grad():
         tokens = net.tokens(x[None])
         for layer in net.encoder.layers:  # post-norm: x = norm1(x + sa(x)); x = norm2(x + ff(x))
-            out, weights = attention(layer.self_attn, tokens)
+            out, weights = written_attention(layer.self_attn, tokens, tokens, tokens)
             maps.append(weights)
             tokens = layer.norm1(tokens + out)
             tokens = layer.norm2(tokens + layer.linear2(torch.relu(layer.linear1(tokens))))
