@@ -101,6 +101,25 @@ def test_mlp_equals_captum(unit):
     np.testing.assert_allclose(e.delta, 0, atol=1e-10)
 
 
+def test_a_unit_whose_input_equals_the_reference_takes_its_derivative():
+    """Where |x - x_ref| < eps at a unit (here exactly 0: two inputs that differ from the reference
+    cancel in hidden unit 0), the multiplier is the unit's derivative, as Captum's; any other value
+    would still sum to delta but move score between those two inputs."""
+    net = mlp(nn.Softplus)  # smooth: the derivative is neither 0 nor 1
+    with torch.no_grad():
+        net[1].weight[0] = 0.0
+        net[1].weight[0, :2] = torch.tensor([1.5, -1.5], dtype=torch.float64)
+    x, baseline = tensors(2, seed=21)
+    baseline.reshape(-1)[:2] = 0.0
+    x.reshape(-1)[:2] = 0.7
+    for target in (1, "all"):  # one target (DeepLIFT's own prediction pass) and the shared target rows
+        e = deeplift(net, x, baseline, target=target)
+        for row, t in enumerate([1] if target == 1 else range(3)):
+            channels = e.extras["_per_channel"][row]  # (P, C): flat inputs 0 and 1 are channel 0 of positions 0 and 1
+            np.testing.assert_allclose(channels, captum(net, x, baseline, t), rtol=0, atol=1e-10)
+            assert abs(channels[0, 0]) > 1e-3  # hidden unit 0's derivative reaches the cancelling inputs
+
+
 @pytest.mark.parametrize("name", ["relu_pool", "tiny_cnn"])
 def test_cnn_equals_captum(name):
     net = relu_pool_cnn() if name == "relu_pool" else build_tiny_cnn()
@@ -280,6 +299,9 @@ def test_batched_equals_unbatched_and_targets_equal_separate_runs():
         alone = salience.explain(model, x, method="deeplift", baseline=baseline, target=t, level="pixel")
         np.testing.assert_allclose(alone.scores, many.scores[t], rtol=0, atol=1e-12)
         assert alone.delta == pytest.approx(many.delta[t], abs=1e-12)
+        assert alone.baseline_value == pytest.approx(many.baseline_value[t], abs=1e-12)
+        # one target: the prediction pass is DeepLIFT's input pass (the reference's forward, then one forward + backward)
+        assert (alone.cost.forward_passes, alone.cost.backward_passes) == (2, 1)
 
 
 @pytest.mark.parametrize("method", ["deeplift", "deeplift_shap"])
@@ -319,4 +341,4 @@ def test_efficientnet_lite0_runs_and_sums_to_delta():
     assert np.isfinite(e.scores).all() and e.params["baseline"] == "black"
     gap = float(e.output_value - e.baseline_value)
     assert abs(float(e.delta)) < 1e-4 * abs(gap) and abs(gap) > 0.1
-    assert e.cost.backward_passes == 1
+    assert (e.cost.forward_passes, e.cost.backward_passes) == (2, 1)

@@ -44,16 +44,21 @@ class Context:
         return np.random.default_rng(self.seed)
 
     def baseline(self, requested: str | None, prefer: str, *, perturbation: bool) -> str:
-        """The baseline to use: ``requested`` if given, else ``prefer`` when the adapter knows it,
-        else the adapter's default (the first of ``model.baselines``); the adapter refuses one it
-        cannot build (one-line error listing those it can) and returns the name it records."""
-        known = tuple(getattr(self.model, "baselines", ()))
-        if requested is not None:
-            chosen = requested
-        else:
-            chosen = prefer if prefer in known or not known else known[0]
-        checker = getattr(self.model, "check_baseline", None)
-        return checker(chosen, perturbation=perturbation) if callable(checker) else chosen
+        """:func:`choose_baseline` for this context's adapter."""
+        return choose_baseline(self.model, requested, prefer, perturbation=perturbation)
+
+
+def choose_baseline(model: Adapter, requested: str | None, prefer: str, *, perturbation: bool) -> str:
+    """The baseline to use: ``requested`` if given, else ``prefer`` when the adapter knows it,
+    else the adapter's default (the first of ``model.baselines``); the adapter refuses one it
+    cannot build (one-line error listing those it can) and returns the name it records."""
+    known = tuple(getattr(model, "baselines", ()))
+    if requested is not None:
+        chosen = requested
+    else:
+        chosen = prefer if prefer in known or not known else known[0]
+    checker = getattr(model, "check_baseline", None)
+    return checker(chosen, perturbation=perturbation) if callable(checker) else chosen
 
 
 @dataclass

@@ -11,6 +11,7 @@ channels; feature scores sum their positions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 
 from salience.core.registry import register
-from salience.core.target import Target
+from salience.core.target import Target, read_outputs
 from salience.errors import ParameterError
-from salience.methods.base import Attribution, Context, as_array, position_attribution
+from salience.methods.base import Attribution, Context, as_array, choose_baseline, position_attribution
 from salience.methods.deeplift_rules import RescaleMode
 from salience.methods.sharing import SharedInputs
 
@@ -50,6 +51,20 @@ class _Found:
     values: torch.Tensor
     reference_values: torch.Tensor
     per_channel: torch.Tensor
+
+
+@dataclass
+class _OwnPass:
+    """What DeepLIFT's own prediction pass (:meth:`DeepLift.input_gradient_pass`) found for one input."""
+
+    found: _Found
+    details: dict[str, object]
+
+
+@functools.cache
+def _every_logit(n_classes: int) -> list[Target]:
+    """The logit of every class, in order (read at a reference before the target is known)."""
+    return [Target(index=i, label=str(i), output="logit") for i in range(n_classes)]
 
 
 def check_logit_targets(targets: Sequence[Target], method: str) -> None:
@@ -126,16 +141,24 @@ class _Rescaled(SharedInputs):
         raise NotImplementedError
 
     def _run(self, contexts: list[Context], *, paired: bool) -> list[Attribution]:
+        """Contexts whose prediction pass was DeepLIFT's own (:class:`_OwnPass`) take its result; the
+        others' (input, reference) pairs run together."""
         pairs: list[_Pair] = []
-        details: list[dict[str, object]] = []
+        details: dict[int, dict[str, object]] = {}
+        done: dict[int, list[_Found]] = {}
         for i, ctx in enumerate(contexts):
+            own = ctx.input_gradient_state
+            if isinstance(own, _OwnPass):
+                done[i], details[i] = [own.found], own.details
+                continue
             check_logit_targets(ctx.targets, self.method)
-            x, references, recorded = self._references(ctx)
+            x, references, details[i] = self._references(ctx)
             pairs += [_Pair(i, x, reference, ctx.targets) for reference in references]
-            details.append(recorded)
-        found = rescale_pairs(contexts[0], pairs, eps=self.eps, method=self.method, paired=paired)
-        return [_attribution(ctx, [f for p, f in zip(pairs, found, strict=True) if p.context == i], details[i])
-                for i, ctx in enumerate(contexts)]
+        if pairs:
+            found = rescale_pairs(contexts[pairs[0].context], pairs, eps=self.eps, method=self.method, paired=paired)
+            for pair, result in zip(pairs, found, strict=True):
+                done.setdefault(pair.context, []).append(result)
+        return [_attribution(ctx, done[i], details[i]) for i, ctx in enumerate(contexts)]
 
 
 @register("deeplift", aliases=("deep_lift",), kind="gradient",
@@ -160,11 +183,36 @@ class DeepLift(_Rescaled):
     eps: float = 1e-10
     default_output: ClassVar[str] = "logit"
     method: ClassVar[str] = "deeplift"
+    uses_input_gradient: ClassVar[bool] = True  # one target: the prediction pass is DeepLIFT's own (input_gradient_pass)
 
     def _references(self, ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, object]]:
         name = ctx.baseline(self.baseline, "pad", perturbation=False)
         x, reference = ctx.model.input_and_baseline(ctx.encoded, name)
         return x, [reference], {"baseline": name}
+
+    def input_gradient_pass(self, model: Any, encoded: Any, resolve: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor, object]:
+        """The prediction pass as DeepLIFT's input pass: the reference's forward (every class's logit
+        kept, since the target is not known yet), then one forward + one backward at the input in
+        the Rescale mode, the target resolved from that forward's prediction (refused unless a
+        logit, before the backward). Two forwards and one backward in all, where a separate
+        prediction would add a third forward. The result goes to :meth:`attribute`."""
+        name = choose_baseline(model, self.baseline, "pad", perturbation=False)
+        x, reference = model.input_and_baseline(encoded, name)
+
+        def checked(prediction: Any) -> Target:
+            target = resolve(prediction)
+            check_logit_targets([target], self.method)
+            return target  # type: ignore[no-any-return]
+
+        with RescaleMode(self.eps, self.method) as mode:
+            logits, _ = model.score_inputs(encoded, reference[None], _every_logit(len(model.labels)), grad=False, batch_size=1)
+            mode.begin_inputs(torch.zeros(1, dtype=torch.long), 1)
+            prediction, target, value, gradient = model.predict_with_input_gradient(encoded, checked)
+            mode.finish()
+        reference_value = read_outputs(logits, [target])[0]
+        per_channel = (x - reference).to(gradient) * gradient
+        found = _Found(value.reshape(1).detach(), reference_value.detach(), per_channel[None].detach())
+        return prediction, target, value, gradient, _OwnPass(found, {"baseline": name})
 
 
 @register("deeplift_shap", aliases=("deepliftshap", "deep_lift_shap", "deepshap"), kind="gradient",
