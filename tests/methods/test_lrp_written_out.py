@@ -29,7 +29,8 @@ from transformers.pytorch_utils import Conv1D
 import salience
 from salience.errors import ParameterError
 from salience.methods.lrp_composites import parse_composite
-from salience.methods.lrp_mode import LRPMode, is_activation_unit
+from salience.methods.lrp_mode import LRPMode
+from salience.methods.rules import is_activation_unit
 from salience.models.image import ImageClassifier
 
 IN, HIDDEN, OUT = 6, 5, 3

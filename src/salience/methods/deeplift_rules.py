@@ -31,16 +31,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError
 from salience.methods.rules import (
+    CUSTOM_FUNCTION_HINT,
     ELEMENTWISE,
     PRODUCTS,
     QUOTIENTS,
+    ModuleHookedMode,
     bound_arguments,
+    custom_functions,
     function_name,
+    input_dependent,
+    is_activation_unit,
     is_inplace,
     is_linear_call,
     on_path,
@@ -141,7 +146,7 @@ class _Recorded:
     indices: torch.Tensor | None = None
 
 
-class RescaleMode(TorchFunctionMode):
+class RescaleMode(ModuleHookedMode):
     """``with RescaleMode(eps) as mode:`` run the reference rows' forward pass (recorded), then
     :meth:`begin_inputs` with each backward row's reference index, then the input rows' forward +
     backward: the backward follows DeepLIFT's Rescale rule. ``units``: nonlinear calls per forward."""
@@ -157,6 +162,13 @@ class RescaleMode(TorchFunctionMode):
         self.batch = 0
         self.rows: torch.Tensor | None = None
         self.refusal = ""  # the first function on the gradient path without a rule
+        self._depth = 0  # modules running now
+        self._paused = False  # a unit's own forward run again for its derivative (see _end_unit)
+        # an elementwise module running now as one unit (rules.is_activation_unit): it, its input, the input's version
+        self._module_unit: tuple[nn.Module, torch.Tensor, int] | None = None
+        # a call on the gradient path ran without gradients in this input forward (inside a custom
+        # autograd Function's forward, or a no_grad block): the graph is checked when the forward ends
+        self._untracked = False
 
     @property
     def units(self) -> int:
@@ -181,9 +193,72 @@ class RescaleMode(TorchFunctionMode):
             raise ParameterError(f"{self.method}: the input pass made {self.calls} nonlinear calls over {self.offset} rows, "
                                  f"not {self.units} per forward over {len(self.reference_of_row)} rows; " + SAME_UNITS)
 
+    # -------------------------------------------------------------- modules
+    def _push(self, module: nn.Module, args: Any) -> None:
+        if self._paused:
+            return
+        self._depth += 1
+        x = args[0] if isinstance(args, tuple) and args else None
+        if self._module_unit is None and isinstance(x, torch.Tensor) and is_activation_unit(module):
+            self._module_unit = (module, x, x._version)
+
+    def _pop(self, module: nn.Module, _args: Any, output: Any) -> Any:
+        if self._paused:
+            return None
+        self._depth -= 1
+        if self._depth == 0 and self._untracked:
+            self._untracked = False
+            found = custom_functions(output)
+            if found:
+                self.refusal = self.refusal or (
+                    f"{self.method} cannot follow the custom torch.autograd.Function {found[0]} on the gradient path: "
+                    f"its backward is not the Rescale rule; {CUSTOM_FUNCTION_HINT}")
+        if self._module_unit is not None and self._module_unit[0] is module:
+            return self._end_unit(output)
+        return None
+
+    def _end_unit(self, output: Any) -> Any:
+        """An elementwise module's output as one Rescale unit (its calls ran as plain calls without
+        gradients): recorded on the reference pass, given the Rescale rule on the input pass (the
+        derivative, where |x - x_ref| < eps, from the module's own forward and backward). None
+        (unchanged) when its forward raised or the unit is off the gradient path."""
+        module, x, version = self._module_unit  # type: ignore[misc]
+        self._module_unit = None
+        if output is None:
+            return None
+        name = type(module).__name__
+        if not isinstance(output, torch.Tensor) or output.shape != x.shape or x._version != version:
+            raise ParameterError(f"{self.method}: the elementwise module {name} did not return a tensor of its input's "
+                                 "shape with its input unchanged; the Rescale rule needs an elementwise function")
+        if self.reference_of_row is None:
+            self.recorded.append(_Recorded(type(module), x.detach().clone(), output.detach().clone()))
+            return None
+        x_ref, y_ref, _ = self._reference(type(module), x, with_indices=False)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return None
+
+        def call(t: torch.Tensor) -> torch.Tensor:
+            if t is x:
+                return output  # type: ignore[no-any-return]
+            before, self._paused = self._paused, True
+            try:
+                return module.forward(t)  # type: ignore[no-any-return]
+            finally:
+                self._paused = before
+
+        with torch._C.DisableTorchFunction():  # (the rule's own calls: no unit, no refusal)
+            return _Rescale.apply(x, call, x_ref, y_ref, self.eps, False)
+
+    # -------------------------------------------------------------- dispatch
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if self._module_unit is not None:  # inside an elementwise module: one unit (see _end_unit)
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        if not torch.is_grad_enabled() and self.reference_of_row is not None and self._depth and not self._untracked \
+                and input_dependent((args, kwargs)):
+            self._untracked = True  # (a custom Function's forward runs its calls so: checked in _pop)
         if func in ELEMENTWISE or func in _MAX_POOLS:
             return self._unit(func, args, kwargs)
         result = func(*args, **kwargs)

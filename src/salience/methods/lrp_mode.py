@@ -58,8 +58,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.overrides import TorchFunctionMode
 
 from salience.errors import ParameterError, SalienceError
 from salience.methods.attnlrp_rules import HANDLED as TRANSFORMER_HANDLED
@@ -68,10 +66,15 @@ from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox
 from salience.methods.rules import (
+    CUSTOM_FUNCTION_HINT,
     ELEMENTWISE,
     LINEAR,
     RELU_FAMILY,
+    ModuleHookedMode,
+    custom_functions,
     function_name,
+    input_dependent,
+    is_activation_unit,
     is_inplace,
     is_linear_call,
     named_arguments,
@@ -94,21 +97,6 @@ _BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "traini
 _BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 HANDLED = ("convolutions and linear layers (by the composite's rules), batch norm in eval mode, average and max pooling, "
            "residual sums, elementwise activations and functions linear in the input")
-
-
-def is_activation_unit(module: nn.Module) -> bool:
-    """Whether a module is one of transformers' activations (``transformers.activations``: an
-    elementwise function of its input) written out in torch functions that the rules would
-    otherwise meet one by one (NewGELUActivation: ``torch.pow``, ``tanh``; QuickGELUActivation,
-    FastGELUActivation, ...). The thin wrappers of one activation the rules know (GELUActivation
-    calling F.gelu, GELUTanh, MishActivation, SiLUActivation, LinearActivation) are left to them:
-    the same rule, without the unit's cost."""
-    if type(module).__module__ != "transformers.activations":
-        return False
-    act = getattr(module, "act", None)
-    if act is not None:
-        return (act.func if isinstance(act, partial) else act) not in ACTIVATIONS
-    return type(module).__name__ not in ("SiLUActivation", "LinearActivation")
 
 
 @functools.cache
@@ -380,7 +368,7 @@ class _Pass(torch.autograd.Function):
         return (None, None, None, c * ratio, None) if ctx.below else (c * ratio, None, None, None, None)
 
 
-class LRPMode(TorchFunctionMode):
+class LRPMode(ModuleHookedMode):
     """``with LRPMode(composite, ...) as mode:`` run forward + backward passes; the gradient that
     reaches the input x is c with the input's relevance R = x * c. ``bounds``: per-channel (low,
     high) of the input for z^B. ``trace``: every rule layer's backward in order; ``layers``: rule
@@ -423,24 +411,17 @@ class LRPMode(TorchFunctionMode):
         self._pads: dict[int, tuple[weakref.ref[torch.Tensor], Callable[[torch.Tensor], torch.Tensor], torch.Size]] = {}
         # outputs of ReLUs (and their zero padding) in this forward pass, with their version counters
         self._nonnegative: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
-        self._hooks: list[Any] = []
         self._refusal: SalienceError | None = None  # the first error a rule raised in this block
+        # where a call on the relevance path first ran without gradients in this forward pass (inside a
+        # custom autograd Function's forward, or a no_grad block): see _check_custom_functions
+        self._untracked: str | None = None
 
     # ------------------------------------------------------------ entering and leaving
     def __enter__(self) -> LRPMode:
         super().__enter__()
-        try:
-            self._hooks = [register_module_forward_pre_hook(self._push),
-                           register_module_forward_hook(self._pop, always_call=True)]
-        except BaseException:
-            super().__exit__(None, None, None)
-            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
         super().__exit__(exc_type, exc, traceback)
         refusal, self._refusal = self._refusal, None
         # a refusal raised inside a Tensor operator (x * y, x @ y) comes out as "unsupported operand type(s)",
@@ -477,9 +458,23 @@ class LRPMode(TorchFunctionMode):
             self._stack.pop()
             if not self._stack:  # the forward pass is over: nothing more can follow its layers
                 self._forget_forward()
+                self._check_custom_functions(output)
         if self._unit is not None and self._unit[0] is module:
             return self._end_activation_module(output)
         return None
+
+    def _check_custom_functions(self, output: Any) -> None:
+        """At the end of a forward pass in which a call on the relevance path ran without gradients:
+        refuse a custom ``torch.autograd.Function`` in the output's graph (its backward, not a rule,
+        would carry the relevance: a silently wrong map). Nothing is walked in other passes."""
+        where, self._untracked = self._untracked, None
+        if where is None:
+            return
+        found = custom_functions(output)
+        if found:
+            raise ParameterError(f"{self.method} cannot follow the custom torch.autograd.Function {found[0]} on the relevance "
+                                 f"path{where}: the rules cannot see inside it, and its backward is not a rule; "
+                                 f"{CUSTOM_FUNCTION_HINT}")
 
     def _begin_activation_module(self, module: nn.Module, args: Any) -> None:
         """An activation module (:func:`is_activation_unit`) called on a tensor on the relevance
@@ -584,6 +579,9 @@ class LRPMode(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if self._paused or not torch.is_grad_enabled():
+            if not self._paused and self._stack and self._unit is None and self._untracked is None \
+                    and input_dependent((args, kwargs)):
+                self._untracked = self._where()  # (a custom Function's forward runs its calls so: checked in _pop)
             return func(*args, **kwargs)
         try:  # (one level: an extra call per torch function costs 1 % of a small transformer's time)
             if self._unit is not None:  # inside an activation module: one unit (its rule: _end_activation_module)

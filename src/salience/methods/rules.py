@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 # (func, args, kwargs) -> the result, or PASS to run func unchanged
@@ -337,3 +339,94 @@ def is_inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     """Whether a call writes its result into its input (``relu_``, ``inplace=True``)."""
     name = getattr(func, "__name__", "")
     return name.endswith("_") and not name.endswith("__") or bool(bound_arguments(func, args, kwargs).get("inplace", False))
+
+
+# ------------------------------------------------------------------ elementwise modules and custom Functions
+# a module class that sets this to True declares its forward an elementwise function of its first
+# argument (same shape out, the input left unchanged): the propagation methods run it as one unit
+ELEMENTWISE_FLAG = "salience_elementwise"
+CUSTOM_FUNCTION_HINT = (f"if it is an elementwise activation inside a module (a binarized network's sign with a "
+                        f"straight-through estimator, a memory-saving swish), set {ELEMENTWISE_FLAG} = True on that "
+                        "module's class and it runs as one elementwise unit")
+
+
+def is_activation_unit(module: nn.Module) -> bool:
+    """Whether a module runs as one elementwise unit in the propagation modes (its own calls without
+    gradients, its output given the method's rule for an elementwise activation):
+
+    - a class declaring ``salience_elementwise = True`` (:data:`ELEMENTWISE_FLAG`): e.g. an
+      activation computed by a custom ``torch.autograd.Function``, whose inside the modes cannot see;
+    - one of transformers' activations (``transformers.activations``) written out in torch functions
+      that the rules would otherwise meet one by one (NewGELUActivation: ``torch.pow``, ``tanh``;
+      QuickGELUActivation, FastGELUActivation, ...). The thin wrappers of one activation the rules
+      know (GELUActivation calling F.gelu, GELUTanh, MishActivation, SiLUActivation,
+      LinearActivation) are left to them: the same rule, without the unit's cost."""
+    cls = type(module)
+    if getattr(cls, ELEMENTWISE_FLAG, False) is True:
+        return True
+    if cls.__module__ != "transformers.activations":
+        return False
+    act = getattr(module, "act", None)
+    if act is not None:
+        function = act.func if isinstance(act, partial) else act
+        return function not in RELU_FAMILY and function not in ELEMENTWISE
+    return cls.__name__ not in ("SiLUActivation", "LinearActivation")
+
+
+def input_dependent(values: Any) -> bool:
+    """Whether a tensor in ``values`` that is not a parameter requires a gradient."""
+    return any(t.requires_grad and not isinstance(t, nn.Parameter) for t in tensors_in(values))
+
+
+def custom_functions(outputs: Any) -> list[str]:
+    """The names of the custom ``torch.autograd.Function`` classes (Salience's own rules left out)
+    in the autograd graph behind the tensors of ``outputs``, in the order found: a propagation
+    mode sees the torch calls inside such a Function's forward without gradients, and its backward
+    is its own, not the method's rule."""
+    stack = [t.grad_fn for t in tensors_in(outputs) if t.grad_fn is not None]
+    seen: set[int] = set()
+    found: dict[str, None] = {}
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and not cls.__module__.startswith("salience.methods"):
+            found[cls.__qualname__] = None
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return list(found)
+
+
+class ModuleHookedMode(TorchFunctionMode):
+    """A :class:`TorchFunctionMode` that also sees every module call while it is active: a global
+    forward pre-hook calls :meth:`_push` and a forward hook :meth:`_pop` (also when the forward
+    raised, with output None; what it returns, unless None, replaces the output). The hooks are
+    removed on leaving, on every path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Any] = []
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        """A module's forward begins."""
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """A module's forward ended."""
+        return None
+
+    def __enter__(self) -> ModuleHookedMode:
+        super().__enter__()
+        try:
+            self._hooks = [register_module_forward_pre_hook(self._push),
+                           register_module_forward_hook(self._pop, always_call=True)]
+        except BaseException:
+            super().__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        super().__exit__(exc_type, exc, traceback)

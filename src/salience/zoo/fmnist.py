@@ -105,7 +105,12 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sign(nn.Module):
-    """The BNN's activation: :func:`sign_ste` as a module (so hooks and layer names see it)."""
+    """The BNN's activation: :func:`sign_ste` as a module (so hooks and layer names see it).
+    Declared elementwise (``salience_elementwise``): the propagation methods run it as one unit with
+    their rule for an activation (DeepLIFT: (sign(x) - sign(x_ref)) / (x - x_ref); LRP: relevance
+    passed through) instead of meeting the custom autograd Function, which they cannot see into."""
+
+    salience_elementwise = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sign_ste(x)
