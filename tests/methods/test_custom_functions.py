@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.modules.module as module_hooks
 from torch import nn
 from transformers.activations import NewGELUActivation
 
@@ -113,6 +114,8 @@ def test_an_undeclared_custom_function_is_refused_by_name(method):
     probe = torch.stack(inputs(seed=5)).requires_grad_(True)
     (after,), (before,) = (torch.autograd.grad(n(probe)[:, 0].sum(), probe) for n in (net, fresh))
     np.testing.assert_array_equal(after.numpy(), before.numpy())  # plain gradients again: nothing left behind
+    assert torch._C._len_torch_function_stack() == 0
+    assert not module_hooks._global_forward_hooks and not module_hooks._global_forward_pre_hooks  # the modes' hooks removed
 
 
 def test_attnlrp_refuses_an_undeclared_custom_function():
