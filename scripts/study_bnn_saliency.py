@@ -10,6 +10,8 @@ explained class; images are explained class by class, so that ``explain`` batche
 
 * Gradient (``saliency``: sum over the one channel of |d logit / d pixel|),
 * Input x Gradient (signed; input in the normalised space, whose 0 is the mean grey),
+* DeepLIFT (Rescale rule, black reference, signed; on the BNN its sign units take the secant
+  (sign(x) - sign(x_ref)) / (x - x_ref) of the true binary network, not the STE),
 * SmoothGrad (``--smoothgrad-samples`` 50 noisy copies, noise std ``--noise-level`` 0.15 x the
   input's range, mean |gradient|), also with a second seed on the first ``--repeat-images`` images,
   to measure its own Monte-Carlo noise,
@@ -102,6 +104,7 @@ class Settings:
         """Table name -> (registered method, its parameters) of the methods run on every image."""
         return {"Gradient": ("saliency", {"output": "logit"}),
                 "Input x Gradient": ("input_x_gradient", {"output": "logit"}),
+                "DeepLIFT": ("deeplift", {"output": "logit", "baseline": "black"}),
                 SMOOTHGRAD: ("smoothgrad", {"output": "logit", "n_samples": self.smoothgrad_samples,
                                             "noise_level": self.noise_level}),
                 "Grad-CAM": ("grad_cam", {"output": "logit", "layer": GRAD_CAM_LAYER})}
@@ -172,7 +175,10 @@ class Study:
             started = time.perf_counter()
             found = explanations[net] = self.explain(net, method, params, everything, self.settings.seed, name)
             for i in tqdm(everything, desc=f"{net} {name}: deletion / insertion", unit="image", leave=False):
-                self.record(net, name, i, found[i].scores.reshape(SIDE, SIDE), found[i])
+                # DeepLIFT: its summation-to-delta error and F(x) - F(black), per image
+                extra = {"summation_delta": float(found[i].delta), "output_gap": float(found[i].output_value - found[i].baseline_value)} \
+                    if method == "deeplift" else {}
+                self.record(net, name, i, found[i].scores.reshape(SIDE, SIDE), found[i], **extra)
             self.seconds[f"{name} {net}"] = time.perf_counter() - started
         return explanations
 

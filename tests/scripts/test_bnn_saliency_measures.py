@@ -146,7 +146,9 @@ def test_study_end_to_end_on_a_few_images(tmp_path: Path) -> None:
         np.testing.assert_allclose(saved[f"{net}|Gradient"], expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
     assert np.isnan(saved["FP|NeuroMask"][3:]).all() and not np.isnan(saved["FP|NeuroMask"][:3]).any()
     rows = report.read_csv(out / "maps.csv")
-    assert len(rows) == 2 * (5 * 6 + 3)  # 2 networks x (Gradient, IxG, SmoothGrad, Grad-CAM, Random on 6 + NeuroMask on 3)
+    assert len(rows) == 2 * (6 * 6 + 3)  # 2 networks x (Gradient, IxG, DeepLIFT, SmoothGrad, Grad-CAM, Random on 6 + NeuroMask on 3)
+    deeplift = [r for r in rows if r["method"] == "DeepLIFT"]
+    assert len(deeplift) == 12 and all(abs(float(r["summation_delta"])) < 1e-4 * abs(float(r["output_gap"])) for r in deeplift)
     pairs = report.read_csv(out / "pairs.csv")
     assert {p["comparison"] for p in pairs} >= {report.SAME, report.OTHER, f"{report.SEEDS} FP"}
     text = (tmp_path / "doc.md").read_text(encoding="utf-8")
