@@ -15,7 +15,11 @@ Two passes run inside one mode:
    sums, reshapes, pooling by averages, batch norm and dropout in eval mode, products with at most
    one input-dependent factor, ...). Anything else
    (softmax, layer norm, a product of two input-dependent tensors, an unknown function) is refused
-   with a one-line error naming it: DeepLIFT would be silently wrong there.
+   with a one-line error naming it: DeepLIFT would be silently wrong there. An elementwise module
+   (:func:`salience.methods.rules.is_activation_unit`: transformers' activations written out in
+   torch functions, or a class declaring ``salience_elementwise = True``) is one unit, its own
+   calls run without gradients; a custom ``torch.autograd.Function`` elsewhere on the path is
+   refused (:func:`salience.methods.rules.custom_functions`).
 
 Rows: each backward row of the input pass has one reference row (``reference_of_row``); forwards
 are matched to rows in order (each forward takes the next ``B`` rows, B its batch size), so any

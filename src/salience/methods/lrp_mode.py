@@ -22,8 +22,9 @@ R = z, and the input's relevance is x * (what arrives at x). In that form the ru
   summand, R_a = a R / (a + b): per unit, c_a = c, its gradient (a difference likewise), so sums
   run as plain calls (no stabiliser: there is no division in this form);
 - elementwise activations (the ReLU family, sigmoid, tanh, ..., and a module of
-  ``transformers.activations`` written out in torch functions as one unit, its own calls run
-  without gradients: :func:`is_activation_unit`) pass relevance
+  ``transformers.activations`` written out in torch functions, or one whose class declares
+  ``salience_elementwise = True``, as one unit, its own calls run without gradients:
+  :func:`salience.methods.rules.is_activation_unit`) pass relevance
   through (R_in = R_out: c_in = c_out y / x); for ReLU, y / x is its derivative, so it runs as the plain
   call; one with f(0) = 0 right after a layer that runs a rule (conv + batch norm + ReLU6) runs
   in one node with it, the layer's rule starting from R = y c (no ratio computed or kept); one
