@@ -94,7 +94,7 @@ class _Rescale(torch.autograd.Function):
         if bool(small.any()):  # (elementwise units: the derivative is the gradient of the sum)
             with torch.enable_grad():
                 leaf = before.detach().requires_grad_(True)
-                (local,) = torch.autograd.grad(call(leaf.clone()).sum(), leaf)
+                (local,) = torch.autograd.grad(call(leaf.clone() if inplace else leaf).sum(), leaf)
             multiplier = torch.where(small, local, multiplier)
         ctx.save_for_backward(multiplier)
         return y
