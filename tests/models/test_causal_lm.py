@@ -478,3 +478,28 @@ def test_smollm2_continues_with_paris_and_occlusion_runs():
     assert e.extras["continuation"].startswith(" Paris") and e.targets[0].label == " Paris"
     assert e.scores.shape == (2, 7) and np.isnan(e.scores[0, 5:]).all() and np.isfinite(e.scores[0, :5]).all()
     assert e.cost.forward_passes == 2 + 7 + 1  # two decoding steps, then features + 1 rows
+
+
+def test_shapley_sampling_walks_each_order_on_each_targets_prefix(lm):
+    """Shapley value sampling on a generation: the same seeded orders walked by hand per target
+    (zero baseline); a later token is a null player (0 along every order), shown as absent."""
+    from salience.methods.shapley_sampling import feature_orders
+
+    e = salience.explain(lm, PROMPT, method="shapley_sampling", continuation=CONTINUATION, n_permutations=6, seed=3)
+    case = Case.build(lm)
+    n = len(case.features)
+    orders, exact = feature_orders(n, 6, np.random.default_rng(3), antithetic=True)
+    assert not exact and e.params["exact"] is False
+    expected = np.zeros((len(case.positions), n))
+    for t in range(len(case.positions)):
+        for order in orders:
+            keep = np.zeros(n, bool)
+            before = case.perturbed(t, case.removed_positions(keep), "zero")
+            for feature in order:
+                keep[feature] = True
+                after = case.perturbed(t, case.removed_positions(keep), "zero")
+                expected[t, feature] += (after - before) / len(orders)
+                before = after
+    expected[~case.available()] = np.nan
+    np.testing.assert_allclose(e.scores, expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(e.delta, 0, atol=1e-12)

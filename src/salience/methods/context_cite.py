@@ -44,7 +44,7 @@ from salience.core.registry import register
 from salience.core.target import Target
 from salience.errors import InputError, ModelOutputError, ParameterError
 from salience.methods.base import Attribution, Context
-from salience.methods.perturbation import _outputs
+from salience.methods.perturbation import perturbed_outputs
 from salience.models.lm_targets import span_bounds
 
 OUTPUTS = ("log_odds", "log_probability", "probability")
@@ -86,7 +86,7 @@ class ContextCite:
         masks = ablation_masks(len(sources), self.n_ablations, self.keep_prob, ctx.rng())
         keep = np.ones((self.n_ablations + 1, len(ctx.features)), dtype=bool)
         keep[1:, sources] = masks
-        log_probs = _outputs(dataclasses.replace(ctx, targets=tokens), keep, baseline)  # (n + 1, K)
+        log_probs = perturbed_outputs(dataclasses.replace(ctx, targets=tokens), keep, baseline)  # (n + 1, K)
         scores = np.full((len(ctx.targets), len(ctx.features)), np.nan)
         intercepts, full = [], []
         for t, (target, columns) in enumerate(zip(ctx.targets, groups)):

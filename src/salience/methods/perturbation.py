@@ -14,7 +14,7 @@ from salience.errors import ParameterError
 from salience.methods.base import Attribution, Context
 
 
-def _outputs(ctx: Context, keep: np.ndarray, baseline: str) -> np.ndarray:
+def perturbed_outputs(ctx: Context, keep: np.ndarray, baseline: str) -> np.ndarray:
     """Explained output of every target for each row of ``keep`` (B, F) bool (features not kept are
     removed): (B, T). One set of rows serves every target."""
     rows = torch.as_tensor(keep, dtype=torch.bool)
@@ -37,7 +37,7 @@ class Occlusion:
         baseline = ctx.baseline(self.baseline, "mask", perturbation=True)
         n = len(ctx.features)
         keep = np.vstack([np.ones((1, n), bool), ~np.eye(n, dtype=bool)])
-        values = _outputs(ctx, keep, baseline)  # (F + 1, T)
+        values = perturbed_outputs(ctx, keep, baseline)  # (F + 1, T)
         return Attribution(scores=(values[0][None] - values[1:]).T, output_value=values[0], details={"baseline": baseline})
 
 
@@ -64,7 +64,7 @@ class Lime:
             raise ParameterError("lime needs n_samples >= 2")
         baseline = ctx.baseline(self.baseline, "delete", perturbation=True)
         keep = lime_samples(len(ctx.features), self.n_samples, ctx.rng())
-        values = _outputs(ctx, keep, baseline)
+        values = perturbed_outputs(ctx, keep, baseline)
         scores = np.full((len(ctx.targets), len(ctx.features)), np.nan)
         intercepts = []
         for t, columns in enumerate(ctx.available):
@@ -130,14 +130,14 @@ class KernelShap:
         n = len(ctx.features)
         if n <= self.max_exact:
             keep = ((np.arange(2**n)[:, None] >> np.arange(n)[None]) & 1).astype(bool)
-            values = _outputs(ctx, keep, baseline)  # row r keeps the features whose bits are set in r
+            values = perturbed_outputs(ctx, keep, baseline)  # row r keeps the features whose bits are set in r
             scores = np.stack([exact_shapley(keep, values[:, t]) for t in range(values.shape[1])])
             full, empty = values[-1], values[0]
             details: dict[str, object] = {"exact": True, "coalitions": 2**n}
         else:
             keep, weights = kernel_shap_design(n, self.n_samples, ctx.rng())
             ends = np.vstack([np.ones((1, n), bool), np.zeros((1, n), bool)])
-            values = _outputs(ctx, np.vstack([ends, keep]), baseline)
+            values = perturbed_outputs(ctx, np.vstack([ends, keep]), baseline)
             full, empty = values[0], values[1]
             scores = np.full((values.shape[1], n), np.nan)
             for t, columns in enumerate(ctx.available):
