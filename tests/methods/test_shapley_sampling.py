@@ -1,7 +1,8 @@
 """Shapley value sampling (salience.methods.shapley_sampling).
 
 Checked: over every feature order it equals the exact Shapley values (``exact_shapley``, itself
-checked against shap in test_reference_shap.py) on games with pairwise and three-way interactions;
+checked against shap in test_reference_shap.py) on games with pairwise and three-way interactions,
+and so does one order with its reverse on a game without three-way interactions;
 with drawn orders it equals Captum's ``ShapleyValueSampling`` given the same orders (its permutation
 generator replaced), on a nonlinear torch game; efficiency holds exactly for any number of orders;
 antithetic orders come in reversed pairs; through ``explain`` on the toy classifier, all orders equal
@@ -68,6 +69,22 @@ def test_each_order_is_efficient_and_antithetic_orders_come_reversed():
     assert all(sorted(o) == list(range(n)) for o in orders)
     gap = value(np.ones((1, n), bool))[0] - value(np.zeros((1, n), bool))[0]
     np.testing.assert_allclose(_sampled(value, orders).sum(1), gap, rtol=0, atol=1e-12)  # along every order
+
+
+def test_an_order_and_its_reverse_are_exact_without_three_way_interactions():
+    n = 6
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=n), rng.normal(size=(n, n))
+
+    def pairwise(keep: np.ndarray) -> np.ndarray:
+        z = np.asarray(keep, dtype=np.float64)
+        return z @ a + np.einsum("bi,ij,bj->b", z, b, z)
+
+    every = ((np.arange(2**n)[:, None] >> np.arange(n)[None]) & 1).astype(bool)
+    orders, _ = feature_orders(n, 2, np.random.default_rng(0), antithetic=True)
+    np.testing.assert_allclose(_sampled(pairwise, orders).mean(0), exact_shapley(every, pairwise(every)), rtol=0, atol=1e-12)
+    one, _ = feature_orders(n, 1, np.random.default_rng(0), antithetic=False)
+    assert not np.allclose(_sampled(pairwise, one)[0], exact_shapley(every, pairwise(every)))  # one order alone is not
 
 
 def test_equals_captum_shapley_value_sampling_on_the_same_orders():

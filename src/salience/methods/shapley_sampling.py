@@ -59,15 +59,17 @@ class ShapleySampling:
     """Shapley values of the game v(S) = F(x with only the features in S kept; the rest replaced by
     ``baseline`` or deleted), estimated as each feature's mean contribution v(B ∪ {i}) - v(B) over
     ``n_permutations`` feature orders (B: the features before i). Exact (every order once) when
-    F! <= ``n_permutations``. Orders are drawn uniformly, seeded; ``antithetic`` (default) pairs each
-    drawn order with its reverse, which cancels the order-position noise of near-additive games.
+    F! <= ``n_permutations``. Orders are drawn uniformly, seeded. ``antithetic=True`` follows each
+    drawn order with its reverse: a pair is then exact for games without interactions of three or
+    more features (each pairwise term is split half and half), but on the zoo classifier's
+    probabilities it did not lower the error (benchmarks/README.md), so it is off by default.
     Scores sum to F(x) - v(empty set) exactly for any number of orders (``delta`` is rounding).
     Signed, in the output's units. ``extras["standard_error"]``: per target and feature, the
     standard error of the mean over independent draws (antithetic pairs count as one), 0 when exact.
     All targets share the rows. ``baseline=None``: [MASK] for text, the adapter's default otherwise."""
 
     n_permutations: int = 32
-    antithetic: bool = True
+    antithetic: bool = False
     baseline: str | None = None
 
     def attribute(self, ctx: Context) -> Attribution:
