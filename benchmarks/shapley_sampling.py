@@ -150,9 +150,9 @@ def one_input(clf: Any, label: str, text: str, args: argparse.Namespace) -> tupl
              "at that rate)", "",
              *table(["implementation", "orders", "median s", "forward rows (one run)", "error", "x fastest Captum",
                      "x pass limit"], rows), ""]
-    key = [f"- {label} ({words} words): Salience {fmt_s(median(results[ours]['seconds']))} against Captum's fastest "
-           f"{fmt_s(median(results[captum]['seconds']))} = **{median(results[captum]['seconds']) / median(results[ours]['seconds']):.2f}x "
-           f"faster**, {results[ours]['rows']} against {results[captum]['rows']} forward rows"
+    ours_s, captum_s = median(results[ours]["seconds"]), median(results[captum]["seconds"])
+    key = [f"- {label} ({words} words): Salience {fmt_s(ours_s)} s against Captum's fastest {fmt_s(captum_s)} s = "
+           f"**{ours_s / captum_s:.2f}x Captum's time**, {results[ours]['rows']} against {results[captum]['rows']} forward rows"
            + (f"; error {np.mean(results[ours]['errors']):.3f} against {np.mean(results[captum]['errors']):.3f} "
               f"(antithetic {np.mean(results['Salience shapley_sampling (antithetic)']['errors']):.3f})"
               if exact is not None else "")]
