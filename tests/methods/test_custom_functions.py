@@ -7,6 +7,7 @@ gave LRP 0.04 of the logit 9.8 and DeepLIFT a summation error of 0.76). Checked:
 
 - an undeclared custom Function on the path is refused by LRP, AttnLRP and DeepLIFT, naming it and the
   declaration (``salience_elementwise = True`` on the module class), with nothing left behind;
+- a declared module that changes its input's shape or its input is refused by LRP and DeepLIFT;
 - a declared module runs as one elementwise unit: DeepLIFT equals Captum's DeepLift on the same
   network with ``nn.Softplus`` (whose Rescale rule Captum applies), also where two inputs cancel at
   the unit (|x - x_ref| = 0: the derivative, from the module's own backward); LRP equals LRP on that
@@ -144,6 +145,36 @@ def test_a_no_grad_block_without_a_custom_function_is_not_refused():
 
 
 # ------------------------------------------------------------------ declared: one elementwise unit
+class Shrinking(nn.Module):
+    """Declared elementwise, but drops the last feature."""
+
+    salience_elementwise = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x[..., :-1])
+
+
+class InPlace(nn.Module):
+    """Declared elementwise, but scales its input in place first."""
+
+    salience_elementwise = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x.mul_(2.0))
+
+
+@pytest.mark.parametrize("method", ["lrp", "deeplift"])
+@pytest.mark.parametrize("activation", [Shrinking, InPlace])
+def test_a_declared_module_that_is_not_elementwise_is_refused(method, activation):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 6), activation(), nn.Linear(5 if activation is Shrinking else 6, 3))
+    x, baseline = inputs()
+    options = {"composite": "epsilon"} if method == "lrp" else {"baseline": baseline}
+    with pytest.raises(ParameterError, match=f"elementwise module {activation.__name__}.*did not return a tensor of its "
+                                             "input's shape with its input unchanged"):
+        salience.explain(classifier(net.double().eval()), x, method=method, level="pixel", **options)
+
+
 @pytest.mark.parametrize("cancel", [False, True])
 def test_deeplift_on_a_declared_unit_equals_captum_on_the_same_function(cancel):
     ours, reference = mlp(Declared, cancel=cancel), mlp(nn.Softplus, cancel=cancel)

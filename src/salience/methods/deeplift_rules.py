@@ -40,12 +40,13 @@ from torch.autograd.function import once_differentiable
 
 from salience.errors import ParameterError
 from salience.methods.rules import (
-    CUSTOM_FUNCTION_HINT,
     ELEMENTWISE,
     PRODUCTS,
     QUOTIENTS,
     ModuleHookedMode,
     bound_arguments,
+    check_unit_output,
+    custom_function_refusal,
     custom_functions,
     function_name,
     input_dependent,
@@ -214,9 +215,7 @@ class RescaleMode(ModuleHookedMode):
             self._untracked = False
             found = custom_functions(output)
             if found:
-                self.refusal = self.refusal or (
-                    f"{self.method} cannot follow the custom torch.autograd.Function {found[0]} on the gradient path: "
-                    f"its backward is not the Rescale rule; {CUSTOM_FUNCTION_HINT}")
+                self.refusal = self.refusal or custom_function_refusal(self.method, found[0])
         if self._module_unit is not None and self._module_unit[0] is module:
             return self._end_unit(output)
         return None
@@ -230,10 +229,7 @@ class RescaleMode(ModuleHookedMode):
         self._module_unit = None
         if output is None:
             return None
-        name = type(module).__name__
-        if not isinstance(output, torch.Tensor) or output.shape != x.shape or x._version != version:
-            raise ParameterError(f"{self.method}: the elementwise module {name} did not return a tensor of its input's "
-                                 "shape with its input unchanged; the Rescale rule needs an elementwise function")
+        check_unit_output(self.method, module, x, version, output, "the Rescale rule")
         if self.reference_of_row is None:
             self.recorded.append(_Recorded(type(module), x.detach().clone(), output.detach().clone()))
             return None

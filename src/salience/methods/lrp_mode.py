@@ -67,11 +67,12 @@ from salience.methods.deeplift import check_logit_targets
 from salience.methods.lrp_composites import Composite, covering
 from salience.methods.lrp_rules import RULES, STABILISER, Epsilon, Gamma, Layer, Rule, ZBox
 from salience.methods.rules import (
-    CUSTOM_FUNCTION_HINT,
     ELEMENTWISE,
     LINEAR,
     RELU_FAMILY,
     ModuleHookedMode,
+    check_unit_output,
+    custom_function_refusal,
     custom_functions,
     function_name,
     input_dependent,
@@ -418,10 +419,6 @@ class LRPMode(ModuleHookedMode):
         self._untracked: str | None = None
 
     # ------------------------------------------------------------ entering and leaving
-    def __enter__(self) -> LRPMode:
-        super().__enter__()
-        return self
-
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         super().__exit__(exc_type, exc, traceback)
         refusal, self._refusal = self._refusal, None
@@ -473,9 +470,7 @@ class LRPMode(ModuleHookedMode):
             return
         found = custom_functions(output)
         if found:
-            raise ParameterError(f"{self.method} cannot follow the custom torch.autograd.Function {found[0]} on the relevance "
-                                 f"path{where}: the rules cannot see inside it, and its backward is not a rule; "
-                                 f"{CUSTOM_FUNCTION_HINT}")
+            raise ParameterError(custom_function_refusal(self.method, found[0], where))
 
     def _begin_activation_module(self, module: nn.Module, args: Any) -> None:
         """An activation module (:func:`is_activation_unit`) called on a tensor on the relevance
@@ -493,10 +488,7 @@ class LRPMode(ModuleHookedMode):
         self._unit = None
         if output is None:
             return None
-        if not isinstance(output, torch.Tensor) or output.shape != x.shape or x._version != version:
-            raise ParameterError(f"{self.method}: the activation module {type(module).__name__}{self._where_module(module)} "
-                                 "did not return a tensor of its input's shape with its input unchanged; the identity "
-                                 "rule needs an elementwise function")
+        check_unit_output(self.method, module, x, version, output, "the identity rule", self._where_module(module))
         with torch._C.DisableTorchFunction():  # (the ratio's own calls need no rule; paused, each would still be dispatched)
             return _Pass.apply(x, lambda: output, False)
 

@@ -37,7 +37,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
+
+from salience.errors import ParameterError
 
 # (func, args, kwargs) -> the result, or PASS to run func unchanged
 Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -373,6 +375,23 @@ def is_activation_unit(module: nn.Module) -> bool:
     return cls.__name__ not in ("SiLUActivation", "LinearActivation")
 
 
+def custom_function_refusal(method: str, name: str, where: str = "") -> str:
+    """The one-line refusal of the custom ``torch.autograd.Function`` ``name`` found on a propagation
+    method's path (see :func:`custom_functions`)."""
+    return (f"{method} cannot follow the custom torch.autograd.Function {name} on the relevance path{where}: the "
+            f"rules cannot see inside it, and its backward is not {method}'s rule; {CUSTOM_FUNCTION_HINT}")
+
+
+def check_unit_output(method: str, module: nn.Module, x: torch.Tensor, version: int, output: Any, rule: str,
+                      where: str = "") -> None:
+    """Refuse an elementwise unit (:func:`is_activation_unit`) whose call on ``x`` (at version
+    ``version`` when it began) did not return a tensor of x's shape, or changed x in place: ``rule``,
+    the method's rule for an elementwise activation, would be wrong there."""
+    if not isinstance(output, torch.Tensor) or output.shape != x.shape or x._version != version:
+        raise ParameterError(f"{method}: the elementwise module {type(module).__name__}{where} did not return a tensor "
+                             f"of its input's shape with its input unchanged; {rule} needs an elementwise function")
+
+
 def input_dependent(values: Any) -> bool:
     """Whether a tensor in ``values`` that is not a parameter requires a gradient."""
     return any(t.requires_grad and not isinstance(t, nn.Parameter) for t in tensors_in(values))
@@ -415,7 +434,7 @@ class ModuleHookedMode(TorchFunctionMode):
         """A module's forward ended."""
         return None
 
-    def __enter__(self) -> ModuleHookedMode:
+    def __enter__(self) -> Self:
         super().__enter__()
         try:
             self._hooks = [register_module_forward_pre_hook(self._push),
