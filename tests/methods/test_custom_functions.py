@@ -170,7 +170,7 @@ def test_a_declared_module_that_is_not_elementwise_is_refused(method, activation
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 6), activation(), nn.Linear(5 if activation is Shrinking else 6, 3))
     x, baseline = inputs()
     options = {"composite": "epsilon"} if method == "lrp" else {"baseline": baseline}
-    with pytest.raises(ParameterError, match=f"elementwise module {activation.__name__}.*did not return a tensor of its "
+    with pytest.raises(ParameterError, match=f"activation module {activation.__name__}.*did not return a tensor of its "
                                              "input's shape with its input unchanged"):
         salience.explain(classifier(net.double().eval()), x, method=method, level="pixel", **options)
 

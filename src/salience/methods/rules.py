@@ -388,7 +388,7 @@ def check_unit_output(method: str, module: nn.Module, x: torch.Tensor, version: 
     ``version`` when it began) did not return a tensor of x's shape, or changed x in place: ``rule``,
     the method's rule for an elementwise activation, would be wrong there."""
     if not isinstance(output, torch.Tensor) or output.shape != x.shape or x._version != version:
-        raise ParameterError(f"{method}: the elementwise module {type(module).__name__}{where} did not return a tensor "
+        raise ParameterError(f"{method}: the activation module {type(module).__name__}{where} did not return a tensor "
                              f"of its input's shape with its input unchanged; {rule} needs an elementwise function")
 
 
